@@ -1,0 +1,294 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/meshid/meshid/attest"
+	"github.com/meshid/meshid/ca"
+	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
+	"github.com/meshid/meshid/store"
+)
+
+// maxPageSize bounds one page so a response stays far below gRPC's 4 MiB
+// default message limit.
+const maxPageSize = 5000
+
+// AdminService implements the admin gRPC API on top of a Server.
+type AdminService struct {
+	adminv1.UnimplementedAdminServiceServer
+	srv *Server
+	log *slog.Logger
+}
+
+// NewAdminService returns the admin API of srv.
+func NewAdminService(srv *Server) *AdminService {
+	return &AdminService{srv: srv, log: srv.log}
+}
+
+// actor names the admin caller for the audit trail and inventory.
+func actor(ctx context.Context) string {
+	pc, err := attest.PeerCredFromContext(ctx)
+	if err != nil {
+		return "admin"
+	}
+	return fmt.Sprintf("admin(uid:%d pid:%d)", pc.UID, pc.PID)
+}
+
+// toStatus maps errors to gRPC codes. Internal details stay in the log.
+func (a *AdminService) toStatus(op string, err error) error {
+	var inv *InvalidArgumentError
+	switch {
+	case errors.As(err, &inv):
+		return status.Error(codes.InvalidArgument, inv.Error())
+	case errors.Is(err, store.ErrAlreadyExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, store.ErrInvalid):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, store.ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "canceled")
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
+	}
+	a.log.Error(op+" failed", "err", err)
+	return status.Errorf(codes.Internal, "%s failed; see the server log", op)
+}
+
+func entryToProto(e store.Entry) *adminv1.Entry {
+	pe := &adminv1.Entry{
+		Id:        e.ID,
+		SpiffeId:  e.SpiffeID,
+		DnsNames:  e.DNSNames,
+		CreatedAt: timestamppb.New(e.CreatedAt),
+	}
+	if e.TTL > 0 {
+		pe.Ttl = durationpb.New(e.TTL)
+	}
+	for _, s := range e.Selectors {
+		pe.Selectors = append(pe.Selectors, &adminv1.Selector{Type: s.Type, Value: s.Value})
+	}
+	return pe
+}
+
+// CreateEntry implements adminv1.AdminServiceServer.
+func (a *AdminService) CreateEntry(ctx context.Context, req *adminv1.CreateEntryRequest) (*adminv1.CreateEntryResponse, error) {
+	pe := req.GetEntry()
+	if pe == nil {
+		return nil, status.Error(codes.InvalidArgument, "entry is required")
+	}
+	if pe.GetId() != "" {
+		return nil, status.Error(codes.InvalidArgument, "entry id is assigned by the server; leave it empty")
+	}
+	spec := EntrySpec{SpiffeID: pe.GetSpiffeId(), DNSNames: pe.GetDnsNames()}
+	if pe.GetTtl() != nil {
+		spec.TTL = pe.GetTtl().AsDuration()
+	}
+	for _, s := range pe.GetSelectors() {
+		spec.Selectors = append(spec.Selectors, store.Selector{Type: s.GetType(), Value: s.GetValue()})
+	}
+	e, err := a.srv.CreateEntry(ctx, spec, actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("create entry", err)
+	}
+	return &adminv1.CreateEntryResponse{Entry: entryToProto(e)}, nil
+}
+
+// DeleteEntry implements adminv1.AdminServiceServer.
+func (a *AdminService) DeleteEntry(ctx context.Context, req *adminv1.DeleteEntryRequest) (*adminv1.DeleteEntryResponse, error) {
+	e, err := a.srv.DeleteEntry(ctx, req.GetId(), actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("delete entry", err)
+	}
+	return &adminv1.DeleteEntryResponse{Entry: entryToProto(e)}, nil
+}
+
+func pageSize(n int32) (int, error) {
+	switch {
+	case n < 0:
+		return 0, status.Error(codes.InvalidArgument, "page size must not be negative")
+	case n == 0 || n > maxPageSize:
+		return maxPageSize, nil
+	}
+	return int(n), nil
+}
+
+// ListEntries implements adminv1.AdminServiceServer.
+func (a *AdminService) ListEntries(ctx context.Context, req *adminv1.ListEntriesRequest) (*adminv1.ListEntriesResponse, error) {
+	n, err := pageSize(req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	entries, next, err := a.srv.ListEntries(ctx, store.EntryQuery{PageSize: n, PageToken: req.GetPageToken()})
+	if err != nil {
+		return nil, a.toStatus("list entries", err)
+	}
+	resp := &adminv1.ListEntriesResponse{NextPageToken: next}
+	for _, e := range entries {
+		resp.Entries = append(resp.Entries, entryToProto(e))
+	}
+	return resp, nil
+}
+
+// MintX509SVID implements adminv1.AdminServiceServer.
+func (a *AdminService) MintX509SVID(ctx context.Context, req *adminv1.MintX509SVIDRequest) (*adminv1.MintX509SVIDResponse, error) {
+	mr := MintRequest{
+		SpiffeID:  req.GetSpiffeId(),
+		CSR:       req.GetCsr(),
+		DNSNames:  req.GetDnsNames(),
+		Requester: actor(ctx),
+	}
+	if req.GetTtl() != nil {
+		mr.TTL = req.GetTtl().AsDuration()
+		if mr.TTL <= 0 {
+			return nil, status.Error(codes.InvalidArgument, "ttl must be positive")
+		}
+	}
+	if req.GetKeyType() != "" {
+		if len(mr.CSR) > 0 {
+			return nil, status.Error(codes.InvalidArgument, "key type applies only when the server makes the key; the CSR already carries one")
+		}
+		kt, err := ca.ParseKeyType(req.GetKeyType())
+		if err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		mr.KeyType = kt
+	}
+	svid, err := a.srv.MintX509SVID(ctx, mr)
+	if err != nil {
+		return nil, a.toStatus("mint x509-svid", err)
+	}
+	resp := &adminv1.MintX509SVIDResponse{
+		CertChain: append([][]byte{svid.CertDER}, svid.ChainDER...),
+		Serial:    svid.Serial,
+		NotBefore: timestamppb.New(svid.NotBefore),
+		NotAfter:  timestamppb.New(svid.NotAfter),
+		SpiffeId:  req.GetSpiffeId(),
+	}
+	if svid.Key != nil {
+		der, err := marshalPKCS8(svid.Key)
+		if err != nil {
+			return nil, a.toStatus("mint x509-svid", err)
+		}
+		resp.PrivateKey = der
+	}
+	for _, c := range a.srv.BundleCerts() {
+		resp.Bundle = append(resp.Bundle, c.Raw)
+	}
+	return resp, nil
+}
+
+// GetBundle implements adminv1.AdminServiceServer.
+func (a *AdminService) GetBundle(ctx context.Context, _ *adminv1.GetBundleRequest) (*adminv1.GetBundleResponse, error) {
+	certs := a.srv.BundleCerts()
+	b := spiffebundle.New(a.srv.td)
+	resp := &adminv1.GetBundleResponse{TrustDomain: a.srv.td.Name()}
+	for _, c := range certs {
+		b.AddX509Authority(c)
+		resp.X509Authorities = append(resp.X509Authorities, c.Raw)
+	}
+	js, err := b.Marshal()
+	if err != nil {
+		return nil, a.toStatus("get bundle", fmt.Errorf("marshal spiffe bundle: %w", err))
+	}
+	resp.SpiffeBundleJson = js
+	return resp, nil
+}
+
+func caToProto(v caView) *adminv1.CA {
+	return &adminv1.CA{
+		Id:          v.rec.ID,
+		State:       string(v.rec.State),
+		Subject:     v.cert.Subject.String(),
+		NotBefore:   timestamppb.New(v.cert.NotBefore),
+		NotAfter:    timestamppb.New(v.cert.NotAfter),
+		Fingerprint: ca.Fingerprint(v.cert),
+		KeyType:     keyTypeOf(v.cert),
+		CertDer:     v.cert.Raw,
+	}
+}
+
+// ListCAs implements adminv1.AdminServiceServer.
+func (a *AdminService) ListCAs(ctx context.Context, _ *adminv1.ListCAsRequest) (*adminv1.ListCAsResponse, error) {
+	a.srv.mu.RLock()
+	views := a.srv.cas
+	a.srv.mu.RUnlock()
+	resp := &adminv1.ListCAsResponse{}
+	for _, v := range views {
+		resp.Cas = append(resp.Cas, caToProto(v))
+	}
+	return resp, nil
+}
+
+// PrepareCA implements adminv1.AdminServiceServer.
+func (a *AdminService) PrepareCA(ctx context.Context, _ *adminv1.PrepareCARequest) (*adminv1.PrepareCAResponse, error) {
+	rec, err := a.srv.PrepareCA(ctx, actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("prepare CA", err)
+	}
+	a.srv.mu.RLock()
+	defer a.srv.mu.RUnlock()
+	for _, v := range a.srv.cas {
+		if v.rec.ID == rec.ID {
+			return &adminv1.PrepareCAResponse{Ca: caToProto(v)}, nil
+		}
+	}
+	return nil, a.toStatus("prepare CA", errors.New("prepared CA vanished"))
+}
+
+// ListCerts implements adminv1.AdminServiceServer.
+func (a *AdminService) ListCerts(ctx context.Context, req *adminv1.ListCertsRequest) (*adminv1.ListCertsResponse, error) {
+	n, err := pageSize(req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	now := a.srv.now()
+	q := store.SVIDQuery{PageSize: n, PageToken: req.GetPageToken()}
+	if !req.GetIncludeExpired() {
+		q.NotExpiredAt = now
+	}
+	if w := req.GetExpiringWithin(); w != nil {
+		if w.AsDuration() < 0 {
+			return nil, status.Error(codes.InvalidArgument, "expiring-within must not be negative")
+		}
+		if w.AsDuration() > 0 {
+			q.ExpiringBefore = now.Add(w.AsDuration())
+		}
+	}
+	rows, next, err := a.srv.store.ListSVIDs(ctx, q)
+	if err != nil {
+		return nil, a.toStatus("list certs", err)
+	}
+	resp := &adminv1.ListCertsResponse{NextPageToken: next}
+	for _, r := range rows {
+		resp.Certs = append(resp.Certs, &adminv1.IssuedCert{
+			Serial:    r.Serial,
+			SpiffeId:  r.SpiffeID,
+			NotBefore: timestamppb.New(r.NotBefore),
+			NotAfter:  timestamppb.New(r.NotAfter),
+			EntryId:   r.EntryID,
+			Requester: r.Requester,
+			CaId:      r.CAID,
+			IssuedAt:  timestamppb.New(r.IssuedAt),
+		})
+	}
+	return resp, nil
+}
+
+// GetServerInfo implements adminv1.AdminServiceServer.
+func (a *AdminService) GetServerInfo(context.Context, *adminv1.GetServerInfoRequest) (*adminv1.GetServerInfoResponse, error) {
+	return &adminv1.GetServerInfoResponse{
+		Version:     a.srv.cfg.Version,
+		TrustDomain: a.srv.td.Name(),
+		StartedAt:   timestamppb.New(a.srv.startedAt),
+	}, nil
+}

@@ -1,0 +1,429 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/store"
+)
+
+// Renewal policy: an SVID is replaced at half its life, ±10% jitter so that
+// thousands of proxies minted together do not all renew in the same second.
+const (
+	renewFraction = 0.5
+	renewJitter   = 0.1
+	// Failed renewals retry with exponential backoff from minRetry to
+	// maxRetry; the SVID in hand stays valid meanwhile.
+	minRetry = time.Second
+	maxRetry = time.Minute
+)
+
+// identities keeps, for every registration entry some connected workload is
+// entitled to, a current X.509-SVID whose key the server made, renews it
+// before it expires, and tells every subscriber holding it.
+type identities struct {
+	srv *Server
+
+	mu     sync.Mutex
+	slots  map[string]*slot // by entry ID ("id:<spiffe id>" for direct IDs)
+	subs   map[*Subscription]struct{}
+	bundle *identity.Bundle
+	closed bool
+}
+
+// slot is one entry's live SVID.
+type slot struct {
+	entry   store.Entry
+	svid    *identity.SVID
+	renewAt time.Time
+	refs    int
+	stop    func() bool // cancels the renewal timer
+	retry   time.Duration
+}
+
+func newIdentities(srv *Server) *identities {
+	return &identities{srv: srv, slots: map[string]*slot{}, subs: map[*Subscription]struct{}{}}
+}
+
+// Subscription is one caller's live view of its identities. Changed is
+// signalled (coalesced: one pending signal at most) whenever Snapshot has
+// something new.
+type Subscription struct {
+	ids     *identities
+	caller  identity.Caller
+	entries []string // slot keys, in snapshot order
+	snap    *identity.Snapshot
+	ch      chan struct{}
+	once    sync.Once
+}
+
+// Snapshot returns the caller's current identities and bundles.
+func (s *Subscription) Snapshot() *identity.Snapshot {
+	s.ids.mu.Lock()
+	defer s.ids.mu.Unlock()
+	return s.snap
+}
+
+// Changed is signalled whenever Snapshot changes.
+func (s *Subscription) Changed() <-chan struct{} { return s.ch }
+
+// Close ends the subscription; SVIDs nobody holds stop being renewed.
+func (s *Subscription) Close() {
+	s.once.Do(func() {
+		ids := s.ids
+		ids.mu.Lock()
+		defer ids.mu.Unlock()
+		delete(ids.subs, s)
+		for _, k := range s.entries {
+			ids.release(k)
+		}
+	})
+}
+
+// ErrClosed is returned by Subscribe once the server is shutting down.
+var ErrClosed = errors.New("server is shutting down")
+
+// Subscribe returns the caller's live identities: an SVID for every entry
+// its selectors match and every ID it holds directly, and the bundle. A
+// caller entitled to nothing still gets the bundle.
+func (ids *identities) Subscribe(ctx context.Context, caller identity.Caller) (*Subscription, error) {
+	wanted := ids.entitlements(caller)
+	ids.mu.Lock()
+	if ids.closed {
+		ids.mu.Unlock()
+		return nil, ErrClosed
+	}
+	sub := &Subscription{ids: ids, caller: caller, ch: make(chan struct{}, 1)}
+	var missing []*slot
+	for _, e := range wanted {
+		sl := ids.acquire(e)
+		sub.entries = append(sub.entries, e.ID)
+		if sl.svid == nil {
+			missing = append(missing, sl)
+		}
+	}
+	ids.subs[sub] = struct{}{}
+	ids.mu.Unlock()
+
+	// Mint outside the lock: signing must not stall other callers.
+	for _, sl := range missing {
+		if err := ids.ensure(ctx, sl); err != nil {
+			sub.Close()
+			return nil, err
+		}
+	}
+	ids.mu.Lock()
+	sub.snap = ids.snapshotLocked(sub)
+	ids.mu.Unlock()
+	return sub, nil
+}
+
+// entitlements lists the entries a caller may hold, in default-first order:
+// direct IDs (its certificate or token) first, then matched entries.
+func (ids *identities) entitlements(c identity.Caller) []store.Entry {
+	var out []store.Entry
+	for _, id := range c.IDs {
+		out = append(out, store.Entry{ID: "id:" + id.String(), SpiffeID: id.String()})
+	}
+	for _, e := range ids.srv.entries.match(c.Selectors) {
+		if !slices.ContainsFunc(out, func(o store.Entry) bool { return o.SpiffeID == e.SpiffeID && isDirect(o) }) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func (ids *identities) acquire(e store.Entry) *slot {
+	sl, ok := ids.slots[e.ID]
+	if !ok {
+		sl = &slot{entry: e}
+		ids.slots[e.ID] = sl
+	}
+	sl.refs++
+	return sl
+}
+
+func (ids *identities) release(key string) {
+	sl, ok := ids.slots[key]
+	if !ok {
+		return
+	}
+	sl.refs--
+	if sl.refs > 0 {
+		return
+	}
+	// Nobody holds it: stop renewing. The SVID is simply dropped; a later
+	// caller gets a fresh one.
+	if sl.stop != nil {
+		sl.stop()
+	}
+	delete(ids.slots, key)
+}
+
+// ensure mints the slot's first SVID if nobody has yet.
+func (ids *identities) ensure(ctx context.Context, sl *slot) error {
+	ids.mu.Lock()
+	have := sl.svid != nil
+	ids.mu.Unlock()
+	if have {
+		return nil
+	}
+	svid, err := ids.mint(ctx, sl.entry)
+	if err != nil {
+		return err
+	}
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	if sl.svid == nil && ids.slots[sl.entry.ID] == sl {
+		ids.installLocked(sl, svid)
+	}
+	return nil
+}
+
+func (ids *identities) mint(ctx context.Context, e store.Entry) (*identity.SVID, error) {
+	svid, err := ids.srv.MintX509SVID(ctx, MintRequest{
+		SpiffeID:  e.SpiffeID,
+		KeyType:   ca.KeyP256,
+		TTL:       ids.ttlFor(e),
+		DNSNames:  e.DNSNames,
+		EntryID:   entryIDForInventory(e),
+		Requester: "workload",
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mint svid for %s: %w", e.SpiffeID, err)
+	}
+	return toIdentitySVID(svid, e)
+}
+
+// ttlFor is the entry's TTL, or the server's, never beyond the CA.
+func (ids *identities) ttlFor(e store.Entry) time.Duration {
+	ttl := ids.srv.cfg.SVIDTTL
+	if e.TTL > 0 {
+		ttl = e.TTL
+	}
+	a, _ := ids.srv.activeCA()
+	if rem := a.RemainingLife(ids.srv.now()); ttl > rem {
+		ttl = rem
+	}
+	return ttl
+}
+
+// isDirect reports whether e stands for an ID the caller holds directly
+// (certificate or token) rather than a registration entry.
+func isDirect(e store.Entry) bool { return strings.HasPrefix(e.ID, "id:") }
+
+func entryIDForInventory(e store.Entry) string {
+	if isDirect(e) {
+		return ""
+	}
+	return e.ID
+}
+
+func toIdentitySVID(s *ca.X509SVID, e store.Entry) (*identity.SVID, error) {
+	certs := make([]*x509.Certificate, 0, 1+len(s.ChainDER))
+	for _, der := range append([][]byte{s.CertDER}, s.ChainDER...) {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("parse minted certificate: %w", err)
+		}
+		certs = append(certs, c)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(s.Key)
+	if err != nil {
+		return nil, fmt.Errorf("marshal svid key: %w", err)
+	}
+	keyPEM, err := ca.EncodeKeyPEM(s.Key)
+	if err != nil {
+		return nil, err
+	}
+	return &identity.SVID{
+		ID:       s.ID,
+		EntryID:  e.ID,
+		Hint:     e.ID,
+		Certs:    certs,
+		ChainPEM: s.ChainPEM(),
+		Key:      s.Key,
+		KeyPEM:   keyPEM,
+		KeyDER:   keyDER,
+		Serial:   s.Serial,
+		NotAfter: s.NotAfter,
+	}, nil
+}
+
+// installLocked puts a new SVID in its slot, schedules its renewal and
+// pushes it to every subscriber holding the slot.
+func (ids *identities) installLocked(sl *slot, svid *identity.SVID) {
+	sl.svid = svid
+	sl.retry = 0
+	// Half of the life from now, not from NotBefore: NotBefore is
+	// back-dated for clock skew, which would make short-lived SVIDs renew
+	// at once, forever.
+	now := ids.srv.now()
+	life := svid.NotAfter.Sub(now)
+	jitter := 1 + renewJitter*(2*rand.Float64()-1)
+	delay := time.Duration(float64(life) * renewFraction * jitter)
+	sl.renewAt = now.Add(delay)
+	ids.scheduleLocked(sl, delay)
+	ids.notifyLocked(func(s *Subscription) bool { return slices.Contains(s.entries, sl.entry.ID) })
+}
+
+func (ids *identities) scheduleLocked(sl *slot, delay time.Duration) {
+	if sl.stop != nil {
+		sl.stop()
+	}
+	if ids.closed {
+		return
+	}
+	sl.stop = ids.srv.afterFunc(max(delay, 0), func() { ids.renew(sl) })
+}
+
+// renew replaces a slot's SVID. On failure it retries with backoff; the
+// old SVID stays in service, and the failure is counted so that alerts
+// fire long before it expires.
+func (ids *identities) renew(sl *slot) {
+	ids.mu.Lock()
+	if ids.closed || ids.slots[sl.entry.ID] != sl {
+		ids.mu.Unlock()
+		return
+	}
+	e := sl.entry
+	ids.mu.Unlock()
+
+	svid, err := ids.mint(context.Background(), e)
+
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	if ids.closed || ids.slots[sl.entry.ID] != sl {
+		return
+	}
+	if err != nil {
+		sl.retry = min(max(2*sl.retry, minRetry), maxRetry)
+		ids.srv.metrics.RenewalFailures.Inc()
+		ids.srv.log.Error("svid renewal failed; retrying", "spiffe_id", e.SpiffeID, "retry_in", sl.retry, "expires", sl.svid.NotAfter, "err", err)
+		ids.scheduleLocked(sl, sl.retry)
+		return
+	}
+	ids.srv.log.Debug("svid renewed", "spiffe_id", e.SpiffeID, "serial", svid.Serial, "not_after", svid.NotAfter)
+	ids.installLocked(sl, svid)
+}
+
+// notifyLocked rebuilds the snapshot of every subscriber match selects and
+// signals it.
+func (ids *identities) notifyLocked(match func(*Subscription) bool) {
+	for s := range ids.subs {
+		if s.snap == nil || !match(s) {
+			continue
+		}
+		s.snap = ids.snapshotLocked(s)
+		select {
+		case s.ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (ids *identities) snapshotLocked(s *Subscription) *identity.Snapshot {
+	snap := &identity.Snapshot{}
+	for _, k := range s.entries {
+		if sl := ids.slots[k]; sl != nil && sl.svid != nil {
+			snap.SVIDs = append(snap.SVIDs, sl.svid)
+		}
+	}
+	if ids.bundle != nil {
+		snap.Bundles = []*identity.Bundle{ids.bundle}
+	}
+	return snap
+}
+
+// setBundle publishes a new trust bundle to every subscriber.
+func (ids *identities) setBundle(td spiffeid.TrustDomain, certs []*x509.Certificate) {
+	var pemBytes []byte
+	ders := make([][]byte, len(certs))
+	for i, c := range certs {
+		ders[i] = c.Raw
+	}
+	pemBytes = ca.EncodeCertsPEM(ders...)
+	sum := sha256.Sum256(pemBytes)
+	b := &identity.Bundle{TrustDomain: td, X509Authorities: certs, PEM: pemBytes, Version: hex.EncodeToString(sum[:8])}
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	if ids.bundle != nil && ids.bundle.Version == b.Version {
+		return
+	}
+	ids.bundle = b
+	ids.notifyLocked(func(*Subscription) bool { return true })
+}
+
+// entriesChanged re-matches every subscriber after an entry was created or
+// deleted: a new entry is served at once, a deleted one is withdrawn and
+// no longer renewed.
+func (ids *identities) entriesChanged(ctx context.Context) {
+	ids.mu.Lock()
+	subs := make([]*Subscription, 0, len(ids.subs))
+	for s := range ids.subs {
+		subs = append(subs, s)
+	}
+	ids.mu.Unlock()
+	for _, s := range subs {
+		wanted := ids.entitlements(s.caller)
+		keys := make([]string, len(wanted))
+		for i, e := range wanted {
+			keys[i] = e.ID
+		}
+		ids.mu.Lock()
+		if _, live := ids.subs[s]; !live || slices.Equal(keys, s.entries) {
+			ids.mu.Unlock()
+			continue
+		}
+		var missing []*slot
+		for _, e := range wanted {
+			if !slices.Contains(s.entries, e.ID) {
+				if sl := ids.acquire(e); sl.svid == nil {
+					missing = append(missing, sl)
+				}
+			}
+		}
+		for _, k := range s.entries {
+			if !slices.Contains(keys, k) {
+				ids.release(k)
+			}
+		}
+		s.entries = keys
+		ids.mu.Unlock()
+		for _, sl := range missing {
+			if err := ids.ensure(ctx, sl); err != nil {
+				ids.srv.log.Error("mint svid for new entry", "spiffe_id", sl.entry.SpiffeID, "err", err)
+			}
+		}
+		ids.mu.Lock()
+		if _, live := ids.subs[s]; live {
+			ids.notifyLocked(func(o *Subscription) bool { return o == s })
+		}
+		ids.mu.Unlock()
+	}
+}
+
+// close stops every renewal timer; subscriptions see no further changes.
+func (ids *identities) close() {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	ids.closed = true
+	for _, sl := range ids.slots {
+		if sl.stop != nil {
+			sl.stop()
+		}
+	}
+}

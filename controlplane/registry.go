@@ -1,0 +1,187 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/store"
+)
+
+// InvalidArgumentError marks a request the caller must fix; the admin API
+// maps it to codes.InvalidArgument with its message.
+type InvalidArgumentError struct{ msg string }
+
+func (e *InvalidArgumentError) Error() string { return e.msg }
+
+// alreadyExistsError is a duplicate with a message for the operator; it
+// matches store.ErrAlreadyExists.
+type alreadyExistsError struct{ msg string }
+
+func (e *alreadyExistsError) Error() string { return e.msg }
+func (e *alreadyExistsError) Unwrap() error { return store.ErrAlreadyExists }
+
+func invalidf(format string, args ...any) error {
+	return &InvalidArgumentError{msg: fmt.Sprintf(format, args...)}
+}
+
+// parseWorkloadID checks that id is a SPIFFE ID for a workload in the
+// server's trust domain: SVIDs for the trust domain itself are not allowed
+// (the X509-SVID standard requires a non-root path).
+func (s *Server) parseWorkloadID(id string) (spiffeid.ID, error) {
+	if id == "" {
+		return spiffeid.ID{}, invalidf("spiffe id is required")
+	}
+	sid, err := spiffeid.FromString(id)
+	if err != nil {
+		return spiffeid.ID{}, invalidf("invalid spiffe id %q: %v", id, err)
+	}
+	if sid.TrustDomain() != s.td {
+		return spiffeid.ID{}, invalidf("spiffe id %s is not in trust domain %s", id, s.td)
+	}
+	if sid.Path() == "" {
+		return spiffeid.ID{}, invalidf("spiffe id %s has no path; workload IDs look like spiffe://%s/ns/<namespace>/sa/<serviceaccount>", id, s.td)
+	}
+	return sid, nil
+}
+
+func validateDNSNames(names []string) error {
+	for _, n := range names {
+		if err := checkDNSName(n); err != nil {
+			return invalidf("dns name %q: %v", n, err)
+		}
+	}
+	return nil
+}
+
+func checkDNSName(n string) error {
+	if n == "" || len(n) > 253 {
+		return errors.New("must be 1 to 253 characters")
+	}
+	labels := strings.Split(n, ".")
+	for i, l := range labels {
+		if l == "*" && i == 0 && len(labels) > 1 {
+			continue
+		}
+		if l == "" || len(l) > 63 {
+			return errors.New("empty or over-long label")
+		}
+		for j, c := range l {
+			ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' && j > 0 && j < len(l)-1
+			if !ok {
+				return fmt.Errorf("invalid character %q", c)
+			}
+		}
+	}
+	return nil
+}
+
+// EntrySpec is what an operator asks to register.
+type EntrySpec struct {
+	SpiffeID  string
+	Selectors []store.Selector
+	TTL       time.Duration
+	DNSNames  []string
+}
+
+// CreateEntry validates and stores a registration entry. Validation errors
+// are *InvalidArgumentError; a duplicate is store.ErrAlreadyExists.
+func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) (store.Entry, error) {
+	if _, err := s.parseWorkloadID(spec.SpiffeID); err != nil {
+		return store.Entry{}, err
+	}
+	if len(spec.Selectors) == 0 {
+		return store.Entry{}, invalidf("at least one selector is required, e.g. --selector unix:uid:1000")
+	}
+	for _, sel := range spec.Selectors {
+		if err := ValidateSelector(sel); err != nil {
+			return store.Entry{}, &InvalidArgumentError{msg: err.Error()}
+		}
+	}
+	if spec.TTL < 0 {
+		return store.Entry{}, invalidf("ttl %s must not be negative", spec.TTL)
+	}
+	if spec.TTL > 0 {
+		a, _ := s.activeCA()
+		if rem := a.RemainingLife(s.now()); spec.TTL > rem {
+			return store.Entry{}, invalidf("ttl %s is longer than the CA's remaining life %s", spec.TTL, rem.Truncate(time.Second))
+		}
+	}
+	if err := validateDNSNames(spec.DNSNames); err != nil {
+		return store.Entry{}, err
+	}
+	e := store.Entry{
+		ID:        newID(),
+		SpiffeID:  spec.SpiffeID,
+		Selectors: normalizeSelectors(spec.Selectors),
+		TTL:       spec.TTL,
+		DNSNames:  spec.DNSNames,
+		CreatedAt: s.now(),
+	}
+	err := s.store.CreateEntry(ctx, e, store.AuditEvent{
+		Time: e.CreatedAt, Actor: actor, Action: "entry.create", Target: e.ID,
+		Detail: fmt.Sprintf("%s selectors=%v", e.SpiffeID, selectorStrings(e.Selectors)),
+	})
+	if err != nil {
+		if errors.Is(err, store.ErrAlreadyExists) {
+			return store.Entry{}, &alreadyExistsError{msg: fmt.Sprintf("an entry for %s with selectors %v already exists", e.SpiffeID, selectorStrings(e.Selectors))}
+		}
+		return store.Entry{}, fmt.Errorf("create entry: %w", err)
+	}
+	s.entries.put(e)
+	s.ids.entriesChanged(ctx)
+	s.log.Info("entry created", "id", e.ID, "spiffe_id", e.SpiffeID, "actor", actor)
+	return e, nil
+}
+
+// DeleteEntry removes an entry. A missing entry is store.ErrNotFound.
+func (s *Server) DeleteEntry(ctx context.Context, id, actor string) (store.Entry, error) {
+	if id == "" {
+		return store.Entry{}, invalidf("entry id is required")
+	}
+	e, err := s.store.DeleteEntry(ctx, id, store.AuditEvent{
+		Time: s.now(), Actor: actor, Action: "entry.delete", Target: id,
+	})
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return store.Entry{}, fmt.Errorf("entry %s: %w", id, err)
+		}
+		return store.Entry{}, fmt.Errorf("delete entry %s: %w", id, err)
+	}
+	s.entries.remove(id)
+	s.ids.entriesChanged(ctx)
+	s.log.Info("entry deleted", "id", id, "spiffe_id", e.SpiffeID, "actor", actor)
+	return e, nil
+}
+
+// ListEntries pages through the registration entries.
+func (s *Server) ListEntries(ctx context.Context, q store.EntryQuery) ([]store.Entry, string, error) {
+	return s.store.ListEntries(ctx, q)
+}
+
+// MatchEntries returns the entries whose selectors the caller all has.
+func (s *Server) MatchEntries(callerSelectors []string) []store.Entry {
+	return s.entries.match(callerSelectors)
+}
+
+func selectorStrings(sels []store.Selector) []string {
+	out := make([]string, len(sels))
+	for i, s := range sels {
+		out[i] = SelectorString(s)
+	}
+	return out
+}
+
+// newID returns a random UUIDv4, the form SPIRE users already know.
+func newID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}

@@ -1,0 +1,107 @@
+package controlplane
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/meshid/meshid/store"
+)
+
+// selectorKinds lists the selector keys each attestor can produce. An entry
+// naming anything else could never match, so it is refused at creation
+// rather than silently never served.
+var selectorKinds = map[string]map[string]func(string) error{
+	"unix": {
+		"uid": numeric,
+		"gid": numeric,
+		"pid": numeric,
+	},
+	"k8s": {
+		"ns":        nonEmpty,
+		"sa":        nonEmpty,
+		"pod-name":  nonEmpty,
+		"pod-uid":   nonEmpty,
+		"node-name": nonEmpty,
+		"pod-label": labelValue,
+	},
+	// A join token's SPIFFE ID is carried by the token itself; entries may
+	// still key on it to grant further identities.
+	"token": {
+		"id": nonEmpty,
+	},
+}
+
+func numeric(v string) error {
+	n, err := strconv.ParseUint(v, 10, 32)
+	if err != nil || strconv.FormatUint(n, 10) != v {
+		return fmt.Errorf("%q is not a decimal number", v)
+	}
+	return nil
+}
+
+func nonEmpty(v string) error {
+	if v == "" {
+		return fmt.Errorf("empty value")
+	}
+	return nil
+}
+
+func labelValue(v string) error {
+	k, _, ok := strings.Cut(v, ":")
+	if !ok || k == "" {
+		return fmt.Errorf("%q is not of the form key:value", v)
+	}
+	return nil
+}
+
+// ParseSelector parses "type:key:value" (e.g. unix:uid:1000) and checks that
+// an attestor can produce it.
+func ParseSelector(s string) (store.Selector, error) {
+	typ, value, ok := strings.Cut(s, ":")
+	if !ok || typ == "" || value == "" {
+		return store.Selector{}, fmt.Errorf("selector %q: want type:key:value, e.g. unix:uid:1000", s)
+	}
+	sel := store.Selector{Type: typ, Value: value}
+	return sel, ValidateSelector(sel)
+}
+
+// ValidateSelector checks a selector against the known selector kinds.
+func ValidateSelector(sel store.Selector) error {
+	keys, ok := selectorKinds[sel.Type]
+	if !ok {
+		return fmt.Errorf("selector %s:%s: unknown selector type %q (known: unix, k8s, token)", sel.Type, sel.Value, sel.Type)
+	}
+	key, value, ok := strings.Cut(sel.Value, ":")
+	check, known := keys[key]
+	if !ok || !known {
+		names := make([]string, 0, len(keys))
+		for k := range keys {
+			names = append(names, k)
+		}
+		slices.Sort(names)
+		return fmt.Errorf("selector %s:%s: unknown %s selector key %q (known: %s)", sel.Type, sel.Value, sel.Type, key, strings.Join(names, ", "))
+	}
+	if err := check(value); err != nil {
+		return fmt.Errorf("selector %s:%s: %w", sel.Type, sel.Value, err)
+	}
+	return nil
+}
+
+// SelectorString renders a selector as type:key:value.
+func SelectorString(s store.Selector) string { return s.Type + ":" + s.Value }
+
+// normalizeSelectors sorts and de-duplicates, so that the same set always
+// has the same form and duplicate entries are detected whatever the order
+// the operator typed.
+func normalizeSelectors(sels []store.Selector) []store.Selector {
+	out := slices.Clone(sels)
+	slices.SortFunc(out, func(a, b store.Selector) int {
+		if c := strings.Compare(a.Type, b.Type); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Value, b.Value)
+	})
+	return slices.Compact(out)
+}

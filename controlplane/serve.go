@@ -1,0 +1,203 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/meshid/meshid/attest"
+	"github.com/meshid/meshid/identity"
+	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
+	"github.com/meshid/meshid/sds"
+)
+
+// Endpoints says where a running server listens.
+type Endpoints struct {
+	// AdminSocket is the admin API's unix socket, made owner-only (0600) in
+	// a directory made 0700 if it does not exist.
+	AdminSocket string
+	// Socket is the workload socket (SDS, later the Workload API), open to
+	// every local user: callers are told apart by their peer credentials.
+	// Empty turns it off.
+	Socket string
+	// MetricsListen is host:port for /metrics, /healthz and /readyz; empty
+	// turns it off.
+	MetricsListen string
+	// DrainTimeout bounds how long in-flight RPCs may finish on shutdown.
+	DrainTimeout time.Duration
+}
+
+// Listening is reported once every endpoint accepts connections.
+type Listening struct {
+	AdminSocket string
+	Socket      string
+	MetricsAddr string // the bound address, useful when the port was 0
+}
+
+// Run serves the admin API (and metrics) until ctx is cancelled, then
+// drains in-flight requests and returns nil. ready, if not nil, is called
+// once everything listens.
+func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) error {
+	if ep.AdminSocket == "" {
+		return errors.New("admin socket path is required")
+	}
+	if ep.DrainTimeout == 0 {
+		ep.DrainTimeout = 10 * time.Second
+	}
+	adminLis, err := ListenUnix(ep.AdminSocket, 0o600, 0o700)
+	if err != nil {
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	defer os.Remove(ep.AdminSocket)
+
+	gs := grpc.NewServer(grpc.Creds(attest.UnixCredentials()))
+	adminv1.RegisterAdminServiceServer(gs, NewAdminService(s))
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+
+	errc := make(chan error, 3)
+	go func() { errc <- gs.Serve(adminLis) }()
+
+	got := Listening{AdminSocket: ep.AdminSocket}
+	var ws *grpc.Server
+	var sdsSrv *sds.Server
+	if ep.Socket != "" {
+		wl, err := ListenUnix(ep.Socket, 0o666, 0o755)
+		if err != nil {
+			gs.Stop()
+			return fmt.Errorf("workload socket: %w", err)
+		}
+		defer os.Remove(ep.Socket)
+		got.Socket = ep.Socket
+		ws = grpc.NewServer(grpc.Creds(attest.UnixCredentials()))
+		sdsSrv = sds.New(s, unixCaller, s.log, s.sdsMetrics)
+		sdsSrv.Register(ws)
+		healthpb.RegisterHealthServer(ws, hs)
+		go func() { errc <- ws.Serve(wl) }()
+	}
+
+	var httpSrv *http.Server
+	if ep.MetricsListen != "" {
+		ml, err := net.Listen("tcp", ep.MetricsListen)
+		if err != nil {
+			gs.Stop()
+			if ws != nil {
+				ws.Stop()
+			}
+			return fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err)
+		}
+		got.MetricsAddr = ml.Addr().String()
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{Registry: s.metrics.Registry}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ready") })
+		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := httpSrv.Serve(ml); !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+	}
+	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
+	if ready != nil {
+		ready(got)
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	s.log.Info("shutting down: draining in-flight requests")
+	hs.Shutdown()
+	if sdsSrv != nil {
+		sdsSrv.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
+	}
+	for _, g := range []*grpc.Server{gs, ws} {
+		if g == nil {
+			continue
+		}
+		stopped := make(chan struct{})
+		go func() { g.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(ep.DrainTimeout):
+			g.Stop()
+			<-stopped
+		}
+	}
+	if httpSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), ep.DrainTimeout)
+		_ = httpSrv.Shutdown(sctx)
+		cancel()
+	}
+	return runErr
+}
+
+// unixCaller identifies a workload-socket caller by its kernel-verified
+// peer credentials.
+func unixCaller(ctx context.Context) (identity.Caller, error) {
+	pc, err := attest.PeerCredFromContext(ctx)
+	if err != nil {
+		return identity.Caller{}, err
+	}
+	return identity.Caller{Selectors: pc.Selectors(), Label: pc.String()}, nil
+}
+
+// ListenUnix listens on a unix socket with the given permissions. The
+// socket is bound under a temporary name and renamed into place after its
+// mode is set, so there is no moment when it is reachable with looser
+// permissions. A live socket at path (another server) is an error; a stale
+// one is replaced.
+func ListenUnix(path string, perm, dirPerm os.FileMode) (net.Listener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, dirPerm); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s is in use by another running server", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	tmp := filepath.Join(dir, fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
+	_ = os.Remove(tmp)
+	lis, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, err
+	}
+	// The listener must not unlink tmp on Close: after the rename that name
+	// no longer exists and path is removed by the caller.
+	lis.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, perm); err != nil {
+		lis.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		lis.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	return lis, nil
+}
+
+// Default socket paths, the same layout as SPIRE's: the admin socket in a
+// private (0700) directory, the workload socket in a public one.
+const (
+	DefaultAdminSocket = "/tmp/meshid/private/admin.sock"
+	DefaultSocket      = "/tmp/meshid/public/workload.sock"
+)

@@ -1,0 +1,90 @@
+// Package identity holds the types shared by everything that hands SVIDs to
+// workloads (SDS, the SPIFFE Workload API): who is calling, and the
+// identities and bundles they currently hold. It has no logic of its own,
+// so both the server and (later) the node agent can produce these values
+// and both APIs can consume them.
+package identity
+
+import (
+	"crypto"
+	"crypto/x509"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Caller is an authenticated client of a workload API.
+type Caller struct {
+	// Selectors are what attestation proved, e.g. "unix:uid:1000"; they are
+	// matched against registration entries.
+	Selectors []string
+	// IDs are identities the caller holds directly: the SPIFFE ID of the
+	// client certificate it presented, or the one its join token names.
+	IDs []spiffeid.ID
+	// Label names the caller in logs ("uid:1000 gid:1000 pid:42").
+	Label string
+}
+
+// SVID is one X.509-SVID with its private key, ready to hand out.
+type SVID struct {
+	ID       spiffeid.ID
+	EntryID  string
+	Hint     string
+	Certs    []*x509.Certificate // leaf first, then intermediates
+	ChainPEM []byte
+	Key      crypto.Signer
+	KeyPEM   []byte
+	KeyDER   []byte // PKCS#8
+	Serial   string
+	NotAfter time.Time
+}
+
+// Bundle is the trust bundle of one trust domain.
+type Bundle struct {
+	TrustDomain     spiffeid.TrustDomain
+	X509Authorities []*x509.Certificate
+	PEM             []byte
+	// Version changes whenever the content does; equal versions mean equal
+	// content.
+	Version string
+}
+
+// Snapshot is everything one caller may see at one moment. Snapshots are
+// immutable: a change produces a new one.
+type Snapshot struct {
+	// SVIDs the caller is entitled to; the first is its default.
+	SVIDs []*SVID
+	// Bundles, the caller's own trust domain first.
+	Bundles []*Bundle
+}
+
+// SVIDFor returns the caller's SVID for id, if it has one.
+func (s *Snapshot) SVIDFor(id spiffeid.ID) *SVID {
+	for _, v := range s.SVIDs {
+		if v.ID == id {
+			return v
+		}
+	}
+	return nil
+}
+
+// BundleFor returns the bundle of td, if the caller may see it.
+func (s *Snapshot) BundleFor(td spiffeid.TrustDomain) *Bundle {
+	for _, b := range s.Bundles {
+		if b.TrustDomain == td {
+			return b
+		}
+	}
+	return nil
+}
+
+// Subscription is one caller's live view of its identities.
+type Subscription interface {
+	// Snapshot returns the current identities and bundles.
+	Snapshot() *Snapshot
+	// Changed is signalled whenever Snapshot has changed; signals coalesce,
+	// so a slow reader sees the latest state, not every step.
+	Changed() <-chan struct{}
+	// Close ends the subscription.
+	Close()
+}

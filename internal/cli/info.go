@@ -1,0 +1,230 @@
+package cli
+
+import (
+	"fmt"
+	"runtime"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshid/meshid/ca"
+	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
+)
+
+func newBundleCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "bundle", Short: "Show the trust bundle"}
+	var admin, format string
+	show := &cobra.Command{
+		Use:   "show",
+		Short: "Print the trust bundle as PEM or as a SPIFFE bundle (JWKS)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if format != "pem" && format != "jwks" {
+				return fmt.Errorf("unknown --format %q (want pem or jwks)", format)
+			}
+			c, done, err := dialAdmin(admin)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := c.GetBundle(ctx, &adminv1.GetBundleRequest{})
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if format == "jwks" {
+				_, err = fmt.Fprintln(out, string(resp.GetSpiffeBundleJson()))
+				return err
+			}
+			_, err = out.Write(ca.EncodeCertsPEM(resp.GetX509Authorities()...))
+			return err
+		},
+	}
+	adminFlag(show, &admin)
+	show.Flags().StringVar(&format, "format", "pem", "pem or jwks (the SPIFFE bundle format)")
+	cmd.AddCommand(show)
+	return cmd
+}
+
+func newCACmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "ca", Short: "Inspect the certificate authorities"}
+	var admin, output string
+	show := &cobra.Command{
+		Use:   "show",
+		Short: "Show every CA in the trust bundle: state, validity and fingerprint",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			c, done, err := dialAdmin(admin)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := c.ListCAs(ctx, &adminv1.ListCAsRequest{})
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				for _, x := range resp.GetCas() {
+					x.CertDer = nil // the fingerprint names it; bundle show prints it
+				}
+				return writeJSONList(cmd.OutOrStdout(), resp.GetCas())
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "STATE\tKEY\tNOT BEFORE\tNOT AFTER\tSUBJECT\tSHA-256 FINGERPRINT")
+			for _, x := range resp.GetCas() {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", x.GetState(), x.GetKeyType(),
+					x.GetNotBefore().AsTime().Format(time.RFC3339), x.GetNotAfter().AsTime().Format(time.RFC3339),
+					x.GetSubject(), x.GetFingerprint())
+			}
+			return tw.Flush()
+		},
+	}
+	adminFlag(show, &admin)
+	outputFlag(show.Flags(), &output)
+	cmd.AddCommand(show, newCAPrepareCmd())
+	return cmd
+}
+
+func newCAPrepareCmd() *cobra.Command {
+	var admin, output string
+	cmd := &cobra.Command{
+		Use:   "prepare",
+		Short: "Make the next CA and publish it in the trust bundle, without signing with it yet",
+		Long: `Make the next CA and publish it in the trust bundle. Every connected workload
+receives the new bundle at once; the CA does not sign until it is activated,
+so peers trust it before any certificate it signs reaches them.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			c, done, err := dialAdmin(admin)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := c.PrepareCA(ctx, &adminv1.PrepareCARequest{})
+			if err != nil {
+				return err
+			}
+			resp.GetCa().CertDer = nil
+			if output == "json" {
+				return writeJSONMessage(cmd.OutOrStdout(), resp.GetCa())
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "prepared CA %s (valid until %s); it is in the trust bundle now\n",
+				resp.GetCa().GetFingerprint(), resp.GetCa().GetNotAfter().AsTime().Format(time.RFC3339))
+			return nil
+		},
+	}
+	adminFlag(cmd, &admin)
+	outputFlag(cmd.Flags(), &output)
+	return cmd
+}
+
+func newCertsCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "certs", Short: "The inventory of issued SVIDs"}
+	var admin, output string
+	var within time.Duration
+	var includeExpired bool
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List issued SVIDs still live, soonest expiry first",
+		Example: `  meshid certs list --expiring-within 7d
+  meshid certs list -o json | jq -r '.[].serial'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			if within < 0 {
+				return fmt.Errorf("--expiring-within must not be negative")
+			}
+			c, done, err := dialAdmin(admin)
+			if err != nil {
+				return err
+			}
+			defer done()
+			req := &adminv1.ListCertsRequest{IncludeExpired: includeExpired}
+			if within > 0 {
+				req.ExpiringWithin = durationpb.New(within)
+			}
+			var all []*adminv1.IssuedCert
+			for {
+				ctx, cancel := rpcContext(cmd)
+				resp, err := c.ListCerts(ctx, req)
+				cancel()
+				if err != nil {
+					return err
+				}
+				all = append(all, resp.GetCerts()...)
+				if req.PageToken = resp.GetNextPageToken(); req.PageToken == "" {
+					break
+				}
+			}
+			if output == "json" {
+				return writeJSONList(cmd.OutOrStdout(), all)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SERIAL\tSPIFFE ID\tNOT AFTER\tEXPIRES IN\tREQUESTER")
+			now := time.Now()
+			for _, r := range all {
+				na := r.GetNotAfter().AsTime()
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.GetSerial(), r.GetSpiffeId(), na.Format(time.RFC3339), na.Sub(now).Truncate(time.Second), r.GetRequester())
+			}
+			return tw.Flush()
+		},
+	}
+	adminFlag(list, &admin)
+	fs := list.Flags()
+	durationFlag(fs, &within, "expiring-within", 0, "only SVIDs expiring within this window (e.g. 1h, 7d)")
+	fs.BoolVar(&includeExpired, "include-expired", false, "include SVIDs that have already expired")
+	outputFlag(fs, &output)
+	cmd.AddCommand(list)
+	return cmd
+}
+
+func newVersionCmd() *cobra.Command {
+	var admin, output string
+	cmd := &cobra.Command{
+		Use:   "version",
+		Short: "Print the client's version, and the server's if one answers on --admin-socket",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			info := map[string]string{"client": version(), "go": runtime.Version(), "platform": runtime.GOOS + "/" + runtime.GOARCH}
+			if c, done, err := dialAdmin(admin); err == nil {
+				ctx, cancel := rpcContext(cmd)
+				if resp, err := c.GetServerInfo(ctx, &adminv1.GetServerInfoRequest{}); err == nil {
+					info["server"] = resp.GetVersion()
+					info["trust_domain"] = resp.GetTrustDomain()
+				}
+				cancel()
+				done()
+			}
+			if output == "json" {
+				return writeJSON(cmd.OutOrStdout(), info)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "meshid %s (%s, %s)\n", info["client"], info["go"], info["platform"])
+			if s, ok := info["server"]; ok {
+				fmt.Fprintf(cmd.OutOrStdout(), "server %s, trust domain %s\n", s, info["trust_domain"])
+			}
+			return nil
+		},
+	}
+	adminFlag(cmd, &admin)
+	outputFlag(cmd.Flags(), &output)
+	return cmd
+}

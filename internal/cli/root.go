@@ -1,0 +1,110 @@
+// Package cli holds meshid's cobra commands. Commands parse flags and call
+// packages; they hold no logic of their own beyond presenting results.
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"google.golang.org/grpc/status"
+)
+
+// Version is set at link time (-ldflags "-X github.com/meshid/meshid/internal/cli.Version=v1.2.3").
+var Version = ""
+
+func version() string {
+	if Version != "" {
+		return Version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// Main runs the meshid command line and returns the process exit code.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	root := newRoot(stdout, stderr)
+	root.SetArgs(args)
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintf(stderr, "meshid: %s\n", oneLine(err))
+		return 1
+	}
+	return 0
+}
+
+// oneLine renders an error as the one-line reason the user reads: the gRPC
+// status message without the "rpc error: code = ..." wrapping.
+func oneLine(err error) string {
+	if st, ok := status.FromError(err); ok {
+		return st.Message()
+	}
+	var se interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &se) {
+		return se.GRPCStatus().Message()
+	}
+	return strings.ReplaceAll(err.Error(), "\n", " ")
+}
+
+func newRoot(stdout, stderr io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "meshid",
+		Short: "mTLS identity control plane: SPIFFE X.509-SVIDs for Envoy (SDS) and workloads",
+		Long: `meshid mints short-lived SPIFFE X.509-SVIDs with a built-in CA and delivers
+them, with the trust bundle, to Envoy over SDS and to applications over the
+SPIFFE Workload API, renewing them long before they expire.
+
+Start a development identity plane with one command:
+
+  meshid dev
+
+Every flag can also be set in the environment as MESHID_<FLAG> (for example
+MESHID_ADMIN_SOCKET, MESHID_TRUST_DOMAIN); a flag on the command line wins.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			return applyEnv(cmd.Flags())
+		},
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(
+		newServerCmd(), newDevCmd(),
+		newEntryCmd(), newX509Cmd(), newBundleCmd(), newCACmd(), newCertsCmd(),
+		newVersionCmd(), newBenchCmd(),
+	)
+	return root
+}
+
+// applyEnv fills every flag not given on the command line from
+// MESHID_<FLAG_NAME>, so containers can configure meshid without args.
+func applyEnv(fs *pflag.FlagSet) error {
+	var firstErr error
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Changed || firstErr != nil {
+			return
+		}
+		name := "MESHID_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		v, ok := os.LookupEnv(name)
+		if !ok {
+			return
+		}
+		if sv, ok := f.Value.(pflag.SliceValue); ok {
+			if err := sv.Replace(strings.Split(v, ",")); err != nil {
+				firstErr = fmt.Errorf("%s=%q: %w", name, v, err)
+			}
+			return
+		}
+		if err := fs.Set(f.Name, v); err != nil {
+			firstErr = fmt.Errorf("%s=%q: %w", name, v, err)
+		}
+	})
+	return firstErr
+}

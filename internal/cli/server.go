@@ -1,0 +1,209 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/store"
+)
+
+type serverFlags struct {
+	dataDir       string
+	trustDomain   string
+	adminSocket   string
+	socket        string
+	svidTTL       time.Duration
+	caTTL         time.Duration
+	caKeyType     string
+	kekFile       string
+	logLevel      string
+	metricsListen string
+}
+
+func defaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/meshid"
+	}
+	if d, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(d, ".local", "share", "meshid")
+	}
+	return ".meshid"
+}
+
+func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp string) {
+	fs := cmd.Flags()
+	fs.StringVar(&f.dataDir, "data-dir", dataDirDefault, dataDirHelp)
+	fs.StringVar(&f.trustDomain, "trust-domain", controlplane.DefaultTrustDomain, "SPIFFE trust domain this server is the authority for")
+	fs.StringVar(&f.adminSocket, "admin-socket", controlplane.DefaultAdminSocket, "unix socket of the admin API (made 0600: whoever can open it is an administrator)")
+	fs.StringVar(&f.socket, "socket", controlplane.DefaultSocket, "workload socket for SDS and the SPIFFE Workload API")
+	durationFlag(fs, &f.svidTTL, "svid-ttl", controlplane.DefaultSVIDTTL, "lifetime of issued X.509-SVIDs (e.g. 1h, 24h)")
+	durationFlag(fs, &f.caTTL, "ca-ttl", controlplane.DefaultCATTL, "lifetime of the CA made on first start (e.g. 365d)")
+	fs.StringVar(&f.caKeyType, "ca-key-type", string(controlplane.DefaultCAKeyType), "key type of a new CA: ec-p256, ec-p384 or rsa-3072")
+	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics, /healthz and /readyz (off when empty)")
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log level %q: want debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
+	kt, err := ca.ParseKeyType(f.caKeyType)
+	if err != nil {
+		return controlplane.Config{}, fmt.Errorf("--ca-key-type: %w", err)
+	}
+	if f.svidTTL <= 0 {
+		return controlplane.Config{}, errors.New("--svid-ttl must be positive")
+	}
+	return controlplane.Config{
+		DataDir:     f.dataDir,
+		TrustDomain: f.trustDomain,
+		SVIDTTL:     f.svidTTL,
+		CATTL:       f.caTTL,
+		CAKeyType:   kt,
+		KEKFile:     f.kekFile,
+		Version:     version(),
+		Logger:      log,
+	}, nil
+}
+
+func newServerCmd() *cobra.Command {
+	var f serverFlags
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run the meshid server: CA, registration entries and the admin API",
+		Long: `Run the meshid server. On first start it creates a self-signed CA for the
+trust domain (its key sealed with the key-encryption key) in --data-dir.
+
+The admin API listens on --admin-socket; use the meshid client commands
+(entry, x509, bundle, ca, certs) against it. SIGTERM or Ctrl-C drains
+in-flight requests and exits 0.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
+			if err != nil {
+				return err
+			}
+			cfg, err := f.config(log)
+			if err != nil {
+				return err
+			}
+			return runServer(cmd.Context(), cfg, f, nil)
+		},
+	}
+	f.register(cmd, defaultDataDir(), "directory for the store and, by default, the key-encryption key")
+	return cmd
+}
+
+// runServer opens the server, calls onReady once it listens, and serves
+// until ctx is cancelled.
+func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onReady func(*controlplane.Server, controlplane.Listening) error) error {
+	srv, err := controlplane.Open(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	var readyErr error
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	err = srv.Run(runCtx, controlplane.Endpoints{AdminSocket: f.adminSocket, Socket: f.socket, MetricsListen: f.metricsListen}, func(l controlplane.Listening) {
+		if onReady != nil {
+			if readyErr = onReady(srv, l); readyErr != nil {
+				cancel()
+			}
+		}
+	})
+	if readyErr != nil {
+		return readyErr
+	}
+	return err
+}
+
+func newDevCmd() *cobra.Command {
+	var f serverFlags
+	var spiffeID string
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a development identity plane: server plus an entry for you, no config",
+		Long: `Run meshid server with a throw-away data dir (unless --data-dir is given) and
+a registration entry that gives the current user (unix:uid:<your uid>) the
+identity --spiffe-id. It prints what is served where and how to try it.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
+			if err != nil {
+				return err
+			}
+			if f.dataDir == "" {
+				dir, err := os.MkdirTemp("", "meshid-dev-")
+				if err != nil {
+					return fmt.Errorf("temp data dir: %w", err)
+				}
+				defer os.RemoveAll(dir)
+				f.dataDir = dir
+			}
+			cfg, err := f.config(log)
+			if err != nil {
+				return err
+			}
+			uid := os.Getuid()
+			return runServer(cmd.Context(), cfg, f, func(srv *controlplane.Server, l controlplane.Listening) error {
+				sel := store.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(uid)}
+				_, err := srv.CreateEntry(cmd.Context(), controlplane.EntrySpec{SpiffeID: spiffeID, Selectors: []store.Selector{sel}}, "dev")
+				if err != nil && !errors.Is(err, store.ErrAlreadyExists) {
+					return fmt.Errorf("dev entry: %w", err)
+				}
+				printBanner(cmd.OutOrStdout(), srv, f, l, spiffeID, uid)
+				return nil
+			})
+		},
+	}
+	f.register(cmd, "", "directory for the store (default: a temporary directory removed on exit)")
+	cmd.Flags().StringVar(&spiffeID, "spiffe-id", "spiffe://cluster.local/ns/default/sa/default", "identity given to the current user")
+	return cmd
+}
+
+func printBanner(w io.Writer, srv *controlplane.Server, f serverFlags, l controlplane.Listening, spiffeID string, uid int) {
+	who := "uid " + strconv.Itoa(uid)
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		who = u.Username + ", " + who
+	}
+	admin := ""
+	if f.adminSocket != controlplane.DefaultAdminSocket {
+		admin = " --admin-socket " + f.adminSocket
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "meshid dev: identity plane for trust domain %s is up\n", srv.TrustDomain())
+	fmt.Fprintf(&b, "  data dir      %s\n", f.dataDir)
+	fmt.Fprintf(&b, "  admin API     unix://%s\n", l.AdminSocket)
+	if l.MetricsAddr != "" {
+		fmt.Fprintf(&b, "  metrics       http://%s/metrics\n", l.MetricsAddr)
+	}
+	fmt.Fprintf(&b, "  entry         %s  <-  unix:uid:%d (you: %s)\n", spiffeID, uid, who)
+	fmt.Fprintf(&b, "\nTry, in another terminal:\n")
+	fmt.Fprintf(&b, "  meshid entry list%s\n", admin)
+	fmt.Fprintf(&b, "  meshid x509 mint%s --spiffe-id %s --out-dir ./certs\n", admin, spiffeID)
+	fmt.Fprintf(&b, "  openssl x509 -in ./certs/svid.pem -noout -text\n")
+	fmt.Fprintf(&b, "  meshid ca show%s\n", admin)
+	fmt.Fprintf(&b, "  meshid certs list%s\n", admin)
+	fmt.Fprintf(&b, "\nCtrl-C stops it.\n")
+	fmt.Fprint(w, b.String())
+}

@@ -1,0 +1,153 @@
+// Package store persists meshid's state behind one interface: CA keys and
+// certificates, registration entries, the inventory of issued SVIDs and the
+// audit trail. The interface carries no backend types so that bbolt (the
+// embedded default) and etcd (HA) can both sit behind it.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Errors returned by every Store implementation. Callers match them with
+// errors.Is to pick a gRPC code.
+var (
+	ErrNotFound      = errors.New("not found")
+	ErrAlreadyExists = errors.New("already exists")
+	// ErrLocked means another process holds the store (a second server on
+	// the same data dir).
+	ErrLocked = errors.New("store is locked by another process")
+	// ErrSchema means the file was written by an incompatible version.
+	ErrSchema = errors.New("unsupported store schema version")
+	// ErrClosed is returned by every method called after Close.
+	ErrClosed = errors.New("store is closed")
+	// ErrInvalid means the caller passed something the store cannot hold
+	// (an empty ID, a malformed page token); it maps to InvalidArgument.
+	ErrInvalid = errors.New("invalid argument")
+)
+
+// CAState is where a CA is in its life: prepared (published in the bundle,
+// not yet signing), active (signing), retired (published until the last SVID
+// it signed has expired).
+type CAState string
+
+// CA states.
+const (
+	CAPrepared CAState = "prepared"
+	CAActive   CAState = "active"
+	CARetired  CAState = "retired"
+)
+
+// CARecord is one CA as persisted. The private key is sealed by the caller
+// (see package kek) before it reaches the store: the store never sees a
+// plaintext key.
+type CARecord struct {
+	ID        string // stable identifier, e.g. hex of the certificate's SHA-256
+	Kind      string // "x509" or "jwt"
+	State     CAState
+	CertDER   []byte   // the CA certificate (x509 kind)
+	ChainDER  [][]byte // intermediates above CertDER up to, excluding, the root
+	PublicKey []byte   // PKIX public key (jwt kind)
+	SealedKey []byte   // private key, encrypted at rest
+	NotBefore time.Time
+	NotAfter  time.Time
+	CreatedAt time.Time
+}
+
+// Selector is one attestable property of a caller, e.g. unix:uid:1000 is
+// {Type: "unix", Value: "uid:1000"}.
+type Selector struct {
+	Type  string
+	Value string
+}
+
+// Entry is a registration entry: callers whose selectors include all of
+// Selectors are entitled to SpiffeID.
+type Entry struct {
+	ID        string
+	SpiffeID  string
+	Selectors []Selector // sorted by the caller; the store does not reorder
+	TTL       time.Duration
+	DNSNames  []string
+	CreatedAt time.Time
+}
+
+// IssuedSVID is one row of the inventory of issued certificates.
+type IssuedSVID struct {
+	Serial    string // lowercase hex, no separators
+	SpiffeID  string
+	NotBefore time.Time
+	NotAfter  time.Time
+	EntryID   string // empty for admin mints without an entry
+	Requester string // who asked: "admin uid:0", "unix:uid:1000", ...
+	CAID      string
+	IssuedAt  time.Time
+}
+
+// AuditEvent records one admin action.
+type AuditEvent struct {
+	Time   time.Time
+	Actor  string
+	Action string // e.g. "entry.create"
+	Target string // e.g. the entry ID
+	Detail string
+}
+
+// SVIDQuery selects inventory rows, ordered by NotAfter then Serial.
+type SVIDQuery struct {
+	// NotExpiredAt, if set, skips rows with NotAfter <= NotExpiredAt.
+	NotExpiredAt time.Time
+	// ExpiringBefore, if set, skips rows with NotAfter > ExpiringBefore.
+	ExpiringBefore time.Time
+	// PageSize caps the rows returned; 0 means no cap.
+	PageSize int
+	// PageToken resumes after the last row of a previous page.
+	PageToken string
+}
+
+// EntryQuery pages through entries ordered by ID.
+type EntryQuery struct {
+	PageSize  int
+	PageToken string
+}
+
+// Store is meshid's persistence. All methods are safe for concurrent use.
+// A method that returns an error has changed nothing.
+type Store interface {
+	// PutCA inserts or replaces a CA record (by ID).
+	PutCA(ctx context.Context, rec CARecord, audit *AuditEvent) error
+	// ListCAs returns every CA record, oldest CreatedAt first.
+	ListCAs(ctx context.Context) ([]CARecord, error)
+
+	// CreateEntry stores a new entry and its audit event atomically. It
+	// returns ErrAlreadyExists if the ID exists or another entry has the same
+	// SpiffeID and the same selector set.
+	CreateEntry(ctx context.Context, e Entry, audit AuditEvent) error
+	// DeleteEntry removes an entry and records the audit event atomically;
+	// ErrNotFound if there is no such entry.
+	DeleteEntry(ctx context.Context, id string, audit AuditEvent) (Entry, error)
+	// GetEntry returns one entry or ErrNotFound.
+	GetEntry(ctx context.Context, id string) (Entry, error)
+	// ListEntries pages through entries by ID; next is "" on the last page.
+	ListEntries(ctx context.Context, q EntryQuery) (entries []Entry, next string, err error)
+
+	// RecordSVID durably records an issued SVID: when it returns nil the row
+	// survives a crash. Concurrent callers are committed together (group
+	// commit), so throughput grows with the number of callers.
+	RecordSVID(ctx context.Context, s IssuedSVID) error
+	// ListSVIDs pages through the inventory ordered by NotAfter.
+	ListSVIDs(ctx context.Context, q SVIDQuery) (rows []IssuedSVID, next string, err error)
+	// PruneSVIDs deletes rows whose NotAfter is before cutoff and returns how
+	// many it deleted.
+	PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error)
+
+	// AppendAudit records an admin action that has no store change of its own
+	// (e.g. an admin mint).
+	AppendAudit(ctx context.Context, ev AuditEvent) error
+	// ListAudit returns the newest events first, at most limit (0: all).
+	ListAudit(ctx context.Context, limit int) ([]AuditEvent, error)
+
+	// Close releases the store; it waits for pending RecordSVID commits.
+	Close() error
+}
