@@ -284,6 +284,18 @@ func (a *AdminService) ListCerts(ctx context.Context, req *adminv1.ListCertsRequ
 	return resp, nil
 }
 
+// CreateJoinToken implements adminv1.AdminServiceServer.
+func (a *AdminService) CreateJoinToken(ctx context.Context, req *adminv1.CreateJoinTokenRequest) (*adminv1.CreateJoinTokenResponse, error) {
+	if req.GetTtl() == nil {
+		return nil, status.Error(codes.InvalidArgument, "ttl is required")
+	}
+	secret, t, err := a.srv.CreateJoinToken(ctx, req.GetSpiffeId(), req.GetTtl().AsDuration(), req.GetSingleUse(), actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("create join token", err)
+	}
+	return &adminv1.CreateJoinTokenResponse{Token: secret, SpiffeId: t.SpiffeID, ExpiresAt: timestamppb.New(t.ExpiresAt), SingleUse: t.SingleUse}, nil
+}
+
 // GetServerInfo implements adminv1.AdminServiceServer.
 func (a *AdminService) GetServerInfo(context.Context, *adminv1.GetServerInfoRequest) (*adminv1.GetServerInfoResponse, error) {
 	return &adminv1.GetServerInfoResponse{

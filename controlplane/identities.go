@@ -64,6 +64,7 @@ func newIdentities(srv *Server) *identities {
 type Subscription struct {
 	ids     *identities
 	caller  identity.Caller
+	extra   []store.Entry
 	entries []string // slot keys, in snapshot order
 	snap    *identity.Snapshot
 	ch      chan struct{}
@@ -100,13 +101,19 @@ var ErrClosed = errors.New("server is shutting down")
 // its selectors match and every ID it holds directly, and the bundle. A
 // caller entitled to nothing still gets the bundle.
 func (ids *identities) Subscribe(ctx context.Context, caller identity.Caller) (*Subscription, error) {
-	wanted := ids.entitlements(caller)
+	return ids.subscribe(ctx, caller, nil)
+}
+
+// subscribe is Subscribe with extra entries beyond the caller's own, used
+// by the server for its serving certificate.
+func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, extra []store.Entry) (*Subscription, error) {
+	sub := &Subscription{ids: ids, caller: caller, extra: extra, ch: make(chan struct{}, 1)}
+	wanted := ids.entitlements(sub)
 	ids.mu.Lock()
 	if ids.closed {
 		ids.mu.Unlock()
 		return nil, ErrClosed
 	}
-	sub := &Subscription{ids: ids, caller: caller, ch: make(chan struct{}, 1)}
 	var missing []*slot
 	for _, e := range wanted {
 		sl := ids.acquire(e)
@@ -133,8 +140,9 @@ func (ids *identities) Subscribe(ctx context.Context, caller identity.Caller) (*
 
 // entitlements lists the entries a caller may hold, in default-first order:
 // direct IDs (its certificate or token) first, then matched entries.
-func (ids *identities) entitlements(c identity.Caller) []store.Entry {
-	var out []store.Entry
+func (ids *identities) entitlements(sub *Subscription) []store.Entry {
+	c := sub.caller
+	out := slices.Clone(sub.extra)
 	for _, id := range c.IDs {
 		out = append(out, store.Entry{ID: "id:" + id.String(), SpiffeID: id.String()})
 	}
@@ -378,7 +386,7 @@ func (ids *identities) entriesChanged(ctx context.Context) {
 	}
 	ids.mu.Unlock()
 	for _, s := range subs {
-		wanted := ids.entitlements(s.caller)
+		wanted := ids.entitlements(s)
 		keys := make([]string, len(wanted))
 		for i, e := range wanted {
 			keys[i] = e.ID

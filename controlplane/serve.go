@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -30,6 +31,16 @@ type Endpoints struct {
 	// every local user: callers are told apart by their peer credentials.
 	// Empty turns it off.
 	Socket string
+	// SDSListen is host:port for SDS over TCP with TLS, for proxies on
+	// other hosts; callers authenticate with an SVID client certificate or
+	// a join token. Empty turns it off.
+	SDSListen string
+	// SDSRESTListen is host:port for Envoy's REST SDS (HTTPS POST of JSON
+	// to /v3/discovery:secrets), same authentication. Empty turns it off.
+	SDSRESTListen string
+	// ServerDNS are DNS SANs of the server's own certificate on the TCP
+	// endpoints (default: localhost).
+	ServerDNS []string
 	// MetricsListen is host:port for /metrics, /healthz and /readyz; empty
 	// turns it off.
 	MetricsListen string
@@ -41,6 +52,8 @@ type Endpoints struct {
 type Listening struct {
 	AdminSocket string
 	Socket      string
+	SDSAddr     string
+	SDSRESTAddr string
 	MetricsAddr string // the bound address, useful when the port was 0
 }
 
@@ -65,7 +78,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 
-	errc := make(chan error, 3)
+	errc := make(chan error, 8) // one per server goroutine, so none blocks after Run returns
 	go func() { errc <- gs.Serve(adminLis) }()
 
 	got := Listening{AdminSocket: ep.AdminSocket}
@@ -86,14 +99,54 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		go func() { errc <- ws.Serve(wl) }()
 	}
 
+	var remote *grpc.Server
+	var remoteSDS *sds.Server
+	var restSrv *http.Server
+	if ep.SDSListen != "" || ep.SDSRESTListen != "" {
+		dns := ep.ServerDNS
+		if len(dns) == 0 {
+			dns = []string{"localhost"}
+		}
+		st, err := s.newServerTLS(ctx, dns)
+		if err != nil {
+			stopAll(gs, ws)
+			return err
+		}
+		defer st.close()
+		remoteSDS = sds.New(s, s.grpcRemoteCaller, s.log, s.sdsMetrics)
+		if ep.SDSListen != "" {
+			l, err := net.Listen("tcp", ep.SDSListen)
+			if err != nil {
+				stopAll(gs, ws)
+				return fmt.Errorf("sds listen %s: %w", ep.SDSListen, err)
+			}
+			got.SDSAddr = l.Addr().String()
+			remote = grpc.NewServer(grpc.Creds(credentials.NewTLS(st.config("h2"))))
+			remoteSDS.Register(remote)
+			healthpb.RegisterHealthServer(remote, hs)
+			go func() { errc <- remote.Serve(l) }()
+		}
+		if ep.SDSRESTListen != "" {
+			l, err := net.Listen("tcp", ep.SDSRESTListen)
+			if err != nil {
+				stopAll(gs, ws, remote)
+				return fmt.Errorf("sds rest listen %s: %w", ep.SDSRESTListen, err)
+			}
+			got.SDSRESTAddr = l.Addr().String()
+			restSrv = &http.Server{Handler: remoteSDS.HTTPHandler(s.httpRemoteCaller), ReadHeaderTimeout: 5 * time.Second, TLSConfig: st.config("h2", "http/1.1")}
+			go func() {
+				if err := restSrv.ServeTLS(l, "", ""); !errors.Is(err, http.ErrServerClosed) {
+					errc <- err
+				}
+			}()
+		}
+	}
+
 	var httpSrv *http.Server
 	if ep.MetricsListen != "" {
 		ml, err := net.Listen("tcp", ep.MetricsListen)
 		if err != nil {
-			gs.Stop()
-			if ws != nil {
-				ws.Stop()
-			}
+			stopAll(gs, ws, remote)
 			return fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err)
 		}
 		got.MetricsAddr = ml.Addr().String()
@@ -108,7 +161,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			}
 		}()
 	}
-	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
+	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
 	if ready != nil {
 		ready(got)
 	}
@@ -120,10 +173,12 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	}
 	s.log.Info("shutting down: draining in-flight requests")
 	hs.Shutdown()
-	if sdsSrv != nil {
-		sdsSrv.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
+	for _, x := range []*sds.Server{sdsSrv, remoteSDS} {
+		if x != nil {
+			x.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
+		}
 	}
-	for _, g := range []*grpc.Server{gs, ws} {
+	for _, g := range []*grpc.Server{gs, ws, remote} {
 		if g == nil {
 			continue
 		}
@@ -136,12 +191,22 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			<-stopped
 		}
 	}
-	if httpSrv != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), ep.DrainTimeout)
-		_ = httpSrv.Shutdown(sctx)
-		cancel()
+	for _, h := range []*http.Server{httpSrv, restSrv} {
+		if h != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), ep.DrainTimeout)
+			_ = h.Shutdown(sctx)
+			cancel()
+		}
 	}
 	return runErr
+}
+
+func stopAll(servers ...*grpc.Server) {
+	for _, g := range servers {
+		if g != nil {
+			g.Stop()
+		}
+	}
 }
 
 // unixCaller identifies a workload-socket caller by its kernel-verified

@@ -70,7 +70,8 @@ type Server struct {
 	ids        *identities
 	afterFunc  func(time.Duration, func()) func() bool
 
-	kek *kek.KEK
+	kek    *kek.KEK
+	tokens tokenBindings
 
 	mu     sync.RWMutex
 	active *ca.Authority
@@ -129,6 +130,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		afterFunc: cfg.AfterFunc,
 	}
 	s.ids = newIdentities(s)
+	s.tokens.conns = map[string]tokenBinding{}
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
 	s.startedAt = s.now()
 

@@ -44,6 +44,7 @@ const (
 type harness struct {
 	srv    *controlplane.Server
 	socket string
+	listen controlplane.Listening
 	stop   func()
 }
 
@@ -64,7 +65,10 @@ func startServer(t *testing.T, svidTTL time.Duration) *harness {
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- srv.Run(ctx, controlplane.Endpoints{AdminSocket: filepath.Join(dir, "a.sock"), Socket: h.socket}, func(controlplane.Listening) { close(ready) })
+		done <- srv.Run(ctx, controlplane.Endpoints{
+			AdminSocket: filepath.Join(dir, "a.sock"), Socket: h.socket,
+			SDSListen: "127.0.0.1:0", SDSRESTListen: "127.0.0.1:0",
+		}, func(l controlplane.Listening) { h.listen = l; close(ready) })
 	}()
 	select {
 	case <-ready:

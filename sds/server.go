@@ -416,15 +416,32 @@ func (s *Server) FetchSecrets(ctx context.Context, req *discoveryv3.DiscoveryReq
 }
 
 func (s *Server) fetch(ctx context.Context, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
+	if err := checkFetch(req); err != nil {
+		return nil, err
+	}
+	caller, err := s.auth(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	return s.fetchFor(ctx, caller, req)
+}
+
+func checkFetch(req *discoveryv3.DiscoveryRequest) error {
 	if t := req.GetTypeUrl(); t != "" && t != SecretTypeURL {
-		return nil, status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
+		return status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
 	}
 	if len(req.GetResourceNames()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "resource_names is empty: name the secrets to fetch (default, ROOTCA, ALL or a SPIFFE ID)")
+		return status.Error(codes.InvalidArgument, "resource_names is empty: name the secrets to fetch (default, ROOTCA, ALL or a SPIFFE ID)")
 	}
-	caller, sub, err := s.subscribe(ctx)
+	return nil
+}
+
+// fetchFor answers a one-shot request for an authenticated caller.
+func (s *Server) fetchFor(ctx context.Context, caller identity.Caller, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
+	sub, err := s.src.Subscribe(ctx, caller)
 	if err != nil {
-		return nil, err
+		s.log.Error("sds subscribe", "caller", caller.Label, "err", err)
+		return nil, status.Error(codes.Unavailable, "identities unavailable; retry")
 	}
 	defer sub.Close()
 	snap := sub.Snapshot()

@@ -94,6 +94,19 @@ type AuditEvent struct {
 	Detail string
 }
 
+// JoinToken lets a remote caller (a proxy on another host) authenticate to
+// the workload APIs over TCP before it holds an SVID. Only the SHA-256 of
+// the secret is stored.
+type JoinToken struct {
+	Hash      string // lowercase hex SHA-256 of the secret
+	SpiffeID  string // the identity the token grants
+	ExpiresAt time.Time
+	// SingleUse tokens are consumed by their first use.
+	SingleUse bool
+	UsedAt    time.Time // zero until first used
+	CreatedAt time.Time
+}
+
 // SVIDQuery selects inventory rows, ordered by NotAfter then Serial.
 type SVIDQuery struct {
 	// NotExpiredAt, if set, skips rows with NotAfter <= NotExpiredAt.
@@ -147,6 +160,15 @@ type Store interface {
 	AppendAudit(ctx context.Context, ev AuditEvent) error
 	// ListAudit returns the newest events first, at most limit (0: all).
 	ListAudit(ctx context.Context, limit int) ([]AuditEvent, error)
+
+	// CreateToken stores a join token and its audit event atomically;
+	// ErrAlreadyExists if the hash exists.
+	CreateToken(ctx context.Context, t JoinToken, audit AuditEvent) error
+	// UseToken redeems a token: ErrNotFound if there is no such token, it
+	// has expired at now, or it is single-use and already used. A
+	// single-use token is marked used in the same transaction, so two
+	// concurrent redemptions cannot both succeed.
+	UseToken(ctx context.Context, hash string, now time.Time) (JoinToken, error)
 
 	// Close releases the store; it waits for pending RecordSVID commits.
 	Close() error

@@ -31,6 +31,9 @@ type serverFlags struct {
 	kekFile       string
 	logLevel      string
 	metricsListen string
+	sdsListen     string
+	sdsREST       string
+	serverDNS     []string
 }
 
 func defaultDataDir() string {
@@ -54,6 +57,9 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.caKeyType, "ca-key-type", string(controlplane.DefaultCAKeyType), "key type of a new CA: ec-p256, ec-p384 or rsa-3072")
 	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
+	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
+	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics, /healthz and /readyz (off when empty)")
 }
 
@@ -124,7 +130,10 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	var readyErr error
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	err = srv.Run(runCtx, controlplane.Endpoints{AdminSocket: f.adminSocket, Socket: f.socket, MetricsListen: f.metricsListen}, func(l controlplane.Listening) {
+	err = srv.Run(runCtx, controlplane.Endpoints{
+		AdminSocket: f.adminSocket, Socket: f.socket, MetricsListen: f.metricsListen,
+		SDSListen: f.sdsListen, SDSRESTListen: f.sdsREST, ServerDNS: f.serverDNS,
+	}, func(l controlplane.Listening) {
 		if onReady != nil {
 			if readyErr = onReady(srv, l); readyErr != nil {
 				cancel()

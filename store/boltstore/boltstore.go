@@ -42,8 +42,9 @@ var (
 	bucketSVIDs      = []byte("svids")
 	bucketSVIDExpiry = []byte("svids_by_expiry")
 	bucketAudit      = []byte("audit")
+	bucketTokens     = []byte("tokens")
 
-	allBuckets = [][]byte{bucketMeta, bucketCAs, bucketEntries, bucketEntryUniq, bucketSVIDs, bucketSVIDExpiry, bucketAudit}
+	allBuckets = [][]byte{bucketMeta, bucketCAs, bucketEntries, bucketEntryUniq, bucketSVIDs, bucketSVIDExpiry, bucketAudit, bucketTokens}
 
 	keySchema = []byte("schema_version")
 )

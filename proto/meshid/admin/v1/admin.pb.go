@@ -1231,6 +1231,137 @@ func (x *ListCertsResponse) GetNextPageToken() string {
 	return ""
 }
 
+// CreateJoinTokenRequest describes the token to make.
+type CreateJoinTokenRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Ttl      *durationpb.Duration   `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// single_use tokens are redeemed by one connection only.
+	SingleUse     bool `protobuf:"varint,3,opt,name=single_use,json=singleUse,proto3" json:"single_use,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenRequest) Reset() {
+	*x = CreateJoinTokenRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenRequest) ProtoMessage() {}
+
+func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *CreateJoinTokenRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *CreateJoinTokenRequest) GetSingleUse() bool {
+	if x != nil {
+		return x.SingleUse
+	}
+	return false
+}
+
+// CreateJoinTokenResponse carries the secret, shown only this once.
+type CreateJoinTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	SpiffeId      string                 `protobuf:"bytes,2,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	SingleUse     bool                   `protobuf:"varint,4,opt,name=single_use,json=singleUse,proto3" json:"single_use,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenResponse) Reset() {
+	*x = CreateJoinTokenResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenResponse) ProtoMessage() {}
+
+func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *CreateJoinTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenResponse) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenResponse) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *CreateJoinTokenResponse) GetSingleUse() bool {
+	if x != nil {
+		return x.SingleUse
+	}
+	return false
+}
+
 // GetServerInfoRequest asks for the server's identity.
 type GetServerInfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1240,7 +1371,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1252,7 +1383,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1265,7 +1396,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 // GetServerInfoResponse describes the server.
@@ -1280,7 +1411,7 @@ type GetServerInfoResponse struct {
 
 func (x *GetServerInfoResponse) Reset() {
 	*x = GetServerInfoResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1292,7 +1423,7 @@ func (x *GetServerInfoResponse) String() string {
 func (*GetServerInfoResponse) ProtoMessage() {}
 
 func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1305,7 +1436,7 @@ func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetServerInfoResponse) GetVersion() string {
@@ -1418,13 +1549,25 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"n\n" +
 	"\x11ListCertsResponse\x121\n" +
 	"\x05certs\x18\x01 \x03(\v2\x1b.meshid.admin.v1.IssuedCertR\x05certs\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x16\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x81\x01\n" +
+	"\x16CreateJoinTokenRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1d\n" +
+	"\n" +
+	"single_use\x18\x03 \x01(\bR\tsingleUse\"\xa6\x01\n" +
+	"\x17CreateJoinTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
+	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x129\n" +
+	"\n" +
+	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1d\n" +
+	"\n" +
+	"single_use\x18\x04 \x01(\bR\tsingleUse\"\x16\n" +
 	"\x14GetServerInfoRequest\"\x8f\x01\n" +
 	"\x15GetServerInfoResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
-	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xa3\x06\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\x89\a\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
 	"\vDeleteEntry\x12#.meshid.admin.v1.DeleteEntryRequest\x1a$.meshid.admin.v1.DeleteEntryResponse\x12X\n" +
@@ -1433,7 +1576,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\tGetBundle\x12!.meshid.admin.v1.GetBundleRequest\x1a\".meshid.admin.v1.GetBundleResponse\x12L\n" +
 	"\aListCAs\x12\x1f.meshid.admin.v1.ListCAsRequest\x1a .meshid.admin.v1.ListCAsResponse\x12R\n" +
 	"\tPrepareCA\x12!.meshid.admin.v1.PrepareCARequest\x1a\".meshid.admin.v1.PrepareCAResponse\x12R\n" +
-	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12^\n" +
+	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12d\n" +
+	"\x0fCreateJoinToken\x12'.meshid.admin.v1.CreateJoinTokenRequest\x1a(.meshid.admin.v1.CreateJoinTokenResponse\x12^\n" +
 	"\rGetServerInfo\x12%.meshid.admin.v1.GetServerInfoRequest\x1a&.meshid.admin.v1.GetServerInfoResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
 
 var (
@@ -1448,77 +1592,83 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
-	(*Selector)(nil),              // 0: meshid.admin.v1.Selector
-	(*Entry)(nil),                 // 1: meshid.admin.v1.Entry
-	(*CreateEntryRequest)(nil),    // 2: meshid.admin.v1.CreateEntryRequest
-	(*CreateEntryResponse)(nil),   // 3: meshid.admin.v1.CreateEntryResponse
-	(*DeleteEntryRequest)(nil),    // 4: meshid.admin.v1.DeleteEntryRequest
-	(*DeleteEntryResponse)(nil),   // 5: meshid.admin.v1.DeleteEntryResponse
-	(*ListEntriesRequest)(nil),    // 6: meshid.admin.v1.ListEntriesRequest
-	(*ListEntriesResponse)(nil),   // 7: meshid.admin.v1.ListEntriesResponse
-	(*MintX509SVIDRequest)(nil),   // 8: meshid.admin.v1.MintX509SVIDRequest
-	(*MintX509SVIDResponse)(nil),  // 9: meshid.admin.v1.MintX509SVIDResponse
-	(*GetBundleRequest)(nil),      // 10: meshid.admin.v1.GetBundleRequest
-	(*GetBundleResponse)(nil),     // 11: meshid.admin.v1.GetBundleResponse
-	(*CA)(nil),                    // 12: meshid.admin.v1.CA
-	(*ListCAsRequest)(nil),        // 13: meshid.admin.v1.ListCAsRequest
-	(*ListCAsResponse)(nil),       // 14: meshid.admin.v1.ListCAsResponse
-	(*PrepareCARequest)(nil),      // 15: meshid.admin.v1.PrepareCARequest
-	(*PrepareCAResponse)(nil),     // 16: meshid.admin.v1.PrepareCAResponse
-	(*IssuedCert)(nil),            // 17: meshid.admin.v1.IssuedCert
-	(*ListCertsRequest)(nil),      // 18: meshid.admin.v1.ListCertsRequest
-	(*ListCertsResponse)(nil),     // 19: meshid.admin.v1.ListCertsResponse
-	(*GetServerInfoRequest)(nil),  // 20: meshid.admin.v1.GetServerInfoRequest
-	(*GetServerInfoResponse)(nil), // 21: meshid.admin.v1.GetServerInfoResponse
-	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
+	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
+	(*CreateEntryRequest)(nil),      // 2: meshid.admin.v1.CreateEntryRequest
+	(*CreateEntryResponse)(nil),     // 3: meshid.admin.v1.CreateEntryResponse
+	(*DeleteEntryRequest)(nil),      // 4: meshid.admin.v1.DeleteEntryRequest
+	(*DeleteEntryResponse)(nil),     // 5: meshid.admin.v1.DeleteEntryResponse
+	(*ListEntriesRequest)(nil),      // 6: meshid.admin.v1.ListEntriesRequest
+	(*ListEntriesResponse)(nil),     // 7: meshid.admin.v1.ListEntriesResponse
+	(*MintX509SVIDRequest)(nil),     // 8: meshid.admin.v1.MintX509SVIDRequest
+	(*MintX509SVIDResponse)(nil),    // 9: meshid.admin.v1.MintX509SVIDResponse
+	(*GetBundleRequest)(nil),        // 10: meshid.admin.v1.GetBundleRequest
+	(*GetBundleResponse)(nil),       // 11: meshid.admin.v1.GetBundleResponse
+	(*CA)(nil),                      // 12: meshid.admin.v1.CA
+	(*ListCAsRequest)(nil),          // 13: meshid.admin.v1.ListCAsRequest
+	(*ListCAsResponse)(nil),         // 14: meshid.admin.v1.ListCAsResponse
+	(*PrepareCARequest)(nil),        // 15: meshid.admin.v1.PrepareCARequest
+	(*PrepareCAResponse)(nil),       // 16: meshid.admin.v1.PrepareCAResponse
+	(*IssuedCert)(nil),              // 17: meshid.admin.v1.IssuedCert
+	(*ListCertsRequest)(nil),        // 18: meshid.admin.v1.ListCertsRequest
+	(*ListCertsResponse)(nil),       // 19: meshid.admin.v1.ListCertsResponse
+	(*CreateJoinTokenRequest)(nil),  // 20: meshid.admin.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 21: meshid.admin.v1.CreateJoinTokenResponse
+	(*GetServerInfoRequest)(nil),    // 22: meshid.admin.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),   // 23: meshid.admin.v1.GetServerInfoResponse
+	(*durationpb.Duration)(nil),     // 24: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 25: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	22, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	23, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	24, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	25, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
-	22, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	23, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	23, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	23, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	23, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	24, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	25, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	25, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	25, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	25, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	12, // 12: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	12, // 13: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
-	23, // 14: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	23, // 15: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	23, // 16: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	22, // 17: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	25, // 14: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	25, // 15: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	25, // 16: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	24, // 17: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
 	17, // 18: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	23, // 19: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
-	2,  // 20: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 21: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 22: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 23: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	10, // 24: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 25: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	15, // 26: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	18, // 27: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	20, // 28: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	3,  // 29: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 30: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 31: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 32: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	11, // 33: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	14, // 34: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	16, // 35: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	19, // 36: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	21, // 37: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	29, // [29:38] is the sub-list for method output_type
-	20, // [20:29] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	24, // 19: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	25, // 20: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	25, // 21: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	2,  // 22: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 23: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 24: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 25: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	10, // 26: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	13, // 27: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	15, // 28: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	18, // 29: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	20, // 30: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	22, // 31: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	3,  // 32: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 33: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 34: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 35: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	11, // 36: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	14, // 37: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	16, // 38: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	19, // 39: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	21, // 40: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	23, // 41: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	32, // [32:42] is the sub-list for method output_type
+	22, // [22:32] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -1532,7 +1682,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

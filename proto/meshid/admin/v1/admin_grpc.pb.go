@@ -23,15 +23,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_CreateEntry_FullMethodName   = "/meshid.admin.v1.AdminService/CreateEntry"
-	AdminService_DeleteEntry_FullMethodName   = "/meshid.admin.v1.AdminService/DeleteEntry"
-	AdminService_ListEntries_FullMethodName   = "/meshid.admin.v1.AdminService/ListEntries"
-	AdminService_MintX509SVID_FullMethodName  = "/meshid.admin.v1.AdminService/MintX509SVID"
-	AdminService_GetBundle_FullMethodName     = "/meshid.admin.v1.AdminService/GetBundle"
-	AdminService_ListCAs_FullMethodName       = "/meshid.admin.v1.AdminService/ListCAs"
-	AdminService_PrepareCA_FullMethodName     = "/meshid.admin.v1.AdminService/PrepareCA"
-	AdminService_ListCerts_FullMethodName     = "/meshid.admin.v1.AdminService/ListCerts"
-	AdminService_GetServerInfo_FullMethodName = "/meshid.admin.v1.AdminService/GetServerInfo"
+	AdminService_CreateEntry_FullMethodName     = "/meshid.admin.v1.AdminService/CreateEntry"
+	AdminService_DeleteEntry_FullMethodName     = "/meshid.admin.v1.AdminService/DeleteEntry"
+	AdminService_ListEntries_FullMethodName     = "/meshid.admin.v1.AdminService/ListEntries"
+	AdminService_MintX509SVID_FullMethodName    = "/meshid.admin.v1.AdminService/MintX509SVID"
+	AdminService_GetBundle_FullMethodName       = "/meshid.admin.v1.AdminService/GetBundle"
+	AdminService_ListCAs_FullMethodName         = "/meshid.admin.v1.AdminService/ListCAs"
+	AdminService_PrepareCA_FullMethodName       = "/meshid.admin.v1.AdminService/PrepareCA"
+	AdminService_ListCerts_FullMethodName       = "/meshid.admin.v1.AdminService/ListCerts"
+	AdminService_CreateJoinToken_FullMethodName = "/meshid.admin.v1.AdminService/CreateJoinToken"
+	AdminService_GetServerInfo_FullMethodName   = "/meshid.admin.v1.AdminService/GetServerInfo"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -58,6 +59,9 @@ type AdminServiceClient interface {
 	PrepareCA(ctx context.Context, in *PrepareCARequest, opts ...grpc.CallOption) (*PrepareCAResponse, error)
 	// ListCerts pages through the inventory of issued SVIDs by expiry.
 	ListCerts(ctx context.Context, in *ListCertsRequest, opts ...grpc.CallOption) (*ListCertsResponse, error)
+	// CreateJoinToken makes a token that lets a remote proxy authenticate
+	// to SDS over TCP as spiffe_id until it expires.
+	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
 	// GetServerInfo reports the server's version and trust domain.
 	GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*GetServerInfoResponse, error)
 }
@@ -150,6 +154,16 @@ func (c *adminServiceClient) ListCerts(ctx context.Context, in *ListCertsRequest
 	return out, nil
 }
 
+func (c *adminServiceClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateJoinTokenResponse)
+	err := c.cc.Invoke(ctx, AdminService_CreateJoinToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminServiceClient) GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*GetServerInfoResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetServerInfoResponse)
@@ -184,6 +198,9 @@ type AdminServiceServer interface {
 	PrepareCA(context.Context, *PrepareCARequest) (*PrepareCAResponse, error)
 	// ListCerts pages through the inventory of issued SVIDs by expiry.
 	ListCerts(context.Context, *ListCertsRequest) (*ListCertsResponse, error)
+	// CreateJoinToken makes a token that lets a remote proxy authenticate
+	// to SDS over TCP as spiffe_id until it expires.
+	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
 	// GetServerInfo reports the server's version and trust domain.
 	GetServerInfo(context.Context, *GetServerInfoRequest) (*GetServerInfoResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
@@ -219,6 +236,9 @@ func (UnimplementedAdminServiceServer) PrepareCA(context.Context, *PrepareCARequ
 }
 func (UnimplementedAdminServiceServer) ListCerts(context.Context, *ListCertsRequest) (*ListCertsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListCerts not implemented")
+}
+func (UnimplementedAdminServiceServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
 }
 func (UnimplementedAdminServiceServer) GetServerInfo(context.Context, *GetServerInfoRequest) (*GetServerInfoResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetServerInfo not implemented")
@@ -388,6 +408,24 @@ func _AdminService_ListCerts_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateJoinTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).CreateJoinToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_CreateJoinToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).CreateJoinToken(ctx, req.(*CreateJoinTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AdminService_GetServerInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetServerInfoRequest)
 	if err := dec(in); err != nil {
@@ -444,6 +482,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListCerts",
 			Handler:    _AdminService_ListCerts_Handler,
+		},
+		{
+			MethodName: "CreateJoinToken",
+			Handler:    _AdminService_CreateJoinToken_Handler,
 		},
 		{
 			MethodName: "GetServerInfo",

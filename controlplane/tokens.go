@@ -1,0 +1,118 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/store"
+)
+
+// tokenPrefix marks meshid join tokens so they are recognisable in logs
+// and secret scanners.
+const tokenPrefix = "mjt_"
+
+// MaxTokenTTL bounds a join token's life: it is a bearer credential.
+const MaxTokenTTL = 30 * 24 * time.Hour
+
+func hashToken(secret string) string {
+	sum := sha256.Sum256([]byte(secret))
+	return hex.EncodeToString(sum[:])
+}
+
+// CreateJoinToken makes a join token granting spiffeID to whoever presents
+// it over TCP, until ttl passes. The secret is returned once and only its
+// hash is stored.
+func (s *Server) CreateJoinToken(ctx context.Context, spiffeID string, ttl time.Duration, singleUse bool, actor string) (string, store.JoinToken, error) {
+	if _, err := s.parseWorkloadID(spiffeID); err != nil {
+		return "", store.JoinToken{}, err
+	}
+	if ttl <= 0 || ttl > MaxTokenTTL {
+		return "", store.JoinToken{}, invalidf("token ttl %s must be between 1s and %s", ttl, MaxTokenTTL)
+	}
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", store.JoinToken{}, fmt.Errorf("token secret: %w", err)
+	}
+	secret := tokenPrefix + base64.RawURLEncoding.EncodeToString(b[:])
+	now := s.now()
+	t := store.JoinToken{Hash: hashToken(secret), SpiffeID: spiffeID, ExpiresAt: now.Add(ttl), SingleUse: singleUse, CreatedAt: now}
+	use := "reusable"
+	if singleUse {
+		use = "single-use"
+	}
+	if err := s.store.CreateToken(ctx, t, store.AuditEvent{
+		Time: now, Actor: actor, Action: "token.create", Target: t.Hash[:16],
+		Detail: fmt.Sprintf("%s %s until %s", use, spiffeID, t.ExpiresAt.UTC().Format(time.RFC3339)),
+	}); err != nil {
+		return "", store.JoinToken{}, fmt.Errorf("store token: %w", err)
+	}
+	return secret, t, nil
+}
+
+// tokenBindings remembers, for single-use tokens, the connection that
+// redeemed them: Envoy opens one stream per secret name and sends the token
+// on each, so the streams of the redeeming connection all pass, and any
+// other connection is refused.
+type tokenBindings struct {
+	mu    sync.Mutex
+	conns map[string]tokenBinding // token hash -> binding
+}
+
+type tokenBinding struct {
+	conn    string
+	id      spiffeid.ID
+	expires time.Time
+}
+
+// ErrBadToken is returned for an unknown, expired or spent token; the
+// caller is not told which.
+var ErrBadToken = errors.New("join token is unknown, expired or already used")
+
+// RedeemJoinToken checks a bearer token presented on connection conn and
+// returns the identity it grants.
+func (s *Server) RedeemJoinToken(ctx context.Context, secret, conn string) (spiffeid.ID, error) {
+	if !strings.HasPrefix(secret, tokenPrefix) {
+		return spiffeid.ID{}, ErrBadToken
+	}
+	h := hashToken(secret)
+	now := s.now()
+	s.tokens.mu.Lock()
+	if b, ok := s.tokens.conns[h]; ok && b.conn == conn && now.Before(b.expires) {
+		s.tokens.mu.Unlock()
+		return b.id, nil
+	}
+	s.tokens.mu.Unlock()
+
+	t, err := s.store.UseToken(ctx, h, now)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return spiffeid.ID{}, ErrBadToken
+		}
+		return spiffeid.ID{}, fmt.Errorf("redeem token: %w", err)
+	}
+	id, err := spiffeid.FromString(t.SpiffeID)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("token names invalid spiffe id: %w", err)
+	}
+	if t.SingleUse {
+		s.tokens.mu.Lock()
+		for k, b := range s.tokens.conns {
+			if !now.Before(b.expires) {
+				delete(s.tokens.conns, k)
+			}
+		}
+		s.tokens.conns[h] = tokenBinding{conn: conn, id: id, expires: t.ExpiresAt}
+		s.tokens.mu.Unlock()
+	}
+	return id, nil
+}

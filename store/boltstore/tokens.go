@@ -1,0 +1,108 @@
+package boltstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/meshid/meshid/store"
+)
+
+const tokenV1 byte = 1
+
+func encodeToken(t *store.JoinToken) []byte {
+	e := enc{b: make([]byte, 0, 64+len(t.Hash)+len(t.SpiffeID))}
+	e.byte1(tokenV1)
+	e.str(t.Hash)
+	e.str(t.SpiffeID)
+	e.time(t.ExpiresAt)
+	if t.SingleUse {
+		e.byte1(1)
+	} else {
+		e.byte1(0)
+	}
+	e.time(t.UsedAt)
+	e.time(t.CreatedAt)
+	return e.b
+}
+
+func decodeToken(v []byte) (store.JoinToken, error) {
+	var t store.JoinToken
+	d := dec{s: string(v)}
+	if err := d.version("token", tokenV1); err != nil {
+		return t, err
+	}
+	t.Hash = d.str()
+	t.SpiffeID = d.str()
+	t.ExpiresAt = d.time()
+	t.SingleUse = d.byte1() == 1
+	t.UsedAt = d.time()
+	t.CreatedAt = d.time()
+	return t, d.finish("token")
+}
+
+// CreateToken stores a join token with its audit event in one transaction.
+func (s *Store) CreateToken(ctx context.Context, t store.JoinToken, audit store.AuditEvent) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if t.Hash == "" || t.SpiffeID == "" || t.ExpiresAt.IsZero() {
+		return fmt.Errorf("create token: hash, spiffe id and expiry are required: %w", store.ErrInvalid)
+	}
+	return s.update("create token", func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketTokens)
+		if b.Get([]byte(t.Hash)) != nil {
+			return fmt.Errorf("token: %w", store.ErrAlreadyExists)
+		}
+		if err := b.Put([]byte(t.Hash), encodeToken(&t)); err != nil {
+			return err
+		}
+		return s.appendAudit(tx, audit)
+	})
+}
+
+// UseToken redeems a token; see store.Store.
+func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store.JoinToken, error) {
+	if err := ctx.Err(); err != nil {
+		return store.JoinToken{}, err
+	}
+	var out store.JoinToken
+	read := func(tx *bolt.Tx) (store.JoinToken, error) {
+		v := tx.Bucket(bucketTokens).Get([]byte(hash))
+		if v == nil {
+			return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
+		}
+		t, err := decodeToken(v)
+		if err != nil {
+			return t, err
+		}
+		if !now.Before(t.ExpiresAt) || (t.SingleUse && !t.UsedAt.IsZero()) {
+			// Expired and spent tokens look like unknown ones: a caller
+			// learns nothing by probing.
+			return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
+		}
+		return t, nil
+	}
+	// A reusable token needs no write: redeem it in a read transaction, so
+	// proxies reconnecting do not cost an fsync each.
+	err := s.view("use token", func(tx *bolt.Tx) error {
+		t, err := read(tx)
+		out = t
+		return err
+	})
+	if err != nil || !out.SingleUse {
+		return out, err
+	}
+	err = s.update("use token", func(tx *bolt.Tx) error {
+		t, err := read(tx) // again, under the writer lock: one winner
+		if err != nil {
+			return err
+		}
+		t.UsedAt = now
+		out = t
+		return tx.Bucket(bucketTokens).Put([]byte(hash), encodeToken(&t))
+	})
+	return out, err
+}
