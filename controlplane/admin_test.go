@@ -185,8 +185,8 @@ func TestEntryLifecycle(t *testing.T) {
 	for _, a := range audit {
 		actions = append(actions, a.Action)
 	}
-	// Newest first: delete, create, then the CA made on first start.
-	if len(actions) != 3 || actions[0] != "entry.delete" || actions[1] != "entry.create" || actions[2] != "ca.create" {
+	// Newest first: delete, create, then the keys made on first start.
+	if len(actions) != 4 || actions[0] != "entry.delete" || actions[1] != "entry.create" || actions[2] != "jwt.create" || actions[3] != "ca.create" {
 		t.Fatalf("audit trail = %v", actions)
 	}
 }

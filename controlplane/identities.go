@@ -37,11 +37,12 @@ const (
 type identities struct {
 	srv *Server
 
-	mu     sync.Mutex
-	slots  map[string]*slot // by entry ID ("id:<spiffe id>" for direct IDs)
-	subs   map[*Subscription]struct{}
-	bundle *identity.Bundle
-	closed bool
+	mu        sync.Mutex
+	slots     map[string]*slot // by entry ID ("id:<spiffe id>" for direct IDs)
+	subs      map[*Subscription]struct{}
+	bundle    *identity.Bundle
+	jwtBundle *identity.JWTBundle
+	closed    bool
 }
 
 // slot is one entry's live SVID.
@@ -353,26 +354,34 @@ func (ids *identities) snapshotLocked(s *Subscription) *identity.Snapshot {
 	if ids.bundle != nil {
 		snap.Bundles = []*identity.Bundle{ids.bundle}
 	}
+	if ids.jwtBundle != nil {
+		snap.JWTBundles = []*identity.JWTBundle{ids.jwtBundle}
+	}
 	return snap
 }
 
-// setBundle publishes a new trust bundle to every subscriber.
-func (ids *identities) setBundle(td spiffeid.TrustDomain, certs []*x509.Certificate) {
-	var pemBytes []byte
+// setBundles publishes new trust bundles to every subscriber, if they
+// changed.
+func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certificate, jb *identity.JWTBundle) {
 	ders := make([][]byte, len(certs))
 	for i, c := range certs {
 		ders[i] = c.Raw
 	}
-	pemBytes = ca.EncodeCertsPEM(ders...)
+	pemBytes := ca.EncodeCertsPEM(ders...)
 	sum := sha256.Sum256(pemBytes)
 	b := &identity.Bundle{TrustDomain: td, X509Authorities: certs, PEM: pemBytes, Version: hex.EncodeToString(sum[:8])}
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
-	if ids.bundle != nil && ids.bundle.Version == b.Version {
-		return
+	changed := false
+	if ids.bundle == nil || ids.bundle.Version != b.Version {
+		ids.bundle, changed = b, true
 	}
-	ids.bundle = b
-	ids.notifyLocked(func(*Subscription) bool { return true })
+	if jb != nil && (ids.jwtBundle == nil || ids.jwtBundle.Version != jb.Version) {
+		ids.jwtBundle, changed = jb, true
+	}
+	if changed {
+		ids.notifyLocked(func(*Subscription) bool { return true })
+	}
 }
 
 // entriesChanged re-matches every subscriber after an entry was created or

@@ -41,6 +41,8 @@ type Config struct {
 	SVIDTTL     time.Duration
 	CATTL       time.Duration
 	CAKeyType   ca.KeyType
+	// JWTTTL is the life of JWT-SVIDs; default 5 minutes.
+	JWTTTL time.Duration
 	// KEKFile holds the key that encrypts CA keys at rest; default
 	// <DataDir>/kek. It is made (0600) on first start if absent.
 	KEKFile string
@@ -73,8 +75,10 @@ type Server struct {
 	kek    *kek.KEK
 	tokens tokenBindings
 
-	mu     sync.RWMutex
-	active *ca.Authority
+	mu      sync.RWMutex
+	active  *ca.Authority
+	jwt     *ca.JWTAuthority
+	jwtKeys []jwtKeyView
 	// activeID is the store ID of the active CA, recorded in the inventory.
 	activeID string
 	cas      []caView
@@ -107,6 +111,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.CATTL < 2*cfg.SVIDTTL {
 		return nil, fmt.Errorf("ca ttl %s must be at least twice the svid ttl %s", cfg.CATTL, cfg.SVIDTTL)
+	}
+	if cfg.JWTTTL == 0 {
+		cfg.JWTTTL = ca.DefaultJWTTTL
 	}
 	if cfg.CAKeyType == "" {
 		cfg.CAKeyType = DefaultCAKeyType
@@ -166,11 +173,18 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		s.store.Close()
 		return nil, err
 	}
+	if err := s.loadJWT(ctx, k); err != nil {
+		s.store.Close()
+		return nil, err
+	}
 	if err := s.loadEntries(ctx); err != nil {
 		s.store.Close()
 		return nil, err
 	}
-	s.ids.setBundle(s.td, s.BundleCerts())
+	if err := s.publishBundles(); err != nil {
+		s.store.Close()
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -353,7 +367,20 @@ func (s *Server) PrepareCA(ctx context.Context, actor string) (store.CARecord, e
 	s.mu.Lock()
 	s.cas = append(s.cas, caView{rec: rec, cert: a.Cert})
 	s.mu.Unlock()
-	s.ids.setBundle(s.td, s.BundleCerts())
+	if err := s.publishBundles(); err != nil {
+		return store.CARecord{}, err
+	}
 	s.log.Info("prepared CA", "id", rec.ID, "not_after", rec.NotAfter, "actor", actor)
 	return rec, nil
+}
+
+// publishBundles pushes the current X.509 and JWT bundles to every
+// subscriber.
+func (s *Server) publishBundles() error {
+	jb, err := s.jwtBundle()
+	if err != nil {
+		return err
+	}
+	s.ids.setBundles(s.td, s.BundleCerts(), jb)
+	return nil
 }

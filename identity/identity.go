@@ -7,11 +7,16 @@ package identity
 
 import (
 	"crypto"
+	"errors"
 	"crypto/x509"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
+
+// ErrNotEntitled means the caller asked for an identity it does not hold;
+// APIs answer it with PermissionDenied.
+var ErrNotEntitled = errors.New("caller is not entitled to that identity")
 
 // Caller is an authenticated client of a workload API.
 type Caller struct {
@@ -49,6 +54,24 @@ type Bundle struct {
 	Version string
 }
 
+// JWTBundle is the JWT signing keys of one trust domain, as a JWKS
+// document (each key with its kid), the form go-spiffe's jwtbundle.Parse
+// reads and the Workload API's FetchJWTBundles carries.
+type JWTBundle struct {
+	TrustDomain spiffeid.TrustDomain
+	JWKS        []byte
+	// Version changes whenever the content does.
+	Version string
+}
+
+// JWTSVID is one signed JWT-SVID.
+type JWTSVID struct {
+	ID        spiffeid.ID
+	Token     string
+	Hint      string
+	ExpiresAt time.Time
+}
+
 // Snapshot is everything one caller may see at one moment. Snapshots are
 // immutable: a change produces a new one.
 type Snapshot struct {
@@ -56,6 +79,8 @@ type Snapshot struct {
 	SVIDs []*SVID
 	// Bundles, the caller's own trust domain first.
 	Bundles []*Bundle
+	// JWTBundles, the caller's own trust domain first.
+	JWTBundles []*JWTBundle
 }
 
 // SVIDFor returns the caller's SVID for id, if it has one.

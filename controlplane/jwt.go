@@ -1,0 +1,167 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/kek"
+	"github.com/meshid/meshid/store"
+)
+
+// jwtKeyView is one JWT signing key as persisted.
+type jwtKeyView struct {
+	rec store.CARecord
+	pub any
+}
+
+// loadJWT loads the active JWT signing key, or makes one (with the same
+// life as the X.509 CA) on first start.
+func (s *Server) loadJWT(ctx context.Context, k *kek.KEK) error {
+	recs, err := s.store.ListCAs(ctx)
+	if err != nil {
+		return fmt.Errorf("load JWT keys: %w", err)
+	}
+	var views []jwtKeyView
+	var active *ca.JWTAuthority
+	for _, rec := range recs {
+		if rec.Kind != "jwt" {
+			continue
+		}
+		pub, err := x509.ParsePKIXPublicKey(rec.PublicKey)
+		if err != nil {
+			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
+		}
+		views = append(views, jwtKeyView{rec: rec, pub: pub})
+		if rec.State != store.CAActive {
+			continue
+		}
+		der, err := k.Open(rec.SealedKey, []byte(rec.ID))
+		if err != nil {
+			return fmt.Errorf("JWT key %s: unseal: %w", rec.ID, err)
+		}
+		key, err := parseSigner(der)
+		if err != nil {
+			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
+		}
+		if active, err = ca.LoadJWTAuthority(s.td, key, rec.NotAfter); err != nil {
+			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
+		}
+	}
+	if active == nil {
+		now := s.now()
+		j, err := ca.NewJWTAuthority(s.td, s.cfg.CATTL, now)
+		if err != nil {
+			return err
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(j.Key)
+		if err != nil {
+			return fmt.Errorf("marshal JWT key: %w", err)
+		}
+		pub, err := x509.MarshalPKIXPublicKey(j.Key.Public())
+		if err != nil {
+			return fmt.Errorf("marshal JWT public key: %w", err)
+		}
+		id := "jwt-" + j.KeyID
+		sealed, err := k.Seal(der, []byte(id))
+		if err != nil {
+			return fmt.Errorf("seal JWT key: %w", err)
+		}
+		rec := store.CARecord{ID: id, Kind: "jwt", State: store.CAActive, PublicKey: pub, SealedKey: sealed,
+			NotBefore: now, NotAfter: j.NotAfter, CreatedAt: now}
+		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: now, Actor: "server", Action: "jwt.create", Target: id,
+			Detail: fmt.Sprintf("ES256 kid %s valid until %s", j.KeyID, j.NotAfter.UTC().Format(time.RFC3339))}); err != nil {
+			return fmt.Errorf("store JWT key: %w", err)
+		}
+		s.log.Info("created JWT signing key", "kid", j.KeyID, "not_after", j.NotAfter)
+		views = append(views, jwtKeyView{rec: rec, pub: j.Key.Public()})
+		active = j
+	}
+	s.mu.Lock()
+	s.jwt, s.jwtKeys = active, views
+	s.mu.Unlock()
+	return nil
+}
+
+// jwtBundle is the JWKS of every JWT key not yet expired.
+func (s *Server) jwtBundle() (*identity.JWTBundle, error) {
+	s.mu.RLock()
+	views := s.jwtKeys
+	s.mu.RUnlock()
+	b := jwtbundle.New(s.td)
+	now := s.now()
+	for _, v := range views {
+		if now.After(v.rec.NotAfter) {
+			continue
+		}
+		kid, err := ca.JWTKeyID(v.pub)
+		if err != nil {
+			return nil, err
+		}
+		b.AddJWTAuthority(kid, v.pub)
+	}
+	js, err := b.Marshal()
+	if err != nil {
+		return nil, fmt.Errorf("marshal JWT bundle: %w", err)
+	}
+	sum := sha256.Sum256(js)
+	return &identity.JWTBundle{TrustDomain: s.td, JWKS: js, Version: hex.EncodeToString(sum[:8])}, nil
+}
+
+// MintJWTSVID signs JWT-SVIDs for a caller: with id "" one for each
+// identity it holds (its default first), else for id, which it must hold.
+func (s *Server) MintJWTSVID(ctx context.Context, caller identity.Caller, audience []string, id string) ([]*identity.JWTSVID, error) {
+	var want spiffeid.ID
+	if id != "" {
+		var err error
+		if want, err = spiffeid.FromString(id); err != nil {
+			return nil, invalidf("invalid spiffe id %q: %v", id, err)
+		}
+	}
+	if len(audience) == 0 {
+		return nil, invalidf("audience is required")
+	}
+	entries := s.ids.entitlements(&Subscription{caller: caller})
+	s.mu.RLock()
+	j := s.jwt
+	s.mu.RUnlock()
+	now := s.now()
+	var out []*identity.JWTSVID
+	seen := map[string]bool{}
+	for _, e := range entries {
+		if seen[e.SpiffeID] || (id != "" && e.SpiffeID != want.String()) {
+			continue
+		}
+		seen[e.SpiffeID] = true
+		sid, err := spiffeid.FromString(e.SpiffeID)
+		if err != nil {
+			return nil, fmt.Errorf("entry %s: %w", e.ID, err)
+		}
+		tok, exp, err := j.MintJWTSVID(sid, audience, s.cfg.JWTTTL, now)
+		if err != nil {
+			s.metrics.IssueErrors.Inc()
+			if errors.Is(err, ca.ErrInvalidJWTRequest) || errors.Is(err, ca.ErrForeignID) {
+				return nil, &InvalidArgumentError{msg: err.Error()}
+			}
+			return nil, err
+		}
+		s.metrics.Issued.WithLabelValues("jwt").Inc()
+		out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: e.ID, ExpiresAt: exp})
+	}
+	if len(out) == 0 {
+		if id != "" {
+			return nil, fmt.Errorf("%s: %w", id, identity.ErrNotEntitled)
+		}
+		return nil, identity.ErrNotEntitled
+	}
+	return out, nil
+}
