@@ -51,6 +51,8 @@ func (a *AdminService) toStatus(op string, err error) error {
 		return status.Error(codes.InvalidArgument, inv.Error())
 	case errors.Is(err, store.ErrAlreadyExists):
 		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.As(err, new(*FailedPreconditionError)):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, store.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, store.ErrNotFound):
@@ -204,7 +206,7 @@ func (a *AdminService) GetBundle(ctx context.Context, _ *adminv1.GetBundleReques
 	return resp, nil
 }
 
-func caToProto(v caView) *adminv1.CA {
+func caToProto(v *caView) *adminv1.CA {
 	return &adminv1.CA{
 		Id:          v.rec.ID,
 		State:       string(v.rec.State),
@@ -223,10 +225,25 @@ func (a *AdminService) ListCAs(ctx context.Context, _ *adminv1.ListCAsRequest) (
 	views := a.srv.cas
 	a.srv.mu.RUnlock()
 	resp := &adminv1.ListCAsResponse{}
+	now := a.srv.now()
 	for _, v := range views {
-		resp.Cas = append(resp.Cas, caToProto(v))
+		if v.inBundle(now) {
+			resp.Cas = append(resp.Cas, caToProto(v))
+		}
 	}
 	return resp, nil
+}
+
+// ActivateCA implements adminv1.AdminServiceServer.
+func (a *AdminService) ActivateCA(ctx context.Context, req *adminv1.ActivateCARequest) (*adminv1.ActivateCAResponse, error) {
+	rec, err := a.srv.ActivateCA(ctx, actor(ctx), req.GetForce())
+	if err != nil {
+		return nil, a.toStatus("activate CA", err)
+	}
+	if v := a.srv.caByID(rec.ID); v != nil {
+		return &adminv1.ActivateCAResponse{Ca: caToProto(v)}, nil
+	}
+	return nil, a.toStatus("activate CA", errors.New("activated CA vanished"))
 }
 
 // PrepareCA implements adminv1.AdminServiceServer.
@@ -235,12 +252,8 @@ func (a *AdminService) PrepareCA(ctx context.Context, _ *adminv1.PrepareCAReques
 	if err != nil {
 		return nil, a.toStatus("prepare CA", err)
 	}
-	a.srv.mu.RLock()
-	defer a.srv.mu.RUnlock()
-	for _, v := range a.srv.cas {
-		if v.rec.ID == rec.ID {
-			return &adminv1.PrepareCAResponse{Ca: caToProto(v)}, nil
-		}
+	if v := a.srv.caByID(rec.ID); v != nil {
+		return &adminv1.PrepareCAResponse{Ca: caToProto(v)}, nil
 	}
 	return nil, a.toStatus("prepare CA", errors.New("prepared CA vanished"))
 }

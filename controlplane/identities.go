@@ -444,3 +444,16 @@ func (ids *identities) close() {
 		}
 	}
 }
+
+// renewAll re-issues every served SVID now (after a CA activation with
+// RotateSVIDsOnActivation). Each slot renews on its own timer goroutine,
+// so the signing limits spread the burst.
+func (ids *identities) renewAll() {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	for _, sl := range ids.slots {
+		if sl.svid != nil {
+			ids.scheduleLocked(sl, 0)
+		}
+	}
+}

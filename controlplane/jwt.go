@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -24,8 +25,8 @@ type jwtKeyView struct {
 	pub any
 }
 
-// loadJWT loads the active JWT signing key, or makes one (with the same
-// life as the X.509 CA) on first start.
+// loadJWT loads the JWT signing keys, or makes one (with the same life as
+// the X.509 CA) on first start. JWT keys rotate in step with the X.509 CA.
 func (s *Server) loadJWT(ctx context.Context, k *kek.KEK) error {
 	recs, err := s.store.ListCAs(ctx)
 	if err != nil {
@@ -33,6 +34,7 @@ func (s *Server) loadJWT(ctx context.Context, k *kek.KEK) error {
 	}
 	var views []jwtKeyView
 	var active *ca.JWTAuthority
+	var activeAt time.Time
 	for _, rec := range recs {
 		if rec.Kind != "jwt" {
 			continue
@@ -42,43 +44,20 @@ func (s *Server) loadJWT(ctx context.Context, k *kek.KEK) error {
 			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
 		}
 		views = append(views, jwtKeyView{rec: rec, pub: pub})
-		if rec.State != store.CAActive {
+		if rec.State != store.CAActive || (active != nil && rec.CreatedAt.Before(activeAt)) {
 			continue
 		}
-		der, err := k.Open(rec.SealedKey, []byte(rec.ID))
-		if err != nil {
-			return fmt.Errorf("JWT key %s: unseal: %w", rec.ID, err)
+		if active, err = s.unsealJWT(k, rec); err != nil {
+			return err
 		}
-		key, err := parseSigner(der)
-		if err != nil {
-			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
-		}
-		if active, err = ca.LoadJWTAuthority(s.td, key, rec.NotAfter); err != nil {
-			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
-		}
+		activeAt = rec.CreatedAt
 	}
 	if active == nil {
-		now := s.now()
-		j, err := ca.NewJWTAuthority(s.td, s.cfg.CATTL, now)
+		j, rec, err := s.newJWTKey(k, store.CAActive)
 		if err != nil {
 			return err
 		}
-		der, err := x509.MarshalPKCS8PrivateKey(j.Key)
-		if err != nil {
-			return fmt.Errorf("marshal JWT key: %w", err)
-		}
-		pub, err := x509.MarshalPKIXPublicKey(j.Key.Public())
-		if err != nil {
-			return fmt.Errorf("marshal JWT public key: %w", err)
-		}
-		id := "jwt-" + j.KeyID
-		sealed, err := k.Seal(der, []byte(id))
-		if err != nil {
-			return fmt.Errorf("seal JWT key: %w", err)
-		}
-		rec := store.CARecord{ID: id, Kind: "jwt", State: store.CAActive, PublicKey: pub, SealedKey: sealed,
-			NotBefore: now, NotAfter: j.NotAfter, CreatedAt: now}
-		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: now, Actor: "server", Action: "jwt.create", Target: id,
+		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: rec.CreatedAt, Actor: "server", Action: "jwt.create", Target: rec.ID,
 			Detail: fmt.Sprintf("ES256 kid %s valid until %s", j.KeyID, j.NotAfter.UTC().Format(time.RFC3339))}); err != nil {
 			return fmt.Errorf("store JWT key: %w", err)
 		}
@@ -88,6 +67,104 @@ func (s *Server) loadJWT(ctx context.Context, k *kek.KEK) error {
 	}
 	s.mu.Lock()
 	s.jwt, s.jwtKeys = active, views
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Server) unsealJWT(k *kek.KEK, rec store.CARecord) (*ca.JWTAuthority, error) {
+	der, err := k.Open(rec.SealedKey, []byte(rec.ID))
+	if err != nil {
+		return nil, fmt.Errorf("JWT key %s: unseal: %w", rec.ID, err)
+	}
+	key, err := parseSigner(der)
+	if err != nil {
+		return nil, fmt.Errorf("JWT key %s: %w", rec.ID, err)
+	}
+	j, err := ca.LoadJWTAuthority(s.td, key, rec.NotAfter)
+	if err != nil {
+		return nil, fmt.Errorf("JWT key %s: %w", rec.ID, err)
+	}
+	return j, nil
+}
+
+func (s *Server) newJWTKey(k *kek.KEK, state store.CAState) (*ca.JWTAuthority, store.CARecord, error) {
+	now := s.now()
+	j, err := ca.NewJWTAuthority(s.td, s.cfg.CATTL, now)
+	if err != nil {
+		return nil, store.CARecord{}, err
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(j.Key)
+	if err != nil {
+		return nil, store.CARecord{}, fmt.Errorf("marshal JWT key: %w", err)
+	}
+	pub, err := x509.MarshalPKIXPublicKey(j.Key.Public())
+	if err != nil {
+		return nil, store.CARecord{}, fmt.Errorf("marshal JWT public key: %w", err)
+	}
+	id := "jwt-" + j.KeyID
+	sealed, err := k.Seal(der, []byte(id))
+	if err != nil {
+		return nil, store.CARecord{}, fmt.Errorf("seal JWT key: %w", err)
+	}
+	return j, store.CARecord{ID: id, Kind: "jwt", State: state, PublicKey: pub, SealedKey: sealed,
+		NotBefore: now, NotAfter: j.NotAfter, CreatedAt: now}, nil
+}
+
+// prepareJWT publishes the next JWT key with the next X.509 CA.
+func (s *Server) prepareJWT(ctx context.Context, actor string) error {
+	s.mu.RLock()
+	for _, v := range s.jwtKeys {
+		if v.rec.State == store.CAPrepared {
+			s.mu.RUnlock()
+			return nil
+		}
+	}
+	s.mu.RUnlock()
+	j, rec, err := s.newJWTKey(s.kek, store.CAPrepared)
+	if err != nil {
+		return err
+	}
+	if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: rec.CreatedAt, Actor: actor, Action: "jwt.prepare", Target: rec.ID}); err != nil {
+		return fmt.Errorf("store prepared JWT key: %w", err)
+	}
+	s.mu.Lock()
+	s.jwtKeys = append(s.jwtKeys, jwtKeyView{rec: rec, pub: j.Key.Public()})
+	s.mu.Unlock()
+	return nil
+}
+
+// activateJWT signs with the prepared JWT key from now on. The old key
+// stays in the JWT bundle until the last token it signed has expired: its
+// record's NotAfter becomes that moment, so a restart keeps the schedule.
+func (s *Server) activateJWT(ctx context.Context, actor string) error {
+	s.mu.RLock()
+	views := slices.Clone(s.jwtKeys)
+	s.mu.RUnlock()
+	pi := slices.IndexFunc(views, func(v jwtKeyView) bool { return v.rec.State == store.CAPrepared })
+	if pi < 0 {
+		return nil
+	}
+	now := s.now()
+	next, err := s.unsealJWT(s.kek, views[pi].rec)
+	if err != nil {
+		return err
+	}
+	views[pi].rec.State = store.CAActive
+	if err := s.store.PutCA(ctx, views[pi].rec, &store.AuditEvent{Time: now, Actor: actor, Action: "jwt.activate", Target: views[pi].rec.ID}); err != nil {
+		return fmt.Errorf("activate JWT key: %w", err)
+	}
+	for i := range views {
+		if i == pi || views[i].rec.State != store.CAActive {
+			continue
+		}
+		views[i].rec.State = store.CARetired
+		views[i].rec.NotAfter = now.Add(s.cfg.JWTTTL)
+		if err := s.store.PutCA(ctx, views[i].rec, &store.AuditEvent{Time: now, Actor: actor, Action: "jwt.retire", Target: views[i].rec.ID}); err != nil {
+			return fmt.Errorf("retire JWT key: %w", err)
+		}
+	}
+	s.mu.Lock()
+	s.jwt, s.jwtKeys = next, views
 	s.mu.Unlock()
 	return nil
 }

@@ -14,6 +14,8 @@ type Metrics struct {
 	IssueErrors prometheus.Counter
 	// RenewalFailures counts failed attempts to renew a served SVID.
 	RenewalFailures prometheus.Counter
+	// RotationFailures counts CA lifecycle steps that failed (retried).
+	RotationFailures prometheus.Counter
 }
 
 // NewMetrics creates the metrics and registers them with Go runtime and
@@ -34,7 +36,11 @@ func NewMetrics() *Metrics {
 			Help: "Failed attempts to renew an SVID held by a connected workload; each is retried with backoff.",
 		}),
 	}
-	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures,
+	m.RotationFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "meshid_ca_rotation_failures_total",
+		Help: "CA lifecycle steps (prepare, activate) that failed; each is retried.",
+	})
+	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.RotationFailures,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")

@@ -82,6 +82,7 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 			return nil, mintError(err)
 		}
 	}
+	s.noteIssued(caID, svid.NotAfter)
 	if err := s.store.RecordSVID(ctx, store.IssuedSVID{
 		Serial:    svid.Serial,
 		SpiffeID:  req.SpiffeID,

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -43,6 +44,19 @@ type Config struct {
 	CAKeyType   ca.KeyType
 	// JWTTTL is the life of JWT-SVIDs; default 5 minutes.
 	JWTTTL time.Duration
+	// CAPrepareAt and CAActivateAt are the fractions of the active CA's
+	// life at which its successor is prepared (published in the bundle)
+	// and activated (signing); defaults 1/2 and 2/3.
+	CAPrepareAt, CAActivateAt float64
+	// CAPrepareWindow is the least time a prepared CA is published before
+	// it signs; default 2 x SVIDTTL, never less than SVIDTTL.
+	CAPrepareWindow time.Duration
+	// RotateSVIDsOnActivation re-issues every served SVID as soon as a new
+	// CA is activated, instead of at each one's next renewal.
+	RotateSVIDsOnActivation bool
+	// DisableAutoRotate turns off the automatic CA lifecycle (manual
+	// prepare/activate still work).
+	DisableAutoRotate bool
 	// KEKFile holds the key that encrypts CA keys at rest; default
 	// <DataDir>/kek. It is made (0600) on first start if absent.
 	KEKFile string
@@ -75,19 +89,20 @@ type Server struct {
 	kek    *kek.KEK
 	tokens tokenBindings
 
+	// rotMu serialises CA lifecycle steps (manual and automatic);
+	// rotTimerMu guards the one lifecycle timer.
+	rotMu      sync.Mutex
+	rotTimerMu sync.Mutex
+	rotStop    func() bool
+	closed     atomic.Bool
+
 	mu      sync.RWMutex
 	active  *ca.Authority
 	jwt     *ca.JWTAuthority
 	jwtKeys []jwtKeyView
 	// activeID is the store ID of the active CA, recorded in the inventory.
 	activeID string
-	cas      []caView
-}
-
-// caView is one CA as the admin API shows it.
-type caView struct {
-	rec  store.CARecord
-	cert *x509.Certificate
+	cas      []*caView
 }
 
 // Open loads (or, on first start, creates) the server's state: the store,
@@ -114,6 +129,15 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.JWTTTL == 0 {
 		cfg.JWTTTL = ca.DefaultJWTTTL
+	}
+	if cfg.CAPrepareAt == 0 {
+		cfg.CAPrepareAt = 0.5
+	}
+	if cfg.CAActivateAt == 0 {
+		cfg.CAActivateAt = 2.0 / 3
+	}
+	if !(cfg.CAPrepareAt > 0 && cfg.CAPrepareAt < cfg.CAActivateAt && cfg.CAActivateAt < 1) {
+		return nil, fmt.Errorf("ca prepare-at %.3f and activate-at %.3f must satisfy 0 < prepare < activate < 1", cfg.CAPrepareAt, cfg.CAActivateAt)
 	}
 	if cfg.CAKeyType == "" {
 		cfg.CAKeyType = DefaultCAKeyType
@@ -185,12 +209,19 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		s.store.Close()
 		return nil, err
 	}
+	s.scheduleRotation()
 	return s, nil
 }
 
 // Close stops renewals and releases the store. Pending inventory writes are
 // committed first.
 func (s *Server) Close() error {
+	s.closed.Store(true)
+	s.rotTimerMu.Lock()
+	if s.rotStop != nil {
+		s.rotStop()
+	}
+	s.rotTimerMu.Unlock()
 	s.ids.close()
 	return s.store.Close()
 }
@@ -215,93 +246,6 @@ func (s *Server) Metrics() *Metrics { return s.metrics }
 // Store returns the server's store (for tools and tests that inspect it).
 func (s *Server) Store() store.Store { return s.store }
 
-func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
-	recs, err := s.store.ListCAs(ctx)
-	if err != nil {
-		return fmt.Errorf("load CAs: %w", err)
-	}
-	var views []caView
-	var active *ca.Authority
-	var activeID string
-	for _, rec := range recs {
-		if rec.Kind != "x509" {
-			continue
-		}
-		cert, err := x509.ParseCertificate(rec.CertDER)
-		if err != nil {
-			return fmt.Errorf("CA %s: parse certificate: %w", rec.ID, err)
-		}
-		views = append(views, caView{rec: rec, cert: cert})
-		if rec.State != store.CAActive {
-			continue
-		}
-		der, err := k.Open(rec.SealedKey, []byte(rec.ID))
-		if err != nil {
-			return fmt.Errorf("CA %s: unseal key: %w", rec.ID, err)
-		}
-		key, err := parseSigner(der)
-		if err != nil {
-			return fmt.Errorf("CA %s: %w", rec.ID, err)
-		}
-		a, err := ca.LoadAuthority(rec.CertDER, rec.ChainDER, key, s.td)
-		if err != nil {
-			return fmt.Errorf("CA %s: %w", rec.ID, err)
-		}
-		if a.TrustDomain != s.td {
-			return fmt.Errorf("data dir holds a CA for trust domain %s, not %s", a.TrustDomain, s.td)
-		}
-		active, activeID = a, rec.ID
-	}
-	if active == nil {
-		a, rec, err := s.newRootCA(k)
-		if err != nil {
-			return err
-		}
-		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{
-			Time: s.now(), Actor: "server", Action: "ca.create", Target: rec.ID,
-			Detail: fmt.Sprintf("self-signed %s root for %s, valid until %s", s.cfg.CAKeyType, s.td, rec.NotAfter.UTC().Format(time.RFC3339)),
-		}); err != nil {
-			return fmt.Errorf("store new CA: %w", err)
-		}
-		s.log.Info("created CA", "id", rec.ID, "trust_domain", s.td.String(), "not_after", rec.NotAfter)
-		views = append(views, caView{rec: rec, cert: a.Cert})
-		active, activeID = a, rec.ID
-	}
-	s.mu.Lock()
-	s.active, s.activeID, s.cas = active, activeID, views
-	s.mu.Unlock()
-	return nil
-}
-
-func (s *Server) newRootCA(k *kek.KEK) (*ca.Authority, store.CARecord, error) {
-	now := s.now()
-	a, err := ca.NewRoot(s.td, s.cfg.CAKeyType, s.cfg.CATTL, now)
-	if err != nil {
-		return nil, store.CARecord{}, fmt.Errorf("create CA: %w", err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(a.Key)
-	if err != nil {
-		return nil, store.CARecord{}, fmt.Errorf("marshal CA key: %w", err)
-	}
-	id := ca.Fingerprint(a.Cert)
-	// The CA ID is the additional data, so a sealed key cannot be swapped
-	// onto another CA record.
-	sealed, err := k.Seal(der, []byte(id))
-	if err != nil {
-		return nil, store.CARecord{}, fmt.Errorf("seal CA key: %w", err)
-	}
-	return a, store.CARecord{
-		ID:        id,
-		Kind:      "x509",
-		State:     store.CAActive,
-		CertDER:   a.Cert.Raw,
-		SealedKey: sealed,
-		NotBefore: a.Cert.NotBefore,
-		NotAfter:  a.Cert.NotAfter,
-		CreatedAt: now,
-	}, nil
-}
-
 func parseSigner(der []byte) (crypto.Signer, error) {
 	key, err := x509.ParsePKCS8PrivateKey(der)
 	if err != nil {
@@ -324,54 +268,6 @@ func (s *Server) loadEntries(ctx context.Context) error {
 	}
 	s.log.Debug("loaded entries", "count", len(entries))
 	return nil
-}
-
-// activeCA returns the signing CA and its store ID.
-func (s *Server) activeCA() (*ca.Authority, string) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.active, s.activeID
-}
-
-// BundleCerts returns the trust anchors of the trust domain: every CA that
-// is not yet expired, prepared, active or retired.
-func (s *Server) BundleCerts() []*x509.Certificate {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	now := s.now()
-	var out []*x509.Certificate
-	for _, v := range s.cas {
-		if now.After(v.cert.NotAfter) {
-			continue
-		}
-		out = append(out, v.cert)
-	}
-	return out
-}
-
-// PrepareCA makes the next CA and publishes it in the trust bundle, pushed
-// to every subscriber, without signing with it yet: peers learn to trust it
-// before any SVID it signs reaches them.
-func (s *Server) PrepareCA(ctx context.Context, actor string) (store.CARecord, error) {
-	a, rec, err := s.newRootCA(s.kek)
-	if err != nil {
-		return store.CARecord{}, err
-	}
-	rec.State = store.CAPrepared
-	if err := s.store.PutCA(ctx, rec, &store.AuditEvent{
-		Time: s.now(), Actor: actor, Action: "ca.prepare", Target: rec.ID,
-		Detail: fmt.Sprintf("valid until %s", rec.NotAfter.UTC().Format(time.RFC3339)),
-	}); err != nil {
-		return store.CARecord{}, fmt.Errorf("store prepared CA: %w", err)
-	}
-	s.mu.Lock()
-	s.cas = append(s.cas, caView{rec: rec, cert: a.Cert})
-	s.mu.Unlock()
-	if err := s.publishBundles(); err != nil {
-		return store.CARecord{}, err
-	}
-	s.log.Info("prepared CA", "id", rec.ID, "not_after", rec.NotAfter, "actor", actor)
-	return rec, nil
 }
 
 // publishBundles pushes the current X.509 and JWT bundles to every

@@ -250,6 +250,10 @@ func TestBundleChangeIsPushedAndNACKDoesNotLoop(t *testing.T) {
 	// A stale nonce is ignored: a request naming an old nonce with a new
 	// resource list must not be answered.
 	root.send(&discoveryv3.DiscoveryRequest{Node: root.node, ResourceNames: []string{"ROOTCA", "ALL"}, TypeUrl: sds.SecretTypeURL, ResponseNonce: first.GetNonce()})
+	// Activating changes no bundle content (no push); the next prepare does.
+	if _, err := h.srv.ActivateCA(context.Background(), "test", true); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := h.srv.PrepareCA(context.Background(), "test"); err != nil {
 		t.Fatal(err)
 	}

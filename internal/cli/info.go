@@ -90,7 +90,7 @@ func newCACmd() *cobra.Command {
 	}
 	adminFlag(show, &admin)
 	outputFlag(show.Flags(), &output)
-	cmd.AddCommand(show, newCAPrepareCmd())
+	cmd.AddCommand(show, newCAPrepareCmd(), newCAActivateCmd())
 	return cmd
 }
 
@@ -128,6 +128,50 @@ so peers trust it before any certificate it signs reaches them.`,
 		},
 	}
 	adminFlag(cmd, &admin)
+	outputFlag(cmd.Flags(), &output)
+	return cmd
+}
+
+func newCAActivateCmd() *cobra.Command {
+	var admin, output string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "activate",
+		Short: "Sign with the prepared CA from now on; the old CA is retired",
+		Long: `Make the prepared CA the signing CA. The old CA is retired: it stays in the
+trust bundle until the last SVID it signed expires, then leaves it. SVIDs are
+re-issued by the new CA at their next renewal (or at once with the server's
+--rotate-svids-on-activation).
+
+Activation is refused until the prepared CA has been in the bundle for the
+publication window (--ca-prepare-window, default 2 x --svid-ttl), so every
+peer trusts it first; --force overrides that.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			c, done, err := dialAdmin(admin)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := c.ActivateCA(ctx, &adminv1.ActivateCARequest{Force: force})
+			if err != nil {
+				return err
+			}
+			resp.GetCa().CertDer = nil
+			if output == "json" {
+				return writeJSONMessage(cmd.OutOrStdout(), resp.GetCa())
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "activated CA %s; the previous CA is retired\n", resp.GetCa().GetFingerprint())
+			return nil
+		},
+	}
+	adminFlag(cmd, &admin)
+	cmd.Flags().BoolVar(&force, "force", false, "activate before the publication window has passed")
 	outputFlag(cmd.Flags(), &output)
 	return cmd
 }

@@ -31,6 +31,11 @@ type serverFlags struct {
 	kekFile       string
 	logLevel      string
 	metricsListen string
+	prepareAt     float64
+	activateAt    float64
+	prepareWindow time.Duration
+	rotateOnAct   bool
+	jwtTTL        time.Duration
 	sdsListen     string
 	sdsREST       string
 	serverDNS     []string
@@ -55,6 +60,11 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	durationFlag(fs, &f.svidTTL, "svid-ttl", controlplane.DefaultSVIDTTL, "lifetime of issued X.509-SVIDs (e.g. 1h, 24h)")
 	durationFlag(fs, &f.caTTL, "ca-ttl", controlplane.DefaultCATTL, "lifetime of the CA made on first start (e.g. 365d)")
 	fs.StringVar(&f.caKeyType, "ca-key-type", string(controlplane.DefaultCAKeyType), "key type of a new CA: ec-p256, ec-p384 or rsa-3072")
+	fs.Float64Var(&f.prepareAt, "ca-prepare-at", 0.5, "fraction of the active CA's life at which its successor is prepared (published in the bundle)")
+	fs.Float64Var(&f.activateAt, "ca-activate-at", 2.0/3, "fraction of the active CA's life at which its successor is activated (signs)")
+	durationFlag(fs, &f.prepareWindow, "ca-prepare-window", 0, "least time a prepared CA is in the bundle before it signs (default 2 x --svid-ttl, never less than --svid-ttl)")
+	fs.BoolVar(&f.rotateOnAct, "rotate-svids-on-activation", false, "re-issue every served SVID as soon as a new CA is activated")
+	durationFlag(fs, &f.jwtTTL, "jwt-ttl", 5*time.Minute, "lifetime of JWT-SVIDs")
 	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
@@ -86,8 +96,11 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		CATTL:       f.caTTL,
 		CAKeyType:   kt,
 		KEKFile:     f.kekFile,
-		Version:     version(),
-		Logger:      log,
+		JWTTTL:      f.jwtTTL,
+		CAPrepareAt: f.prepareAt, CAActivateAt: f.activateAt, CAPrepareWindow: f.prepareWindow,
+		RotateSVIDsOnActivation: f.rotateOnAct,
+		Version:                 version(),
+		Logger:                  log,
 	}, nil
 }
 

@@ -1006,6 +1006,97 @@ func (x *PrepareCAResponse) GetCa() *CA {
 	return nil
 }
 
+// ActivateCARequest asks to activate the prepared CA.
+type ActivateCARequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// force activates even before the publication window has passed.
+	Force         bool `protobuf:"varint,1,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActivateCARequest) Reset() {
+	*x = ActivateCARequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActivateCARequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActivateCARequest) ProtoMessage() {}
+
+func (x *ActivateCARequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActivateCARequest.ProtoReflect.Descriptor instead.
+func (*ActivateCARequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ActivateCARequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+// ActivateCAResponse is the newly active CA.
+type ActivateCAResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ca            *CA                    `protobuf:"bytes,1,opt,name=ca,proto3" json:"ca,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActivateCAResponse) Reset() {
+	*x = ActivateCAResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActivateCAResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActivateCAResponse) ProtoMessage() {}
+
+func (x *ActivateCAResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActivateCAResponse.ProtoReflect.Descriptor instead.
+func (*ActivateCAResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ActivateCAResponse) GetCa() *CA {
+	if x != nil {
+		return x.Ca
+	}
+	return nil
+}
+
 // IssuedCert is one inventory row.
 type IssuedCert struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1023,7 +1114,7 @@ type IssuedCert struct {
 
 func (x *IssuedCert) Reset() {
 	*x = IssuedCert{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +1126,7 @@ func (x *IssuedCert) String() string {
 func (*IssuedCert) ProtoMessage() {}
 
 func (x *IssuedCert) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +1139,7 @@ func (x *IssuedCert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssuedCert.ProtoReflect.Descriptor instead.
 func (*IssuedCert) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *IssuedCert) GetSerial() string {
@@ -1122,7 +1213,7 @@ type ListCertsRequest struct {
 
 func (x *ListCertsRequest) Reset() {
 	*x = ListCertsRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1225,7 @@ func (x *ListCertsRequest) String() string {
 func (*ListCertsRequest) ProtoMessage() {}
 
 func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1238,7 @@ func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsRequest.ProtoReflect.Descriptor instead.
 func (*ListCertsRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListCertsRequest) GetExpiringWithin() *durationpb.Duration {
@@ -1189,7 +1280,7 @@ type ListCertsResponse struct {
 
 func (x *ListCertsResponse) Reset() {
 	*x = ListCertsResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1292,7 @@ func (x *ListCertsResponse) String() string {
 func (*ListCertsResponse) ProtoMessage() {}
 
 func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1305,7 @@ func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsResponse.ProtoReflect.Descriptor instead.
 func (*ListCertsResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListCertsResponse) GetCerts() []*IssuedCert {
@@ -1244,7 +1335,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1256,7 +1347,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1269,7 +1360,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CreateJoinTokenRequest) GetSpiffeId() string {
@@ -1306,7 +1397,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1318,7 +1409,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1331,7 +1422,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1371,7 +1462,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1474,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1487,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 // GetServerInfoResponse describes the server.
@@ -1411,7 +1502,7 @@ type GetServerInfoResponse struct {
 
 func (x *GetServerInfoResponse) Reset() {
 	*x = GetServerInfoResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1423,7 +1514,7 @@ func (x *GetServerInfoResponse) String() string {
 func (*GetServerInfoResponse) ProtoMessage() {}
 
 func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1436,7 +1527,7 @@ func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetServerInfoResponse) GetVersion() string {
@@ -1529,6 +1620,10 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x03cas\x18\x01 \x03(\v2\x13.meshid.admin.v1.CAR\x03cas\"\x12\n" +
 	"\x10PrepareCARequest\"8\n" +
 	"\x11PrepareCAResponse\x12#\n" +
+	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\")\n" +
+	"\x11ActivateCARequest\x12\x14\n" +
+	"\x05force\x18\x01 \x01(\bR\x05force\"9\n" +
+	"\x12ActivateCAResponse\x12#\n" +
 	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\"\xbc\x02\n" +
 	"\n" +
 	"IssuedCert\x12\x16\n" +
@@ -1567,7 +1662,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
-	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\x89\a\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xe0\a\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
 	"\vDeleteEntry\x12#.meshid.admin.v1.DeleteEntryRequest\x1a$.meshid.admin.v1.DeleteEntryResponse\x12X\n" +
@@ -1575,7 +1670,9 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\fMintX509SVID\x12$.meshid.admin.v1.MintX509SVIDRequest\x1a%.meshid.admin.v1.MintX509SVIDResponse\x12R\n" +
 	"\tGetBundle\x12!.meshid.admin.v1.GetBundleRequest\x1a\".meshid.admin.v1.GetBundleResponse\x12L\n" +
 	"\aListCAs\x12\x1f.meshid.admin.v1.ListCAsRequest\x1a .meshid.admin.v1.ListCAsResponse\x12R\n" +
-	"\tPrepareCA\x12!.meshid.admin.v1.PrepareCARequest\x1a\".meshid.admin.v1.PrepareCAResponse\x12R\n" +
+	"\tPrepareCA\x12!.meshid.admin.v1.PrepareCARequest\x1a\".meshid.admin.v1.PrepareCAResponse\x12U\n" +
+	"\n" +
+	"ActivateCA\x12\".meshid.admin.v1.ActivateCARequest\x1a#.meshid.admin.v1.ActivateCAResponse\x12R\n" +
 	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12d\n" +
 	"\x0fCreateJoinToken\x12'.meshid.admin.v1.CreateJoinTokenRequest\x1a(.meshid.admin.v1.CreateJoinTokenResponse\x12^\n" +
 	"\rGetServerInfo\x12%.meshid.admin.v1.GetServerInfoRequest\x1a&.meshid.admin.v1.GetServerInfoResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
@@ -1592,7 +1689,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -1611,64 +1708,69 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*ListCAsResponse)(nil),         // 14: meshid.admin.v1.ListCAsResponse
 	(*PrepareCARequest)(nil),        // 15: meshid.admin.v1.PrepareCARequest
 	(*PrepareCAResponse)(nil),       // 16: meshid.admin.v1.PrepareCAResponse
-	(*IssuedCert)(nil),              // 17: meshid.admin.v1.IssuedCert
-	(*ListCertsRequest)(nil),        // 18: meshid.admin.v1.ListCertsRequest
-	(*ListCertsResponse)(nil),       // 19: meshid.admin.v1.ListCertsResponse
-	(*CreateJoinTokenRequest)(nil),  // 20: meshid.admin.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 21: meshid.admin.v1.CreateJoinTokenResponse
-	(*GetServerInfoRequest)(nil),    // 22: meshid.admin.v1.GetServerInfoRequest
-	(*GetServerInfoResponse)(nil),   // 23: meshid.admin.v1.GetServerInfoResponse
-	(*durationpb.Duration)(nil),     // 24: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 25: google.protobuf.Timestamp
+	(*ActivateCARequest)(nil),       // 17: meshid.admin.v1.ActivateCARequest
+	(*ActivateCAResponse)(nil),      // 18: meshid.admin.v1.ActivateCAResponse
+	(*IssuedCert)(nil),              // 19: meshid.admin.v1.IssuedCert
+	(*ListCertsRequest)(nil),        // 20: meshid.admin.v1.ListCertsRequest
+	(*ListCertsResponse)(nil),       // 21: meshid.admin.v1.ListCertsResponse
+	(*CreateJoinTokenRequest)(nil),  // 22: meshid.admin.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 23: meshid.admin.v1.CreateJoinTokenResponse
+	(*GetServerInfoRequest)(nil),    // 24: meshid.admin.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),   // 25: meshid.admin.v1.GetServerInfoResponse
+	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	24, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	25, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	26, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	27, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
-	24, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	25, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	25, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	25, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	25, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	26, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	27, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	27, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	27, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	27, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	12, // 12: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	12, // 13: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
-	25, // 14: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	25, // 15: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	25, // 16: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	24, // 17: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
-	17, // 18: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	24, // 19: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	25, // 20: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	25, // 21: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
-	2,  // 22: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 23: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 24: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 25: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	10, // 26: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 27: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	15, // 28: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	18, // 29: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	20, // 30: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	22, // 31: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	3,  // 32: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 33: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 34: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 35: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	11, // 36: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	14, // 37: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	16, // 38: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	19, // 39: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	21, // 40: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	23, // 41: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	32, // [32:42] is the sub-list for method output_type
-	22, // [22:32] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	12, // 14: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
+	27, // 15: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	27, // 16: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	27, // 17: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	26, // 18: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	19, // 19: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
+	26, // 20: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	27, // 21: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	27, // 22: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	2,  // 23: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 24: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 25: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 26: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	10, // 27: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	13, // 28: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	15, // 29: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	17, // 30: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
+	20, // 31: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	22, // 32: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	24, // 33: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	3,  // 34: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 35: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 36: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 37: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	11, // 38: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	14, // 39: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	16, // 40: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	18, // 41: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	21, // 42: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	23, // 43: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	25, // 44: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	34, // [34:45] is the sub-list for method output_type
+	23, // [23:34] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -1682,7 +1784,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	AdminService_GetBundle_FullMethodName       = "/meshid.admin.v1.AdminService/GetBundle"
 	AdminService_ListCAs_FullMethodName         = "/meshid.admin.v1.AdminService/ListCAs"
 	AdminService_PrepareCA_FullMethodName       = "/meshid.admin.v1.AdminService/PrepareCA"
+	AdminService_ActivateCA_FullMethodName      = "/meshid.admin.v1.AdminService/ActivateCA"
 	AdminService_ListCerts_FullMethodName       = "/meshid.admin.v1.AdminService/ListCerts"
 	AdminService_CreateJoinToken_FullMethodName = "/meshid.admin.v1.AdminService/CreateJoinToken"
 	AdminService_GetServerInfo_FullMethodName   = "/meshid.admin.v1.AdminService/GetServerInfo"
@@ -57,6 +58,9 @@ type AdminServiceClient interface {
 	// PrepareCA makes the next CA and publishes it in the trust bundle
 	// (pushed to every workload) without signing with it yet.
 	PrepareCA(ctx context.Context, in *PrepareCARequest, opts ...grpc.CallOption) (*PrepareCAResponse, error)
+	// ActivateCA makes the prepared CA the signing CA; the old one is
+	// retired and stays in the bundle until its last SVID expires.
+	ActivateCA(ctx context.Context, in *ActivateCARequest, opts ...grpc.CallOption) (*ActivateCAResponse, error)
 	// ListCerts pages through the inventory of issued SVIDs by expiry.
 	ListCerts(ctx context.Context, in *ListCertsRequest, opts ...grpc.CallOption) (*ListCertsResponse, error)
 	// CreateJoinToken makes a token that lets a remote proxy authenticate
@@ -144,6 +148,16 @@ func (c *adminServiceClient) PrepareCA(ctx context.Context, in *PrepareCARequest
 	return out, nil
 }
 
+func (c *adminServiceClient) ActivateCA(ctx context.Context, in *ActivateCARequest, opts ...grpc.CallOption) (*ActivateCAResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ActivateCAResponse)
+	err := c.cc.Invoke(ctx, AdminService_ActivateCA_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminServiceClient) ListCerts(ctx context.Context, in *ListCertsRequest, opts ...grpc.CallOption) (*ListCertsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListCertsResponse)
@@ -196,6 +210,9 @@ type AdminServiceServer interface {
 	// PrepareCA makes the next CA and publishes it in the trust bundle
 	// (pushed to every workload) without signing with it yet.
 	PrepareCA(context.Context, *PrepareCARequest) (*PrepareCAResponse, error)
+	// ActivateCA makes the prepared CA the signing CA; the old one is
+	// retired and stays in the bundle until its last SVID expires.
+	ActivateCA(context.Context, *ActivateCARequest) (*ActivateCAResponse, error)
 	// ListCerts pages through the inventory of issued SVIDs by expiry.
 	ListCerts(context.Context, *ListCertsRequest) (*ListCertsResponse, error)
 	// CreateJoinToken makes a token that lets a remote proxy authenticate
@@ -233,6 +250,9 @@ func (UnimplementedAdminServiceServer) ListCAs(context.Context, *ListCAsRequest)
 }
 func (UnimplementedAdminServiceServer) PrepareCA(context.Context, *PrepareCARequest) (*PrepareCAResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PrepareCA not implemented")
+}
+func (UnimplementedAdminServiceServer) ActivateCA(context.Context, *ActivateCARequest) (*ActivateCAResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ActivateCA not implemented")
 }
 func (UnimplementedAdminServiceServer) ListCerts(context.Context, *ListCertsRequest) (*ListCertsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListCerts not implemented")
@@ -390,6 +410,24 @@ func _AdminService_PrepareCA_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_ActivateCA_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ActivateCARequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ActivateCA(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ActivateCA_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ActivateCA(ctx, req.(*ActivateCARequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AdminService_ListCerts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListCertsRequest)
 	if err := dec(in); err != nil {
@@ -478,6 +516,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PrepareCA",
 			Handler:    _AdminService_PrepareCA_Handler,
+		},
+		{
+			MethodName: "ActivateCA",
+			Handler:    _AdminService_ActivateCA_Handler,
 		},
 		{
 			MethodName: "ListCerts",
