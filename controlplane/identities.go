@@ -457,3 +457,27 @@ func (ids *identities) renewAll() {
 		}
 	}
 }
+
+// overdueGrace is how late a renewal may be before it counts as overdue: a
+// retry in progress is not yet a problem.
+const overdueGrace = time.Minute
+
+// stats reports the soonest expiry among served SVIDs, how many are past
+// their renewal point (plus grace), and how many are served.
+func (ids *identities) stats(now time.Time) (earliest time.Time, overdue, served int) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	for _, sl := range ids.slots {
+		if sl.svid == nil {
+			continue
+		}
+		served++
+		if earliest.IsZero() || sl.svid.NotAfter.Before(earliest) {
+			earliest = sl.svid.NotAfter
+		}
+		if now.After(sl.renewAt.Add(overdueGrace)) {
+			overdue++
+		}
+	}
+	return earliest, overdue, served
+}

@@ -46,3 +46,64 @@ func NewMetrics() *Metrics {
 	m.Issued.WithLabelValues("x509")
 	return m
 }
+
+// stateCollector reports, at scrape time, what is derived from live state:
+// CA expiries by state, the earliest expiry among served SVIDs, SVIDs past
+// their renewal point, and the configured SVID TTL.
+type stateCollector struct {
+	srv      *Server
+	caExpiry *prometheus.Desc
+	earliest *prometheus.Desc
+	overdue  *prometheus.Desc
+	ttl      *prometheus.Desc
+	served   *prometheus.Desc
+}
+
+func newStateCollector(s *Server) *stateCollector {
+	return &stateCollector{
+		srv: s,
+		caExpiry: prometheus.NewDesc("meshid_ca_expiry_timestamp_seconds",
+			"When each CA in the trust bundle expires (unix seconds), by kind (x509, jwt) and state.", []string{"ca", "kind", "state"}, nil),
+		earliest: prometheus.NewDesc("meshid_svid_earliest_expiry_timestamp_seconds",
+			"The soonest NotAfter among SVIDs served to connected workloads (unix seconds); 0 when none is served.", nil, nil),
+		overdue: prometheus.NewDesc("meshid_svid_renewals_overdue",
+			"Served SVIDs whose renewal point (half-life with jitter, per SVID) has passed by more than a minute without a renewal.", nil, nil),
+		ttl: prometheus.NewDesc("meshid_svid_ttl_seconds", "The default X.509-SVID lifetime (--svid-ttl).", nil, nil),
+		served: prometheus.NewDesc("meshid_svids_served",
+			"X.509-SVIDs currently held for connected workloads (one per identity, shared by its streams).", nil, nil),
+	}
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.caExpiry
+	ch <- c.earliest
+	ch <- c.overdue
+	ch <- c.ttl
+	ch <- c.served
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.srv
+	now := s.now()
+	s.mu.RLock()
+	for _, v := range s.cas {
+		if v.inBundle(now) {
+			ch <- prometheus.MustNewConstMetric(c.caExpiry, prometheus.GaugeValue, float64(v.cert.NotAfter.Unix()), v.rec.ID[:16], "x509", string(v.rec.State))
+		}
+	}
+	for _, v := range s.jwtKeys {
+		if now.Before(v.rec.NotAfter) {
+			ch <- prometheus.MustNewConstMetric(c.caExpiry, prometheus.GaugeValue, float64(v.rec.NotAfter.Unix()), v.rec.ID, "jwt", string(v.rec.State))
+		}
+	}
+	s.mu.RUnlock()
+	earliest, overdue, served := s.ids.stats(now)
+	e := 0.0
+	if !earliest.IsZero() {
+		e = float64(earliest.Unix())
+	}
+	ch <- prometheus.MustNewConstMetric(c.earliest, prometheus.GaugeValue, e)
+	ch <- prometheus.MustNewConstMetric(c.overdue, prometheus.GaugeValue, float64(overdue))
+	ch <- prometheus.MustNewConstMetric(c.ttl, prometheus.GaugeValue, s.cfg.SVIDTTL.Seconds())
+	ch <- prometheus.MustNewConstMetric(c.served, prometheus.GaugeValue, float64(served))
+}

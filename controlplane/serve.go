@@ -73,7 +73,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	}
 	defer os.Remove(ep.AdminSocket)
 
-	gs := grpc.NewServer(grpc.Creds(attest.UnixCredentials()))
+	gs := grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(attest.UnixCredentials()))...)
 	adminv1.RegisterAdminServiceServer(gs, NewAdminService(s))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
@@ -92,7 +92,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		}
 		defer os.Remove(ep.Socket)
 		got.Socket = ep.Socket
-		ws = grpc.NewServer(grpc.Creds(attest.UnixCredentials()))
+		ws = grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(attest.UnixCredentials()))...)
 		sdsSrv = sds.New(s, unixCaller, s.log, s.sdsMetrics)
 		sdsSrv.Register(ws)
 		healthpb.RegisterHealthServer(ws, hs)
@@ -121,7 +121,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 				return fmt.Errorf("sds listen %s: %w", ep.SDSListen, err)
 			}
 			got.SDSAddr = l.Addr().String()
-			remote = grpc.NewServer(grpc.Creds(credentials.NewTLS(st.config("h2"))))
+			remote = grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
 			remoteSDS.Register(remote)
 			healthpb.RegisterHealthServer(remote, hs)
 			go func() { errc <- remote.Serve(l) }()
@@ -153,7 +153,13 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{Registry: s.metrics.Registry}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ready") })
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+			if !s.ready.Load() {
+				http.Error(w, "not ready: starting or draining", http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ready")
+		})
 		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			if err := httpSrv.Serve(ml); !errors.Is(err, http.ErrServerClosed) {
@@ -162,6 +168,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		}()
 	}
 	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
+	s.ready.Store(true)
 	if ready != nil {
 		ready(got)
 	}
@@ -171,6 +178,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	case <-ctx.Done():
 	case runErr = <-errc:
 	}
+	s.ready.Store(false)
 	s.log.Info("shutting down: draining in-flight requests")
 	hs.Shutdown()
 	for _, x := range []*sds.Server{sdsSrv, remoteSDS} {

@@ -74,17 +74,18 @@ type Config struct {
 // Server holds the live state of a meshid server. Its methods are safe for
 // concurrent use.
 type Server struct {
-	cfg        Config
-	td         spiffeid.TrustDomain
-	log        *slog.Logger
-	store      store.Store
-	now        func() time.Time
-	startedAt  time.Time
-	entries    *entryIndex
-	metrics    *Metrics
-	sdsMetrics *sds.Metrics
-	ids        *identities
-	afterFunc  func(time.Duration, func()) func() bool
+	cfg         Config
+	td          spiffeid.TrustDomain
+	log         *slog.Logger
+	store       store.Store
+	now         func() time.Time
+	startedAt   time.Time
+	entries     *entryIndex
+	metrics     *Metrics
+	sdsMetrics  *sds.Metrics
+	grpcMetrics *grpcMetrics
+	ids         *identities
+	afterFunc   func(time.Duration, func()) func() bool
 
 	kek    *kek.KEK
 	tokens tokenBindings
@@ -95,6 +96,8 @@ type Server struct {
 	rotTimerMu sync.Mutex
 	rotStop    func() bool
 	closed     atomic.Bool
+	// ready is true while Run serves; /readyz reports it.
+	ready atomic.Bool
 
 	mu      sync.RWMutex
 	active  *ca.Authority
@@ -163,6 +166,8 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	s.ids = newIdentities(s)
 	s.tokens.conns = map[string]tokenBinding{}
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
+	s.grpcMetrics = newGRPCMetrics(s.metrics.Registry)
+	s.metrics.Registry.MustRegister(newStateCollector(s))
 	s.startedAt = s.now()
 
 	if cfg.DataDir == "" && cfg.Store == nil {
