@@ -53,6 +53,8 @@ func (a *AdminService) toStatus(op string, err error) error {
 		return status.Error(codes.AlreadyExists, err.Error())
 	case errors.As(err, new(*FailedPreconditionError)):
 		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, ErrSignBusy):
+		return status.Error(codes.ResourceExhausted, err.Error())
 	case errors.Is(err, store.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, store.ErrNotFound):

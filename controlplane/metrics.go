@@ -16,6 +16,8 @@ type Metrics struct {
 	RenewalFailures prometheus.Counter
 	// RotationFailures counts CA lifecycle steps that failed (retried).
 	RotationFailures prometheus.Counter
+	// SignWait is the time requests queued for the signing limits.
+	SignWait prometheus.Histogram
 }
 
 // NewMetrics creates the metrics and registers them with Go runtime and
@@ -40,7 +42,12 @@ func NewMetrics() *Metrics {
 		Name: "meshid_ca_rotation_failures_total",
 		Help: "CA lifecycle steps (prepare, activate) that failed; each is retried.",
 	})
-	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.RotationFailures,
+	m.SignWait = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "meshid_sign_wait_seconds",
+		Help:    "Time an SVID request waited for the signing rate and concurrency limits.",
+		Buckets: []float64{0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
+	})
+	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.RotationFailures, m.SignWait,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")

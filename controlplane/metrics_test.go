@@ -16,8 +16,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/identity"
+	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/store"
 )
 

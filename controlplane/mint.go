@@ -62,6 +62,19 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 		return nil, invalidf("ttl %s is longer than the CA's remaining life %s", ttl, rem.Truncate(time.Second))
 	}
 
+	// Renewals may queue longer than interactive requests: their SVID in
+	// hand is still valid, and a refusal only means a retry later.
+	maxWait := s.cfg.SignQueueTimeout
+	if req.Requester == "workload" {
+		maxWait = max(maxWait, 30*time.Second)
+	}
+	waited, release, err := s.limiter.acquire(ctx, maxWait)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	s.metrics.SignWait.Observe(waited.Seconds())
+
 	var svid *ca.X509SVID
 	if len(req.CSR) > 0 {
 		csr, err := ca.ParseCSR(req.CSR)

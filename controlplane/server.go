@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,6 +55,13 @@ type Config struct {
 	// RotateSVIDsOnActivation re-issues every served SVID as soon as a new
 	// CA is activated, instead of at each one's next renewal.
 	RotateSVIDsOnActivation bool
+	// SignRate caps signatures per second (0: no cap); SignConcurrency caps
+	// signatures in flight (default 4 x GOMAXPROCS); SignQueueTimeout is
+	// the longest an admin request queues before ResourceExhausted
+	// (default 2s; renewals queue up to 30s).
+	SignRate         float64
+	SignConcurrency  int
+	SignQueueTimeout time.Duration
 	// DisableAutoRotate turns off the automatic CA lifecycle (manual
 	// prepare/activate still work).
 	DisableAutoRotate bool
@@ -85,6 +93,7 @@ type Server struct {
 	sdsMetrics  *sds.Metrics
 	grpcMetrics *grpcMetrics
 	ids         *identities
+	limiter     *signLimiter
 	afterFunc   func(time.Duration, func()) func() bool
 
 	kek    *kek.KEK
@@ -133,6 +142,15 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.JWTTTL == 0 {
 		cfg.JWTTTL = ca.DefaultJWTTTL
 	}
+	if cfg.SignConcurrency == 0 {
+		cfg.SignConcurrency = 4 * runtime.GOMAXPROCS(0)
+	}
+	if cfg.SignQueueTimeout == 0 {
+		cfg.SignQueueTimeout = 2 * time.Second
+	}
+	if cfg.SignRate < 0 || cfg.SignConcurrency < 0 {
+		return nil, fmt.Errorf("sign rate and concurrency must not be negative")
+	}
 	if cfg.CAPrepareAt == 0 {
 		cfg.CAPrepareAt = 0.5
 	}
@@ -162,6 +180,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		entries:   newEntryIndex(),
 		metrics:   NewMetrics(),
 		afterFunc: cfg.AfterFunc,
+		limiter:   newSignLimiter(cfg.SignConcurrency, cfg.SignRate, cfg.SignQueueTimeout),
 	}
 	s.ids = newIdentities(s)
 	s.tokens.conns = map[string]tokenBinding{}

@@ -36,6 +36,8 @@ type serverFlags struct {
 	prepareWindow time.Duration
 	rotateOnAct   bool
 	jwtTTL        time.Duration
+	signRate      float64
+	signConc      int
 	sdsListen     string
 	sdsREST       string
 	serverDNS     []string
@@ -65,6 +67,8 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	durationFlag(fs, &f.prepareWindow, "ca-prepare-window", 0, "least time a prepared CA is in the bundle before it signs (default 2 x --svid-ttl, never less than --svid-ttl)")
 	fs.BoolVar(&f.rotateOnAct, "rotate-svids-on-activation", false, "re-issue every served SVID as soon as a new CA is activated")
 	durationFlag(fs, &f.jwtTTL, "jwt-ttl", 5*time.Minute, "lifetime of JWT-SVIDs")
+	fs.Float64Var(&f.signRate, "sign-rate", 0, "most X.509-SVID signatures per second, spreading mass re-issues (0: no limit)")
+	fs.IntVar(&f.signConc, "sign-concurrency", 0, "most signatures in flight (default 4 x CPUs); excess requests queue briefly, then get ResourceExhausted")
 	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
@@ -99,8 +103,9 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		JWTTTL:      f.jwtTTL,
 		CAPrepareAt: f.prepareAt, CAActivateAt: f.activateAt, CAPrepareWindow: f.prepareWindow,
 		RotateSVIDsOnActivation: f.rotateOnAct,
-		Version:                 version(),
-		Logger:                  log,
+		SignRate:                f.signRate, SignConcurrency: f.signConc,
+		Version: version(),
+		Logger:  log,
 	}, nil
 }
 
