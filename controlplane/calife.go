@@ -18,6 +18,9 @@ import (
 type caView struct {
 	rec  store.CARecord
 	cert *x509.Certificate
+	// root is what peers trust for this CA: cert itself, or the upstream
+	// root when cert is an intermediate under an upstream CA.
+	root *x509.Certificate
 	// auth is the loaded signing key, for prepared and active CAs.
 	auth *ca.Authority
 	// lastNotAfter is the latest NotAfter (unix nanos) of any SVID this CA
@@ -71,7 +74,12 @@ func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
 		if err != nil {
 			return fmt.Errorf("CA %s: parse certificate: %w", rec.ID, err)
 		}
-		v := &caView{rec: rec, cert: cert}
+		v := &caView{rec: rec, cert: cert, root: cert}
+		if n := len(rec.ChainDER); n > 0 {
+			if v.root, err = x509.ParseCertificate(rec.ChainDER[n-1]); err != nil {
+				return fmt.Errorf("CA %s: parse chain: %w", rec.ID, err)
+			}
+		}
 		if rec.State != store.CARetired {
 			if v.auth, err = s.unsealAuthority(k, rec); err != nil {
 				return err
@@ -104,12 +112,12 @@ func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
 		}
 		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{
 			Time: s.now(), Actor: "server", Action: "ca.create", Target: rec.ID,
-			Detail: fmt.Sprintf("self-signed %s root for %s, valid until %s", s.cfg.CAKeyType, s.td, rec.NotAfter.UTC().Format(time.RFC3339)),
+			Detail: fmt.Sprintf("%s %s CA for %s, valid until %s", s.cfg.CAKeyType, caKind(rec), s.td, rec.NotAfter.UTC().Format(time.RFC3339)),
 		}); err != nil {
 			return fmt.Errorf("store new CA: %w", err)
 		}
 		s.log.Info("created CA", "id", rec.ID, "trust_domain", s.td.String(), "not_after", rec.NotAfter)
-		active = &caView{rec: rec, cert: a.Cert, auth: a}
+		active = &caView{rec: rec, cert: a.Cert, auth: a, root: a.Root()}
 		views = append(views, active)
 	}
 	if err := s.loadLastNotAfter(ctx, views); err != nil {
@@ -159,9 +167,19 @@ func (s *Server) noteIssued(caID string, notAfter time.Time) {
 
 func (s *Server) newCA(k *kek.KEK, state store.CAState) (*ca.Authority, store.CARecord, error) {
 	now := s.now()
-	a, err := ca.NewRoot(s.td, s.cfg.CAKeyType, s.cfg.CATTL, now)
+	var a *ca.Authority
+	var err error
+	if up := s.cfg.Upstream; up != nil {
+		a, err = ca.NewIntermediate(s.td, s.cfg.CAKeyType, s.cfg.CATTL, now, up)
+	} else {
+		a, err = ca.NewRoot(s.td, s.cfg.CAKeyType, s.cfg.CATTL, now)
+	}
 	if err != nil {
 		return nil, store.CARecord{}, fmt.Errorf("create CA: %w", err)
+	}
+	var chain [][]byte
+	for _, c := range a.Chain {
+		chain = append(chain, c.Raw)
 	}
 	der, err := x509.MarshalPKCS8PrivateKey(a.Key)
 	if err != nil {
@@ -179,6 +197,7 @@ func (s *Server) newCA(k *kek.KEK, state store.CAState) (*ca.Authority, store.CA
 		Kind:      "x509",
 		State:     state,
 		CertDER:   a.Cert.Raw,
+		ChainDER:  chain,
 		SealedKey: sealed,
 		NotBefore: a.Cert.NotBefore,
 		NotAfter:  a.Cert.NotAfter,
@@ -201,8 +220,9 @@ func (s *Server) BundleCerts() []*x509.Certificate {
 	now := s.now()
 	var out []*x509.Certificate
 	for _, v := range s.cas {
-		if v.inBundle(now) {
-			out = append(out, v.cert)
+		// Intermediates under one upstream share its root: list it once.
+		if v.inBundle(now) && !slices.ContainsFunc(out, v.root.Equal) {
+			out = append(out, v.root)
 		}
 	}
 	return out
@@ -253,7 +273,7 @@ func (s *Server) prepareLocked(ctx context.Context, actor string) (store.CARecor
 		return store.CARecord{}, err
 	}
 	s.mu.Lock()
-	s.cas = append(s.cas, &caView{rec: rec, cert: a.Cert, auth: a})
+	s.cas = append(s.cas, &caView{rec: rec, cert: a.Cert, auth: a, root: a.Root()})
 	s.mu.Unlock()
 	if err := s.publishBundles(); err != nil {
 		return store.CARecord{}, err
@@ -324,8 +344,8 @@ func (s *Server) activateLocked(ctx context.Context, actor string, force bool) (
 		return store.CARecord{}, err
 	}
 	s.mu.Lock()
-	nv := &caView{rec: next, cert: p.cert, auth: p.auth}
-	rv := &caView{rec: retired, cert: old.cert}
+	nv := &caView{rec: next, cert: p.cert, auth: p.auth, root: p.root}
+	rv := &caView{rec: retired, cert: old.cert, root: old.root}
 	rv.lastNotAfter.Store(old.lastNotAfter.Load())
 	s.cas = slices.DeleteFunc(slices.Clone(s.cas), func(v *caView) bool { return v == p || v == old })
 	s.cas = append(s.cas, rv, nv)
@@ -469,4 +489,11 @@ func (s *Server) caByID(id string) *caView {
 		}
 	}
 	return nil
+}
+
+func caKind(rec store.CARecord) string {
+	if len(rec.ChainDER) > 0 {
+		return "intermediate (under the upstream CA)"
+	}
+	return "self-signed root"
 }

@@ -62,6 +62,9 @@ type Config struct {
 	SignRate         float64
 	SignConcurrency  int
 	SignQueueTimeout time.Duration
+	// Upstream, if set, signs meshid's CAs as intermediates; the trust
+	// bundle is then its root.
+	Upstream *ca.Upstream
 	// DisableAutoRotate turns off the automatic CA lifecycle (manual
 	// prepare/activate still work).
 	DisableAutoRotate bool

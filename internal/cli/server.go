@@ -36,6 +36,7 @@ type serverFlags struct {
 	prepareWindow time.Duration
 	rotateOnAct   bool
 	jwtTTL        time.Duration
+	upCert, upKey string
 	signRate      float64
 	signConc      int
 	sdsListen     string
@@ -69,6 +70,8 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	durationFlag(fs, &f.jwtTTL, "jwt-ttl", 5*time.Minute, "lifetime of JWT-SVIDs")
 	fs.Float64Var(&f.signRate, "sign-rate", 0, "most X.509-SVID signatures per second, spreading mass re-issues (0: no limit)")
 	fs.IntVar(&f.signConc, "sign-concurrency", 0, "most signatures in flight (default 4 x CPUs); excess requests queue briefly, then get ResourceExhausted")
+	fs.StringVar(&f.upCert, "upstream-ca-cert", "", "PEM certificate of an existing CA (optionally followed by its chain to the root) that signs meshid's CA as an intermediate; the bundle is then that root")
+	fs.StringVar(&f.upKey, "upstream-ca-key", "", "PEM private key of --upstream-ca-cert")
 	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
@@ -88,7 +91,17 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 	kt, err := ca.ParseKeyType(f.caKeyType)
 	if err != nil {
-		return controlplane.Config{}, fmt.Errorf("--ca-key-type: %w", err)
+		var up *ca.Upstream
+		if f.upCert != "" || f.upKey != "" {
+			if f.upCert == "" || f.upKey == "" {
+				return controlplane.Config{}, errors.New("--upstream-ca-cert and --upstream-ca-key go together")
+			}
+			if up, err = ca.LoadUpstream(f.upCert, f.upKey); err != nil {
+				return controlplane.Config{}, err
+			}
+		}
+		return controlplane.Config{
+			Upstream: up}, fmt.Errorf("--ca-key-type: %w", err)
 	}
 	if f.svidTTL <= 0 {
 		return controlplane.Config{}, errors.New("--svid-ttl must be positive")
