@@ -16,6 +16,8 @@ type Metrics struct {
 	RenewalFailures prometheus.Counter
 	// RotationFailures counts CA lifecycle steps that failed (retried).
 	RotationFailures prometheus.Counter
+	// WorkloadStreams counts open SPIFFE Workload API streams.
+	WorkloadStreams prometheus.Gauge
 	// SignWait is the time requests queued for the signing limits.
 	SignWait prometheus.Histogram
 }
@@ -47,7 +49,8 @@ func NewMetrics() *Metrics {
 		Help:    "Time an SVID request waited for the signing rate and concurrency limits.",
 		Buckets: []float64{0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
 	})
-	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.RotationFailures, m.SignWait,
+	m.WorkloadStreams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshid_workload_streams", Help: "Open SPIFFE Workload API streams."})
+	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.RotationFailures, m.SignWait, m.WorkloadStreams,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")

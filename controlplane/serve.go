@@ -20,6 +20,7 @@ import (
 	"github.com/meshid/meshid/identity"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/sds"
+	"github.com/meshid/meshid/workload"
 )
 
 // Endpoints says where a running server listens.
@@ -27,7 +28,7 @@ type Endpoints struct {
 	// AdminSocket is the admin API's unix socket, made owner-only (0600) in
 	// a directory made 0700 if it does not exist.
 	AdminSocket string
-	// Socket is the workload socket (SDS, later the Workload API), open to
+	// Socket is the workload socket (SDS and the SPIFFE Workload API), open to
 	// every local user: callers are told apart by their peer credentials.
 	// Empty turns it off.
 	Socket string
@@ -84,6 +85,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	got := Listening{AdminSocket: ep.AdminSocket}
 	var ws *grpc.Server
 	var sdsSrv *sds.Server
+	var wlSrv *workload.Server
 	if ep.Socket != "" {
 		wl, err := ListenUnix(ep.Socket, 0o666, 0o755)
 		if err != nil {
@@ -95,6 +97,9 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		ws = grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(attest.UnixCredentials()))...)
 		sdsSrv = sds.New(s, unixCaller, s.log, s.sdsMetrics)
 		sdsSrv.Register(ws)
+		wlSrv = workload.New(s, unixCaller, s.log)
+		wlSrv.SetStreamsGauge(s.metrics.WorkloadStreams)
+		wlSrv.Register(ws)
 		healthpb.RegisterHealthServer(ws, hs)
 		go func() { errc <- ws.Serve(wl) }()
 	}
@@ -185,6 +190,9 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		if x != nil {
 			x.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
 		}
+	}
+	if wlSrv != nil {
+		wlSrv.Shutdown()
 	}
 	for _, g := range []*grpc.Server{gs, ws, remote} {
 		if g == nil {

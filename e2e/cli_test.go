@@ -1,10 +1,14 @@
 package e2e
 
 import (
+	"context"
+	"time"
+
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -21,9 +25,19 @@ import (
 // TestCLITour walks the README's tour against `meshid dev` in a subprocess.
 func TestCLITour(t *testing.T) {
 	sock := filepath.Join(sockDir(t), "admin.sock")
-	dev := startMeshid(t, "dev", "--admin-socket", sock, "--socket", filepath.Join(filepath.Dir(sock), "w.sock"), "--svid-ttl", "1h", "--spiffe-id", "spiffe://cluster.local/ns/dev/sa/me")
+	wsock := filepath.Join(filepath.Dir(sock), "w.sock")
+	dev := startMeshid(t, "dev", "--admin-socket", sock, "--socket", wsock, "--svid-ttl", "1h", "--spiffe-id", "spiffe://cluster.local/ns/dev/sa/me")
 	dev.waitFor(t, "entry created")
 	admin := "--admin-socket=" + sock
+
+	// The workload socket serves the SPIFFE Workload API to the current
+	// user: go-spiffe's own client gets the dev identity.
+	wctx, wcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	got, err := workloadapi.FetchX509SVID(wctx, workloadapi.WithAddr("unix://"+wsock))
+	wcancel()
+	if err != nil || got.ID.String() != "spiffe://cluster.local/ns/dev/sa/me" {
+		t.Fatalf("Workload API on the dev socket: %v %v", got, err)
+	}
 
 	// The dev entry for the current uid exists.
 	out, errOut, code := runCLI(t, "entry", "list", admin, "-o", "json")

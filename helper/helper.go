@@ -1,0 +1,349 @@
+// Package helper keeps a workload's X.509-SVID, key and trust bundle as
+// files on disk, for programs that cannot speak the SPIFFE Workload API
+// (nginx, databases): it watches the Workload API with go-spiffe's client,
+// writes the files atomically on every update (each renewal, each bundle
+// change), and then tells the program to reload, by command or by signal.
+package helper
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"golang.org/x/sys/unix"
+)
+
+// Default file names in Config.Dir.
+const (
+	DefaultCertName   = "svid.pem"
+	DefaultKeyName    = "svid.key"
+	DefaultBundleName = "bundle.pem"
+)
+
+// Config says where to get the SVID, where to write it, and how to tell
+// the program that uses it.
+type Config struct {
+	// Socket is the Workload API socket: a path, or an address such as
+	// "unix:///run/meshid/workload.sock".
+	Socket string
+	// Dir receives the files; it is created (0755) if absent.
+	Dir string
+	// CertName is the SVID chain (leaf first, then intermediates), PEM.
+	CertName string
+	// KeyName is the SVID's private key, PKCS#8 PEM, mode 0600.
+	KeyName string
+	// BundleName is the trust bundle of the SVID's trust domain, PEM.
+	BundleName string
+	// ReloadCmd runs with "sh -c" after every write.
+	ReloadCmd string
+	// Signal ("HUP", "SIGUSR1", "1") is sent after every write to the
+	// process whose pid PIDFile holds (read anew each time).
+	Signal  string
+	PIDFile string
+	// Once writes the files (and reloads) once, then returns.
+	Once bool
+	// Log receives a line for every write and reload; nil discards.
+	Log *slog.Logger
+}
+
+// withDefaults fills the file names.
+func (c Config) withDefaults() Config {
+	if c.CertName == "" {
+		c.CertName = DefaultCertName
+	}
+	if c.KeyName == "" {
+		c.KeyName = DefaultKeyName
+	}
+	if c.BundleName == "" {
+		c.BundleName = DefaultBundleName
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// Validate reports the first configuration mistake, in terms of the
+// command's flags.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	if c.Socket == "" {
+		return errors.New("--socket is required: the Workload API socket")
+	}
+	if c.Dir == "" {
+		return errors.New("--dir is required: the directory to write the SVID, key and bundle into")
+	}
+	names := map[string]string{"--cert-name": c.CertName, "--key-name": c.KeyName, "--bundle-name": c.BundleName}
+	seen := map[string]string{}
+	for _, flag := range []string{"--cert-name", "--key-name", "--bundle-name"} {
+		n := names[flag]
+		if n == "." || n == ".." || strings.ContainsRune(n, '/') {
+			return fmt.Errorf("%s %q: want a plain file name inside --dir", flag, n)
+		}
+		if other, dup := seen[n]; dup {
+			return fmt.Errorf("%s and %s are both %q: each file needs its own name", other, flag, n)
+		}
+		seen[n] = flag
+	}
+	if c.ReloadCmd != "" && c.Signal != "" {
+		return errors.New("--reload-cmd and --signal both given: choose one way to reload")
+	}
+	if c.Signal != "" && c.PIDFile == "" {
+		return errors.New("--signal needs --pid-file: the file holding the pid to signal")
+	}
+	if c.PIDFile != "" && c.Signal == "" {
+		return errors.New("--pid-file needs --signal: the signal to send (e.g. HUP)")
+	}
+	if c.Signal != "" {
+		if _, err := ParseSignal(c.Signal); err != nil {
+			return fmt.Errorf("--signal: %w", err)
+		}
+	}
+	return nil
+}
+
+// ParseSignal reads a signal by name ("HUP", "SIGHUP", "hup") or number.
+func ParseSignal(s string) (syscall.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n <= 0 || unix.SignalName(syscall.Signal(n)) == "" {
+			return 0, fmt.Errorf("unknown signal %q", s)
+		}
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	sig := unix.SignalNum(name)
+	if sig == 0 {
+		return 0, fmt.Errorf("unknown signal %q (want a name such as HUP, USR1, TERM, or a number)", s)
+	}
+	return sig, nil
+}
+
+// Address turns a socket path into a Workload API address.
+func Address(socket string) (string, error) {
+	if strings.HasPrefix(socket, "unix:") {
+		return socket, nil
+	}
+	abs, err := filepath.Abs(socket)
+	if err != nil {
+		return "", fmt.Errorf("socket %s: %w", socket, err)
+	}
+	return "unix://" + abs, nil
+}
+
+// Run writes the files and reloads, then, unless Once, repeats on every
+// update until ctx ends, when it returns nil. It returns an error for a
+// bad configuration, a directory it cannot write, and, with Once, any
+// failure.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	cfg = cfg.withDefaults()
+	addr, err := Address(cfg.Socket)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return fmt.Errorf("create --dir: %w", err)
+	}
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
+	if err != nil {
+		return fmt.Errorf("workload api client for %s: %w", addr, err)
+	}
+	defer client.Close()
+	h := &helper{cfg: cfg, log: cfg.Log, ctx: ctx}
+
+	if cfg.Once {
+		x, err := client.FetchX509Context(ctx)
+		if err != nil {
+			return fmt.Errorf("fetch X.509-SVID from %s: %w", cfg.Socket, err)
+		}
+		return h.update(x)
+	}
+	cfg.Log.Info("helper: watching the Workload API", "socket", cfg.Socket, "dir", cfg.Dir)
+	err = client.WatchX509Context(ctx, h)
+	if ctx.Err() != nil {
+		cfg.Log.Info("helper: stopped")
+		return nil
+	}
+	return fmt.Errorf("watch %s: %w", cfg.Socket, err)
+}
+
+type helper struct {
+	cfg  Config
+	log  *slog.Logger
+	ctx  context.Context
+	last [3][]byte // cert, key, bundle as last written
+}
+
+// OnX509ContextUpdate implements workloadapi.X509ContextWatcher. Errors
+// are logged; the files on disk stay as they were, and the next update
+// tries again.
+func (h *helper) OnX509ContextUpdate(x *workloadapi.X509Context) {
+	if err := h.update(x); err != nil && h.ctx.Err() == nil {
+		h.log.Error("helper: update failed; keeping the files on disk", "err", err)
+	}
+}
+
+// OnX509ContextWatchError implements workloadapi.X509ContextWatcher; the
+// client retries with backoff.
+func (h *helper) OnX509ContextWatchError(err error) {
+	if h.ctx.Err() == nil {
+		h.log.Warn("helper: Workload API watch failed; retrying", "socket", h.cfg.Socket, "err", err)
+	}
+}
+
+// update writes the default SVID and its bundle if they differ from what
+// was last written, then reloads.
+func (h *helper) update(x *workloadapi.X509Context) error {
+	svid := x.DefaultSVID()
+	certPEM, keyPEM, err := svid.Marshal()
+	if err != nil {
+		return fmt.Errorf("encode SVID %s: %w", svid.ID, err)
+	}
+	bundle, err := x.Bundles.GetX509BundleForTrustDomain(svid.ID.TrustDomain())
+	if err != nil {
+		return fmt.Errorf("no bundle for %s: %w", svid.ID.TrustDomain(), err)
+	}
+	bundlePEM, err := bundle.Marshal()
+	if err != nil {
+		return fmt.Errorf("encode bundle: %w", err)
+	}
+	next := [3][]byte{certPEM, keyPEM, bundlePEM}
+	if bytes.Equal(next[0], h.last[0]) && bytes.Equal(next[1], h.last[1]) && bytes.Equal(next[2], h.last[2]) {
+		h.log.Debug("helper: update without change; nothing written")
+		return nil
+	}
+	// Each file is replaced atomically; the program is told to reload only
+	// once all three are in place.
+	files := []struct {
+		name string
+		data []byte
+		perm os.FileMode
+	}{
+		{h.cfg.BundleName, bundlePEM, 0o644},
+		{h.cfg.KeyName, keyPEM, 0o600},
+		{h.cfg.CertName, certPEM, 0o644},
+	}
+	for _, f := range files {
+		if err := writeAtomic(h.cfg.Dir, f.name, f.data, f.perm); err != nil {
+			return err
+		}
+	}
+	if err := syncDir(h.cfg.Dir); err != nil {
+		return err
+	}
+	h.last = next
+	leaf := svid.Certificates[0]
+	h.log.Info("helper: wrote SVID", "spiffe_id", svid.ID.String(), "serial", leaf.SerialNumber.Text(16),
+		"not_after", leaf.NotAfter, "dir", h.cfg.Dir, "bundle_cas", len(bundle.X509Authorities()))
+	return h.reload()
+}
+
+// reload runs the reload command or sends the signal.
+func (h *helper) reload() error {
+	switch {
+	case h.cfg.ReloadCmd != "":
+		start := time.Now()
+		cmd := exec.CommandContext(h.ctx, "sh", "-c", h.cfg.ReloadCmd)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("reload command %q: %w (output: %s)", h.cfg.ReloadCmd, err, tail(out))
+		}
+		h.log.Info("helper: reloaded", "cmd", h.cfg.ReloadCmd, "took", time.Since(start).Round(time.Millisecond))
+	case h.cfg.Signal != "":
+		sig, err := ParseSignal(h.cfg.Signal)
+		if err != nil {
+			return err
+		}
+		pid, err := readPID(h.cfg.PIDFile)
+		if err != nil {
+			return err
+		}
+		if err := syscall.Kill(pid, sig); err != nil {
+			return fmt.Errorf("send %s to pid %d (from %s): %w", unix.SignalName(sig), pid, h.cfg.PIDFile, err)
+		}
+		h.log.Info("helper: reloaded", "signal", unix.SignalName(sig), "pid", pid)
+	}
+	return nil
+}
+
+func readPID(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("read pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("pid file %s holds %q, not a process id", path, strings.TrimSpace(string(b)))
+	}
+	return pid, nil
+}
+
+func tail(b []byte) string {
+	const max = 512
+	s := strings.TrimSpace(string(b))
+	if len(s) > max {
+		s = "..." + s[len(s)-max:]
+	}
+	return s
+}
+
+// writeAtomic replaces dir/name with data: written to a temporary file in
+// the same directory, flushed to disk, then renamed over the old one, so a
+// reader sees the old file or the new one, never a part.
+func writeAtomic(dir, name string, data []byte, perm os.FileMode) (err error) {
+	f, err := os.CreateTemp(dir, "."+name+".*.tmp")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(perm); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	return nil
+}
+
+// syncDir makes the renames durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}
