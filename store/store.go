@@ -107,6 +107,17 @@ type JoinToken struct {
 	CreatedAt time.Time
 }
 
+// RevokedSerial is a certificate put on its CA's CRL before it expired. It
+// leaves the CRL once NotAfter has passed: an expired certificate is
+// refused anyway, so CRLs stay small.
+type RevokedSerial struct {
+	Serial    string // lowercase hex, as in the inventory
+	CAID      string
+	SpiffeID  string
+	NotAfter  time.Time
+	RevokedAt time.Time
+}
+
 // SVIDQuery selects inventory rows, ordered by NotAfter then Serial.
 type SVIDQuery struct {
 	// NotExpiredAt, if set, skips rows with NotAfter <= NotExpiredAt.
@@ -169,6 +180,15 @@ type Store interface {
 	// single-use token is marked used in the same transaction, so two
 	// concurrent redemptions cannot both succeed.
 	UseToken(ctx context.Context, hash string, now time.Time) (JoinToken, error)
+
+	// RevokeSerials adds serials to the revocation list with one audit
+	// event, atomically. A serial already revoked keeps its first record.
+	RevokeSerials(ctx context.Context, serials []RevokedSerial, audit AuditEvent) error
+	// ListRevoked returns every revoked serial not yet pruned.
+	ListRevoked(ctx context.Context) ([]RevokedSerial, error)
+	// PruneRevoked drops revoked serials whose certificate expired before
+	// cutoff and returns how many it dropped.
+	PruneRevoked(ctx context.Context, cutoff time.Time) (int, error)
 
 	// Close releases the store; it waits for pending RecordSVID commits.
 	Close() error

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -44,7 +45,7 @@ var (
 	bucketAudit      = []byte("audit")
 	bucketTokens     = []byte("tokens")
 
-	allBuckets = [][]byte{bucketMeta, bucketCAs, bucketEntries, bucketEntryUniq, bucketSVIDs, bucketSVIDExpiry, bucketAudit, bucketTokens}
+	allBuckets = [][]byte{bucketMeta, bucketCAs, bucketEntries, bucketEntryUniq, bucketSVIDs, bucketSVIDExpiry, bucketAudit, bucketTokens, bucketRevoked}
 
 	keySchema = []byte("schema_version")
 )
@@ -60,6 +61,12 @@ type Options struct {
 	LockTimeout time.Duration
 	// Now stamps audit events that arrive without a time; nil is time.Now.
 	Now func() time.Time
+
+	// Tests shrink these; zero means the defaults (DefaultWALSegmentSize,
+	// defaultFoldInterval, defaultFoldRows).
+	walSegmentSize int64
+	foldInterval   time.Duration
+	foldRows       int
 }
 
 // Store is a store.Store on a bbolt file. Create it with Open; it is safe for
@@ -74,10 +81,46 @@ type Store struct {
 	qmu        sync.Mutex
 	qcond      *sync.Cond
 	queue      []*svidReq
-	spare      []*svidReq
+	spareQ     []*svidReq
 	qclosed    bool
 	commitDone chan struct{}
 	commits    atomic.Int64 // group commits done, for tests and benchmarks
+	closing    atomic.Bool  // Close has begun
+
+	// The inventory WAL; see wal.go. Lock order: rollMu before wmu; foldMu
+	// before pmu and wmu.
+	segSize      int64
+	foldInterval time.Duration
+	foldRows     int
+	// rollMu is held to switch, rename, create or delete segment files, and
+	// by Check while it reads them.
+	rollMu sync.Mutex
+	// wmu guards the segment bookkeeping below. The committer, the only
+	// writer of active and tail, reads them without it.
+	wmu      sync.Mutex
+	active   *segment
+	tail     int64      // where the next frame goes in active
+	sealed   []*segment // full segments not yet entirely folded
+	spare    *segment   // next segment, named active.seq+1, ready to write
+	ckpt     walPos     // the checkpoint last committed to bbolt
+	walErr   error      // set if the WAL can no longer be trusted
+	frameBuf []byte     // the committer's frame buffer
+
+	// pmu guards the rows acknowledged but not yet folded into bbolt.
+	pmu        sync.Mutex
+	pcond      *sync.Cond // signalled after every fold
+	pending    []walRow
+	pendingSet map[string]struct{} // serials in pending, or claimed by the committer
+
+	foldMu   sync.Mutex // one fold at a time
+	foldKick chan struct{}
+	foldStop chan struct{}
+	foldDone chan struct{}
+	folds    atomic.Int64 // fold transactions committed, for tests
+
+	// beforeWALWrite, if set (by tests), runs in the committer at the start
+	// of every group.
+	beforeWALWrite func()
 
 	closeOnce sync.Once
 	closeErr  error
@@ -95,6 +138,15 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.walSegmentSize <= 0 {
+		opts.walSegmentSize = DefaultWALSegmentSize
+	}
+	if opts.foldInterval <= 0 {
+		opts.foldInterval = defaultFoldInterval
+	}
+	if opts.foldRows <= 0 {
+		opts.foldRows = defaultFoldRows
 	}
 	log := opts.Logger
 	if log == nil {
@@ -125,14 +177,28 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		db:         db,
-		path:       path,
-		log:        log,
-		now:        opts.Now,
-		commitDone: make(chan struct{}),
+		db:           db,
+		path:         path,
+		log:          log,
+		now:          opts.Now,
+		commitDone:   make(chan struct{}),
+		segSize:      opts.walSegmentSize,
+		foldInterval: opts.foldInterval,
+		foldRows:     opts.foldRows,
+		pendingSet:   make(map[string]struct{}),
+		foldKick:     make(chan struct{}, 1),
+		foldStop:     make(chan struct{}),
+		foldDone:     make(chan struct{}),
 	}
 	s.qcond = sync.NewCond(&s.qmu)
+	s.pcond = sync.NewCond(&s.pmu)
+	// Under bbolt's lock: only the process holding the db touches the WAL.
+	if err := s.openWAL(); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
 	go s.commitLoop()
+	go s.foldLoop()
 	log.Info("store opened", "path", path, "schema_version", SchemaVersion, "created", created)
 	return s, nil
 }
@@ -188,16 +254,25 @@ func putSchemaVersion(tx *bolt.Tx, v uint64) error {
 	return tx.Bucket(bucketMeta).Put(keySchema, binary.BigEndian.AppendUint64(nil, v))
 }
 
-// Close waits for queued RecordSVID commits, then closes the file. Calling it
-// again returns the first result.
+// Close waits for queued RecordSVID commits, folds the WAL into bbolt, then
+// closes the files. Calling it again returns the first result.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
+		s.closing.Store(true)
 		s.qmu.Lock()
 		s.qclosed = true
 		s.qcond.Broadcast()
 		s.qmu.Unlock()
+		s.pmu.Lock()
+		s.pcond.Broadcast() // a committer waiting on the folder goes on
+		s.pmu.Unlock()
 		<-s.commitDone
-		if err := s.db.Close(); err != nil {
+		close(s.foldStop)
+		<-s.foldDone
+		if err := s.closeSegments(); err != nil {
+			s.closeErr = fmt.Errorf("close store %s: wal: %w", s.path, err)
+		}
+		if err := s.db.Close(); err != nil && s.closeErr == nil {
 			s.closeErr = fmt.Errorf("close store %s: %w", s.path, err)
 		}
 		s.log.Info("store closed", "path", s.path)
@@ -527,6 +602,10 @@ func (s *Store) ListSVIDs(ctx context.Context, q store.SVIDQuery) ([]store.Issue
 		end = q.ExpiringBefore.UnixNano()
 	}
 
+	// Acknowledged rows may still be in the WAL alone; see wal.go.
+	if err := s.foldPending("list svids"); err != nil {
+		return nil, "", err
+	}
 	var (
 		out  []store.IssuedSVID
 		next string
@@ -592,6 +671,9 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 		return 0, fmt.Errorf("prune svids: cutoff %s out of range: %w", cutoff, store.ErrInvalid)
 	}
 	end := cutoff.UnixNano()
+	if err := s.foldPending("prune svids"); err != nil {
+		return 0, err
+	}
 	var n int
 	err := s.update("prune svids", func(tx *bolt.Tx) error {
 		idx, svids := tx.Bucket(bucketSVIDExpiry), tx.Bucket(bucketSVIDs)
@@ -625,20 +707,20 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 // ---- group commit ----
 
 // RecordSVID is on the issuance path and must be durable, so every call ends
-// in an fsync. Giving each caller its own bbolt transaction would cap
-// throughput at one row per fsync (a few hundred per second on ordinary
-// disks). Instead callers are committed in groups.
+// in an fsync. Giving each caller its own write would cap throughput at one
+// row per fsync. Instead callers are committed in groups.
 //
 // bbolt's db.Batch does this too, but it waits up to MaxBatchDelay (10 ms by
 // default) for a batch to fill, and that fixed delay, not the disk, is then
 // the limit: ~MaxBatchSize per delay at best, and every lightly-loaded call
 // pays the full delay. An owned committer goroutine needs no delay: it takes
-// everything queued, writes it in one Update (one fsync), answers every
-// waiter, and goes again. Whatever arrives while an fsync is in progress
-// forms the next group, so the group size adapts to load by itself: one
-// caller alone sees one fsync of latency; with N callers about N/2 share
-// each commit (the other half is being answered and re-queueing meanwhile),
-// which BenchmarkRecordSVID reports as rows/commit.
+// everything queued, writes it with one pwrite and one fdatasync of the WAL
+// (wal.go), answers every waiter, and goes again. Whatever arrives while an
+// fdatasync is in progress forms the next group, so the group size adapts to
+// load by itself: one caller alone sees one fdatasync of latency; with N
+// callers most of them share each commit (the committer yields once before
+// taking the queue, so callers that are about to queue make it in), which
+// BenchmarkRecordSVID reports as rows/commit.
 // A further benefit over db.Batch: a failing row does not make its
 // neighbours retry one by one; each gets its own error.
 //
@@ -648,17 +730,19 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 // outcome, which costs at most one commit, so that an error return always
 // means "not recorded", as the Store contract promises.
 type svidReq struct {
-	serial []byte
-	idxKey []byte
-	val    []byte
-	state  reqState
-	err    error      // set by the committer inside the transaction
-	done   chan error // buffered: the committer never blocks on a caller
+	serial  []byte
+	idxKey  []byte
+	val     []byte
+	state   reqState
+	claimed bool       // committer only: holds its serial in pendingSet
+	err     error      // set by the committer
+	done    chan error // buffered: the committer never blocks on a caller
 }
 
 // RecordSVID durably records an issued SVID. It returns once the row is
-// fsynced, together with whatever other rows were queued at the same time.
-// A second row with the same serial gets store.ErrAlreadyExists.
+// in the WAL and fdatasynced, together with whatever other rows were queued
+// at the same time. A second row with the same serial, whether the first is
+// already in bbolt or still only in the WAL, gets store.ErrAlreadyExists.
 func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -674,6 +758,9 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 		idxKey: expiryKey(rec.NotAfter, rec.Serial),
 		val:    encodeSVID(&rec),
 		done:   make(chan error, 1),
+	}
+	if walHeaderLen+int64(len(r.val)) > s.segSize {
+		return fmt.Errorf("record svid %s: record of %d bytes does not fit in a wal segment: %w", rec.Serial, len(r.val), store.ErrInvalid)
 	}
 	s.qmu.Lock()
 	if s.qclosed {
@@ -701,9 +788,29 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 func (s *Store) commitLoop() {
 	defer close(s.commitDone)
 	for {
+		// Backpressure: let a folder that is far behind catch up first.
+		s.pmu.Lock()
+		for len(s.pending) >= maxPendingRows && !s.closing.Load() {
+			s.kickFold()
+			s.pcond.Wait()
+		}
+		s.pmu.Unlock()
+
 		s.qmu.Lock()
 		for len(s.queue) == 0 && !s.qclosed {
 			s.qcond.Wait()
+		}
+		if !s.qclosed {
+			// Let the goroutines that are runnable right now (handlers
+			// about to call RecordSVID) queue their rows first: no timed
+			// delay, and none at all on an idle server, but on a busy one
+			// it makes the groups, and so the fdatasyncs per row, markedly
+			// better (1.4 -> ~2.5 rows per group with 8 clients on 2 cores,
+			// +13% SVIDs/s end to end, the fdatasync path being CPU-heavy
+			// on a virtual disk).
+			s.qmu.Unlock()
+			runtime.Gosched()
+			s.qmu.Lock()
 		}
 		if len(s.queue) == 0 { // closed and drained
 			s.qmu.Unlock()
@@ -712,7 +819,7 @@ func (s *Store) commitLoop() {
 		// Swap the two slices so the queue keeps its capacity and the
 		// steady state allocates nothing here.
 		batch := s.queue
-		s.queue = s.spare[:0]
+		s.queue = s.spareQ[:0]
 		s.qmu.Unlock()
 
 		live := batch[:0]
@@ -726,33 +833,37 @@ func (s *Store) commitLoop() {
 		}
 		clear(batch)
 		s.qmu.Lock()
-		s.spare = batch[:0]
+		s.spareQ = batch[:0]
 		s.qmu.Unlock()
 	}
 }
 
+// commit records one group: duplicate check, then one WAL write and sync
+// (see appendWAL), then the answers.
 func (s *Store) commit(batch []*svidReq) {
 	s.commits.Add(1)
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		svids, idx := tx.Bucket(bucketSVIDs), tx.Bucket(bucketSVIDExpiry)
-		idx.FillPercent = expiryFillPercent
+	if h := s.beforeWALWrite; h != nil {
+		h()
+	}
+	for _, r := range batch {
+		r.err = nil
+	}
+	err := s.claimSerials(batch)
+	if err == nil {
+		rows := make([]*svidReq, 0, len(batch))
 		for _, r := range batch {
-			r.err = nil
-			if svids.Get(r.serial) != nil {
-				r.err = fmt.Errorf("record svid %s: %w", r.serial, store.ErrAlreadyExists)
-				continue
-			}
-			if err := putInventoryRow(svids, idx, r.serial, r.idxKey, r.val); err != nil {
-				return err
+			if r.err == nil {
+				rows = append(rows, r)
 			}
 		}
-		return nil
-	})
-	if err != nil {
-		err = wrapTxErr("record svid: group commit", err)
+		s.appendWAL(rows)
+		// A row whose write failed gives its serial back.
+		s.release(batch, func(r *svidReq) bool { return r.err != nil })
+	} else {
 		s.log.Error("svid group commit failed", "rows", len(batch), "err", err)
 	}
 	for _, r := range batch {
+		r.claimed = false
 		if err != nil {
 			r.done <- err
 		} else {

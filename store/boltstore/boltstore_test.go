@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if path := os.Getenv(lockHelperEnv); path != "" {
 		os.Exit(lockHelper(path))
 	}
+	if arg := os.Getenv(crashHelperEnv); arg != "" {
+		os.Exit(crashHelper(arg))
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -50,9 +53,18 @@ func lockHelper(path string) int {
 
 var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
+// testSegmentSize keeps the tests from writing 64 MiB of zeros per store;
+// the WAL tests pick their own, smaller still.
+const testSegmentSize = 1 << 20
+
 func openT(t testing.TB, path string) *Store {
 	t.Helper()
-	s, err := Open(path, Options{Now: func() time.Time { return t0 }})
+	return openOpts(t, path, Options{Now: func() time.Time { return t0 }, walSegmentSize: testSegmentSize})
+}
+
+func openOpts(t testing.TB, path string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(path, opts)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -613,18 +625,20 @@ func TestRecordSVID_CancelWhileQueued(t *testing.T) {
 	ctx := context.Background()
 	s, path := newStore(t)
 
-	// Hold bbolt's writer lock so the committer blocks inside its Update.
-	tx, err := s.db.Begin(true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// If the test fails while holding the writer lock, release it before the
-	// store's own cleanup waits for the committer, or the run hangs.
-	t.Cleanup(func() { _ = tx.Rollback() })
+	// Stall the committer at the start of its group. (This test used to
+	// hold bbolt's writer lock for that; the committer no longer takes it,
+	// as a group is a WAL write, so it has a hook instead.)
+	gate := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(gate) }) }
+	s.beforeWALWrite = func() { <-gate }
+	// If the test fails while the committer is stalled, let it go before
+	// the store's own cleanup waits for it, or the run hangs.
+	t.Cleanup(release)
 	first := make(chan error, 1)
 	go func() { first <- s.RecordSVID(ctx, testSVID(1, t0)) }()
-	// The committer counts a commit before it asks bbolt for the lock: once
-	// the count is 1 it holds row 1 and is stuck, so row 2 stays queued.
+	// The committer counts a commit before it runs the hook: once the count
+	// is 1 it holds row 1 and is stuck, so row 2 stays queued.
 	waitFor(t, "committer to take row 1", func() bool { return s.commits.Load() == 1 })
 
 	cctx, cancel := context.WithCancel(ctx)
@@ -642,14 +656,12 @@ func TestRecordSVID_CancelWhileQueued(t *testing.T) {
 			t.Fatalf("cancelled RecordSVID: %v", err)
 		}
 	case <-time.After(5 * time.Second):
-		_ = tx.Rollback()
+		release()
 		<-first
 		<-second
 		t.Fatal("cancelled RecordSVID did not return: its row was taken into a commit")
 	}
-	if err := tx.Rollback(); err != nil {
-		t.Fatal(err)
-	}
+	release()
 	if err := <-first; err != nil {
 		t.Fatalf("first RecordSVID: %v", err)
 	}
