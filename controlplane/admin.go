@@ -311,6 +311,22 @@ func (a *AdminService) CreateJoinToken(ctx context.Context, req *adminv1.CreateJ
 	return &adminv1.CreateJoinTokenResponse{Token: secret, SpiffeId: t.SpiffeID, ExpiresAt: timestamppb.New(t.ExpiresAt), SingleUse: t.SingleUse}, nil
 }
 
+// Revoke implements adminv1.AdminServiceServer.
+func (a *AdminService) Revoke(ctx context.Context, req *adminv1.RevokeRequest) (*adminv1.RevokeResponse, error) {
+	res, err := a.srv.Revoke(ctx, req.GetSpiffeId(), req.GetSerial(), actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("revoke", err)
+	}
+	resp := &adminv1.RevokeResponse{}
+	for _, r := range res.Serials {
+		resp.Serials = append(resp.Serials, r.Serial)
+	}
+	for _, e := range res.DeletedEntries {
+		resp.DeletedEntryIds = append(resp.DeletedEntryIds, e.ID)
+	}
+	return resp, nil
+}
+
 // GetServerInfo implements adminv1.AdminServiceServer.
 func (a *AdminService) GetServerInfo(context.Context, *adminv1.GetServerInfoRequest) (*adminv1.GetServerInfoResponse, error) {
 	return &adminv1.GetServerInfoResponse{

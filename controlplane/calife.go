@@ -80,10 +80,10 @@ func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
 				return fmt.Errorf("CA %s: parse chain: %w", rec.ID, err)
 			}
 		}
-		if rec.State != store.CARetired {
-			if v.auth, err = s.unsealAuthority(k, rec); err != nil {
-				return err
-			}
+		// Retired CAs keep their key in memory too: they still sign the
+		// CRLs of the certificates they issued.
+		if v.auth, err = s.unsealAuthority(k, rec); err != nil {
+			return err
 		}
 		views = append(views, v)
 	}
@@ -345,7 +345,7 @@ func (s *Server) activateLocked(ctx context.Context, actor string, force bool) (
 	}
 	s.mu.Lock()
 	nv := &caView{rec: next, cert: p.cert, auth: p.auth, root: p.root}
-	rv := &caView{rec: retired, cert: old.cert, root: old.root}
+	rv := &caView{rec: retired, cert: old.cert, root: old.root, auth: old.auth}
 	rv.lastNotAfter.Store(old.lastNotAfter.Load())
 	s.cas = slices.DeleteFunc(slices.Clone(s.cas), func(v *caView) bool { return v == p || v == old })
 	s.cas = append(s.cas, rv, nv)
@@ -413,6 +413,9 @@ func (s *Server) nextRotationEvent() (time.Time, bool) {
 			}
 		}
 	}
+	if t, ok := s.nextRevokedExpiry(); ok {
+		consider(t.Add(time.Millisecond))
+	}
 	for _, v := range s.jwtKeys {
 		if v.rec.State == store.CARetired && now.Before(v.rec.NotAfter) {
 			consider(v.rec.NotAfter.Add(time.Millisecond))
@@ -463,7 +466,10 @@ func (s *Server) rotationTick() {
 			return
 		}
 	}
-	// A retired CA may have just left the bundle.
+	// A retired CA may have just left the bundle, a revoked serial its CRL.
+	if err := s.loadRevoked(ctx); err != nil {
+		s.log.Error("reload revoked serials", "err", err)
+	}
 	if err := s.publishBundles(); err != nil {
 		s.log.Error("publish bundles", "err", err)
 	}

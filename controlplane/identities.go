@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -362,14 +363,20 @@ func (ids *identities) snapshotLocked(s *Subscription) *identity.Snapshot {
 
 // setBundles publishes new trust bundles to every subscriber, if they
 // changed.
-func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certificate, jb *identity.JWTBundle) {
+func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certificate, crls [][]byte, jb *identity.JWTBundle) {
 	ders := make([][]byte, len(certs))
 	for i, c := range certs {
 		ders[i] = c.Raw
 	}
 	pemBytes := ca.EncodeCertsPEM(ders...)
-	sum := sha256.Sum256(pemBytes)
-	b := &identity.Bundle{TrustDomain: td, X509Authorities: certs, PEM: pemBytes, Version: hex.EncodeToString(sum[:8])}
+	var crlPEM []byte
+	for _, c := range crls {
+		crlPEM = append(crlPEM, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: c})...)
+	}
+	h := sha256.New()
+	h.Write(pemBytes)
+	h.Write(crlPEM)
+	b := &identity.Bundle{TrustDomain: td, X509Authorities: certs, PEM: pemBytes, CRLs: crls, CRLPEM: crlPEM, Version: hex.EncodeToString(h.Sum(nil)[:8])}
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
 	changed := false
@@ -480,4 +487,35 @@ func (ids *identities) stats(now time.Time) (earliest time.Time, overdue, served
 		}
 	}
 	return earliest, overdue, served
+}
+
+// dropDirect withdraws the directly held identity id (certificate or token
+// callers) from every subscriber: after a revocation it is not renewed.
+func (ids *identities) dropDirect(id string) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	key := "id:" + id
+	sl, ok := ids.slots[key]
+	if !ok {
+		return
+	}
+	if sl.stop != nil {
+		sl.stop()
+	}
+	delete(ids.slots, key)
+	ids.notifyLocked(func(s *Subscription) bool { return slices.Contains(s.entries, key) })
+}
+
+// renewSerial re-issues the slot currently serving serial, at once: its
+// certificate was revoked, the workload needs a fresh one.
+func (ids *identities) renewSerial(serial string) bool {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	for _, sl := range ids.slots {
+		if sl.svid != nil && sl.svid.Serial == serial {
+			ids.scheduleLocked(sl, 0)
+			return true
+		}
+	}
+	return false
 }

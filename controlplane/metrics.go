@@ -67,6 +67,7 @@ type stateCollector struct {
 	overdue  *prometheus.Desc
 	ttl      *prometheus.Desc
 	served   *prometheus.Desc
+	revoked  *prometheus.Desc
 }
 
 func newStateCollector(s *Server) *stateCollector {
@@ -79,6 +80,8 @@ func newStateCollector(s *Server) *stateCollector {
 		overdue: prometheus.NewDesc("meshid_svid_renewals_overdue",
 			"Served SVIDs whose renewal point (half-life with jitter, per SVID) has passed by more than a minute without a renewal.", nil, nil),
 		ttl: prometheus.NewDesc("meshid_svid_ttl_seconds", "The default X.509-SVID lifetime (--svid-ttl).", nil, nil),
+		revoked: prometheus.NewDesc("meshid_revoked_serials",
+			"Serials on the CRLs: revoked and not yet expired.", nil, nil),
 		served: prometheus.NewDesc("meshid_svids_served",
 			"X.509-SVIDs currently held for connected workloads (one per identity, shared by its streams).", nil, nil),
 	}
@@ -90,6 +93,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.overdue
 	ch <- c.ttl
 	ch <- c.served
+	ch <- c.revoked
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -106,7 +110,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.caExpiry, prometheus.GaugeValue, float64(v.rec.NotAfter.Unix()), v.rec.ID, "jwt", string(v.rec.State))
 		}
 	}
+	revoked := s.revokedCount
 	s.mu.RUnlock()
+	ch <- prometheus.MustNewConstMetric(c.revoked, prometheus.GaugeValue, float64(revoked))
 	earliest, overdue, served := s.ids.stats(now)
 	e := 0.0
 	if !earliest.IsZero() {

@@ -85,9 +85,13 @@ func (st *serverTLS) verifyClient(raw [][]byte, _ [][]*x509.Certificate) error {
 		}
 		certs = append(certs, c)
 	}
-	_, _, err := x509svid.Verify(certs, x509bundle.FromX509Authorities(st.srv.td, st.srv.BundleCerts()))
+	_, chains, err := x509svid.Verify(certs, x509bundle.FromX509Authorities(st.srv.td, st.srv.BundleCerts()))
 	if err != nil {
 		return fmt.Errorf("client certificate is not a valid SVID of %s: %w", st.srv.td, err)
+	}
+	// A revoked SVID may not renew itself.
+	if st.srv.isRevoked(chains[0][0]) {
+		return fmt.Errorf("client certificate %x is revoked", chains[0][0].SerialNumber)
 	}
 	return nil
 }

@@ -108,6 +108,14 @@ type Server struct {
 	rotTimerMu sync.Mutex
 	rotStop    func() bool
 	closed     atomic.Bool
+	// revMu serialises revocations; revoked (by CA ID) and crlNumber are
+	// guarded by mu.
+	revMu        sync.Mutex
+	revoked      map[string][]store.RevokedSerial
+	revokedCount int
+	crlNumber    int64
+	crlKey       string
+	crlCache     [][]byte
 	// ready is true while Run serves; /readyz reports it.
 	ready atomic.Bool
 
@@ -224,6 +232,10 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		s.store.Close()
 		return nil, err
 	}
+	if err := s.loadRevoked(ctx); err != nil {
+		s.store.Close()
+		return nil, err
+	}
 	if err := s.loadJWT(ctx, k); err != nil {
 		s.store.Close()
 		return nil, err
@@ -304,6 +316,10 @@ func (s *Server) publishBundles() error {
 	if err != nil {
 		return err
 	}
-	s.ids.setBundles(s.td, s.BundleCerts(), jb)
+	crls, err := s.crls()
+	if err != nil {
+		return err
+	}
+	s.ids.setBundles(s.td, s.BundleCerts(), crls, jb)
 	return nil
 }

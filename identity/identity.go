@@ -7,8 +7,8 @@ package identity
 
 import (
 	"crypto"
-	"errors"
 	"crypto/x509"
+	"errors"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -49,6 +49,11 @@ type Bundle struct {
 	TrustDomain     spiffeid.TrustDomain
 	X509Authorities []*x509.Certificate
 	PEM             []byte
+	// CRLs (DER), one per CA that signs in this trust domain (possibly
+	// empty), so a peer that checks revocation has one for every CA in a
+	// chain, as Envoy requires. CRLPEM is the same, PEM-encoded.
+	CRLs   [][]byte
+	CRLPEM []byte
 	// Version changes whenever the content does; equal versions mean equal
 	// content.
 	Version string

@@ -160,6 +160,9 @@ func parsePEMCerts(t *testing.T, b []byte) []*x509.Certificate {
 		if blk == nil {
 			break
 		}
+		if blk.Type != "CERTIFICATE" {
+			continue // CRLs travel in the same PEM (SPIFFE validator bundles)
+		}
 		c, err := x509.ParseCertificate(blk.Bytes)
 		if err != nil {
 			t.Fatal(err)

@@ -156,7 +156,13 @@ func TestBothNamingConventions(t *testing.T) {
 	def.ack(dr)
 	root.ack(rr)
 	chain, key := tlsCert(t, secrets(t, dr, "default")["default"])
-	roots := trustedCA(t, secrets(t, rr, "ROOTCA")["ROOTCA"])
+	rootSecret := secrets(t, rr, "ROOTCA")["ROOTCA"]
+	roots := trustedCA(t, rootSecret)
+	// A CRL (empty until something is revoked) for every CA: Envoy needs
+	// one per CA of a chain once any is configured.
+	if crl := rootSecret.GetValidationContext().GetCrl().GetInlineBytes(); strings.Count(string(crl), "BEGIN X509 CRL") != len(roots) {
+		t.Fatalf("ROOTCA carries %d CRLs for %d CAs", strings.Count(string(crl), "BEGIN X509 CRL"), len(roots))
+	}
 	if id := verifySVID(t, chain, key, roots); id.String() != idA {
 		t.Fatalf("default SVID is %s, want the caller's %s", id, idA)
 	}

@@ -94,9 +94,13 @@ func bundleSecret(name string, b *identity.Bundle) resolved {
 	return resolved{
 		key: "bundle:" + b.TrustDomain.Name() + ":" + b.Version,
 		build: func() (*tlsv3.Secret, error) {
-			return &tlsv3.Secret{Name: name, Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
-				TrustedCa: inline(b.PEM),
-			}}}, nil
+			vc := &tlsv3.CertificateValidationContext{TrustedCa: inline(b.PEM)}
+			if len(b.CRLPEM) > 0 {
+				// One CRL per CA, empty or not: with any CRL present Envoy
+				// requires one for every CA of a chain.
+				vc.Crl = inline(b.CRLPEM)
+			}
+			return &tlsv3.Secret{Name: name, Type: &tlsv3.Secret_ValidationContext{ValidationContext: vc}}, nil
 		},
 	}
 }
@@ -113,8 +117,9 @@ func allBundlesSecret(name string, bundles []*identity.Bundle) resolved {
 			cfg := &tlsv3.SPIFFECertValidatorConfig{}
 			for _, b := range bundles {
 				cfg.TrustDomains = append(cfg.TrustDomains, &tlsv3.SPIFFECertValidatorConfig_TrustDomain{
-					Name:        b.TrustDomain.Name(),
-					TrustBundle: inline(b.PEM),
+					Name: b.TrustDomain.Name(),
+					// CRLs inside a domain's PEM turn on CRL checks for it.
+					TrustBundle: inline(append(append([]byte(nil), b.PEM...), b.CRLPEM...)),
 				})
 			}
 			tc, err := anypb.New(cfg)

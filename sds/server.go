@@ -80,6 +80,10 @@ type Server struct {
 	// change pushed to thousands of streams is marshalled once.
 	encMu   sync.Mutex
 	encoded map[string]*anypb.Any
+
+	// pq is the queue of streams with something to send and the pool of
+	// pusher goroutines that sends it (see pushers.go).
+	pq pushQueue
 }
 
 // New returns an SDS server. metrics may be nil.
@@ -98,7 +102,13 @@ func (s *Server) Register(g grpc.ServiceRegistrar) { secretv3.RegisterSecretDisc
 
 // Shutdown ends every open stream cleanly (status OK), so a draining gRPC
 // server does not wait on them forever.
-func (s *Server) Shutdown() { s.stop.Do(func() { close(s.done) }) }
+// The pusher goroutines stop too, each once its current Send is done.
+func (s *Server) Shutdown() {
+	s.stop.Do(func() {
+		close(s.done)
+		s.pq.close()
+	})
+}
 
 const maxEncoded = 4096
 
@@ -157,7 +167,10 @@ func recvLoop[T any](ctx context.Context, recv func() (T, error), out chan<- T, 
 	for {
 		req, err := recv()
 		if err != nil {
-			errc <- err
+			select {
+			case errc <- err:
+			default: // a failed push is already there: the stream ends anyway
+			}
 			return
 		}
 		select {
@@ -169,6 +182,10 @@ func recvLoop[T any](ctx context.Context, recv func() (T, error), out chan<- T, 
 }
 
 func streamEnd(err error) error {
+	var pf pushFailed
+	if errors.As(err, &pf) {
+		return pf.err
+	}
 	if errors.Is(err, io.EOF) {
 		return nil
 	}
@@ -176,6 +193,59 @@ func streamEnd(err error) error {
 		return nil
 	}
 	return err
+}
+
+// pushFailed carries a failed push (Send or encode) from a pusher to the
+// stream's handler, which ends the stream with it.
+type pushFailed struct{ err error }
+
+func (p pushFailed) Error() string { return p.err.Error() }
+
+// streamBase is what both stream kinds share: their handler's identity and
+// subscription, the channel that hands a failed push to the handler, and
+// the mutex that guards each kind's state and serializes its Sends.
+type streamBase struct {
+	s      *Server
+	caller identity.Caller
+	sub    identity.Subscription
+	errc   chan error // recvLoop's error or a pushFailed, whichever is first
+	queued bool       // in the push queue; guarded by s.pq.mu
+
+	mu       sync.Mutex
+	closed   bool // the handler has returned (or a push failed): never send again
+	refusedN map[string]bool
+}
+
+func (b *streamBase) queuedFlag() *bool { return &b.queued }
+
+// fail ends the stream after a failed push. b.mu is held.
+func (b *streamBase) fail(err error) {
+	b.closed = true
+	select {
+	case b.errc <- pushFailed{err}:
+	default: // recvLoop's error is there: the stream ends anyway
+	}
+}
+
+// close marks the stream closed once any Send in progress is done; the
+// handler calls it before it returns, as gRPC requires.
+func (b *streamBase) close() {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+}
+
+// sotwStream is one StreamSecrets stream.
+type sotwStream struct {
+	streamBase
+	stream grpc.BidiStreamingServer[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]
+
+	// Guarded by mu:
+	started   bool
+	force     bool     // the names changed: answer even if no content did
+	names     []string // sorted
+	sent      []string // content key last sent for names[i]; "" if none
+	lastNonce string
 }
 
 // StreamSecrets is the state-of-the-world SDS stream Envoy opens per secret
@@ -192,95 +262,130 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 	defer s.metrics.Streams.Dec()
 
 	reqs := make(chan *discoveryv3.DiscoveryRequest, 1)
-	errc := make(chan error, 1)
-	go recvLoop(ctx, stream.Recv, reqs, errc)
-
-	var (
-		names     []string
-		started   bool
-		lastNonce string
-		sent      = map[string]string{} // name -> content key last sent
-		refusedN  = map[string]bool{}
-	)
-	// push sends every answerable requested name if any of them differs
-	// from what was last sent (or force, for a new subscription).
-	push := func(force bool) error {
-		snap := sub.Snapshot()
-		var resources []*anypb.Any
-		changed := force
-		keys := map[string]string{}
-		for _, n := range names {
-			r, ok := resolve(n, snap)
-			if !ok {
-				s.refused(caller, n, refusedN)
-				continue
-			}
-			keys[n] = r.key
-			if sent[n] != r.key {
-				changed = true
-			}
-			a, err := s.encode(n, r)
-			if err != nil {
-				return status.Error(codes.Internal, "encode secret")
-			}
-			resources = append(resources, a)
-		}
-		if !changed || len(resources) == 0 {
-			return nil
-		}
-		lastNonce = s.next()
-		resp := &discoveryv3.DiscoveryResponse{
-			VersionInfo: lastNonce,
-			Resources:   resources,
-			TypeUrl:     SecretTypeURL,
-			Nonce:       lastNonce,
-		}
-		if err := stream.Send(resp); err != nil {
-			return err
-		}
-		s.metrics.Pushes.Inc()
-		sent = keys
-		return nil
-	}
+	st := &sotwStream{streamBase: streamBase{s: s, caller: caller, sub: sub, errc: make(chan error, 1)}, stream: stream}
+	defer st.close() // first of the defers: no Send after the handler returns
+	go recvLoop(ctx, stream.Recv, reqs, st.errc)
 
 	for {
 		select {
 		case <-s.done:
 			return nil
-		case err := <-errc:
+		case err := <-st.errc:
 			return streamEnd(err)
 		case <-sub.Changed():
-			if !started {
-				continue
-			}
-			if err := push(false); err != nil {
-				return err
-			}
+			s.pq.enqueue(st) // a no-op before the first request
 		case req := <-reqs:
 			if t := req.GetTypeUrl(); t != "" && t != SecretTypeURL {
 				return status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
 			}
-			if started && req.GetResponseNonce() != "" && req.GetResponseNonce() != lastNonce {
-				continue // stale: answers a response that has been superseded
-			}
-			if req.GetErrorDetail() != nil {
-				// NACK: Envoy keeps what it had. Re-sending the same content
-				// would loop; the next real change is the next push.
-				s.metrics.NACKs.Inc()
-				s.log.Warn("sds: client rejected secrets (NACK)", "caller", caller.Label, "node", req.GetNode().GetId(),
-					"names", req.GetResourceNames(), "nonce", req.GetResponseNonce(), "detail", req.GetErrorDetail().GetMessage())
-			}
-			newNames := slices.Clone(req.GetResourceNames())
-			slices.Sort(newNames)
-			if !started || !slices.Equal(newNames, names) {
-				started = true
-				names = newNames
-				if err := push(true); err != nil {
-					return err
-				}
+			if st.request(req) {
+				s.pq.enqueue(st)
 			}
 		}
 	}
+}
+
+// request applies a client request to the stream's state and says whether
+// it calls for a push.
+func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.started && req.GetResponseNonce() != "" && req.GetResponseNonce() != st.lastNonce {
+		return false // stale: answers a response that has been superseded
+	}
+	if req.GetErrorDetail() != nil {
+		// NACK: Envoy keeps what it had. Re-sending the same content
+		// would loop; the next real change is the next push.
+		st.s.metrics.NACKs.Inc()
+		st.s.log.Warn("sds: client rejected secrets (NACK)", "caller", st.caller.Label, "node", req.GetNode().GetId(),
+			"names", req.GetResourceNames(), "nonce", req.GetResponseNonce(), "detail", req.GetErrorDetail().GetMessage())
+	}
+	newNames := req.GetResourceNames()
+	if !slices.IsSorted(newNames) {
+		newNames = slices.Sorted(slices.Values(newNames))
+	}
+	if st.started && slices.Equal(newNames, st.names) {
+		return false
+	}
+	st.started = true
+	st.names = slices.Clone(newNames)
+	st.sent = make([]string, len(st.names))
+	st.force = true
+	return true
+}
+
+// runPush is the pusher's side: push what the state calls for.
+func (st *sotwStream) runPush() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed || !st.started {
+		return
+	}
+	force := st.force
+	st.force = false
+	if err := st.push(force); err != nil {
+		st.fail(err)
+	}
+}
+
+// push sends every answerable requested name if any of them differs from
+// what was last sent (or force, for new names). st.mu is held.
+func (st *sotwStream) push(force bool) error {
+	s := st.s
+	snap := st.sub.Snapshot()
+	var resources []*anypb.Any
+	changed, refused := force, false
+	for i, n := range st.names {
+		r, ok := resolve(n, snap)
+		if !ok {
+			s.refused(st.caller, n, st.refusedNames())
+			refused = true
+			continue
+		}
+		if st.sent[i] != r.key {
+			// Recorded at once: without a Send below nothing differed, and
+			// a failed Send ends the stream.
+			st.sent[i] = r.key
+			changed = true
+		}
+		a, err := s.encode(n, r)
+		if err != nil {
+			return status.Error(codes.Internal, "encode secret")
+		}
+		resources = append(resources, a)
+	}
+	if !changed || len(resources) == 0 {
+		return nil
+	}
+	st.lastNonce = s.next()
+	resp := &discoveryv3.DiscoveryResponse{
+		VersionInfo: st.lastNonce,
+		Resources:   resources,
+		TypeUrl:     SecretTypeURL,
+		Nonce:       st.lastNonce,
+	}
+	if err := st.stream.Send(resp); err != nil {
+		return err
+	}
+	s.metrics.Pushes.Inc()
+	if refused {
+		// What the client holds now: nothing for the names left out.
+		for i, n := range st.names {
+			if _, ok := resolve(n, snap); !ok {
+				st.sent[i] = ""
+			}
+		}
+	}
+	return nil
+}
+
+// refusedNames is the set of names already logged as refused. st.mu is
+// held.
+func (b *streamBase) refusedNames() map[string]bool {
+	if b.refusedN == nil {
+		b.refusedN = map[string]bool{}
+	}
+	return b.refusedN
 }
 
 // contentVersion is a delta resource version: a digest of the content key,
@@ -289,6 +394,19 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 func contentVersion(key string) string {
 	sum := sha256.Sum256([]byte(key))
 	return hex.EncodeToString(sum[:8])
+}
+
+// deltaStream is one DeltaSecrets stream.
+type deltaStream struct {
+	streamBase
+	stream grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]
+
+	// Guarded by mu:
+	first      bool // no request yet
+	subscribed map[string]bool
+	known      map[string]string // name -> version the client holds
+	removed    map[string]bool   // names already reported removed
+	lastNonce  string
 }
 
 // DeltaSecrets is the incremental SDS stream (api_type DELTA_GRPC).
@@ -304,100 +422,115 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 	defer s.metrics.Streams.Dec()
 
 	reqs := make(chan *discoveryv3.DeltaDiscoveryRequest, 1)
-	errc := make(chan error, 1)
-	go recvLoop(ctx, stream.Recv, reqs, errc)
-
-	var (
-		subscribed = map[string]bool{}
-		known      = map[string]string{} // name -> version the client holds
-		removed    = map[string]bool{}   // names already reported removed
-		lastNonce  string
-		refusedN   = map[string]bool{}
-	)
-	push := func() error {
-		snap := sub.Snapshot()
-		resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: SecretTypeURL}
-		for _, n := range sortedKeys(subscribed) {
-			r, ok := resolve(n, snap)
-			if !ok {
-				s.refused(caller, n, refusedN)
-				if !removed[n] {
-					// The protocol's "does not exist": a removal, once.
-					resp.RemovedResources = append(resp.RemovedResources, n)
-					removed[n] = true
-					delete(known, n)
-				}
-				continue
-			}
-			v := contentVersion(r.key)
-			if known[n] == v {
-				continue
-			}
-			a, err := s.encode(n, r)
-			if err != nil {
-				return status.Error(codes.Internal, "encode secret")
-			}
-			resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: n, Version: v, Resource: a})
-			known[n] = v
-			delete(removed, n)
-		}
-		if len(resp.Resources) == 0 && len(resp.RemovedResources) == 0 {
-			return nil
-		}
-		lastNonce = s.next()
-		resp.SystemVersionInfo = lastNonce
-		resp.Nonce = lastNonce
-		if err := stream.Send(resp); err != nil {
-			return err
-		}
-		s.metrics.Pushes.Inc()
-		return nil
+	st := &deltaStream{
+		streamBase: streamBase{s: s, caller: caller, sub: sub, errc: make(chan error, 1)},
+		stream:     stream,
+		first:      true,
+		subscribed: map[string]bool{},
+		known:      map[string]string{},
+		removed:    map[string]bool{},
 	}
+	defer st.close() // first of the defers: no Send after the handler returns
+	go recvLoop(ctx, stream.Recv, reqs, st.errc)
 
-	first := true
 	for {
 		select {
 		case <-s.done:
 			return nil
-		case err := <-errc:
+		case err := <-st.errc:
 			return streamEnd(err)
 		case <-sub.Changed():
-			if first {
-				continue
-			}
-			if err := push(); err != nil {
-				return err
-			}
+			s.pq.enqueue(st) // a no-op before the first request
 		case req := <-reqs:
 			if t := req.GetTypeUrl(); t != "" && t != SecretTypeURL {
 				return status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
 			}
-			if first {
-				for n, v := range req.GetInitialResourceVersions() {
-					known[n] = v
-				}
-			}
-			first = false
-			stale := req.GetResponseNonce() != "" && req.GetResponseNonce() != lastNonce
-			if req.GetErrorDetail() != nil && !stale {
-				s.metrics.NACKs.Inc()
-				s.log.Warn("sds: client rejected secrets (NACK)", "caller", caller.Label, "node", req.GetNode().GetId(),
-					"nonce", req.GetResponseNonce(), "detail", req.GetErrorDetail().GetMessage())
-			}
-			// Subscription changes count even with a stale nonce.
-			for _, n := range req.GetResourceNamesSubscribe() {
-				subscribed[n] = true
-			}
-			for _, n := range req.GetResourceNamesUnsubscribe() {
-				delete(subscribed, n)
-				delete(known, n)
-				delete(removed, n)
-			}
-			if err := push(); err != nil {
-				return err
-			}
+			st.request(req)
+			s.pq.enqueue(st)
 		}
 	}
+}
+
+// request applies a client request to the stream's state; every request
+// is followed by a push (of whatever differs, if anything).
+func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.first {
+		for n, v := range req.GetInitialResourceVersions() {
+			st.known[n] = v
+		}
+	}
+	st.first = false
+	stale := req.GetResponseNonce() != "" && req.GetResponseNonce() != st.lastNonce
+	if req.GetErrorDetail() != nil && !stale {
+		st.s.metrics.NACKs.Inc()
+		st.s.log.Warn("sds: client rejected secrets (NACK)", "caller", st.caller.Label, "node", req.GetNode().GetId(),
+			"nonce", req.GetResponseNonce(), "detail", req.GetErrorDetail().GetMessage())
+	}
+	// Subscription changes count even with a stale nonce.
+	for _, n := range req.GetResourceNamesSubscribe() {
+		st.subscribed[n] = true
+	}
+	for _, n := range req.GetResourceNamesUnsubscribe() {
+		delete(st.subscribed, n)
+		delete(st.known, n)
+		delete(st.removed, n)
+	}
+}
+
+// runPush is the pusher's side: push what the state calls for.
+func (st *deltaStream) runPush() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed || st.first {
+		return
+	}
+	if err := st.push(); err != nil {
+		st.fail(err)
+	}
+}
+
+// push sends what differs from what the client holds. st.mu is held.
+func (st *deltaStream) push() error {
+	s := st.s
+	snap := st.sub.Snapshot()
+	resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: SecretTypeURL}
+	for _, n := range sortedKeys(st.subscribed) {
+		r, ok := resolve(n, snap)
+		if !ok {
+			s.refused(st.caller, n, st.refusedNames())
+			if !st.removed[n] {
+				// The protocol's "does not exist": a removal, once.
+				resp.RemovedResources = append(resp.RemovedResources, n)
+				st.removed[n] = true
+				delete(st.known, n)
+			}
+			continue
+		}
+		v := contentVersion(r.key)
+		if st.known[n] == v {
+			continue
+		}
+		a, err := s.encode(n, r)
+		if err != nil {
+			return status.Error(codes.Internal, "encode secret")
+		}
+		resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: n, Version: v, Resource: a})
+		st.known[n] = v
+		delete(st.removed, n)
+	}
+	if len(resp.Resources) == 0 && len(resp.RemovedResources) == 0 {
+		return nil
+	}
+	st.lastNonce = s.next()
+	resp.SystemVersionInfo = st.lastNonce
+	resp.Nonce = st.lastNonce
+	if err := st.stream.Send(resp); err != nil {
+		return err
+	}
+	s.metrics.Pushes.Inc()
+	return nil
 }
 
 func sortedKeys(m map[string]bool) []string {

@@ -216,6 +216,10 @@ func x509SVIDResponse(snap *identity.Snapshot) (*pb.X509SVIDResponse, error) {
 			Hint:        hint,
 		})
 	}
+	// Revocations, pushed with every change like the bundle.
+	for _, b := range snap.Bundles {
+		resp.Crl = append(resp.Crl, b.CRLs...)
+	}
 	return resp, nil
 }
 
@@ -232,6 +236,7 @@ func (s *Server) FetchX509Bundles(_ *pb.X509BundlesRequest, stream grpc.ServerSt
 	return watch(s, ctx, sub, stream.Send, func(snap *identity.Snapshot) (*pb.X509BundlesResponse, error) {
 		resp := &pb.X509BundlesResponse{Bundles: map[string][]byte{}}
 		for _, b := range snap.Bundles {
+			resp.Crl = append(resp.Crl, b.CRLs...)
 			if len(b.X509Authorities) > 0 {
 				resp.Bundles[b.TrustDomain.IDString()] = bundleDER(b)
 			}

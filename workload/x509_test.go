@@ -73,8 +73,12 @@ func TestX509SourceGetsTheCallersSVID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(resp.GetSvids()) != 1 || len(resp.GetCrl()) != 0 || len(resp.GetFederatedBundles()) != 0 {
+	// One CRL per CA (empty until something is revoked).
+	if len(resp.GetSvids()) != 1 || len(resp.GetCrl()) != 1 || len(resp.GetFederatedBundles()) != 0 {
 		t.Fatalf("response: %d svids, %d crls, %d federated bundles", len(resp.GetSvids()), len(resp.GetCrl()), len(resp.GetFederatedBundles()))
+	}
+	if _, err := x509.ParseRevocationList(resp.GetCrl()[0]); err != nil {
+		t.Fatalf("crl field: %v", err)
 	}
 	w := resp.GetSvids()[0]
 	chain, err := x509.ParseCertificates(w.GetX509Svid())

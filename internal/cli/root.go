@@ -78,7 +78,7 @@ MESHID_ADMIN_SOCKET, MESHID_TRUST_DOMAIN); a flag on the command line wins.`,
 	root.AddCommand(
 		newServerCmd(), newDevCmd(),
 		newEntryCmd(), newX509Cmd(), newBundleCmd(), newCACmd(), newCertsCmd(),
-		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newHelperCmd(),
+		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newRevokeCmd(), newHelperCmd(),
 	)
 	return root
 }

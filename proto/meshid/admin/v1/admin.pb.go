@@ -1097,6 +1097,112 @@ func (x *ActivateCAResponse) GetCa() *CA {
 	return nil
 }
 
+// RevokeRequest names what to revoke: exactly one of the fields.
+type RevokeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Serial        string                 `protobuf:"bytes,2,opt,name=serial,proto3" json:"serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeRequest) Reset() {
+	*x = RevokeRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeRequest) ProtoMessage() {}
+
+func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
+func (*RevokeRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RevokeRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *RevokeRequest) GetSerial() string {
+	if x != nil {
+		return x.Serial
+	}
+	return ""
+}
+
+// RevokeResponse says what was revoked.
+type RevokeResponse struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Serials         []string               `protobuf:"bytes,1,rep,name=serials,proto3" json:"serials,omitempty"`
+	DeletedEntryIds []string               `protobuf:"bytes,2,rep,name=deleted_entry_ids,json=deletedEntryIds,proto3" json:"deleted_entry_ids,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *RevokeResponse) Reset() {
+	*x = RevokeResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeResponse) ProtoMessage() {}
+
+func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeResponse.ProtoReflect.Descriptor instead.
+func (*RevokeResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RevokeResponse) GetSerials() []string {
+	if x != nil {
+		return x.Serials
+	}
+	return nil
+}
+
+func (x *RevokeResponse) GetDeletedEntryIds() []string {
+	if x != nil {
+		return x.DeletedEntryIds
+	}
+	return nil
+}
+
 // IssuedCert is one inventory row.
 type IssuedCert struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1114,7 +1220,7 @@ type IssuedCert struct {
 
 func (x *IssuedCert) Reset() {
 	*x = IssuedCert{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1126,7 +1232,7 @@ func (x *IssuedCert) String() string {
 func (*IssuedCert) ProtoMessage() {}
 
 func (x *IssuedCert) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1139,7 +1245,7 @@ func (x *IssuedCert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssuedCert.ProtoReflect.Descriptor instead.
 func (*IssuedCert) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *IssuedCert) GetSerial() string {
@@ -1213,7 +1319,7 @@ type ListCertsRequest struct {
 
 func (x *ListCertsRequest) Reset() {
 	*x = ListCertsRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1225,7 +1331,7 @@ func (x *ListCertsRequest) String() string {
 func (*ListCertsRequest) ProtoMessage() {}
 
 func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1238,7 +1344,7 @@ func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsRequest.ProtoReflect.Descriptor instead.
 func (*ListCertsRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListCertsRequest) GetExpiringWithin() *durationpb.Duration {
@@ -1280,7 +1386,7 @@ type ListCertsResponse struct {
 
 func (x *ListCertsResponse) Reset() {
 	*x = ListCertsResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1292,7 +1398,7 @@ func (x *ListCertsResponse) String() string {
 func (*ListCertsResponse) ProtoMessage() {}
 
 func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1305,7 +1411,7 @@ func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsResponse.ProtoReflect.Descriptor instead.
 func (*ListCertsResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListCertsResponse) GetCerts() []*IssuedCert {
@@ -1335,7 +1441,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1347,7 +1453,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1360,7 +1466,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CreateJoinTokenRequest) GetSpiffeId() string {
@@ -1397,7 +1503,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1409,7 +1515,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1422,7 +1528,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1462,7 +1568,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1474,7 +1580,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1487,7 +1593,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 // GetServerInfoResponse describes the server.
@@ -1502,7 +1608,7 @@ type GetServerInfoResponse struct {
 
 func (x *GetServerInfoResponse) Reset() {
 	*x = GetServerInfoResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1514,7 +1620,7 @@ func (x *GetServerInfoResponse) String() string {
 func (*GetServerInfoResponse) ProtoMessage() {}
 
 func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1527,7 +1633,7 @@ func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetServerInfoResponse) GetVersion() string {
@@ -1624,7 +1730,13 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x11ActivateCARequest\x12\x14\n" +
 	"\x05force\x18\x01 \x01(\bR\x05force\"9\n" +
 	"\x12ActivateCAResponse\x12#\n" +
-	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\"\xbc\x02\n" +
+	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\"D\n" +
+	"\rRevokeRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x16\n" +
+	"\x06serial\x18\x02 \x01(\tR\x06serial\"V\n" +
+	"\x0eRevokeResponse\x12\x18\n" +
+	"\aserials\x18\x01 \x03(\tR\aserials\x12*\n" +
+	"\x11deleted_entry_ids\x18\x02 \x03(\tR\x0fdeletedEntryIds\"\xbc\x02\n" +
 	"\n" +
 	"IssuedCert\x12\x16\n" +
 	"\x06serial\x18\x01 \x01(\tR\x06serial\x12\x1b\n" +
@@ -1662,7 +1774,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
-	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xe0\a\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xab\b\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
 	"\vDeleteEntry\x12#.meshid.admin.v1.DeleteEntryRequest\x1a$.meshid.admin.v1.DeleteEntryResponse\x12X\n" +
@@ -1672,7 +1784,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aListCAs\x12\x1f.meshid.admin.v1.ListCAsRequest\x1a .meshid.admin.v1.ListCAsResponse\x12R\n" +
 	"\tPrepareCA\x12!.meshid.admin.v1.PrepareCARequest\x1a\".meshid.admin.v1.PrepareCAResponse\x12U\n" +
 	"\n" +
-	"ActivateCA\x12\".meshid.admin.v1.ActivateCARequest\x1a#.meshid.admin.v1.ActivateCAResponse\x12R\n" +
+	"ActivateCA\x12\".meshid.admin.v1.ActivateCARequest\x1a#.meshid.admin.v1.ActivateCAResponse\x12I\n" +
+	"\x06Revoke\x12\x1e.meshid.admin.v1.RevokeRequest\x1a\x1f.meshid.admin.v1.RevokeResponse\x12R\n" +
 	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12d\n" +
 	"\x0fCreateJoinToken\x12'.meshid.admin.v1.CreateJoinTokenRequest\x1a(.meshid.admin.v1.CreateJoinTokenResponse\x12^\n" +
 	"\rGetServerInfo\x12%.meshid.admin.v1.GetServerInfoRequest\x1a&.meshid.admin.v1.GetServerInfoResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
@@ -1689,7 +1802,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -1710,40 +1823,42 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*PrepareCAResponse)(nil),       // 16: meshid.admin.v1.PrepareCAResponse
 	(*ActivateCARequest)(nil),       // 17: meshid.admin.v1.ActivateCARequest
 	(*ActivateCAResponse)(nil),      // 18: meshid.admin.v1.ActivateCAResponse
-	(*IssuedCert)(nil),              // 19: meshid.admin.v1.IssuedCert
-	(*ListCertsRequest)(nil),        // 20: meshid.admin.v1.ListCertsRequest
-	(*ListCertsResponse)(nil),       // 21: meshid.admin.v1.ListCertsResponse
-	(*CreateJoinTokenRequest)(nil),  // 22: meshid.admin.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 23: meshid.admin.v1.CreateJoinTokenResponse
-	(*GetServerInfoRequest)(nil),    // 24: meshid.admin.v1.GetServerInfoRequest
-	(*GetServerInfoResponse)(nil),   // 25: meshid.admin.v1.GetServerInfoResponse
-	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
+	(*RevokeRequest)(nil),           // 19: meshid.admin.v1.RevokeRequest
+	(*RevokeResponse)(nil),          // 20: meshid.admin.v1.RevokeResponse
+	(*IssuedCert)(nil),              // 21: meshid.admin.v1.IssuedCert
+	(*ListCertsRequest)(nil),        // 22: meshid.admin.v1.ListCertsRequest
+	(*ListCertsResponse)(nil),       // 23: meshid.admin.v1.ListCertsResponse
+	(*CreateJoinTokenRequest)(nil),  // 24: meshid.admin.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 25: meshid.admin.v1.CreateJoinTokenResponse
+	(*GetServerInfoRequest)(nil),    // 26: meshid.admin.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),   // 27: meshid.admin.v1.GetServerInfoResponse
+	(*durationpb.Duration)(nil),     // 28: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 29: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	26, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	27, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	28, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	29, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
-	26, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	27, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	27, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	27, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	27, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	28, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	29, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	29, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	29, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	29, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	12, // 12: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	12, // 13: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
 	12, // 14: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
-	27, // 15: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	27, // 16: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	27, // 17: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	26, // 18: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
-	19, // 19: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	26, // 20: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	27, // 21: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	27, // 22: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	29, // 15: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	29, // 16: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	29, // 17: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	28, // 18: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	21, // 19: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
+	28, // 20: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	29, // 21: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	29, // 22: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
 	2,  // 23: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
 	4,  // 24: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
 	6,  // 25: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
@@ -1752,22 +1867,24 @@ var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	13, // 28: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
 	15, // 29: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
 	17, // 30: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
-	20, // 31: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	22, // 32: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	24, // 33: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	3,  // 34: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 35: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 36: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 37: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	11, // 38: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	14, // 39: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	16, // 40: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	18, // 41: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
-	21, // 42: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	23, // 43: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	25, // 44: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	34, // [34:45] is the sub-list for method output_type
-	23, // [23:34] is the sub-list for method input_type
+	19, // 31: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
+	22, // 32: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	24, // 33: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	26, // 34: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	3,  // 35: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 36: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 37: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 38: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	11, // 39: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	14, // 40: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	16, // 41: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	18, // 42: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	20, // 43: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
+	23, // 44: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	25, // 45: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	27, // 46: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	35, // [35:47] is the sub-list for method output_type
+	23, // [23:35] is the sub-list for method input_type
 	23, // [23:23] is the sub-list for extension type_name
 	23, // [23:23] is the sub-list for extension extendee
 	0,  // [0:23] is the sub-list for field type_name
@@ -1784,7 +1901,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,7 @@ const (
 	AdminService_ListCAs_FullMethodName         = "/meshid.admin.v1.AdminService/ListCAs"
 	AdminService_PrepareCA_FullMethodName       = "/meshid.admin.v1.AdminService/PrepareCA"
 	AdminService_ActivateCA_FullMethodName      = "/meshid.admin.v1.AdminService/ActivateCA"
+	AdminService_Revoke_FullMethodName          = "/meshid.admin.v1.AdminService/Revoke"
 	AdminService_ListCerts_FullMethodName       = "/meshid.admin.v1.AdminService/ListCerts"
 	AdminService_CreateJoinToken_FullMethodName = "/meshid.admin.v1.AdminService/CreateJoinToken"
 	AdminService_GetServerInfo_FullMethodName   = "/meshid.admin.v1.AdminService/GetServerInfo"
@@ -61,6 +62,10 @@ type AdminServiceClient interface {
 	// ActivateCA makes the prepared CA the signing CA; the old one is
 	// retired and stays in the bundle until its last SVID expires.
 	ActivateCA(ctx context.Context, in *ActivateCARequest, opts ...grpc.CallOption) (*ActivateCAResponse, error)
+	// Revoke puts a certificate (by serial) or every live certificate of a
+	// SPIFFE ID on its CA's CRL, pushed to every peer at once; revoking an ID
+	// also deletes its entries so it is not renewed.
+	Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeResponse, error)
 	// ListCerts pages through the inventory of issued SVIDs by expiry.
 	ListCerts(ctx context.Context, in *ListCertsRequest, opts ...grpc.CallOption) (*ListCertsResponse, error)
 	// CreateJoinToken makes a token that lets a remote proxy authenticate
@@ -158,6 +163,16 @@ func (c *adminServiceClient) ActivateCA(ctx context.Context, in *ActivateCAReque
 	return out, nil
 }
 
+func (c *adminServiceClient) Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeResponse)
+	err := c.cc.Invoke(ctx, AdminService_Revoke_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminServiceClient) ListCerts(ctx context.Context, in *ListCertsRequest, opts ...grpc.CallOption) (*ListCertsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListCertsResponse)
@@ -213,6 +228,10 @@ type AdminServiceServer interface {
 	// ActivateCA makes the prepared CA the signing CA; the old one is
 	// retired and stays in the bundle until its last SVID expires.
 	ActivateCA(context.Context, *ActivateCARequest) (*ActivateCAResponse, error)
+	// Revoke puts a certificate (by serial) or every live certificate of a
+	// SPIFFE ID on its CA's CRL, pushed to every peer at once; revoking an ID
+	// also deletes its entries so it is not renewed.
+	Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error)
 	// ListCerts pages through the inventory of issued SVIDs by expiry.
 	ListCerts(context.Context, *ListCertsRequest) (*ListCertsResponse, error)
 	// CreateJoinToken makes a token that lets a remote proxy authenticate
@@ -253,6 +272,9 @@ func (UnimplementedAdminServiceServer) PrepareCA(context.Context, *PrepareCARequ
 }
 func (UnimplementedAdminServiceServer) ActivateCA(context.Context, *ActivateCARequest) (*ActivateCAResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ActivateCA not implemented")
+}
+func (UnimplementedAdminServiceServer) Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Revoke not implemented")
 }
 func (UnimplementedAdminServiceServer) ListCerts(context.Context, *ListCertsRequest) (*ListCertsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListCerts not implemented")
@@ -428,6 +450,24 @@ func _AdminService_ActivateCA_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_Revoke_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).Revoke(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_Revoke_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).Revoke(ctx, req.(*RevokeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AdminService_ListCerts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListCertsRequest)
 	if err := dec(in); err != nil {
@@ -520,6 +560,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ActivateCA",
 			Handler:    _AdminService_ActivateCA_Handler,
+		},
+		{
+			MethodName: "Revoke",
+			Handler:    _AdminService_Revoke_Handler,
 		},
 		{
 			MethodName: "ListCerts",

@@ -1,0 +1,237 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math/big"
+	"strings"
+	"time"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/store"
+)
+
+// RevokeResult says what a revocation did.
+type RevokeResult struct {
+	Serials        []store.RevokedSerial
+	DeletedEntries []store.Entry
+}
+
+// Revoke kills an identity now rather than at its next expiry. With a
+// SPIFFE ID: every entry for it is deleted (no renewal) and every live
+// serial goes on its CA's CRL. With a serial: that certificate goes on the
+// CRL and, if a workload is being served it, it gets a fresh one at once.
+// The new CRLs are pushed to every peer with the bundle.
+func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (RevokeResult, error) {
+	if (spiffeID == "") == (serial == "") {
+		return RevokeResult{}, invalidf("give exactly one of a SPIFFE ID or a serial")
+	}
+	serial = strings.ToLower(strings.TrimLeft(strings.ReplaceAll(serial, ":", ""), "0"))
+	if spiffeID != "" {
+		if _, err := s.parseWorkloadID(spiffeID); err != nil {
+			return RevokeResult{}, err
+		}
+	} else if _, ok := new(big.Int).SetString(serial, 16); !ok {
+		return RevokeResult{}, invalidf("serial %q is not hexadecimal", serial)
+	}
+	s.revMu.Lock()
+	defer s.revMu.Unlock()
+	now := s.now()
+	rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: now})
+	if err != nil {
+		return RevokeResult{}, fmt.Errorf("read inventory: %w", err)
+	}
+	var res RevokeResult
+	for _, r := range rows {
+		if (spiffeID != "" && r.SpiffeID == spiffeID) || (serial != "" && strings.TrimLeft(r.Serial, "0") == serial) {
+			res.Serials = append(res.Serials, store.RevokedSerial{Serial: r.Serial, CAID: r.CAID, SpiffeID: r.SpiffeID, NotAfter: r.NotAfter, RevokedAt: now})
+		}
+	}
+	if serial != "" && len(res.Serials) == 0 {
+		return RevokeResult{}, fmt.Errorf("no live certificate with serial %s: %w", serial, store.ErrNotFound)
+	}
+	// Stop renewal first: nothing new may be issued for a revoked ID.
+	if spiffeID != "" {
+		for _, e := range s.entriesFor(spiffeID) {
+			d, err := s.DeleteEntry(ctx, e.ID, actor)
+			if err != nil && !errors.Is(err, store.ErrNotFound) {
+				return res, err
+			}
+			if err == nil {
+				res.DeletedEntries = append(res.DeletedEntries, d)
+			}
+		}
+		s.ids.dropDirect(spiffeID)
+	}
+	target := spiffeID
+	if target == "" {
+		target = serial
+	}
+	if len(res.Serials) > 0 {
+		if err := s.store.RevokeSerials(ctx, res.Serials, store.AuditEvent{Time: now, Actor: actor, Action: "revoke", Target: target,
+			Detail: fmt.Sprintf("%d live serial(s) put on the CRL, %d entries deleted", len(res.Serials), len(res.DeletedEntries))}); err != nil {
+			return res, fmt.Errorf("record revocation: %w", err)
+		}
+	}
+	if err := s.loadRevoked(ctx); err != nil {
+		return res, err
+	}
+	if err := s.publishBundles(); err != nil {
+		return res, err
+	}
+	for _, r := range res.Serials {
+		s.ids.renewSerial(r.Serial)
+	}
+	s.log.Warn("revoked", "target", target, "serials", len(res.Serials), "entries_deleted", len(res.DeletedEntries), "actor", actor)
+	s.scheduleRotation() // the CRL shrinks when the first revoked serial expires
+	return res, nil
+}
+
+// entriesFor lists the registration entries for a SPIFFE ID.
+func (s *Server) entriesFor(spiffeID string) []store.Entry {
+	s.entries.mu.RLock()
+	defer s.entries.mu.RUnlock()
+	var out []store.Entry
+	for _, e := range s.entries.byID {
+		if e.SpiffeID == spiffeID {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// loadRevoked prunes serials whose certificates have expired and loads
+// the rest, grouped by CA.
+func (s *Server) loadRevoked(ctx context.Context) error {
+	now := s.now()
+	if _, err := s.store.PruneRevoked(ctx, now); err != nil {
+		return fmt.Errorf("prune revoked serials: %w", err)
+	}
+	list, err := s.store.ListRevoked(ctx)
+	if err != nil {
+		return fmt.Errorf("load revoked serials: %w", err)
+	}
+	byCA := map[string][]store.RevokedSerial{}
+	for _, r := range list {
+		byCA[r.CAID] = append(byCA[r.CAID], r)
+	}
+	s.mu.Lock()
+	s.revoked = byCA
+	s.revokedCount = len(list)
+	s.mu.Unlock()
+	return nil
+}
+
+// crls signs one CRL per CA peers may meet in a chain: every meshid CA in
+// the bundle and, with an upstream CA, the upstream certificate. Envoy
+// demands a CRL for every CA of a chain once it is given any, so CAs with
+// nothing revoked get an empty one.
+func (s *Server) crls() ([][]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	type crlJob struct {
+		v       *caView
+		entries []ca.RevokedCert
+	}
+	var jobs []crlJob
+	var key strings.Builder
+	for _, v := range s.cas {
+		if !v.inBundle(now) || v.auth == nil {
+			continue
+		}
+		key.WriteString(v.rec.ID)
+		var entries []ca.RevokedCert
+		for _, r := range s.revoked[v.rec.ID] {
+			if !r.NotAfter.After(now) {
+				continue
+			}
+			n, ok := new(big.Int).SetString(r.Serial, 16)
+			if !ok {
+				continue
+			}
+			entries = append(entries, ca.RevokedCert{Serial: n, RevokedAt: r.RevokedAt})
+			key.WriteString("," + r.Serial)
+		}
+		key.WriteString(";")
+		jobs = append(jobs, crlJob{v, entries})
+	}
+	// Same CAs, same revocations: same CRLs. Re-signing would change the
+	// bundle's bytes and push it to every peer for nothing.
+	if key.String() == s.crlKey {
+		return s.crlCache, nil
+	}
+	// CRL numbers must grow: milliseconds, bumped if two come in one ms.
+	number := max(now.UnixMilli(), s.crlNumber+1)
+	s.crlNumber = number
+	var out [][]byte
+	for _, j := range jobs {
+		v, entries := j.v, j.entries
+		der, err := ca.SignCRL(v.cert, v.auth.Key, entries, number, now, v.cert.NotAfter)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, der)
+	}
+	if up := s.cfg.Upstream; up != nil {
+		der, err := ca.SignCRL(up.Cert, up.Key, nil, number, now, up.Cert.NotAfter)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, der)
+	}
+	s.crlKey, s.crlCache = key.String(), out
+	return out, nil
+}
+
+// nextRevokedExpiry is when the soonest revoked certificate expires: its
+// entry then leaves the CRL.
+func (s *Server) nextRevokedExpiry() (time.Time, bool) {
+	var next time.Time
+	for _, list := range s.revoked {
+		for _, r := range list {
+			if next.IsZero() || r.NotAfter.Before(next) {
+				next = r.NotAfter
+			}
+		}
+	}
+	return next, !next.IsZero()
+}
+
+// CheckCRLs reports whether cert (issued by issuer) is revoked by any of
+// crls. Peers that apply meshid's CRLs do exactly this; tests and tools use
+// it to act as such a peer.
+func CheckCRLs(cert, issuer *x509.Certificate, crls [][]byte) (bool, error) {
+	for _, der := range crls {
+		rl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			return false, fmt.Errorf("parse CRL: %w", err)
+		}
+		if rl.CheckSignatureFrom(issuer) != nil {
+			continue
+		}
+		for _, e := range rl.RevokedCertificateEntries {
+			if e.SerialNumber.Cmp(cert.SerialNumber) == 0 {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
+// isRevoked reports whether one of our certificates is on a CRL.
+func (s *Server) isRevoked(c *x509.Certificate) bool {
+	serial := c.SerialNumber.Text(16)
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, list := range s.revoked {
+		for _, r := range list {
+			if strings.TrimLeft(r.Serial, "0") == serial {
+				return true
+			}
+		}
+	}
+	return false
+}

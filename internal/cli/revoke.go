@@ -1,0 +1,70 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
+)
+
+func newRevokeCmd() *cobra.Command {
+	var admin, spiffeID, serial, output string
+	cmd := &cobra.Command{
+		Use:   "revoke --spiffe-id ID | --serial SERIAL",
+		Short: "Kill an identity now: put its live certificates on the CRL pushed to every peer",
+		Long: `Revoke certificates before they expire. The CRLs, one per CA, are pushed at
+once to every peer: in the SDS validation_context (crl) and in the Workload
+API's crl field, so peers that apply them refuse the certificate in seconds.
+
+--spiffe-id  every live certificate of that identity, and its registration
+             entries are deleted so it is not renewed.
+--serial     one certificate (hex, as 'meshid certs list' shows it); if a
+             workload is being served it, it gets a fresh one at once.
+
+A revoked serial leaves the CRL when its certificate expires. Join tokens
+for a revoked identity stay valid until they expire.`,
+		Example: `  meshid revoke --spiffe-id spiffe://cluster.local/ns/shop/sa/web
+  meshid revoke --serial 5634909319...`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			if (spiffeID == "") == (serial == "") {
+				return errors.New("give exactly one of --spiffe-id or --serial")
+			}
+			c, done, err := dialAdmin(admin)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := c.Revoke(ctx, &adminv1.RevokeRequest{SpiffeId: spiffeID, Serial: serial})
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				return writeJSONMessage(cmd.OutOrStdout(), resp)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "revoked %d certificate(s)", len(resp.GetSerials()))
+			if len(resp.GetSerials()) > 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), ": %s", strings.Join(resp.GetSerials(), ", "))
+			}
+			fmt.Fprintln(cmd.OutOrStdout())
+			if n := len(resp.GetDeletedEntryIds()); n > 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), "deleted %d entr(ies): %s\n", n, strings.Join(resp.GetDeletedEntryIds(), ", "))
+			}
+			return nil
+		},
+	}
+	adminFlag(cmd, &admin)
+	fs := cmd.Flags()
+	fs.StringVar(&spiffeID, "spiffe-id", "", "revoke every live certificate of this identity and delete its entries")
+	fs.StringVar(&serial, "serial", "", "revoke one certificate by serial (hex)")
+	outputFlag(fs, &output)
+	return cmd
+}
