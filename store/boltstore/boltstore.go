@@ -61,6 +61,9 @@ type Options struct {
 	LockTimeout time.Duration
 	// Now stamps audit events that arrive without a time; nil is time.Now.
 	Now func() time.Time
+	// UnsafeNoSync skips bbolt's fsyncs: a crash may lose or corrupt data.
+	// Only for bulk loading a store that can be rebuilt (benchmarks, tests).
+	UnsafeNoSync bool
 
 	// Tests shrink these; zero means the defaults (DefaultWALSegmentSize,
 	// defaultFoldInterval, defaultFoldRows).
@@ -163,6 +166,7 @@ func Open(path string, opts Options) (*Store, error) {
 		// (after prunes) and costs nothing otherwise.
 		FreelistType: bolt.FreelistMapType,
 		MmapFlags:    mmapFlags,
+		NoSync:       opts.UnsafeNoSync,
 	})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("data dir %s is in use by another meshid server (bbolt lock on %s not released within %s): %w",
