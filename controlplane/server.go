@@ -65,6 +65,9 @@ type Config struct {
 	// Upstream, if set, signs meshid's CAs as intermediates; the trust
 	// bundle is then its root.
 	Upstream *ca.Upstream
+	// InventoryRetention keeps expired SVIDs in the inventory this long
+	// before pruning them (default 7 days).
+	InventoryRetention time.Duration
 	// DisableAutoRotate turns off the automatic CA lifecycle (manual
 	// prepare/activate still work).
 	DisableAutoRotate bool
@@ -107,6 +110,7 @@ type Server struct {
 	rotMu      sync.Mutex
 	rotTimerMu sync.Mutex
 	rotStop    func() bool
+	pruneStop  func() bool
 	closed     atomic.Bool
 	// revMu serialises revocations; revoked (by CA ID) and crlNumber are
 	// guarded by mu.
@@ -152,6 +156,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.JWTTTL == 0 {
 		cfg.JWTTTL = ca.DefaultJWTTTL
+	}
+	if cfg.InventoryRetention == 0 {
+		cfg.InventoryRetention = DefaultInventoryRetention
 	}
 	if cfg.SignConcurrency == 0 {
 		cfg.SignConcurrency = 4 * runtime.GOMAXPROCS(0)
@@ -249,6 +256,8 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.scheduleRotation()
+	s.pruneInventory(ctx)
+	s.schedulePrune()
 	return s, nil
 }
 
@@ -259,6 +268,9 @@ func (s *Server) Close() error {
 	s.rotTimerMu.Lock()
 	if s.rotStop != nil {
 		s.rotStop()
+	}
+	if s.pruneStop != nil {
+		s.pruneStop()
 	}
 	s.rotTimerMu.Unlock()
 	s.ids.close()

@@ -37,6 +37,7 @@ type serverFlags struct {
 	rotateOnAct   bool
 	jwtTTL        time.Duration
 	upCert, upKey string
+	retention     time.Duration
 	signRate      float64
 	signConc      int
 	sdsListen     string
@@ -68,6 +69,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	durationFlag(fs, &f.prepareWindow, "ca-prepare-window", 0, "least time a prepared CA is in the bundle before it signs (default 2 x --svid-ttl, never less than --svid-ttl)")
 	fs.BoolVar(&f.rotateOnAct, "rotate-svids-on-activation", false, "re-issue every served SVID as soon as a new CA is activated")
 	durationFlag(fs, &f.jwtTTL, "jwt-ttl", 5*time.Minute, "lifetime of JWT-SVIDs")
+	durationFlag(fs, &f.retention, "inventory-retention", 7*24*time.Hour, "how long expired SVIDs stay in the inventory before they are pruned")
 	fs.Float64Var(&f.signRate, "sign-rate", 0, "most X.509-SVID signatures per second, spreading mass re-issues (0: no limit)")
 	fs.IntVar(&f.signConc, "sign-concurrency", 0, "most signatures in flight (default 4 x CPUs); excess requests queue briefly, then get ResourceExhausted")
 	fs.StringVar(&f.upCert, "upstream-ca-cert", "", "PEM certificate of an existing CA (optionally followed by its chain to the root) that signs meshid's CA as an intermediate; the bundle is then that root")
@@ -117,8 +119,9 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		CAPrepareAt: f.prepareAt, CAActivateAt: f.activateAt, CAPrepareWindow: f.prepareWindow,
 		RotateSVIDsOnActivation: f.rotateOnAct,
 		SignRate:                f.signRate, SignConcurrency: f.signConc,
-		Version: version(),
-		Logger:  log,
+		InventoryRetention: f.retention,
+		Version:            version(),
+		Logger:             log,
 	}, nil
 }
 

@@ -1,0 +1,40 @@
+package controlplane
+
+import (
+	"context"
+	"time"
+)
+
+// DefaultInventoryRetention is how long expired SVIDs stay listed in the
+// inventory (with --include-expired) before they are pruned.
+const DefaultInventoryRetention = 7 * 24 * time.Hour
+
+// pruneInterval is how often expired inventory rows are pruned.
+const pruneInterval = time.Hour
+
+// schedulePrune prunes the inventory now and then every pruneInterval, on
+// the injected clock, until Close.
+func (s *Server) schedulePrune() {
+	s.rotTimerMu.Lock()
+	defer s.rotTimerMu.Unlock()
+	if s.closed.Load() {
+		return
+	}
+	s.pruneStop = s.afterFunc(pruneInterval, func() {
+		s.pruneInventory(context.Background())
+		s.schedulePrune()
+	})
+}
+
+// pruneInventory drops rows that expired more than the retention ago.
+func (s *Server) pruneInventory(ctx context.Context) {
+	cutoff := s.now().Add(-s.cfg.InventoryRetention)
+	n, err := s.store.PruneSVIDs(ctx, cutoff)
+	if err != nil {
+		s.log.Error("prune inventory", "err", err)
+		return
+	}
+	if n > 0 {
+		s.log.Info("pruned expired SVIDs from the inventory", "rows", n, "expired_before", cutoff)
+	}
+}
