@@ -1,29 +1,50 @@
 package sds
 
 import (
+	"context"
 	"runtime"
 	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/meshid/meshid/identity"
 )
 
-// Every response on a stream is built and sent by one of a few pusher
-// goroutines shared by the whole server, not by the stream's own
-// goroutines. An idle stream holds two goroutines (its handler, parked in
-// a select, and the one parked in Recv); neither ever runs the deep
-// marshal and Send path, so their stacks stay at their starting size
-// instead of each growing for a Send and then idling at twice that. Only
-// the pushers' stacks grow, and there are few of them.
+// How a stream's work is spread over goroutines, to keep an idle stream
+// small.
 //
-// A stream is queued at most once at a time; a pusher takes it and runs its
-// push under the stream's mutex, which also guards the stream's state and
-// keeps one Send at a time per stream. A handler marks its stream closed
-// (under that mutex, so after any Send in progress) before it returns, and
-// a closed stream is never sent on.
+// An idle stream holds two goroutines: its handler, parked in a select
+// (the end of the server, the end of the stream, a change), and recvLoop,
+// parked in Recv. Goroutine stacks only grow (a stack shrinks only when a
+// quarter of it is in use at a GC, which a goroutine parked under gRPC's
+// frames never gets to), so each of them would keep whatever its deepest
+// call needed, long after. Neither of them makes a deep call:
+//
+//   - The handler subscribes (authentication, entitlements, maybe minting)
+//     on a short-lived goroutine of its own, see subscribeApart.
+//   - recvLoop receives each request undecoded, as the unknown fields of an
+//     Empty (a flat copy of the bytes), see decode.
+//   - Everything else (decoding a request, updating the stream's state,
+//     marshalling and sending a response) runs on one of a few pusher
+//     goroutines shared by the whole server. Only their stacks grow.
+//
+// A stream is queued at most once at a time; a pusher takes it and runs
+// its runPush under the stream's mutex, which also guards the stream's
+// state and keeps one Send at a time per stream. recvLoop waits until its
+// request has been taken before it receives the next one, so a client
+// cannot queue requests faster than they are handled. A handler marks its
+// stream closed (under that mutex, so after any Send in progress) before
+// it returns, and a closed stream is never sent on.
 
 // pushJob is a stream with something to push.
 type pushJob interface {
 	// runPush sends what the stream's state calls for, if anything.
 	runPush()
-	// queuedFlag is the stream's "in the queue" mark, guarded by Server.qmu.
+	// queuedFlag is the stream's "in the queue" mark, guarded by Server.pq.mu.
 	queuedFlag() *bool
 }
 
@@ -94,9 +115,144 @@ func (p *pushQueue) work() {
 		p.head++
 		if p.head == len(p.q) {
 			p.q, p.head = p.q[:0], 0
+		} else if p.head >= 1024 && 2*p.head >= len(p.q) {
+			// Never drained: drop the taken half rather than let append
+			// carry it along.
+			n := copy(p.q, p.q[p.head:])
+			clear(p.q[n:])
+			p.q, p.head = p.q[:n], 0
 		}
 		*j.queuedFlag() = false // a change from here on queues it again
 		p.mu.Unlock()
 		j.runPush()
 	}
+}
+
+// streamBase is what both stream kinds share.
+type streamBase struct {
+	s      *Server
+	caller identity.Caller
+	sub    identity.Subscription
+	errc   chan error    // to the handler: recvLoop's error or a pushFailed, whichever is first
+	taken  chan struct{} // to recvLoop: a pusher has taken its request
+	queued bool          // in the push queue; guarded by s.pq.mu
+
+	mu       sync.Mutex
+	closed   bool           // the handler has returned (or a push failed): never send again
+	req      *emptypb.Empty // the request recvLoop left, undecoded
+	refusedN map[string]bool
+}
+
+func (b *streamBase) init(s *Server, caller identity.Caller, sub identity.Subscription) {
+	b.s, b.caller, b.sub = s, caller, sub
+	b.errc = make(chan error, 1)
+	b.taken = make(chan struct{}, 1)
+}
+
+func (b *streamBase) queuedFlag() *bool { return &b.queued }
+
+// report hands err to the handler, unless an error is there already: the
+// stream ends anyway.
+func (b *streamBase) report(err error) {
+	select {
+	case b.errc <- err:
+	default:
+	}
+}
+
+// pushFailed carries a failed push (a bad request, encode or Send) from a
+// pusher to the stream's handler, which ends the stream with it.
+type pushFailed struct{ err error }
+
+func (p pushFailed) Error() string { return p.err.Error() }
+
+// fail ends the stream after a failed push. b.mu is held.
+func (b *streamBase) fail(err error) {
+	b.closed = true
+	b.report(pushFailed{err})
+}
+
+// close marks the stream closed once any Send in progress is done; the
+// handler calls it before it returns, as gRPC requires.
+func (b *streamBase) close() {
+	b.mu.Lock()
+	b.closed = true
+	b.req = nil
+	b.mu.Unlock()
+}
+
+// recvLoop hands each request, undecoded, to the pushers (through the
+// stream's queue entry self) and waits until one has taken it. It ends
+// when the stream fails or ctx (the handler's) ends.
+func (b *streamBase) recvLoop(ctx context.Context, stream grpc.ServerStream, self pushJob) {
+	for {
+		raw := &emptypb.Empty{}
+		if err := stream.RecvMsg(raw); err != nil {
+			b.report(err)
+			return
+		}
+		b.mu.Lock()
+		b.req = raw
+		b.mu.Unlock()
+		b.s.pq.enqueue(self)
+		select {
+		case <-b.taken:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// takeRequest returns the request recvLoop left, if any, and lets it
+// receive the next. b.mu is held.
+func (b *streamBase) takeRequest() *emptypb.Empty {
+	raw := b.req
+	if raw == nil {
+		return nil
+	}
+	b.req = nil
+	select {
+	case b.taken <- struct{}{}:
+	default:
+	}
+	return raw
+}
+
+// decode turns a request received as an Empty into m. Every field of the
+// request is an unknown field of Empty, kept as its exact bytes, so this is
+// the decoding gRPC would have done, only on the pusher's stack.
+func decode(raw *emptypb.Empty, m proto.Message) error {
+	if err := proto.Unmarshal(raw.ProtoReflect().GetUnknown(), m); err != nil {
+		return status.Errorf(codes.Internal, "grpc: failed to unmarshal the received message: %v", err)
+	}
+	return nil
+}
+
+// refusedNames is the set of names already logged as refused. b.mu is
+// held.
+func (b *streamBase) refusedNames() map[string]bool {
+	if b.refusedN == nil {
+		b.refusedN = map[string]bool{}
+	}
+	return b.refusedN
+}
+
+// subscribeApart runs subscribe (authentication, entitlements, perhaps
+// minting: the deepest calls a stream makes) on a goroutine of its own and
+// waits for it, so that the handler's stack does not grow for it and then
+// idle at that size for the life of the stream.
+func (s *Server) subscribeApart(ctx context.Context) (identity.Caller, identity.Subscription, error) {
+	type result struct {
+		caller identity.Caller
+		sub    identity.Subscription
+		err    error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		var r result
+		r.caller, r.sub, r.err = s.subscribe(ctx)
+		ch <- r
+	}()
+	r := <-ch
+	return r.caller, r.sub, r.err
 }

@@ -162,25 +162,6 @@ func (s *Server) refused(caller identity.Caller, name string, seen map[string]bo
 	s.log.Warn("sds: caller is not entitled to secret; not answered", "caller", caller.Label, "name", name)
 }
 
-// recvLoop forwards requests from the stream until it fails or ctx ends.
-func recvLoop[T any](ctx context.Context, recv func() (T, error), out chan<- T, errc chan<- error) {
-	for {
-		req, err := recv()
-		if err != nil {
-			select {
-			case errc <- err:
-			default: // a failed push is already there: the stream ends anyway
-			}
-			return
-		}
-		select {
-		case out <- req:
-		case <-ctx.Done():
-			return
-		}
-	}
-}
-
 func streamEnd(err error) error {
 	var pf pushFailed
 	if errors.As(err, &pf) {
@@ -195,44 +176,11 @@ func streamEnd(err error) error {
 	return err
 }
 
-// pushFailed carries a failed push (Send or encode) from a pusher to the
-// stream's handler, which ends the stream with it.
-type pushFailed struct{ err error }
-
-func (p pushFailed) Error() string { return p.err.Error() }
-
-// streamBase is what both stream kinds share: their handler's identity and
-// subscription, the channel that hands a failed push to the handler, and
-// the mutex that guards each kind's state and serializes its Sends.
-type streamBase struct {
-	s      *Server
-	caller identity.Caller
-	sub    identity.Subscription
-	errc   chan error // recvLoop's error or a pushFailed, whichever is first
-	queued bool       // in the push queue; guarded by s.pq.mu
-
-	mu       sync.Mutex
-	closed   bool // the handler has returned (or a push failed): never send again
-	refusedN map[string]bool
-}
-
-func (b *streamBase) queuedFlag() *bool { return &b.queued }
-
-// fail ends the stream after a failed push. b.mu is held.
-func (b *streamBase) fail(err error) {
-	b.closed = true
-	select {
-	case b.errc <- pushFailed{err}:
-	default: // recvLoop's error is there: the stream ends anyway
+func checkType(t string) error {
+	if t != "" && t != SecretTypeURL {
+		return status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
 	}
-}
-
-// close marks the stream closed once any Send in progress is done; the
-// handler calls it before it returns, as gRPC requires.
-func (b *streamBase) close() {
-	b.mu.Lock()
-	b.closed = true
-	b.mu.Unlock()
+	return nil
 }
 
 // sotwStream is one StreamSecrets stream.
@@ -250,10 +198,15 @@ type sotwStream struct {
 
 // StreamSecrets is the state-of-the-world SDS stream Envoy opens per secret
 // name (api_type GRPC).
+//
+// Its goroutine only waits: for the end of the stream or the server, and
+// for changes, which it hands to the pushers. Requests go from recvLoop to
+// the pushers too, which decode them, update the stream's state and send
+// (see pushers.go).
 func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]) error {
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
-	caller, sub, err := s.subscribe(ctx)
+	caller, sub, err := s.subscribeApart(ctx)
 	if err != nil {
 		return err
 	}
@@ -261,10 +214,10 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 	s.metrics.Streams.Inc()
 	defer s.metrics.Streams.Dec()
 
-	reqs := make(chan *discoveryv3.DiscoveryRequest, 1)
-	st := &sotwStream{streamBase: streamBase{s: s, caller: caller, sub: sub, errc: make(chan error, 1)}, stream: stream}
+	st := &sotwStream{stream: stream}
+	st.init(s, caller, sub)
 	defer st.close() // first of the defers: no Send after the handler returns
-	go recvLoop(ctx, stream.Recv, reqs, st.errc)
+	go st.recvLoop(ctx, stream, st)
 
 	for {
 		select {
@@ -273,25 +226,45 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 		case err := <-st.errc:
 			return streamEnd(err)
 		case <-sub.Changed():
-			s.pq.enqueue(st) // a no-op before the first request
-		case req := <-reqs:
-			if t := req.GetTypeUrl(); t != "" && t != SecretTypeURL {
-				return status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
-			}
-			if st.request(req) {
-				s.pq.enqueue(st)
-			}
+			s.pq.enqueue(st) // nothing is sent before the first request
 		}
 	}
 }
 
-// request applies a client request to the stream's state and says whether
-// it calls for a push.
-func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) bool {
+// runPush applies the request recvLoop left, if any, and sends what the
+// state calls for.
+func (st *sotwStream) runPush() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	if st.closed {
+		return
+	}
+	if raw := st.takeRequest(); raw != nil {
+		req := &discoveryv3.DiscoveryRequest{}
+		if err := decode(raw, req); err != nil {
+			st.fail(err)
+			return
+		}
+		if err := checkType(req.GetTypeUrl()); err != nil {
+			st.fail(err)
+			return
+		}
+		st.request(req)
+	}
+	if !st.started {
+		return
+	}
+	force := st.force
+	st.force = false
+	if err := st.push(force); err != nil {
+		st.fail(err)
+	}
+}
+
+// request applies a client request to the stream's state. st.mu is held.
+func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) {
 	if st.started && req.GetResponseNonce() != "" && req.GetResponseNonce() != st.lastNonce {
-		return false // stale: answers a response that has been superseded
+		return // stale: answers a response that has been superseded
 	}
 	if req.GetErrorDetail() != nil {
 		// NACK: Envoy keeps what it had. Re-sending the same content
@@ -305,27 +278,12 @@ func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) bool {
 		newNames = slices.Sorted(slices.Values(newNames))
 	}
 	if st.started && slices.Equal(newNames, st.names) {
-		return false
+		return
 	}
 	st.started = true
 	st.names = slices.Clone(newNames)
 	st.sent = make([]string, len(st.names))
 	st.force = true
-	return true
-}
-
-// runPush is the pusher's side: push what the state calls for.
-func (st *sotwStream) runPush() {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.closed || !st.started {
-		return
-	}
-	force := st.force
-	st.force = false
-	if err := st.push(force); err != nil {
-		st.fail(err)
-	}
 }
 
 // push sends every answerable requested name if any of them differs from
@@ -379,15 +337,6 @@ func (st *sotwStream) push(force bool) error {
 	return nil
 }
 
-// refusedNames is the set of names already logged as refused. st.mu is
-// held.
-func (b *streamBase) refusedNames() map[string]bool {
-	if b.refusedN == nil {
-		b.refusedN = map[string]bool{}
-	}
-	return b.refusedN
-}
-
 // contentVersion is a delta resource version: a digest of the content key,
 // stable across streams and reconnects, so initial_resource_versions can
 // be honoured.
@@ -409,11 +358,12 @@ type deltaStream struct {
 	lastNonce  string
 }
 
-// DeltaSecrets is the incremental SDS stream (api_type DELTA_GRPC).
+// DeltaSecrets is the incremental SDS stream (api_type DELTA_GRPC). Its
+// goroutines work as StreamSecrets' do.
 func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) error {
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
-	caller, sub, err := s.subscribe(ctx)
+	caller, sub, err := s.subscribeApart(ctx)
 	if err != nil {
 		return err
 	}
@@ -421,17 +371,16 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 	s.metrics.Streams.Inc()
 	defer s.metrics.Streams.Dec()
 
-	reqs := make(chan *discoveryv3.DeltaDiscoveryRequest, 1)
 	st := &deltaStream{
-		streamBase: streamBase{s: s, caller: caller, sub: sub, errc: make(chan error, 1)},
 		stream:     stream,
 		first:      true,
 		subscribed: map[string]bool{},
 		known:      map[string]string{},
 		removed:    map[string]bool{},
 	}
+	st.init(s, caller, sub)
 	defer st.close() // first of the defers: no Send after the handler returns
-	go recvLoop(ctx, stream.Recv, reqs, st.errc)
+	go st.recvLoop(ctx, stream, st)
 
 	for {
 		select {
@@ -440,22 +389,42 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 		case err := <-st.errc:
 			return streamEnd(err)
 		case <-sub.Changed():
-			s.pq.enqueue(st) // a no-op before the first request
-		case req := <-reqs:
-			if t := req.GetTypeUrl(); t != "" && t != SecretTypeURL {
-				return status.Errorf(codes.InvalidArgument, "type_url %q: this server serves only %s", t, SecretTypeURL)
-			}
-			st.request(req)
-			s.pq.enqueue(st)
+			s.pq.enqueue(st) // nothing is sent before the first request
 		}
 	}
 }
 
-// request applies a client request to the stream's state; every request
-// is followed by a push (of whatever differs, if anything).
-func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
+// runPush applies the request recvLoop left, if any, and sends what
+// differs: every request is followed by a push (of nothing, if nothing
+// differs).
+func (st *deltaStream) runPush() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	if st.closed {
+		return
+	}
+	if raw := st.takeRequest(); raw != nil {
+		req := &discoveryv3.DeltaDiscoveryRequest{}
+		if err := decode(raw, req); err != nil {
+			st.fail(err)
+			return
+		}
+		if err := checkType(req.GetTypeUrl()); err != nil {
+			st.fail(err)
+			return
+		}
+		st.request(req)
+	}
+	if st.first {
+		return
+	}
+	if err := st.push(); err != nil {
+		st.fail(err)
+	}
+}
+
+// request applies a client request to the stream's state. st.mu is held.
+func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
 	if st.first {
 		for n, v := range req.GetInitialResourceVersions() {
 			st.known[n] = v
@@ -476,18 +445,6 @@ func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
 		delete(st.subscribed, n)
 		delete(st.known, n)
 		delete(st.removed, n)
-	}
-}
-
-// runPush is the pusher's side: push what the state calls for.
-func (st *deltaStream) runPush() {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.closed || st.first {
-		return
-	}
-	if err := st.push(); err != nil {
-		st.fail(err)
 	}
 }
 
