@@ -54,6 +54,8 @@ type slot struct {
 	refs    int
 	stop    func() bool // cancels the renewal timer
 	retry   time.Duration
+	// subs are the subscriptions holding this slot, told when it changes.
+	subs map[*Subscription]struct{}
 }
 
 func newIdentities(srv *Server) *identities {
@@ -91,7 +93,7 @@ func (s *Subscription) Close() {
 		defer ids.mu.Unlock()
 		delete(ids.subs, s)
 		for _, k := range s.entries {
-			ids.release(k)
+			ids.release(k, s)
 		}
 	})
 }
@@ -118,7 +120,7 @@ func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, ex
 	}
 	var missing []*slot
 	for _, e := range wanted {
-		sl := ids.acquire(e)
+		sl := ids.acquire(e, sub)
 		sub.entries = append(sub.entries, e.ID)
 		if sl.svid == nil {
 			missing = append(missing, sl)
@@ -156,21 +158,23 @@ func (ids *identities) entitlements(sub *Subscription) []store.Entry {
 	return out
 }
 
-func (ids *identities) acquire(e store.Entry) *slot {
+func (ids *identities) acquire(e store.Entry, sub *Subscription) *slot {
 	sl, ok := ids.slots[e.ID]
 	if !ok {
-		sl = &slot{entry: e}
+		sl = &slot{entry: e, subs: map[*Subscription]struct{}{}}
 		ids.slots[e.ID] = sl
 	}
 	sl.refs++
+	sl.subs[sub] = struct{}{}
 	return sl
 }
 
-func (ids *identities) release(key string) {
+func (ids *identities) release(key string, sub *Subscription) {
 	sl, ok := ids.slots[key]
 	if !ok {
 		return
 	}
+	delete(sl.subs, sub)
 	sl.refs--
 	if sl.refs > 0 {
 		return
@@ -287,7 +291,11 @@ func (ids *identities) installLocked(sl *slot, svid *identity.SVID) {
 	delay := time.Duration(float64(life) * renewFraction * jitter)
 	sl.renewAt = now.Add(delay)
 	ids.scheduleLocked(sl, delay)
-	ids.notifyLocked(func(s *Subscription) bool { return slices.Contains(s.entries, sl.entry.ID) })
+	// Only the slot's own holders: a mass re-issue of N slots must not
+	// walk all N subscriptions N times.
+	for sub := range sl.subs {
+		ids.notifySubLocked(sub)
+	}
 }
 
 func (ids *identities) scheduleLocked(sl *slot, delay time.Duration) {
@@ -334,14 +342,24 @@ func (ids *identities) renew(sl *slot) {
 // signals it.
 func (ids *identities) notifyLocked(match func(*Subscription) bool) {
 	for s := range ids.subs {
-		if s.snap == nil || !match(s) {
-			continue
+		if match(s) {
+			ids.notifySubLocked(s)
 		}
-		s.snap = ids.snapshotLocked(s)
-		select {
-		case s.ch <- struct{}{}:
-		default:
-		}
+	}
+}
+
+// notifySubLocked rebuilds one subscriber's snapshot and signals it.
+func (ids *identities) notifySubLocked(s *Subscription) {
+	if s.snap == nil {
+		return // still being built by Subscribe, which takes the latest state
+	}
+	if _, live := ids.subs[s]; !live {
+		return
+	}
+	s.snap = ids.snapshotLocked(s)
+	select {
+	case s.ch <- struct{}{}:
+	default:
 	}
 }
 
@@ -415,14 +433,14 @@ func (ids *identities) entriesChanged(ctx context.Context) {
 		var missing []*slot
 		for _, e := range wanted {
 			if !slices.Contains(s.entries, e.ID) {
-				if sl := ids.acquire(e); sl.svid == nil {
+				if sl := ids.acquire(e, s); sl.svid == nil {
 					missing = append(missing, sl)
 				}
 			}
 		}
 		for _, k := range s.entries {
 			if !slices.Contains(keys, k) {
-				ids.release(k)
+				ids.release(k, s)
 			}
 		}
 		s.entries = keys

@@ -65,7 +65,7 @@ func BenchmarkReissueAfterActivation(b *testing.B) {
 		rate float64
 	}{{10000, 0}, {10000, 2000}} {
 		b.Run(fmt.Sprintf("svids=%d/rate=%g", tc.n, tc.rate), func(b *testing.B) {
-			for b.Loop() {
+			for range b.N {
 				reissue(b, tc.n, tc.rate)
 			}
 		})

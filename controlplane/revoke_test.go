@@ -277,4 +277,3 @@ func BenchmarkRevokeToRefusal(b *testing.B) {
 	}
 	b.ReportMetric(float64(total.Microseconds())/float64(i)/1000, "ms/revoke-to-refusal")
 }
-
