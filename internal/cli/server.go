@@ -237,6 +237,12 @@ func printBanner(w io.Writer, srv *controlplane.Server, f serverFlags, l control
 	fmt.Fprintf(&b, "meshid dev: identity plane for trust domain %s is up\n", srv.TrustDomain())
 	fmt.Fprintf(&b, "  data dir      %s\n", f.dataDir)
 	fmt.Fprintf(&b, "  admin API     unix://%s\n", l.AdminSocket)
+	if l.Socket != "" {
+		fmt.Fprintf(&b, "  workload API  unix://%s  (Envoy SDS v3 + SPIFFE Workload API)\n", l.Socket)
+	}
+	if l.SDSAddr != "" {
+		fmt.Fprintf(&b, "  SDS over TCP  %s\n", l.SDSAddr)
+	}
 	if l.MetricsAddr != "" {
 		fmt.Fprintf(&b, "  metrics       http://%s/metrics\n", l.MetricsAddr)
 	}
@@ -247,6 +253,14 @@ func printBanner(w io.Writer, srv *controlplane.Server, f serverFlags, l control
 	fmt.Fprintf(&b, "  openssl x509 -in ./certs/svid.pem -noout -text\n")
 	fmt.Fprintf(&b, "  meshid ca show%s\n", admin)
 	fmt.Fprintf(&b, "  meshid certs list%s\n", admin)
+	if l.Socket != "" {
+		sock := ""
+		if l.Socket != controlplane.DefaultSocket {
+			sock = " --socket " + l.Socket
+		}
+		fmt.Fprintf(&b, "  meshid helper%s --dir ./me --once        # your own SVID, from the Workload API\n", sock)
+		fmt.Fprintf(&b, "  meshid envoy bootstrap --spiffe-id %s --socket %s > envoy.yaml\n", spiffeID, l.Socket)
+	}
 	fmt.Fprintf(&b, "\nCtrl-C stops it.\n")
 	fmt.Fprint(w, b.String())
 }
