@@ -105,3 +105,18 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// adminCall dials the admin API and makes one call with a bounded context,
+// e.g. adminCall(cmd, socket, adminv1.AdminServiceClient.ListCAs, req).
+func adminCall[Req, Resp any](cmd *cobra.Command, socket string,
+	rpc func(adminv1.AdminServiceClient, context.Context, Req, ...grpc.CallOption) (Resp, error), req Req) (Resp, error) {
+	var zero Resp
+	c, done, err := dialAdmin(socket)
+	if err != nil {
+		return zero, err
+	}
+	defer done()
+	ctx, cancel := rpcContext(cmd)
+	defer cancel()
+	return rpc(c, ctx, req)
+}

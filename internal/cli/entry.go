@@ -57,14 +57,7 @@ Selectors:
 			} else if ttl < 0 {
 				return fmt.Errorf("--ttl must be positive")
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.CreateEntry(ctx, &adminv1.CreateEntryRequest{Entry: e})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.CreateEntry, &adminv1.CreateEntryRequest{Entry: e})
 			if err != nil {
 				return err
 			}
@@ -147,14 +140,7 @@ func newEntryDeleteCmd() *cobra.Command {
 		Short: "Delete a registration entry; its SVIDs are no longer renewed",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.DeleteEntry(ctx, &adminv1.DeleteEntryRequest{Id: args[0]})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.DeleteEntry, &adminv1.DeleteEntryRequest{Id: args[0]})
 			if err != nil {
 				return err
 			}

@@ -24,14 +24,7 @@ func newBundleCmd() *cobra.Command {
 			if format != "pem" && format != "jwks" {
 				return fmt.Errorf("unknown --format %q (want pem or jwks)", format)
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.GetBundle(ctx, &adminv1.GetBundleRequest{})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.GetBundle, &adminv1.GetBundleRequest{})
 			if err != nil {
 				return err
 			}
@@ -61,14 +54,7 @@ func newCACmd() *cobra.Command {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.ListCAs(ctx, &adminv1.ListCAsRequest{})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.ListCAs, &adminv1.ListCAsRequest{})
 			if err != nil {
 				return err
 			}
@@ -107,14 +93,7 @@ so peers trust it before any certificate it signs reaches them.`,
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.PrepareCA(ctx, &adminv1.PrepareCARequest{})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.PrepareCA, &adminv1.PrepareCARequest{})
 			if err != nil {
 				return err
 			}
@@ -151,14 +130,7 @@ peer trusts it first; --force overrides that.`,
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.ActivateCA(ctx, &adminv1.ActivateCARequest{Force: force})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.ActivateCA, &adminv1.ActivateCARequest{Force: force})
 			if err != nil {
 				return err
 			}

@@ -36,14 +36,7 @@ for a revoked identity stay valid until they expire.`,
 			if (spiffeID == "") == (serial == "") {
 				return errors.New("give exactly one of --spiffe-id or --serial")
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.Revoke(ctx, &adminv1.RevokeRequest{SpiffeId: spiffeID, Serial: serial})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.Revoke, &adminv1.RevokeRequest{SpiffeId: spiffeID, Serial: serial})
 			if err != nil {
 				return err
 			}

@@ -36,14 +36,7 @@ token is bound to the first connection that presents it.`,
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.CreateJoinToken(ctx, &adminv1.CreateJoinTokenRequest{SpiffeId: spiffeID, Ttl: durationpb.New(ttl), SingleUse: singleUse})
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.CreateJoinToken, &adminv1.CreateJoinTokenRequest{SpiffeId: spiffeID, Ttl: durationpb.New(ttl), SingleUse: singleUse})
 			if err != nil {
 				return err
 			}

@@ -74,14 +74,7 @@ and bundle.pem (the trust bundle), each written atomically.`,
 					return err
 				}
 			}
-			c, done, err := dialAdmin(admin)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
-			resp, err := c.MintX509SVID(ctx, req)
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.MintX509SVID, req)
 			if err != nil {
 				return err
 			}
