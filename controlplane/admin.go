@@ -109,11 +109,15 @@ func (a *AdminService) CreateEntry(ctx context.Context, req *adminv1.CreateEntry
 
 // DeleteEntry implements adminv1.AdminServiceServer.
 func (a *AdminService) DeleteEntry(ctx context.Context, req *adminv1.DeleteEntryRequest) (*adminv1.DeleteEntryResponse, error) {
-	e, err := a.srv.DeleteEntry(ctx, req.GetId(), actor(ctx))
+	e, revoked, err := a.srv.DeleteEntry(ctx, req.GetId(), actor(ctx))
 	if err != nil {
 		return nil, a.toStatus("delete entry", err)
 	}
-	return &adminv1.DeleteEntryResponse{Entry: entryToProto(e)}, nil
+	resp := &adminv1.DeleteEntryResponse{Entry: entryToProto(e)}
+	for _, r := range revoked {
+		resp.RevokedSerials = append(resp.RevokedSerials, r.Serial)
+	}
+	return resp, nil
 }
 
 func pageSize(n int32) (int, error) {

@@ -140,7 +140,24 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 }
 
 // DeleteEntry removes an entry. A missing entry is store.ErrNotFound.
-func (s *Server) DeleteEntry(ctx context.Context, id, actor string) (store.Entry, error) {
+//
+// Deleting an entry is also a revocation: its SVIDs stop being renewed and
+// every live serial issued for it goes on the CRL, so the identity dies now,
+// not at its next expiry.
+func (s *Server) DeleteEntry(ctx context.Context, id, actor string) (store.Entry, []store.RevokedSerial, error) {
+	e, err := s.deleteEntry(ctx, id, actor)
+	if err != nil {
+		return e, nil, err
+	}
+	revoked, err := s.revokeRows(ctx, func(r store.IssuedSVID) bool { return r.EntryID == id }, "entry "+id, actor, 1)
+	if err != nil {
+		return e, nil, fmt.Errorf("entry %s deleted, but revoking its certificates failed: %w", id, err)
+	}
+	return e, revoked, nil
+}
+
+// deleteEntry removes an entry without touching its certificates.
+func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry, error) {
 	if id == "" {
 		return store.Entry{}, invalidf("entry id is required")
 	}

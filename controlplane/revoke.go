@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"slices"
 	"strings"
 	"time"
 
@@ -36,26 +37,21 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 	} else if _, ok := new(big.Int).SetString(serial, 16); !ok {
 		return RevokeResult{}, invalidf("serial %q is not hexadecimal", serial)
 	}
-	s.revMu.Lock()
-	defer s.revMu.Unlock()
 	now := s.now()
-	rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: now})
-	if err != nil {
-		return RevokeResult{}, fmt.Errorf("read inventory: %w", err)
-	}
 	var res RevokeResult
-	for _, r := range rows {
-		if (spiffeID != "" && r.SpiffeID == spiffeID) || (serial != "" && strings.TrimLeft(r.Serial, "0") == serial) {
-			res.Serials = append(res.Serials, store.RevokedSerial{Serial: r.Serial, CAID: r.CAID, SpiffeID: r.SpiffeID, NotAfter: r.NotAfter, RevokedAt: now})
+	if serial != "" {
+		rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: now})
+		if err != nil {
+			return RevokeResult{}, fmt.Errorf("read inventory: %w", err)
 		}
-	}
-	if serial != "" && len(res.Serials) == 0 {
-		return RevokeResult{}, fmt.Errorf("no live certificate with serial %s: %w", serial, store.ErrNotFound)
+		if !slices.ContainsFunc(rows, func(r store.IssuedSVID) bool { return strings.TrimLeft(r.Serial, "0") == serial }) {
+			return RevokeResult{}, fmt.Errorf("no live certificate with serial %s: %w", serial, store.ErrNotFound)
+		}
 	}
 	// Stop renewal first: nothing new may be issued for a revoked ID.
 	if spiffeID != "" {
 		for _, e := range s.entriesFor(spiffeID) {
-			d, err := s.DeleteEntry(ctx, e.ID, actor)
+			d, err := s.deleteEntry(ctx, e.ID, actor)
 			if err != nil && !errors.Is(err, store.ErrNotFound) {
 				return res, err
 			}
@@ -69,24 +65,48 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 	if target == "" {
 		target = serial
 	}
-	if len(res.Serials) > 0 {
-		if err := s.store.RevokeSerials(ctx, res.Serials, store.AuditEvent{Time: now, Actor: actor, Action: "revoke", Target: target,
-			Detail: fmt.Sprintf("%d live serial(s) put on the CRL, %d entries deleted", len(res.Serials), len(res.DeletedEntries))}); err != nil {
-			return res, fmt.Errorf("record revocation: %w", err)
+	revoked, err := s.revokeRows(ctx, func(r store.IssuedSVID) bool {
+		return (spiffeID != "" && r.SpiffeID == spiffeID) || (serial != "" && strings.TrimLeft(r.Serial, "0") == serial)
+	}, target, actor, len(res.DeletedEntries))
+	res.Serials = revoked
+	return res, err
+}
+
+// revokeRows puts every live inventory row that match selects on its CA's
+// CRL, pushes the new CRLs, and re-issues any served SVID among them.
+func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bool, target, actor string, deletedEntries int) ([]store.RevokedSerial, error) {
+	s.revMu.Lock()
+	defer s.revMu.Unlock()
+	now := s.now()
+	rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: now})
+	if err != nil {
+		return nil, fmt.Errorf("read inventory: %w", err)
+	}
+	var serials []store.RevokedSerial
+	for _, r := range rows {
+		if match(r) {
+			serials = append(serials, store.RevokedSerial{Serial: r.Serial, CAID: r.CAID, SpiffeID: r.SpiffeID, NotAfter: r.NotAfter, RevokedAt: now})
 		}
 	}
+	if len(serials) == 0 {
+		return nil, nil
+	}
+	if err := s.store.RevokeSerials(ctx, serials, store.AuditEvent{Time: now, Actor: actor, Action: "revoke", Target: target,
+		Detail: fmt.Sprintf("%d live serial(s) put on the CRL, %d entries deleted", len(serials), deletedEntries)}); err != nil {
+		return nil, fmt.Errorf("record revocation: %w", err)
+	}
 	if err := s.loadRevoked(ctx); err != nil {
-		return res, err
+		return serials, err
 	}
 	if err := s.publishBundles(); err != nil {
-		return res, err
+		return serials, err
 	}
-	for _, r := range res.Serials {
+	for _, r := range serials {
 		s.ids.renewSerial(r.Serial)
 	}
-	s.log.Warn("revoked", "target", target, "serials", len(res.Serials), "entries_deleted", len(res.DeletedEntries), "actor", actor)
+	s.log.Warn("revoked", "target", target, "serials", len(serials), "entries_deleted", deletedEntries, "actor", actor)
 	s.scheduleRotation() // the CRL shrinks when the first revoked serial expires
-	return res, nil
+	return serials, nil
 }
 
 // entriesFor lists the registration entries for a SPIFFE ID.

@@ -277,3 +277,31 @@ func BenchmarkRevokeToRefusal(b *testing.B) {
 	}
 	b.ReportMetric(float64(total.Microseconds())/float64(i)/1000, "ms/revoke-to-refusal")
 }
+
+// TestEntryDeleteRevokes: deleting an entry stops renewal and puts its live
+// serials on the CRL, so the identity dies now.
+func TestEntryDeleteRevokes(t *testing.T) {
+	ts := startServer(t, Config{SVIDTTL: time.Hour})
+	const a, d = "spiffe://cluster.local/ns/x/sa/a", "spiffe://cluster.local/ns/x/sa/d"
+	subA := subscribeAs(t, ts.srv, a, "5001")
+	subD := subscribeAs(t, ts.srv, d, "5002")
+	peer := startCRLPeer(t, subA, d)
+	held := svidOf(t, subD)
+	if err := peer.dial(held, subSource{subD}); err != nil {
+		t.Fatal(err)
+	}
+	entryID := ts.srv.entriesFor(d)[0].ID
+	_, revoked, err := ts.srv.DeleteEntry(context.Background(), entryID, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(revoked) != 1 || revoked[0].Serial != held.Certificates[0].SerialNumber.Text(16) {
+		t.Fatalf("deleting the entry revoked %+v, want its one live serial", revoked)
+	}
+	if len(subD.Snapshot().SVIDs) != 0 {
+		t.Fatal("a deleted entry's identity is still served")
+	}
+	if err := peer.dial(held, subSource{subD}); err == nil {
+		t.Fatal("the certificate of a deleted entry is still accepted")
+	}
+}

@@ -137,14 +137,15 @@ func newEntryDeleteCmd() *cobra.Command {
 	var admin string
 	cmd := &cobra.Command{
 		Use:   "delete ID",
-		Short: "Delete a registration entry; its SVIDs are no longer renewed",
+		Short: "Delete a registration entry: its SVIDs are no longer renewed and its live ones are revoked",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.DeleteEntry, &adminv1.DeleteEntryRequest{Id: args[0]})
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "deleted entry %s (%s)\n", resp.GetEntry().GetId(), resp.GetEntry().GetSpiffeId())
+			fmt.Fprintf(cmd.OutOrStdout(), "deleted entry %s (%s); %d live certificate(s) revoked\n",
+				resp.GetEntry().GetId(), resp.GetEntry().GetSpiffeId(), len(resp.GetRevokedSerials()))
 			return nil
 		},
 	}

@@ -302,12 +302,14 @@ func (x *DeleteEntryRequest) GetId() string {
 	return ""
 }
 
-// DeleteEntryResponse returns the deleted entry.
+// DeleteEntryResponse returns the deleted entry and the serials of its
+// live certificates, now on the CRL.
 type DeleteEntryResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entry         *Entry                 `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Entry          *Entry                 `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	RevokedSerials []string               `protobuf:"bytes,2,rep,name=revoked_serials,json=revokedSerials,proto3" json:"revoked_serials,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *DeleteEntryResponse) Reset() {
@@ -343,6 +345,13 @@ func (*DeleteEntryResponse) Descriptor() ([]byte, []int) {
 func (x *DeleteEntryResponse) GetEntry() *Entry {
 	if x != nil {
 		return x.Entry
+	}
+	return nil
+}
+
+func (x *DeleteEntryResponse) GetRevokedSerials() []string {
+	if x != nil {
+		return x.RevokedSerials
 	}
 	return nil
 }
@@ -1678,9 +1687,10 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x13CreateEntryResponse\x12,\n" +
 	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"$\n" +
 	"\x12DeleteEntryRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"C\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"l\n" +
 	"\x13DeleteEntryResponse\x12,\n" +
-	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"P\n" +
+	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\x12'\n" +
+	"\x0frevoked_serials\x18\x02 \x03(\tR\x0erevokedSerials\"P\n" +
 	"\x12ListEntriesRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
