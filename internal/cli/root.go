@@ -66,11 +66,19 @@ Start a development identity plane with one command:
   meshid dev
 
 Every flag can also be set in the environment as MESHID_<FLAG> (for example
-MESHID_ADMIN_SOCKET, MESHID_TRUST_DOMAIN); a flag on the command line wins.`,
+MESHID_ADMIN_SOCKET, MESHID_TRUST_DOMAIN) and, for server and dev, in a YAML
+file given with --config (keys are flag names). A flag on the command line
+wins over the environment, which wins over the file.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
-			return applyEnv(cmd.Flags())
+			if err := applyEnv(cmd.Flags()); err != nil {
+				return err
+			}
+			if f := cmd.Flags().Lookup("config"); f != nil && f.Value.String() != "" {
+				return applyConfigFile(cmd.Flags(), f.Value.String())
+			}
+			return nil
 		},
 	}
 	root.SetOut(stdout)

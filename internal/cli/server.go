@@ -57,6 +57,7 @@ func defaultDataDir() string {
 
 func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp string) {
 	fs := cmd.Flags()
+	fs.String("config", "", "YAML file of settings, keyed by flag name (flags and MESHID_* variables win)")
 	fs.StringVar(&f.dataDir, "data-dir", dataDirDefault, dataDirHelp)
 	fs.StringVar(&f.trustDomain, "trust-domain", controlplane.DefaultTrustDomain, "SPIFFE trust domain this server is the authority for")
 	fs.StringVar(&f.adminSocket, "admin-socket", controlplane.DefaultAdminSocket, "unix socket of the admin API (made 0600: whoever can open it is an administrator)")
