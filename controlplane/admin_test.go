@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshid/meshid/identity"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/store"
 )
@@ -350,19 +351,34 @@ func TestDefaultTTLIsClampedToTheCA(t *testing.T) {
 	now := time.Now()
 	clock := func() time.Time { return now }
 	dir := t.TempDir()
-	// A 48h CA seen 40h later has 8h left: a default 24h SVID must stop
+	// A 48h CA seen 45h later has 3h left: a default 6h SVID must stop
 	// when the CA does, not outlive it.
-	ts := startServer(t, Config{DataDir: dir, CATTL: 48 * time.Hour, Now: clock})
+	cfg := Config{DataDir: dir, CATTL: 48 * time.Hour, SVIDTTL: 6 * time.Hour, DisableAutoRotate: true, Now: clock}
+	ts := startServer(t, cfg)
 	caNotAfter := ts.srv.BundleCerts()[0].NotAfter
 	ts.stop()
-	later := now.Add(40 * time.Hour)
-	ts = startServer(t, Config{DataDir: dir, CATTL: 48 * time.Hour, Now: func() time.Time { return later }})
+	later := now.Add(45 * time.Hour)
+	cfg.Now = func() time.Time { return later }
+	ts = startServer(t, cfg)
 	resp, err := ts.client.MintX509SVID(context.Background(), &adminv1.MintX509SVIDRequest{SpiffeId: "spiffe://cluster.local/a", Csr: csrFor(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if na := resp.GetNotAfter().AsTime(); na.After(caNotAfter) {
 		t.Fatalf("SVID not after %s outlives the CA %s", na, caNotAfter)
+	}
+	// The same for SVIDs served to workloads (renewals), whose TTL is
+	// clamped at the moment of signing, not refused.
+	if _, err := ts.srv.CreateEntry(context.Background(), EntrySpec{SpiffeID: "spiffe://cluster.local/w", Selectors: []store.Selector{{Type: "unix", Value: "uid:77"}}}, "t"); err != nil {
+		t.Fatal(err)
+	}
+	sub, err := ts.srv.Subscribe(context.Background(), identity.Caller{Selectors: []string{"unix:uid:77"}})
+	if err != nil {
+		t.Fatalf("serving a workload near the CA's end: %v", err)
+	}
+	defer sub.Close()
+	if na := sub.Snapshot().SVIDs[0].NotAfter; na.After(caNotAfter) {
+		t.Fatalf("served SVID not after %s outlives the CA %s", na, caNotAfter)
 	}
 }
 

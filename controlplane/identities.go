@@ -174,6 +174,10 @@ func (ids *identities) release(key string, sub *Subscription) {
 	if !ok {
 		return
 	}
+	// A slot replaced since (dropDirect, then a new holder) is not ours.
+	if _, held := sl.subs[sub]; !held {
+		return
+	}
 	delete(sl.subs, sub)
 	sl.refs--
 	if sl.refs > 0 {
@@ -212,6 +216,7 @@ func (ids *identities) mint(ctx context.Context, e store.Entry) (*identity.SVID,
 		SpiffeID:  e.SpiffeID,
 		KeyType:   ca.KeyP256,
 		TTL:       ids.ttlFor(e),
+		ClampTTL:  true,
 		DNSNames:  e.DNSNames,
 		EntryID:   entryIDForInventory(e),
 		Requester: "workload",
@@ -222,17 +227,10 @@ func (ids *identities) mint(ctx context.Context, e store.Entry) (*identity.SVID,
 	return toIdentitySVID(svid, e)
 }
 
-// ttlFor is the entry's TTL, or the server's, never beyond the CA.
+// ttlFor is the entry's TTL, or 0 for the server default; mint clamps
+// either to the CA's remaining life at the moment it signs.
 func (ids *identities) ttlFor(e store.Entry) time.Duration {
-	ttl := ids.srv.cfg.SVIDTTL
-	if e.TTL > 0 {
-		ttl = e.TTL
-	}
-	a, _ := ids.srv.activeCA()
-	if rem := a.RemainingLife(ids.srv.now()); ttl > rem {
-		ttl = rem
-	}
-	return ttl
+	return e.TTL
 }
 
 // isDirect reports whether e stands for an ID the caller holds directly

@@ -22,6 +22,10 @@ type MintRequest struct {
 	EntryID  string
 	// Requester is who asked, recorded in the inventory.
 	Requester string
+	// ClampTTL shortens a TTL that outlives the CA instead of refusing:
+	// for renewals, where an entry's TTL must not stop a CA near its end
+	// from serving.
+	ClampTTL bool
 }
 
 // MintX509SVID signs an X.509-SVID and records it in the inventory before
@@ -59,7 +63,10 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 			return nil, errors.New("the active CA has expired")
 		}
 	} else if rem := a.RemainingLife(now); ttl > rem {
-		return nil, invalidf("ttl %s is longer than the CA's remaining life %s", ttl, rem.Truncate(time.Second))
+		if !req.ClampTTL || rem <= 0 {
+			return nil, invalidf("ttl %s is longer than the CA's remaining life %s", ttl, rem.Truncate(time.Second))
+		}
+		ttl = rem
 	}
 
 	// Renewals may queue longer than interactive requests: their SVID in

@@ -43,7 +43,7 @@ func (s subSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bu
 }
 
 // TestHandshakesThroughTwoAutomaticRotations runs the CA lifecycle on a
-// fast clock (CA 24 s, SVID 4 s: prepare at 12 s, activate once the
+// fast clock (CA 25 s, SVID 4 s: prepare at 12.5 s, activate once the
 // prepared CA has been published for 2 x SVID TTL) while two workloads do
 // mTLS handshakes back to back. Not one may fail, and the bundle each holds
 // must always contain the CA that signed the peer's certificate.
@@ -51,7 +51,7 @@ func TestHandshakesThroughTwoAutomaticRotations(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs two real-time CA rotations (~40 s)")
 	}
-	ts := startServer(t, Config{SVIDTTL: 4 * time.Second, CATTL: 24 * time.Second})
+	ts := startServer(t, Config{SVIDTTL: 4 * time.Second, CATTL: 25 * time.Second})
 	ctx := context.Background()
 	idA, idB := "spiffe://cluster.local/ns/a/sa/server", "spiffe://cluster.local/ns/b/sa/client"
 	for id, sel := range map[string]string{idA: "uid:1001", idB: "uid:1002"} {

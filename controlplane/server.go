@@ -178,6 +178,18 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if !(cfg.CAPrepareAt > 0 && cfg.CAPrepareAt < cfg.CAActivateAt && cfg.CAActivateAt < 1) {
 		return nil, fmt.Errorf("ca prepare-at %.3f and activate-at %.3f must satisfy 0 < prepare < activate < 1", cfg.CAPrepareAt, cfg.CAActivateAt)
 	}
+	// The successor must be able to activate (after its publication window)
+	// while the active CA can still sign a full SVID: otherwise the CA runs
+	// out before rotation and issuance stops.
+	window := cfg.CAPrepareWindow
+	if window == 0 {
+		window = 2 * cfg.SVIDTTL
+	}
+	window = max(window, cfg.SVIDTTL)
+	if afterPrepare := time.Duration(float64(cfg.CATTL) * (1 - cfg.CAPrepareAt)); afterPrepare <= window+cfg.SVIDTTL {
+		return nil, fmt.Errorf("ca ttl %s is too short: after preparing at %.2f of its life it has %s left, which must exceed the publication window %s plus one svid ttl %s",
+			cfg.CATTL, cfg.CAPrepareAt, afterPrepare, window, cfg.SVIDTTL)
+	}
 	if cfg.CAKeyType == "" {
 		cfg.CAKeyType = DefaultCAKeyType
 	}
