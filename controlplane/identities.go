@@ -38,11 +38,20 @@ const (
 type identities struct {
 	srv *Server
 
+	// entMu makes "work out a caller's entitlements, then take its slots"
+	// one step, for Subscribe and entriesChanged alike: otherwise a
+	// subscriber computing from an entry being deleted could register
+	// after the deletion's re-match and keep (and renew) it.
+	entMu sync.Mutex
+
 	mu        sync.Mutex
 	slots     map[string]*slot // by entry ID ("id:<spiffe id>" for direct IDs)
 	subs      map[*Subscription]struct{}
 	bundle    *identity.Bundle
 	jwtBundle *identity.JWTBundle
+	// banned are directly held IDs (certificate or token callers) revoked
+	// by SPIFFE ID: not served again until a new token is made for them.
+	banned map[string]bool
 	closed    bool
 }
 
@@ -59,7 +68,7 @@ type slot struct {
 }
 
 func newIdentities(srv *Server) *identities {
-	return &identities{srv: srv, slots: map[string]*slot{}, subs: map[*Subscription]struct{}{}}
+	return &identities{srv: srv, slots: map[string]*slot{}, subs: map[*Subscription]struct{}{}, banned: map[string]bool{}}
 }
 
 // Subscription is one caller's live view of its identities. Changed is
@@ -112,10 +121,12 @@ func (ids *identities) Subscribe(ctx context.Context, caller identity.Caller) (*
 // by the server for its serving certificate.
 func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, extra []store.Entry) (*Subscription, error) {
 	sub := &Subscription{ids: ids, caller: caller, extra: extra, ch: make(chan struct{}, 1)}
+	ids.entMu.Lock()
 	wanted := ids.entitlements(sub)
 	ids.mu.Lock()
 	if ids.closed {
 		ids.mu.Unlock()
+		ids.entMu.Unlock()
 		return nil, ErrClosed
 	}
 	var missing []*slot
@@ -128,6 +139,7 @@ func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, ex
 	}
 	ids.subs[sub] = struct{}{}
 	ids.mu.Unlock()
+	ids.entMu.Unlock()
 
 	// Mint outside the lock: signing must not stall other callers.
 	for _, sl := range missing {
@@ -147,9 +159,13 @@ func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, ex
 func (ids *identities) entitlements(sub *Subscription) []store.Entry {
 	c := sub.caller
 	out := slices.Clone(sub.extra)
+	ids.mu.Lock()
 	for _, id := range c.IDs {
-		out = append(out, store.Entry{ID: "id:" + id.String(), SpiffeID: id.String()})
+		if !ids.banned[id.String()] {
+			out = append(out, store.Entry{ID: "id:" + id.String(), SpiffeID: id.String()})
+		}
 	}
+	ids.mu.Unlock()
 	for _, e := range ids.srv.entries.match(c.Selectors) {
 		if !slices.ContainsFunc(out, func(o store.Entry) bool { return o.SpiffeID == e.SpiffeID && isDirect(o) }) {
 			out = append(out, e)
@@ -411,6 +427,8 @@ func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certifi
 // deleted: a new entry is served at once, a deleted one is withdrawn and
 // no longer renewed.
 func (ids *identities) entriesChanged(ctx context.Context) {
+	ids.entMu.Lock()
+	defer ids.entMu.Unlock()
 	ids.mu.Lock()
 	subs := make([]*Subscription, 0, len(ids.subs))
 	for s := range ids.subs {
@@ -534,4 +552,16 @@ func (ids *identities) renewSerial(serial string) bool {
 		}
 	}
 	return false
+}
+
+func (ids *identities) ban(id string) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	ids.banned[id] = true
+}
+
+func (ids *identities) unban(id string) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	delete(ids.banned, id)
 }

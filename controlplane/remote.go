@@ -115,6 +115,12 @@ var errNoCredential = errors.New("present an SVID as TLS client certificate or a
 // may renew itself), else by a join token.
 func (s *Server) remoteCaller(ctx context.Context, peerCerts []*x509.Certificate, authz []string, conn string) (identity.Caller, error) {
 	if len(peerCerts) > 0 {
+		// Checked here too, not only in the handshake: a resumed TLS
+		// session skips VerifyPeerCertificate, and a connection outlives
+		// the revocation of the certificate that opened it.
+		if s.isRevoked(peerCerts[0]) {
+			return identity.Caller{}, fmt.Errorf("client certificate %x is revoked", peerCerts[0].SerialNumber)
+		}
 		id, err := x509svid.IDFromCert(peerCerts[0])
 		if err != nil {
 			return identity.Caller{}, fmt.Errorf("client certificate: %w", err)

@@ -59,6 +59,15 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 				res.DeletedEntries = append(res.DeletedEntries, d)
 			}
 		}
+		// Callers holding the ID directly: their tokens go, their
+		// certificates go on the CRL below (refused at the TLS endpoints),
+		// and until a new token is made for it the ID is not served to
+		// them again, even on streams already open.
+		if _, err := s.store.DeleteTokensFor(ctx, spiffeID); err != nil {
+			return res, fmt.Errorf("delete join tokens: %w", err)
+		}
+		s.tokens.forget(spiffeID)
+		s.ids.ban(spiffeID)
 		s.ids.dropDirect(spiffeID)
 	}
 	target := spiffeID

@@ -50,6 +50,9 @@ func (s *Server) CreateJoinToken(ctx context.Context, spiffeID string, ttl time.
 	if singleUse {
 		use = "single-use"
 	}
+	// A new token is the administrator's word that the identity may be
+	// served to remote callers again after a revocation.
+	defer s.ids.unban(spiffeID)
 	if err := s.store.CreateToken(ctx, t, store.AuditEvent{
 		Time: now, Actor: actor, Action: "token.create", Target: t.Hash[:16],
 		Detail: fmt.Sprintf("%s %s until %s", use, spiffeID, t.ExpiresAt.UTC().Format(time.RFC3339)),
@@ -115,4 +118,15 @@ func (s *Server) RedeemJoinToken(ctx context.Context, secret, conn string) (spif
 		s.tokens.mu.Unlock()
 	}
 	return id, nil
+}
+
+// forget drops single-use bindings for an identity being revoked.
+func (b *tokenBindings) forget(spiffeID string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for k, v := range b.conns {
+		if v.id.String() == spiffeID {
+			delete(b.conns, k)
+		}
+	}
 }

@@ -209,3 +209,42 @@ func TestRESTSDS(t *testing.T) {
 	}
 }
 
+
+// TestRevokedIdentityCannotComeBackRemotely: after revoking an ID, neither
+// its join tokens nor its (now revoked) certificates get it served again.
+func TestRevokedIdentityCannotComeBackRemotely(t *testing.T) {
+	h := startServer(t, time.Hour)
+	ctx := context.Background()
+	tok, _, err := h.srv.CreateJoinToken(ctx, idB, time.Hour, false, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bearer := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
+	svid := mintSVID(t, h, idB)
+	certConn := dialTCP(t, h, svid)
+	if _, err := fetchDefault(bearer, dialTCP(t, h, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fetchDefault(ctx, certConn); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.srv.Revoke(ctx, idB, "", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fetchDefault(bearer, dialTCP(t, h, nil)); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("token of a revoked identity: %v, want Unauthenticated", err)
+	}
+	// The connection opened with the certificate is still up: the check
+	// must not rely on the handshake alone.
+	if _, err := fetchDefault(ctx, certConn); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("revoked certificate on an open connection: %v, want Unauthenticated", err)
+	}
+	// A new token is the administrator's word that it may come back.
+	tok2, _, err := h.srv.CreateJoinToken(ctx, idB, time.Hour, false, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if leaf, err := fetchDefault(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok2), dialTCP(t, h, nil)); err != nil || leaf.URIs[0].String() != idB {
+		t.Fatalf("new token after revocation: %v", err)
+	}
+}

@@ -180,6 +180,9 @@ type Store interface {
 	// single-use token is marked used in the same transaction, so two
 	// concurrent redemptions cannot both succeed.
 	UseToken(ctx context.Context, hash string, now time.Time) (JoinToken, error)
+	// DeleteTokensFor deletes every join token granting spiffeID (after a
+	// revocation of that identity) and returns how many.
+	DeleteTokensFor(ctx context.Context, spiffeID string) (int, error)
 
 	// RevokeSerials adds serials to the revocation list with one audit
 	// event, atomically. A serial already revoked keeps its first record.

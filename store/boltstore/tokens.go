@@ -106,3 +106,36 @@ func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store
 	})
 	return out, err
 }
+
+// DeleteTokensFor deletes every join token granting spiffeID.
+func (s *Store) DeleteTokensFor(ctx context.Context, spiffeID string) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	n := 0
+	err := s.update("delete tokens", func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketTokens)
+		var doomed [][]byte
+		err := b.ForEach(func(k, v []byte) error {
+			t, err := decodeToken(v)
+			if err != nil {
+				return err
+			}
+			if t.SpiffeID == spiffeID {
+				doomed = append(doomed, append([]byte(nil), k...))
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, k := range doomed {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		n = len(doomed)
+		return nil
+	})
+	return n, err
+}
