@@ -166,4 +166,3 @@ func NewIntermediate(td spiffeid.TrustDomain, kt KeyType, ttl time.Duration, now
 	}
 	return LoadAuthority(der, chain, key, td)
 }
-

@@ -52,7 +52,7 @@ type identities struct {
 	// banned are directly held IDs (certificate or token callers) revoked
 	// by SPIFFE ID: not served again until a new token is made for them.
 	banned map[string]bool
-	closed    bool
+	closed bool
 }
 
 // slot is one entry's live SVID.

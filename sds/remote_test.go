@@ -209,7 +209,6 @@ func TestRESTSDS(t *testing.T) {
 	}
 }
 
-
 // TestRevokedIdentityCannotComeBackRemotely: after revoking an ID, neither
 // its join tokens nor its (now revoked) certificates get it served again.
 func TestRevokedIdentityCannotComeBackRemotely(t *testing.T) {

@@ -91,4 +91,3 @@ func writeHTTPError(w http.ResponseWriter, err error) {
 	w.WriteHeader(code)
 	_, _ = w.Write(b)
 }
-

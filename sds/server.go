@@ -98,7 +98,9 @@ func New(src Source, auth Authenticator, log *slog.Logger, metrics *Metrics) *Se
 }
 
 // Register adds the service to a gRPC server.
-func (s *Server) Register(g grpc.ServiceRegistrar) { secretv3.RegisterSecretDiscoveryServiceServer(g, s) }
+func (s *Server) Register(g grpc.ServiceRegistrar) {
+	secretv3.RegisterSecretDiscoveryServiceServer(g, s)
+}
 
 // Shutdown ends every open stream cleanly (status OK), so a draining gRPC
 // server does not wait on them forever.

@@ -136,4 +136,4 @@ func BenchmarkRenewalPush1000Watchers(b *testing.B) {
 type watcherFunc func(*workloadapi.X509Context)
 
 func (f watcherFunc) OnX509ContextUpdate(x *workloadapi.X509Context) { f(x) }
-func (watcherFunc) OnX509ContextWatchError(error)                     {}
+func (watcherFunc) OnX509ContextWatchError(error)                    {}
