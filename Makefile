@@ -16,6 +16,7 @@ build:
 
 ## test: vet and every test (what CI runs)
 test:
+	@test -z "$$(gofmt -l .)" || { echo "gofmt needed in:" >&2; gofmt -l . >&2; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 8m ./...
 

@@ -259,6 +259,11 @@ func (s *Server) prepareLocked(ctx context.Context, actor string) (store.CARecor
 	if p := s.preparedCA(); p != nil {
 		return store.CARecord{}, &FailedPreconditionError{msg: fmt.Sprintf("CA %s is already prepared; activate it first", p.rec.ID[:16])}
 	}
+	// The JWT key first (idempotent): a failure after the CA is stored
+	// must not leave a prepared CA without its JWT partner.
+	if err := s.prepareJWT(ctx, actor); err != nil {
+		return store.CARecord{}, err
+	}
 	a, rec, err := s.newCA(s.kek, store.CAPrepared)
 	if err != nil {
 		return store.CARecord{}, err
@@ -268,9 +273,6 @@ func (s *Server) prepareLocked(ctx context.Context, actor string) (store.CARecor
 		Detail: fmt.Sprintf("valid until %s", rec.NotAfter.UTC().Format(time.RFC3339)),
 	}); err != nil {
 		return store.CARecord{}, fmt.Errorf("store prepared CA: %w", err)
-	}
-	if err := s.prepareJWT(ctx, actor); err != nil {
-		return store.CARecord{}, err
 	}
 	s.mu.Lock()
 	s.cas = append(s.cas, &caView{rec: rec, cert: a.Cert, auth: a, root: a.Root()})

@@ -395,7 +395,7 @@ func (ids *identities) snapshotLocked(s *Subscription) *identity.Snapshot {
 
 // setBundles publishes new trust bundles to every subscriber, if they
 // changed.
-func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certificate, crls [][]byte, jb *identity.JWTBundle) {
+func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certificate, crls [][]byte, leafOnly bool, jb *identity.JWTBundle) {
 	ders := make([][]byte, len(certs))
 	for i, c := range certs {
 		ders[i] = c.Raw
@@ -408,7 +408,10 @@ func (ids *identities) setBundles(td spiffeid.TrustDomain, certs []*x509.Certifi
 	h := sha256.New()
 	h.Write(pemBytes)
 	h.Write(crlPEM)
-	b := &identity.Bundle{TrustDomain: td, X509Authorities: certs, PEM: pemBytes, CRLs: crls, CRLPEM: crlPEM, Version: hex.EncodeToString(h.Sum(nil)[:8])}
+	if leafOnly {
+		h.Write([]byte("leaf-only"))
+	}
+	b := &identity.Bundle{TrustDomain: td, X509Authorities: certs, PEM: pemBytes, CRLs: crls, CRLPEM: crlPEM, CRLLeafOnly: leafOnly, Version: hex.EncodeToString(h.Sum(nil)[:8])}
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
 	changed := false

@@ -142,7 +142,17 @@ func (s *Server) activateJWT(ctx context.Context, actor string) error {
 	s.mu.RUnlock()
 	pi := slices.IndexFunc(views, func(v jwtKeyView) bool { return v.rec.State == store.CAPrepared })
 	if pi < 0 {
-		return nil
+		// A crash between preparing the CA and its JWT key: make the key
+		// now rather than keep signing with one about to expire. Tokens it
+		// signs are only trusted by peers once they have the new JWKS,
+		// pushed with this activation.
+		if err := s.prepareJWT(ctx, actor); err != nil {
+			return err
+		}
+		s.mu.RLock()
+		views = slices.Clone(s.jwtKeys)
+		s.mu.RUnlock()
+		pi = slices.IndexFunc(views, func(v jwtKeyView) bool { return v.rec.State == store.CAPrepared })
 	}
 	now := s.now()
 	next, err := s.unsealJWT(s.kek, views[pi].rec)

@@ -344,6 +344,9 @@ func (s *Server) publishBundles() error {
 	if err != nil {
 		return err
 	}
-	s.ids.setBundles(s.td, s.BundleCerts(), crls, jb)
+	// With an upstream CA that has CAs above it, we cannot sign CRLs for
+	// those: peers must check the leaf only, or every chain would fail.
+	leafOnly := s.cfg.Upstream != nil && len(s.cfg.Upstream.Chain) > 0
+	s.ids.setBundles(s.td, s.BundleCerts(), crls, leafOnly, jb)
 	return nil
 }

@@ -2,7 +2,10 @@ package controlplane
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
 	"os"
 	"path/filepath"
 	"testing"
@@ -13,6 +16,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/store"
 )
 
 func writeUpstream(t *testing.T, dir string) (certFile, keyFile string, root *x509.Certificate) {
@@ -88,5 +93,64 @@ func TestUpstreamCA(t *testing.T) {
 	_, otherKey, _ := writeUpstream(t, t.TempDir())
 	if _, err := ca.LoadUpstream(certFile, otherKey); err == nil {
 		t.Fatal("mismatched upstream key accepted")
+	}
+}
+
+// TestUpstreamChainCRLsLeafOnly: with an upstream CA that has a CA above
+// it, meshid cannot sign CRLs for every CA of a chain, so it tells peers
+// to check the leaf only (Envoy would otherwise refuse every chain).
+func TestUpstreamChainCRLsLeafOnly(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	now := time.Now()
+	root, err := ca.NewRoot(td, ca.KeyP256, 10*365*24*time.Hour, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ca.GenerateKey(ca.KeyP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(42), Subject: pkix.Name{CommonName: "corp issuing CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(5 * 365 * 24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, root.Cert, key.Public(), root.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	keyPEM, _ := ca.EncodeKeyPEM(key)
+	certFile, keyFile := filepath.Join(dir, "chain.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(certFile, ca.EncodeCertsPEM(der, root.Cert.Raw), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	up, err := ca.LoadUpstream(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, Config{Upstream: up, DisableAutoRotate: true})
+	if b := ts.srv.BundleCerts(); len(b) != 1 || !b[0].Equal(root.Cert) {
+		t.Fatal("bundle is not the upstream root")
+	}
+	if err := ts.srv.store.CreateEntry(context.Background(), store.Entry{ID: "e", SpiffeID: "spiffe://cluster.local/w",
+		Selectors: []store.Selector{{Type: "unix", Value: "uid:9"}}}, store.AuditEvent{Action: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	ts.srv.entries.put(store.Entry{ID: "e", SpiffeID: "spiffe://cluster.local/w", Selectors: []store.Selector{{Type: "unix", Value: "uid:9"}}})
+	sub, err := ts.srv.Subscribe(context.Background(), identity.Caller{Selectors: []string{"unix:uid:9"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	snap := sub.Snapshot()
+	if !snap.Bundles[0].CRLLeafOnly {
+		t.Fatal("CRLs must be marked leaf-only when the upstream has a CA above it")
+	}
+	if _, _, err := x509svid.Verify(snap.SVIDs[0].Certs, x509bundle.FromX509Authorities(td, snap.Bundles[0].X509Authorities)); err != nil {
+		t.Fatalf("SVID through a two-level upstream chain: %v", err)
 	}
 }

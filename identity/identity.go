@@ -54,6 +54,11 @@ type Bundle struct {
 	// chain, as Envoy requires. CRLPEM is the same, PEM-encoded.
 	CRLs   [][]byte
 	CRLPEM []byte
+	// CRLLeafOnly says the CRLs cover the issuers of leaves but not every
+	// CA up to the root (an upstream chain whose upper CAs we cannot sign
+	// CRLs for): peers must check only the leaf, as Envoy's
+	// only_verify_leaf_cert_crl does.
+	CRLLeafOnly bool
 	// Version changes whenever the content does; equal versions mean equal
 	// content.
 	Version string

@@ -97,8 +97,10 @@ func bundleSecret(name string, b *identity.Bundle) resolved {
 			vc := &tlsv3.CertificateValidationContext{TrustedCa: inline(b.PEM)}
 			if len(b.CRLPEM) > 0 {
 				// One CRL per CA, empty or not: with any CRL present Envoy
-				// requires one for every CA of a chain.
+				// requires one for every CA of a chain, unless told to check
+				// only the leaf (when we cannot cover the upper CAs).
 				vc.Crl = inline(b.CRLPEM)
+				vc.OnlyVerifyLeafCertCrl = b.CRLLeafOnly
 			}
 			return &tlsv3.Secret{Name: name, Type: &tlsv3.Secret_ValidationContext{ValidationContext: vc}}, nil
 		},
@@ -119,7 +121,7 @@ func allBundlesSecret(name string, bundles []*identity.Bundle) resolved {
 				cfg.TrustDomains = append(cfg.TrustDomains, &tlsv3.SPIFFECertValidatorConfig_TrustDomain{
 					Name: b.TrustDomain.Name(),
 					// CRLs inside a domain's PEM turn on CRL checks for it.
-					TrustBundle: inline(append(append([]byte(nil), b.PEM...), b.CRLPEM...)),
+					TrustBundle: inline(spiffeTrustBundle(b)),
 				})
 			}
 			tc, err := anypb.New(cfg)
@@ -131,4 +133,14 @@ func allBundlesSecret(name string, bundles []*identity.Bundle) resolved {
 			}}}, nil
 		},
 	}
+}
+
+// spiffeTrustBundle is a domain's PEM for the SPIFFE validator: its CAs and,
+// when they cover every CA of the chains, its CRLs (which switch on CRL
+// checks for the whole chain; the validator has no leaf-only mode).
+func spiffeTrustBundle(b *identity.Bundle) []byte {
+	if b.CRLLeafOnly {
+		return b.PEM
+	}
+	return append(append([]byte(nil), b.PEM...), b.CRLPEM...)
 }
