@@ -148,18 +148,33 @@ func (s *Server) grpcRemoteCaller(ctx context.Context) (identity.Caller, error) 
 		return identity.Caller{}, errNoCredential
 	}
 	var certs []*x509.Certificate
+	conn := p.Addr.String()
 	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
 		certs = ti.State.PeerCertificates
+		conn = connID(ti.State, conn)
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	return s.remoteCaller(ctx, certs, md.Get("authorization"), p.Addr.String())
+	return s.remoteCaller(ctx, certs, md.Get("authorization"), conn)
 }
 
 // httpRemoteCaller is the sds.HTTPAuthenticator for the REST endpoint.
 func (s *Server) httpRemoteCaller(r *http.Request) (identity.Caller, error) {
 	var certs []*x509.Certificate
+	conn := r.RemoteAddr
 	if r.TLS != nil {
 		certs = r.TLS.PeerCertificates
+		conn = connID(*r.TLS, conn)
 	}
-	return s.remoteCaller(r.Context(), certs, r.Header.Values("Authorization"), r.RemoteAddr)
+	return s.remoteCaller(r.Context(), certs, r.Header.Values("Authorization"), conn)
+}
+
+// connID names one TLS connection for binding a single-use token: keying
+// material exported from the handshake is unique to it, unlike the peer's
+// ip:port, which another client behind the same NAT may reuse later.
+func connID(st tls.ConnectionState, fallback string) string {
+	km, err := st.ExportKeyingMaterial("EXPORTER-meshid-connection", nil, 16)
+	if err != nil {
+		return fallback
+	}
+	return fmt.Sprintf("%x", km)
 }
