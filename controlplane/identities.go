@@ -180,6 +180,16 @@ func (ids *identities) acquire(e store.Entry, sub *Subscription) *slot {
 		sl = &slot{entry: e, subs: map[*Subscription]struct{}{}}
 		ids.slots[e.ID] = sl
 	}
+	if sl.refs == 0 && sl.svid != nil {
+		// An idle slot: its SVID is reused until its renewal point, so a
+		// caller that polls (REST SDS, FetchSecrets) does not get a new
+		// key and certificate, and a new inventory row, on every call.
+		if now := ids.srv.now(); now.Before(sl.renewAt) {
+			ids.scheduleLocked(sl, sl.renewAt.Sub(now))
+		} else {
+			sl.svid = nil
+		}
+	}
 	sl.refs++
 	sl.subs[sub] = struct{}{}
 	return sl
@@ -199,12 +209,23 @@ func (ids *identities) release(key string, sub *Subscription) {
 	if sl.refs > 0 {
 		return
 	}
-	// Nobody holds it: stop renewing. The SVID is simply dropped; a later
-	// caller gets a fresh one.
+	// Nobody holds it: stop renewing, but keep the SVID until its renewal
+	// point for the next caller (sweepIdle drops it after that).
 	if sl.stop != nil {
 		sl.stop()
+		sl.stop = nil
 	}
-	delete(ids.slots, key)
+}
+
+// sweepIdle drops idle slots whose SVID has reached its renewal point.
+func (ids *identities) sweepIdle(now time.Time) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	for k, sl := range ids.slots {
+		if sl.refs == 0 && !now.Before(sl.renewAt) {
+			delete(ids.slots, k)
+		}
+	}
 }
 
 // ensure mints the slot's first SVID if nobody has yet.
@@ -327,7 +348,7 @@ func (ids *identities) scheduleLocked(sl *slot, delay time.Duration) {
 // fire long before it expires.
 func (ids *identities) renew(sl *slot) {
 	ids.mu.Lock()
-	if ids.closed || ids.slots[sl.entry.ID] != sl {
+	if ids.closed || ids.slots[sl.entry.ID] != sl || sl.refs == 0 {
 		ids.mu.Unlock()
 		return
 	}
@@ -495,8 +516,11 @@ func (ids *identities) close() {
 func (ids *identities) renewAll() {
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
-	for _, sl := range ids.slots {
-		if sl.svid != nil {
+	for k, sl := range ids.slots {
+		switch {
+		case sl.refs == 0:
+			delete(ids.slots, k) // idle: signed by the old CA; drop it
+		case sl.svid != nil:
 			ids.scheduleLocked(sl, 0)
 		}
 	}
@@ -512,7 +536,7 @@ func (ids *identities) stats(now time.Time) (earliest time.Time, overdue, served
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
 	for _, sl := range ids.slots {
-		if sl.svid == nil {
+		if sl.svid == nil || sl.refs == 0 {
 			continue
 		}
 		served++
@@ -548,9 +572,13 @@ func (ids *identities) dropDirect(id string) {
 func (ids *identities) renewSerial(serial string) bool {
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
-	for _, sl := range ids.slots {
+	for k, sl := range ids.slots {
 		if sl.svid != nil && sl.svid.Serial == serial {
-			ids.scheduleLocked(sl, 0)
+			if sl.refs == 0 {
+				delete(ids.slots, k) // idle: the next caller gets a fresh one
+			} else {
+				ids.scheduleLocked(sl, 0)
+			}
 			return true
 		}
 	}

@@ -22,6 +22,7 @@ func (s *Server) schedulePrune() {
 	}
 	s.pruneStop = s.afterFunc(pruneInterval, func() {
 		s.pruneInventory(context.Background())
+		s.ids.sweepIdle(s.now())
 		s.schedulePrune()
 	})
 }

@@ -164,6 +164,20 @@ func TestFetchSecrets(t *testing.T) {
 	if id := verifySVID(t, chain, key, trustedCA(t, rootS)); id.String() != idA {
 		t.Fatalf("fetched %s", id)
 	}
+	// A poller (REST mode, repeated Fetch) gets the same SVID until its
+	// renewal point, not a new key, certificate and inventory row per call.
+	again, err := c.FetchSecrets(context.Background(), &discoveryv3.DiscoveryRequest{
+		Node: envoyNode("fetch"), ResourceNames: []string{"default"}, TypeUrl: sds.SecretTypeURL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s2 tlsv3.Secret
+	if err := again.GetResources()[0].UnmarshalTo(&s2); err != nil {
+		t.Fatal(err)
+	}
+	if chain2, _ := tlsCert(t, &s2); chain2[0].SerialNumber.Cmp(chain[0].SerialNumber) != 0 {
+		t.Fatal("a second fetch minted a new SVID")
+	}
 }
 
 func TestStreamEndsCleanlyWhenServerStops(t *testing.T) {
