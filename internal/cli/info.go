@@ -44,7 +44,7 @@ func newBundleCmd() *cobra.Command {
 }
 
 func newCACmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "ca", Short: "Inspect the certificate authorities"}
+	cmd := &cobra.Command{Use: "ca", Short: "Inspect and rotate the certificate authorities"}
 	var admin, output string
 	show := &cobra.Command{
 		Use:   "show",

@@ -130,13 +130,17 @@ func newServerCmd() *cobra.Command {
 	var f serverFlags
 	cmd := &cobra.Command{
 		Use:   "server",
-		Short: "Run the meshid server: CA, registration entries and the admin API",
+		Short: "Run the meshid server: CA, entries, admin API, SDS and the SPIFFE Workload API",
 		Long: `Run the meshid server. On first start it creates a self-signed CA for the
 trust domain (its key sealed with the key-encryption key) in --data-dir.
 
 The admin API listens on --admin-socket; use the meshid client commands
-(entry, x509, bundle, ca, certs) against it. SIGTERM or Ctrl-C drains
-in-flight requests and exits 0.`,
+(entry, x509, bundle, ca, certs, revoke, token) against it. The workload
+socket (--socket) serves Envoy SDS v3 and the SPIFFE Workload API to local
+processes, told apart by their peer credentials; --sds-listen and
+--sds-rest-listen serve SDS to remote proxies. The CA rotates itself (see
+--ca-prepare-at and --ca-activate-at). SIGTERM or Ctrl-C drains in-flight
+requests and exits 0.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
