@@ -22,6 +22,7 @@ import (
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -634,7 +635,10 @@ func sdsConnectLoop(ctx context.Context, cfg SDSConfig) (SDSResult, error) {
 			for lctx.Err() == nil {
 				d, err := connectOnce(lctx, cfg.Socket, node)
 				if err != nil {
-					if lctx.Err() != nil {
+					// The run's deadline travels to the server as
+					// grpc-timeout, which can end the call a moment before
+					// our own context reports it: both mean "cut off".
+					if lctx.Err() != nil || status.Code(err) == codes.DeadlineExceeded {
 						unfinished.Add(1)
 					} else {
 						r.fail(err)
