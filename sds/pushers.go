@@ -40,6 +40,14 @@ import (
 // stream closed (under that mutex, so after any Send in progress) before
 // it returns, and a closed stream is never sent on.
 
+// maxUnacked bounds the responses a stream may have in flight without an
+// answer (ACK or NACK) to the latest. Envoy answers every response, so it
+// never gets near it; a client that stops reading is sent nothing more
+// until it answers. That keeps every Send of ours within gRPC's per-stream
+// write quota (64 KiB), so a pusher never blocks on a client that does not
+// read, and no local process can stall the shared pushers.
+const maxUnacked = 3
+
 // pushJob is a stream with something to push.
 type pushJob interface {
 	// runPush sends what the stream's state calls for, if anything.
@@ -139,6 +147,7 @@ type streamBase struct {
 
 	mu       sync.Mutex
 	closed   bool           // the handler has returned (or a push failed): never send again
+	unacked  int            // responses sent since the client last answered the latest one
 	req      *emptypb.Empty // the request recvLoop left, undecoded
 	refusedN map[string]bool
 }

@@ -253,8 +253,8 @@ func (st *sotwStream) runPush() {
 		}
 		st.request(req)
 	}
-	if !st.started {
-		return
+	if !st.started || st.unacked >= maxUnacked {
+		return // a held push goes out with the client's next answer
 	}
 	force := st.force
 	st.force = false
@@ -265,9 +265,13 @@ func (st *sotwStream) runPush() {
 
 // request applies a client request to the stream's state. st.mu is held.
 func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) {
-	if st.started && req.GetResponseNonce() != "" && req.GetResponseNonce() != st.lastNonce {
-		return // stale: answers a response that has been superseded
+	if st.lastNonce != "" && req.GetResponseNonce() != st.lastNonce {
+		// Stale: it answers a response that has been superseded, or none
+		// although one was sent (every request after a response carries
+		// its nonce).
+		return
 	}
+	st.unacked = 0
 	if req.GetErrorDetail() != nil {
 		// NACK: Envoy keeps what it had. Re-sending the same content
 		// would loop; the next real change is the next push.
@@ -327,6 +331,7 @@ func (st *sotwStream) push(force bool) error {
 	if err := st.stream.Send(resp); err != nil {
 		return err
 	}
+	st.unacked++
 	s.metrics.Pushes.Inc()
 	if refused {
 		// What the client holds now: nothing for the names left out.
@@ -417,8 +422,8 @@ func (st *deltaStream) runPush() {
 		}
 		st.request(req)
 	}
-	if st.first {
-		return
+	if st.first || st.unacked >= maxUnacked {
+		return // a held push goes out with the client's next answer
 	}
 	if err := st.push(); err != nil {
 		st.fail(err)
@@ -434,6 +439,9 @@ func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
 	}
 	st.first = false
 	stale := req.GetResponseNonce() != "" && req.GetResponseNonce() != st.lastNonce
+	if st.lastNonce != "" && req.GetResponseNonce() == st.lastNonce {
+		st.unacked = 0
+	}
 	if req.GetErrorDetail() != nil && !stale {
 		st.s.metrics.NACKs.Inc()
 		st.s.log.Warn("sds: client rejected secrets (NACK)", "caller", st.caller.Label, "node", req.GetNode().GetId(),
@@ -488,6 +496,7 @@ func (st *deltaStream) push() error {
 	if err := st.stream.Send(resp); err != nil {
 		return err
 	}
+	st.unacked++
 	s.metrics.Pushes.Inc()
 	return nil
 }
