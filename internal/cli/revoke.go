@@ -19,13 +19,13 @@ func newRevokeCmd() *cobra.Command {
 once to every peer: in the SDS validation_context (crl) and in the Workload
 API's crl field, so peers that apply them refuse the certificate in seconds.
 
---spiffe-id  every live certificate of that identity, and its registration
-             entries are deleted so it is not renewed.
+--spiffe-id  every live certificate of that identity; its registration
+             entries and join tokens are deleted so it is not renewed (a new
+             token lets remote proxies use it again).
 --serial     one certificate (hex, as 'meshid certs list' shows it); if a
              workload is being served it, it gets a fresh one at once.
 
-A revoked serial leaves the CRL when its certificate expires. Join tokens
-for a revoked identity stay valid until they expire.`,
+A revoked serial leaves the CRL when its certificate expires.`,
 		Example: `  meshid revoke --spiffe-id spiffe://cluster.local/ns/shop/sa/web
   meshid revoke --serial 5634909319...`,
 		Args: cobra.NoArgs,
