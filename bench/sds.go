@@ -64,6 +64,11 @@ type SDSConfig struct {
 	// stream for "default", wait for the first secret, close} for Duration.
 	ConnectLoop bool
 	Clients     int
+	// ConnectRate, if > 0, makes the connect loop open: iterations start on
+	// a fixed schedule of ConnectRate per second (taken by the Clients
+	// goroutines), and latency runs from each scheduled start, so a slow
+	// server shows as latency rather than as a lower rate.
+	ConnectRate float64
 	// NackEvery k > 0 NACKs every k-th response of each stream (testing
 	// the server's NACK path); 0 never NACKs, as a healthy Envoy.
 	NackEvery int
@@ -623,6 +628,29 @@ func sdsConnectLoop(ctx context.Context, cfg SDSConfig) (SDSResult, error) {
 		wg         sync.WaitGroup
 	)
 	start := time.Now()
+	// Open loop: a schedule of start times, taken by the clients.
+	var schedule chan time.Time
+	if cfg.ConnectRate > 0 {
+		schedule = make(chan time.Time, 1<<16)
+		wg.Go(func() {
+			defer close(schedule)
+			interval := time.Duration(float64(time.Second) / cfg.ConnectRate)
+			t := time.NewTicker(interval)
+			defer t.Stop()
+			for {
+				select {
+				case <-lctx.Done():
+					return
+				case at := <-t.C:
+					select {
+					case schedule <- at:
+					default: // the clients are that far behind: counted as missed
+						unfinished.Add(1)
+					}
+				}
+			}
+		})
+	}
 	for c := range cfg.Clients {
 		wg.Go(func() {
 			node := envoyNode("meshid-bench-loop-" + strconv.Itoa(c))
@@ -633,7 +661,18 @@ func sdsConnectLoop(ctx context.Context, cfg SDSConfig) (SDSResult, error) {
 				mu.Unlock()
 			}()
 			for lctx.Err() == nil {
+				var scheduled time.Time
+				if schedule != nil {
+					at, ok := <-schedule
+					if !ok {
+						return
+					}
+					scheduled = at
+				}
 				d, err := connectOnce(lctx, cfg.Socket, node)
+				if err == nil && !scheduled.IsZero() {
+					d = time.Since(scheduled)
+				}
 				if err != nil {
 					// The run's deadline travels to the server as
 					// grpc-timeout, which can end the call a moment before

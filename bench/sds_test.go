@@ -104,4 +104,13 @@ func TestSDSNackEveryAndConnectLoop(t *testing.T) {
 	if loop.Errors != 0 || loop.Loop == nil || loop.Loop.Iterations == 0 || loop.FirstSecret.P99 <= 0 {
 		t.Fatalf("connect loop: %+v %+v", loop, loop.Loop)
 	}
+
+	// Open loop: connects start on a schedule, about rate x duration of them.
+	open, err := bench.SDS(context.Background(), bench.SDSConfig{Socket: socket, ConnectLoop: true, Clients: 8, ConnectRate: 100, Duration: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if open.Errors != 0 || open.Loop.Iterations == 0 || open.Loop.Iterations > 110 {
+		t.Fatalf("open loop at 100/s for 1s: %d iterations, %d errors", open.Loop.Iterations, open.Errors)
+	}
 }

@@ -97,6 +97,7 @@ file descriptor on both sides.`,
 	fs.StringVar(&cfg.MetricsURL, "metrics-url", "", "the server's /metrics, to report RSS, heap and goroutines per stream")
 	fs.BoolVar(&cfg.ConnectLoop, "connect-loop", false, "loop {connect, first secret of default, close} with --clients clients")
 	fs.IntVar(&cfg.Clients, "clients", 500, "clients of --connect-loop")
+	fs.Float64Var(&cfg.ConnectRate, "rate", 0, "with --connect-loop: start connects at this fixed rate per second (open loop; latency from each scheduled start) instead of back to back")
 	fs.IntVar(&cfg.NackEvery, "nack-every", 0, "NACK every k-th response of each stream (testing; 0: never)")
 	outputFlag(fs, &output)
 	return cmd
