@@ -136,11 +136,10 @@ func TestUpstreamChainCRLsLeafOnly(t *testing.T) {
 	if b := ts.srv.BundleCerts(); len(b) != 1 || !b[0].Equal(root.Cert) {
 		t.Fatal("bundle is not the upstream root")
 	}
-	if err := ts.srv.store.CreateEntry(context.Background(), store.Entry{ID: "e", SpiffeID: "spiffe://cluster.local/w",
-		Selectors: []store.Selector{{Type: "unix", Value: "uid:9"}}}, store.AuditEvent{Action: "t"}); err != nil {
+	if _, err := ts.srv.CreateEntry(context.Background(), EntrySpec{SpiffeID: "spiffe://cluster.local/w",
+		Selectors: []store.Selector{{Type: "unix", Value: "uid:9"}}}, "test"); err != nil {
 		t.Fatal(err)
 	}
-	ts.srv.entries.put(store.Entry{ID: "e", SpiffeID: "spiffe://cluster.local/w", Selectors: []store.Selector{{Type: "unix", Value: "uid:9"}}})
 	sub, err := ts.srv.Subscribe(context.Background(), identity.Caller{Selectors: []string{"unix:uid:9"}})
 	if err != nil {
 		t.Fatal(err)

@@ -265,3 +265,41 @@ func (s *Server) subscribeApart(ctx context.Context) (identity.Caller, identity.
 	r := <-ch
 	return r.caller, r.sub, r.err
 }
+
+// waitLoop is a stream handler's life once set up: it waits for the end of
+// the server or of the stream, and hands changes to the pushers (nothing
+// is sent before the first request; runPush checks).
+func (b *streamBase) waitLoop(self pushJob) error {
+	for {
+		select {
+		case <-b.s.done:
+			return nil
+		case err := <-b.errc:
+			return streamEnd(err)
+		case <-b.sub.Changed():
+			b.s.pq.enqueue(self)
+		}
+	}
+}
+
+// nextRequest decodes the request recvLoop left into req and checks its
+// type. It reports false if there was none, or if it was bad, in which
+// case the stream is failed (and closed). b.mu is held.
+func (b *streamBase) nextRequest(req interface {
+	proto.Message
+	GetTypeUrl() string
+}) bool {
+	raw := b.takeRequest()
+	if raw == nil {
+		return false
+	}
+	if err := decode(raw, req); err != nil {
+		b.fail(err)
+		return false
+	}
+	if err := checkType(req.GetTypeUrl()); err != nil {
+		b.fail(err)
+		return false
+	}
+	return true
+}

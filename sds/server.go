@@ -221,16 +221,7 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 	defer st.close() // first of the defers: no Send after the handler returns
 	go st.recvLoop(ctx, stream, st)
 
-	for {
-		select {
-		case <-s.done:
-			return nil
-		case err := <-st.errc:
-			return streamEnd(err)
-		case <-sub.Changed():
-			s.pq.enqueue(st) // nothing is sent before the first request
-		}
-	}
+	return st.waitLoop(st)
 }
 
 // runPush applies the request recvLoop left, if any, and sends what the
@@ -241,17 +232,10 @@ func (st *sotwStream) runPush() {
 	if st.closed {
 		return
 	}
-	if raw := st.takeRequest(); raw != nil {
-		req := &discoveryv3.DiscoveryRequest{}
-		if err := decode(raw, req); err != nil {
-			st.fail(err)
-			return
-		}
-		if err := checkType(req.GetTypeUrl()); err != nil {
-			st.fail(err)
-			return
-		}
+	if req := (&discoveryv3.DiscoveryRequest{}); st.nextRequest(req) {
 		st.request(req)
+	} else if st.closed {
+		return
 	}
 	if !st.started || st.unacked >= maxUnacked {
 		return // a held push goes out with the client's next answer
@@ -389,16 +373,7 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 	defer st.close() // first of the defers: no Send after the handler returns
 	go st.recvLoop(ctx, stream, st)
 
-	for {
-		select {
-		case <-s.done:
-			return nil
-		case err := <-st.errc:
-			return streamEnd(err)
-		case <-sub.Changed():
-			s.pq.enqueue(st) // nothing is sent before the first request
-		}
-	}
+	return st.waitLoop(st)
 }
 
 // runPush applies the request recvLoop left, if any, and sends what
@@ -410,17 +385,10 @@ func (st *deltaStream) runPush() {
 	if st.closed {
 		return
 	}
-	if raw := st.takeRequest(); raw != nil {
-		req := &discoveryv3.DeltaDiscoveryRequest{}
-		if err := decode(raw, req); err != nil {
-			st.fail(err)
-			return
-		}
-		if err := checkType(req.GetTypeUrl()); err != nil {
-			st.fail(err)
-			return
-		}
+	if req := (&discoveryv3.DeltaDiscoveryRequest{}); st.nextRequest(req) {
 		st.request(req)
+	} else if st.closed {
+		return
 	}
 	if st.first || st.unacked >= maxUnacked {
 		return // a held push goes out with the client's next answer

@@ -90,28 +90,37 @@ func (s *Store) PruneRevoked(ctx context.Context, cutoff time.Time) (int, error)
 	}
 	n := 0
 	err := s.update("prune revoked", func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketRevoked)
-		var doomed [][]byte
-		err := b.ForEach(func(k, v []byte) error {
+		var err error
+		n, err = deleteWhere(tx.Bucket(bucketRevoked), func(v []byte) (bool, error) {
 			r, err := decodeRevoked(v)
-			if err != nil {
-				return err
-			}
-			if r.NotAfter.Before(cutoff) {
-				doomed = append(doomed, append([]byte(nil), k...))
-			}
-			return nil
+			return err == nil && r.NotAfter.Before(cutoff), err
 		})
-		if err != nil {
-			return err
-		}
-		for _, k := range doomed {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		n = len(doomed)
-		return nil
+		return err
 	})
 	return n, err
+}
+
+// deleteWhere deletes every key of b whose value match selects. Keys are
+// collected first: deleting under a live cursor can skip keys in bbolt.
+func deleteWhere(b *bolt.Bucket, match func(v []byte) (bool, error)) (int, error) {
+	var doomed [][]byte
+	err := b.ForEach(func(k, v []byte) error {
+		ok, err := match(v)
+		if err != nil {
+			return fmt.Errorf("key %x: %w", k, err)
+		}
+		if ok {
+			doomed = append(doomed, append([]byte(nil), k...))
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, k := range doomed {
+		if err := b.Delete(k); err != nil {
+			return 0, err
+		}
+	}
+	return len(doomed), nil
 }

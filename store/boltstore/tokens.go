@@ -114,28 +114,12 @@ func (s *Store) DeleteTokensFor(ctx context.Context, spiffeID string) (int, erro
 	}
 	n := 0
 	err := s.update("delete tokens", func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketTokens)
-		var doomed [][]byte
-		err := b.ForEach(func(k, v []byte) error {
+		var err error
+		n, err = deleteWhere(tx.Bucket(bucketTokens), func(v []byte) (bool, error) {
 			t, err := decodeToken(v)
-			if err != nil {
-				return err
-			}
-			if t.SpiffeID == spiffeID {
-				doomed = append(doomed, append([]byte(nil), k...))
-			}
-			return nil
+			return err == nil && t.SpiffeID == spiffeID, err
 		})
-		if err != nil {
-			return err
-		}
-		for _, k := range doomed {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		n = len(doomed)
-		return nil
+		return err
 	})
 	return n, err
 }
