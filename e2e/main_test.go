@@ -78,16 +78,15 @@ func startMeshid(t *testing.T, args ...string) *proc {
 	return p
 }
 
-// waitFor blocks until a stderr line contains s, the process exits, or the
-// deadline passes.
-func (p *proc) waitFor(t *testing.T, s string) {
+// waitLine blocks like waitFor and returns the first line containing s.
+func (p *proc) waitLine(t *testing.T, s string) string {
 	t.Helper()
 	deadline := time.After(30 * time.Second)
 	for {
 		select {
 		case l := <-p.lines:
 			if strings.Contains(l, s) {
-				return
+				return l
 			}
 		case <-p.done:
 			t.Fatalf("meshid exited (%v) before logging %q:\n%s", p.err, s, p.output())
@@ -95,6 +94,13 @@ func (p *proc) waitFor(t *testing.T, s string) {
 			t.Fatalf("meshid did not log %q within 30s:\n%s", s, p.output())
 		}
 	}
+}
+
+// waitFor blocks until a stderr line contains s, the process exits, or the
+// deadline passes.
+func (p *proc) waitFor(t *testing.T, s string) {
+	t.Helper()
+	p.waitLine(t, s)
 }
 
 func (p *proc) output() string {

@@ -94,17 +94,16 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 	kt, err := ca.ParseKeyType(f.caKeyType)
 	if err != nil {
-		var up *ca.Upstream
-		if f.upCert != "" || f.upKey != "" {
-			if f.upCert == "" || f.upKey == "" {
-				return controlplane.Config{}, errors.New("--upstream-ca-cert and --upstream-ca-key go together")
-			}
-			if up, err = ca.LoadUpstream(f.upCert, f.upKey); err != nil {
-				return controlplane.Config{}, err
-			}
+		return controlplane.Config{}, fmt.Errorf("--ca-key-type: %w", err)
+	}
+	var up *ca.Upstream
+	if f.upCert != "" || f.upKey != "" {
+		if f.upCert == "" || f.upKey == "" {
+			return controlplane.Config{}, errors.New("--upstream-ca-cert and --upstream-ca-key go together")
 		}
-		return controlplane.Config{
-			Upstream: up}, fmt.Errorf("--ca-key-type: %w", err)
+		if up, err = ca.LoadUpstream(f.upCert, f.upKey); err != nil {
+			return controlplane.Config{}, fmt.Errorf("--upstream-ca-cert: %w", err)
+		}
 	}
 	if f.svidTTL <= 0 {
 		return controlplane.Config{}, errors.New("--svid-ttl must be positive")
@@ -115,6 +114,7 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		SVIDTTL:     f.svidTTL,
 		CATTL:       f.caTTL,
 		CAKeyType:   kt,
+		Upstream:    up,
 		KEKFile:     f.kekFile,
 		JWTTTL:      f.jwtTTL,
 		CAPrepareAt: f.prepareAt, CAActivateAt: f.activateAt, CAPrepareWindow: f.prepareWindow,
