@@ -14,11 +14,11 @@ run:
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/meshid ./cmd/meshid
 
-## test: vet and every test (what CI runs)
+## test: vet and every test, under the race detector (what CI runs)
 test:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed in:" >&2; gofmt -l . >&2; exit 1; }
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 8m ./...
+	$(GO) test -race -count=1 -timeout 9m ./...
 
 ## generate: regenerate Go code from proto/ with buf and local plugins
 generate:
