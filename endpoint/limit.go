@@ -155,7 +155,8 @@ func (l *Listener) done(uid uint32, hasUID bool) {
 
 func (l *Listener) refused(reason string) {
 	if l.m != nil {
-		l.m.Refused.WithLabelValues(l.lim.Name, reason).Inc()
+		// Counted after the log line, so a count seen means its line was written.
+		defer l.m.Refused.WithLabelValues(l.lim.Name, reason).Inc()
 	}
 	l.mu.Lock()
 	l.pending[reason]++
