@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"sync"
@@ -60,6 +61,10 @@ type MintResult struct {
 }
 
 func dial(path string) (*grpc.ClientConn, error) {
+	// gRPC reads a relative path in a unix:// target as an authority.
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
 	return grpc.NewClient("unix://"+path,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {

@@ -3,6 +3,8 @@ package controlplane
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/meshid/meshid/endpoint"
 )
 
 // Metrics are the server's Prometheus metrics, on a registry of their own
@@ -20,6 +22,8 @@ type Metrics struct {
 	WorkloadStreams prometheus.Gauge
 	// SignWait is the time requests queued for the signing limits.
 	SignWait prometheus.Histogram
+	// Conns are the connection limits' open and refused counts.
+	Conns *endpoint.ConnMetrics
 }
 
 // NewMetrics creates the metrics and registers them with Go runtime and
@@ -54,6 +58,7 @@ func NewMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")
+	m.Conns = endpoint.NewConnMetrics(m.Registry)
 	return m
 }
 

@@ -15,8 +15,10 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/meshid/meshid/attest"
+	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/identity"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/sds"
@@ -47,6 +49,89 @@ type Endpoints struct {
 	MetricsListen string
 	// DrainTimeout bounds how long in-flight RPCs may finish on shutdown.
 	DrainTimeout time.Duration
+
+	// MaxConnections caps the connections each of the workload socket,
+	// SDSListen and SDSRESTListen holds at once (0: 8192; negative: no
+	// cap). The caps are scaled down to fit the open-file limit.
+	MaxConnections int
+	// MaxConnectionsPerUID caps the workload socket's connections per
+	// peer uid (0: 256; negative: no cap).
+	MaxConnectionsPerUID int
+	// AdminMaxConnections is the admin socket's own cap (0: 64), counted
+	// apart from the others so that it always has room for an operator.
+	AdminMaxConnections int
+	// HandshakeTimeout bounds a new connection's handshake (TLS and the
+	// HTTP/2 preface) before it is closed (0: 10 s).
+	HandshakeTimeout time.Duration
+	// IdleTimeout closes a workload or SDS connection that has had no
+	// stream for this long (0: 5 min), and idle REST keep-alives.
+	IdleTimeout time.Duration
+	// RESTReadTimeout bounds reading one REST SDS request, headers and
+	// body (0: 10 s).
+	RESTReadTimeout time.Duration
+}
+
+func (ep *Endpoints) defaults() error {
+	if ep.DrainTimeout == 0 {
+		ep.DrainTimeout = 10 * time.Second
+	}
+	if ep.MaxConnections == 0 {
+		ep.MaxConnections = endpoint.DefaultMaxConnections
+	}
+	if ep.MaxConnectionsPerUID == 0 {
+		ep.MaxConnectionsPerUID = endpoint.DefaultMaxConnectionsPerUID
+	}
+	if ep.AdminMaxConnections <= 0 {
+		ep.AdminMaxConnections = endpoint.DefaultAdminMaxConnections
+	}
+	if ep.HandshakeTimeout <= 0 {
+		ep.HandshakeTimeout = 10 * time.Second
+	}
+	if ep.IdleTimeout <= 0 {
+		ep.IdleTimeout = 5 * time.Minute
+	}
+	if ep.RESTReadTimeout <= 0 {
+		ep.RESTReadTimeout = 10 * time.Second
+	}
+	// gRPC reads a relative path in a unix:// target as an authority, and
+	// the sockets are removed on exit, whatever the working directory is.
+	for _, p := range []*string{&ep.AdminSocket, &ep.Socket} {
+		if *p == "" {
+			continue
+		}
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			return fmt.Errorf("socket %s: %w", *p, err)
+		}
+		*p = abs
+	}
+	return nil
+}
+
+// connCaps returns the caps of the workload, SDS TCP and REST listeners,
+// fitted under the open-file limit beside the admin cap.
+func (s *Server) connCaps(ep Endpoints) (workload, sdsTCP, rest int) {
+	limit := func(n int) int { return max(n, 0) } // negative: no cap
+	caps := []int{limit(ep.MaxConnections), limit(ep.MaxConnections), limit(ep.MaxConnections)}
+	var on []int
+	for i, enabled := range []bool{ep.Socket != "", ep.SDSListen != "", ep.SDSRESTListen != ""} {
+		if enabled {
+			on = append(on, i)
+		}
+	}
+	want := make([]int, len(on))
+	for j, i := range on {
+		want[j] = caps[i]
+	}
+	nofile := endpoint.FileLimit()
+	got, scaled := endpoint.FitCaps(nofile, endpoint.FDReserve, ep.AdminMaxConnections, want)
+	if scaled {
+		s.log.Warn("connection caps lowered to fit the open-file limit; raise it (ulimit -n, LimitNOFILE=) for more", "nofile", nofile, "max_connections", ep.MaxConnections, "caps", got)
+	}
+	for j, i := range on {
+		caps[i] = got[j]
+	}
+	return caps[0], caps[1], caps[2]
 }
 
 // Listening is reported once every endpoint accepts connections.
@@ -65,16 +150,25 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	if ep.AdminSocket == "" {
 		return errors.New("admin socket path is required")
 	}
-	if ep.DrainTimeout == 0 {
-		ep.DrainTimeout = 10 * time.Second
+	if err := ep.defaults(); err != nil {
+		return err
 	}
-	adminLis, err := ListenUnix(ep.AdminSocket, 0o600, 0o700)
+	wlCap, sdsCap, restCap := s.connCaps(ep)
+	perUID := max(ep.MaxConnectionsPerUID, 0)
+	// Idle connections without a stream are closed; a handshake (and the
+	// HTTP/2 preface) that does not finish in time too.
+	connOpts := []grpc.ServerOption{
+		grpc.ConnectionTimeout(ep.HandshakeTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: ep.IdleTimeout}),
+	}
+	adminRaw, err := endpoint.ListenUnix(ep.AdminSocket, endpoint.AdminSocketPerm, endpoint.AdminDirPerm)
 	if err != nil {
 		return fmt.Errorf("admin socket: %w", err)
 	}
 	defer os.Remove(ep.AdminSocket)
+	adminLis := endpoint.Limit(adminRaw, endpoint.Limits{Name: "admin", Max: ep.AdminMaxConnections}, s.metrics.Conns, s.log)
 
-	gs := grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(attest.UnixCredentials()))...)
+	gs := grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(endpoint.Credentials(attest.UnixCredentials())), grpc.ConnectionTimeout(ep.HandshakeTimeout))...)
 	adminv1.RegisterAdminServiceServer(gs, NewAdminService(s))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
@@ -87,14 +181,18 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	var sdsSrv *sds.Server
 	var wlSrv *workload.Server
 	if ep.Socket != "" {
-		wl, err := ListenUnix(ep.Socket, 0o666, 0o755)
+		wlRaw, err := endpoint.ListenUnix(ep.Socket, endpoint.PublicSocketPerm, endpoint.PublicDirPerm)
 		if err != nil {
 			gs.Stop()
 			return fmt.Errorf("workload socket: %w", err)
 		}
 		defer os.Remove(ep.Socket)
+		if d := endpoint.Unreachable(ep.Socket); d != "" {
+			s.log.Warn("workload socket is not reachable by every local user: a directory above it is not searchable by others", "socket", ep.Socket, "directory", d)
+		}
+		wl := endpoint.Limit(wlRaw, endpoint.Limits{Name: "workload", Max: wlCap, MaxPerUID: perUID}, s.metrics.Conns, s.log)
 		got.Socket = ep.Socket
-		ws = grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(attest.UnixCredentials()))...)
+		ws = grpc.NewServer(append(append(s.grpcMetrics.options(), connOpts...), grpc.Creds(endpoint.Credentials(attest.UnixCredentials())))...)
 		sdsSrv = sds.New(s, unixCaller, s.log, s.sdsMetrics)
 		sdsSrv.Register(ws)
 		wlSrv = workload.New(s, unixCaller, s.log)
@@ -120,25 +218,36 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		defer st.close()
 		remoteSDS = sds.New(s, s.grpcRemoteCaller, s.log, s.sdsMetrics)
 		if ep.SDSListen != "" {
-			l, err := net.Listen("tcp", ep.SDSListen)
+			tl, err := net.Listen("tcp", ep.SDSListen)
 			if err != nil {
 				stopAll(gs, ws)
 				return fmt.Errorf("sds listen %s: %w", ep.SDSListen, err)
 			}
-			got.SDSAddr = l.Addr().String()
-			remote = grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
+			got.SDSAddr = tl.Addr().String()
+			l := endpoint.Limit(tl, endpoint.Limits{Name: "sds_tcp", Max: sdsCap}, s.metrics.Conns, s.log)
+			remote = grpc.NewServer(append(append(s.grpcMetrics.options(), connOpts...), grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
 			remoteSDS.Register(remote)
 			healthpb.RegisterHealthServer(remote, hs)
 			go func() { errc <- remote.Serve(l) }()
 		}
 		if ep.SDSRESTListen != "" {
-			l, err := net.Listen("tcp", ep.SDSRESTListen)
+			tl, err := net.Listen("tcp", ep.SDSRESTListen)
 			if err != nil {
 				stopAll(gs, ws, remote)
 				return fmt.Errorf("sds rest listen %s: %w", ep.SDSRESTListen, err)
 			}
-			got.SDSRESTAddr = l.Addr().String()
-			restSrv = &http.Server{Handler: remoteSDS.HTTPHandler(s.httpRemoteCaller), ReadHeaderTimeout: 5 * time.Second, TLSConfig: st.config("h2", "http/1.1")}
+			got.SDSRESTAddr = tl.Addr().String()
+			l := endpoint.Limit(tl, endpoint.Limits{Name: "sds_rest", Max: restCap}, s.metrics.Conns, s.log)
+			// A client that sends its request slowly, or keeps an idle
+			// connection, must not hold a connection (and a goroutine)
+			// forever; the header timeout also bounds the TLS handshake.
+			restSrv = &http.Server{
+				Handler:           remoteSDS.HTTPHandler(s.httpRemoteCaller),
+				ReadHeaderTimeout: min(5*time.Second, ep.RESTReadTimeout),
+				ReadTimeout:       ep.RESTReadTimeout,
+				IdleTimeout:       ep.IdleTimeout,
+				TLSConfig:         st.config("h2", "http/1.1"),
+			}
 			go func() {
 				if err := restSrv.ServeTLS(l, "", ""); !errors.Is(err, http.ErrServerClosed) {
 					errc <- err
@@ -235,50 +344,22 @@ func unixCaller(ctx context.Context) (identity.Caller, error) {
 	return identity.Caller{Selectors: pc.Selectors(), Label: pc.String()}, nil
 }
 
-// ListenUnix listens on a unix socket with the given permissions. The
-// socket is bound under a temporary name and renamed into place after its
-// mode is set, so there is no moment when it is reachable with looser
-// permissions. A live socket at path (another server) is an error; a stale
-// one is replaced.
+// ListenUnix listens on a unix socket with the given permissions; see
+// endpoint.ListenUnix for the checks of the directories on the way.
 func ListenUnix(path string, perm, dirPerm os.FileMode) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, dirPerm); err != nil {
-		return nil, fmt.Errorf("create socket directory: %w", err)
-	}
-	if _, err := os.Stat(path); err == nil {
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s is in use by another running server", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale socket: %w", err)
-		}
-	}
-	tmp := filepath.Join(dir, fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
-	_ = os.Remove(tmp)
-	lis, err := net.Listen("unix", tmp)
+	l, err := endpoint.ListenUnix(path, perm, dirPerm)
 	if err != nil {
 		return nil, err
 	}
-	// The listener must not unlink tmp on Close: after the rename that name
-	// no longer exists and path is removed by the caller.
-	lis.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, perm); err != nil {
-		lis.Close()
-		os.Remove(tmp)
-		return nil, err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		lis.Close()
-		os.Remove(tmp)
-		return nil, err
-	}
-	return lis, nil
+	return l, nil
 }
 
-// Default socket paths, the same layout as SPIRE's: the admin socket in a
-// private (0700) directory, the workload socket in a public one.
-const (
-	DefaultAdminSocket = "/tmp/meshid/private/admin.sock"
-	DefaultSocket      = "/tmp/meshid/public/workload.sock"
+// Default socket paths (endpoint.DefaultLayout), the same layout as
+// SPIRE's: the admin socket in a private (0700) directory, the workload
+// socket in a public (0755) one, both under /run/meshid as root, else under
+// $XDG_RUNTIME_DIR/meshid or /tmp/meshid-<uid>. Client commands use the
+// same defaults, so they find a server run by the same user.
+var (
+	DefaultAdminSocket = endpoint.DefaultLayout().AdminSocket
+	DefaultSocket      = endpoint.DefaultLayout().Socket
 )

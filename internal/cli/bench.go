@@ -26,7 +26,7 @@ func newBenchMintCmd() *cobra.Command {
 connection each) and report SVIDs/s and p50/p99 latency. CSRs are prepared
 before the clock starts unless --keygen-inline; afterwards every serial
 received is looked up in the server's inventory.`,
-		Example: `  meshid bench mint --admin-socket /tmp/meshid/private/admin.sock -c 8 -n 50000`,
+		Example: `  meshid bench mint --admin-socket /run/meshid/admin/admin.sock -c 8 -n 50000`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {

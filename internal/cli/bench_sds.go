@@ -41,7 +41,7 @@ stream for default, first secret, close} for --duration.
 The run lasts --duration: streams stay open (idle, ACKing) until it ends.
 Run it in a process of its own, away from the server: each connection is a
 file descriptor on both sides.`,
-		Example: `  meshid bench sds --socket /tmp/meshid/public/workload.sock --streams 10000 --conns 100 \
+		Example: `  meshid bench sds --socket /run/meshid/workload/workload.sock --streams 10000 --conns 100 \
       --names ROOTCA --duration 60s --metrics-url http://127.0.0.1:9090/metrics
   meshid bench sds --streams 10000 --names ROOTCA --push --duration 90s
   meshid bench sds --connect-loop --clients 500 --duration 20s`,
@@ -57,6 +57,9 @@ file descriptor on both sides.`,
 			}
 			if cfg.Push && cfg.ConnectLoop {
 				return errors.New("--push and --connect-loop do not go together")
+			}
+			if err := applySpiffeEndpointSocket(cmd.Flags(), "socket"); err != nil {
+				return err
 			}
 			errw := cmd.ErrOrStderr()
 			cfg.Progress = func(line string) { fmt.Fprintf(errw, "\r\033[K%s", line) }

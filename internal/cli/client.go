@@ -32,6 +32,12 @@ func dialAdmin(path string) (adminv1.AdminServiceClient, func(), error) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, nil, fmt.Errorf("no admin socket at %s: is the server running? (set --admin-socket or MESHID_ADMIN_SOCKET)", path)
 	}
+	// gRPC reads a relative path in a unix:// target as an authority.
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("admin socket %s: %w", path, err)
+	}
+	path = abs
 	conn, err := grpc.NewClient("unix://"+path,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {

@@ -47,6 +47,9 @@ is printed.`,
     --validation spiffe --local-app 127.0.0.1:3000`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := applySpiffeEndpointSocket(cmd.Flags(), "socket"); err != nil {
+				return err
+			}
 			out, err := envoyconfig.Generate(o)
 			if err != nil {
 				return err

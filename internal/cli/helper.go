@@ -43,11 +43,14 @@ registration entry names.`,
 				return err
 			}
 			c.Log = log
+			if err := applySpiffeEndpointSocket(cmd.Flags(), "socket"); err != nil {
+				return err
+			}
 			return helper.Run(cmd.Context(), c)
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&c.Socket, "socket", controlplane.DefaultSocket, "the SPIFFE Workload API socket (path or unix:// address)")
+	fs.StringVar(&c.Socket, "socket", controlplane.DefaultSocket, "the SPIFFE Workload API socket (path or unix:// address; default $SPIFFE_ENDPOINT_SOCKET when set)")
 	fs.StringVar(&c.Dir, "dir", "", "directory to write the files into; created if absent (required)")
 	fs.StringVar(&c.CertName, "cert-name", helper.DefaultCertName, "file name of the SVID chain in --dir")
 	fs.StringVar(&c.KeyName, "key-name", helper.DefaultKeyName, "file name of the private key in --dir")

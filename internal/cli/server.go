@@ -17,6 +17,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/store"
 )
 
@@ -43,6 +44,8 @@ type serverFlags struct {
 	sdsListen     string
 	sdsREST       string
 	serverDNS     []string
+	maxConns      int
+	maxConnsUID   int
 }
 
 func defaultDataDir() string {
@@ -60,8 +63,8 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.String("config", "", "YAML file of settings, keyed by flag name (flags and MESHID_* variables win)")
 	fs.StringVar(&f.dataDir, "data-dir", dataDirDefault, dataDirHelp)
 	fs.StringVar(&f.trustDomain, "trust-domain", controlplane.DefaultTrustDomain, "SPIFFE trust domain this server is the authority for")
-	fs.StringVar(&f.adminSocket, "admin-socket", controlplane.DefaultAdminSocket, "unix socket of the admin API (made 0600: whoever can open it is an administrator)")
-	fs.StringVar(&f.socket, "socket", controlplane.DefaultSocket, "workload socket for SDS and the SPIFFE Workload API")
+	fs.StringVar(&f.adminSocket, "admin-socket", controlplane.DefaultAdminSocket, "unix socket of the admin API, made 0600 in a 0700 directory (whoever can open it is an administrator); default under /run/meshid as root, else $XDG_RUNTIME_DIR/meshid or /tmp/meshid-<uid>")
+	fs.StringVar(&f.socket, "socket", controlplane.DefaultSocket, "workload socket for SDS and the SPIFFE Workload API, made 0666 in a 0755 directory (open to every local user); existing directories on either path must be owned by root or this user and not writable by others")
 	durationFlag(fs, &f.svidTTL, "svid-ttl", controlplane.DefaultSVIDTTL, "lifetime of issued X.509-SVIDs (e.g. 1h, 24h)")
 	durationFlag(fs, &f.caTTL, "ca-ttl", controlplane.DefaultCATTL, "lifetime of the CA made on first start (e.g. 365d)")
 	fs.StringVar(&f.caKeyType, "ca-key-type", string(controlplane.DefaultCAKeyType), "key type of a new CA: ec-p256, ec-p384 or rsa-3072")
@@ -81,6 +84,8 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
 	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics, /healthz and /readyz (off when empty)")
+	fs.IntVar(&f.maxConns, "max-connections", endpoint.DefaultMaxConnections, "most connections held at once by each of --socket, --sds-listen and --sds-rest-listen (lowered to fit the open-file limit; the admin socket has its own 64); -1: no cap")
+	fs.IntVar(&f.maxConnsUID, "max-connections-per-uid", endpoint.DefaultMaxConnectionsPerUID, "most connections one local uid holds at once on --socket; -1: no cap")
 }
 
 func newLogger(w io.Writer, level string) (*slog.Logger, error) {
@@ -172,6 +177,7 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	err = srv.Run(runCtx, controlplane.Endpoints{
 		AdminSocket: f.adminSocket, Socket: f.socket, MetricsListen: f.metricsListen,
 		SDSListen: f.sdsListen, SDSRESTListen: f.sdsREST, ServerDNS: f.serverDNS,
+		MaxConnections: f.maxConns, MaxConnectionsPerUID: f.maxConnsUID,
 	}, func(l controlplane.Listening) {
 		if onReady != nil {
 			if readyErr = onReady(srv, l); readyErr != nil {
