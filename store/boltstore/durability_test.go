@@ -478,3 +478,55 @@ func TestFullDisk(t *testing.T) {
 		t.Fatalf("after recovery the file holds %d rows (retried row present: %v), want %d", len(have), have[failed.Serial], len(acked)+1)
 	}
 }
+
+// An I/O error other than a full disk (EIO from fsync) is fail-stop until
+// restart: after a failed fsync the page cache may hold what the disk lost,
+// so no probe may declare the store healthy. Writes that add state are
+// refused, revocations are still attempted, reads work. (A real EIO needs a
+// failing device; the failure is injected where a commit reports it.)
+func TestWriteFailure_EIOIsFailStop(t *testing.T) {
+	ctx := context.Background()
+	s, _ := newStore(t)
+	r := testSVID(1, t0.Add(time.Hour))
+	if err := s.RecordSVID(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	cause := &os.PathError{Op: "sync", Path: s.path, Err: syscall.EIO}
+	if err := s.commitFailed("record svid: group commit", cause); !errors.Is(err, store.ErrUnavailable) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("commitFailed: %v", err)
+	}
+	err := s.Health()
+	if !errors.Is(err, store.ErrUnavailable) || !strings.Contains(err.Error(), "restart the server") {
+		t.Fatalf("Health after EIO: %v", err)
+	}
+	s.hmu.Lock()
+	recoverable := s.health.recoverable
+	s.hmu.Unlock()
+	if recoverable {
+		t.Fatal("EIO marked recoverable: a probe could bring back a store whose page cache lied")
+	}
+	if err := s.RecordSVID(ctx, testSVID(2, t0.Add(time.Hour))); !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("RecordSVID after EIO: %v", err)
+	}
+	if err := s.CreateToken(ctx, store.JoinToken{Hash: "ab", SpiffeID: "spiffe://td/x", ExpiresAt: t0.Add(time.Hour)}, store.AuditEvent{Action: "token.create"}); !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("CreateToken after EIO: %v", err)
+	}
+	rev := store.RevokedSerial{Serial: r.Serial, CAID: r.CAID, SpiffeID: r.SpiffeID, NotAfter: r.NotAfter, RevokedAt: t0}
+	if err := s.RevokeSerials(ctx, []store.RevokedSerial{rev}, store.AuditEvent{Action: "svid.revoke"}); err != nil {
+		t.Fatalf("RevokeSerials after EIO (the disk here is fine): %v", err)
+	}
+	if rows, _, err := s.ListSVIDs(ctx, store.SVIDQuery{}); err != nil || len(rows) != 1 {
+		t.Fatalf("ListSVIDs after EIO: %d rows, %v", len(rows), err)
+	}
+	if s.Health() == nil {
+		t.Fatal("a successful ungated write cleared the fail-stop state")
+	}
+	// A full disk, by contrast, is probed and clears once a write commits
+	// (this disk has room, so the first probe does).
+	s2 := openOpts(t, filepath.Join(t.TempDir(), "meshid.db"), Options{probeInterval: time.Millisecond})
+	_ = s2.commitFailed("append audit", &os.PathError{Op: "write", Path: s2.path, Err: syscall.ENOSPC})
+	waitFor(t, "the probe to clear a full-disk failure", func() bool { return s2.Health() == nil })
+	if err := s2.RecordSVID(ctx, r); err != nil {
+		t.Fatalf("RecordSVID after recovery: %v", err)
+	}
+}
