@@ -26,8 +26,10 @@ var (
 	// (an empty ID, a malformed page token); it maps to InvalidArgument.
 	ErrInvalid = errors.New("invalid argument")
 	// ErrUnavailable means the store cannot make writes durable right now
-	// (a failed write or fsync, e.g. a full disk): nothing was written. It
-	// maps to gRPC Unavailable; reads still work.
+	// (a failed write or fsync, e.g. a full disk): the write must be treated
+	// as not done, and a certificate whose row it was is not handed out.
+	// (After an fsync error the row may still show up later, the harmless
+	// direction.) It maps to gRPC Unavailable; reads still work.
 	ErrUnavailable = errors.New("store cannot make writes durable")
 )
 
