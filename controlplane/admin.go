@@ -55,6 +55,11 @@ func (a *AdminService) toStatus(op string, err error) error {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, ErrSignBusy):
 		return status.Error(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, store.ErrUnavailable):
+		// A full or failing disk: nothing was written and nothing issued;
+		// the caller may retry once the store takes writes again. The store
+		// logged the failure once; a line per refused call would flood.
+		return status.Error(codes.Unavailable, op+" refused: the server cannot write to its store (see the server log); retry later")
 	case errors.Is(err, store.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, store.ErrNotFound):

@@ -272,6 +272,10 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 				http.Error(w, "not ready: starting or draining", http.StatusServiceUnavailable)
 				return
 			}
+			if err := s.store.Health(); err != nil {
+				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
 			fmt.Fprintln(w, "ready")
 		})
 		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}

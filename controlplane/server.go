@@ -72,7 +72,8 @@ type Config struct {
 	// prepare/activate still work).
 	DisableAutoRotate bool
 	// KEKFile holds the key that encrypts CA keys at rest; default
-	// <DataDir>/kek. It is made (0600) on first start if absent.
+	// <DataDir>/kek. It is made (0600) on first start if absent; if it is
+	// missing while the store holds sealed CA keys, Open fails instead.
 	KEKFile string
 	Version string
 	Logger  *slog.Logger
@@ -230,15 +231,6 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.KEKFile == "" {
 		cfg.KEKFile = filepath.Join(cfg.DataDir, "kek")
 	}
-	k, created, err := kek.LoadOrCreate(cfg.KEKFile)
-	if err != nil {
-		return nil, fmt.Errorf("key-encryption key: %w", err)
-	}
-	if created {
-		s.log.Info("created key-encryption key", "path", cfg.KEKFile)
-	}
-	s.kek = k
-
 	s.store = cfg.Store
 	if s.store == nil {
 		bs, err := boltstore.Open(filepath.Join(cfg.DataDir, "meshid.db"), boltstore.Options{Logger: s.log, Now: s.now})
@@ -247,6 +239,17 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		}
 		s.store = bs
 	}
+	// The store is opened first so that a missing KEK file is never replaced
+	// by a new key while the store holds CA keys sealed under the old one.
+	k, created, err := kek.LoadOrCreateUnlessSealed(cfg.KEKFile, func() (bool, error) { return s.storeHasSealedKeys(ctx) })
+	if err != nil {
+		s.store.Close()
+		return nil, fmt.Errorf("key-encryption key: %w", err)
+	}
+	if created {
+		s.log.Info("created key-encryption key", "path", cfg.KEKFile)
+	}
+	s.kek = k
 	if err := s.loadCA(ctx, k); err != nil {
 		s.store.Close()
 		return nil, err
@@ -271,6 +274,20 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	s.pruneInventory(ctx)
 	s.schedulePrune()
 	return s, nil
+}
+
+// storeHasSealedKeys reports whether any CA record holds a sealed key.
+func (s *Server) storeHasSealedKeys(ctx context.Context) (bool, error) {
+	cas, err := s.store.ListCAs(ctx)
+	if err != nil {
+		return false, err
+	}
+	for _, rec := range cas {
+		if len(rec.SealedKey) > 0 {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // Close stops renewals and releases the store. Pending inventory writes are

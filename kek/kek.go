@@ -99,6 +99,34 @@ func LoadOrCreate(path string) (k *KEK, created bool, err error) {
 	return k, true, nil
 }
 
+// LoadOrCreateUnlessSealed is LoadOrCreate for a key whose store may
+// already hold data sealed under it. If the key file is missing and
+// hasSealed reports that the store holds sealed keys, no key is created:
+// a fresh one could never open them, and making it would only hide that
+// the real file was lost (a wrong --kek-file, a volume mounted without its
+// Secret). The error says so, naming the file.
+func LoadOrCreateUnlessSealed(path string, hasSealed func() (bool, error)) (k *KEK, created bool, err error) {
+	k, err = load(path)
+	if err == nil {
+		return k, false, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, false, err
+	}
+	sealed, err := hasSealed()
+	if err != nil {
+		return nil, false, fmt.Errorf("kek file %s is missing; checking the store for sealed keys: %w", path, err)
+	}
+	if sealed {
+		return nil, false, fmt.Errorf("KEK file %s is missing but the store holds sealed CA keys; restore the file (or point --kek-file at it), a new key cannot open them: %w", path, ErrMissing)
+	}
+	return LoadOrCreate(path)
+}
+
+// ErrMissing is returned by LoadOrCreateUnlessSealed when the key file is
+// absent although the store holds keys sealed under it.
+var ErrMissing = errors.New("key-encryption key missing for sealed keys")
+
 func load(path string) (*KEK, error) {
 	f, err := os.Open(path)
 	if err != nil {

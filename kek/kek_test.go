@@ -3,6 +3,7 @@ package kek
 import (
 	"bytes"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -205,4 +206,42 @@ func mustNew(t *testing.T, fill byte) *KEK {
 		t.Fatal(err)
 	}
 	return k
+}
+
+func TestLoadOrCreateUnlessSealed(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "kek")
+	// Missing file, store with sealed keys: refused, nothing created.
+	_, _, err := LoadOrCreateUnlessSealed(path, func() (bool, error) { return true, nil })
+	want := "KEK file " + path + " is missing but the store holds sealed CA keys"
+	if !errors.Is(err, ErrMissing) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("missing KEK with sealed keys: %v, want %q", err, want)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a key file was created: %v", err)
+	}
+	// The store cannot be read: refused too, nothing created.
+	boom := errors.New("boom")
+	if _, _, err := LoadOrCreateUnlessSealed(path, func() (bool, error) { return false, boom }); !errors.Is(err, boom) {
+		t.Fatalf("store error: %v", err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a key file was created: %v", err)
+	}
+	// A new store: created, and the next call loads it without asking.
+	k1, created, err := LoadOrCreateUnlessSealed(path, func() (bool, error) { return false, nil })
+	if err != nil || !created {
+		t.Fatalf("new store: created=%v err=%v", created, err)
+	}
+	k2, created, err := LoadOrCreateUnlessSealed(path, func() (bool, error) { t.Fatal("asked the store although the file exists"); return true, nil })
+	if err != nil || created {
+		t.Fatalf("existing file: created=%v err=%v", created, err)
+	}
+	sealed, err := k1.Seal([]byte("ca key"), []byte("ca-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k2.Open(sealed, []byte("ca-1")); err != nil {
+		t.Fatalf("reloaded key does not open what the created one sealed: %v", err)
+	}
 }

@@ -25,6 +25,12 @@ var (
 	// ErrInvalid means the caller passed something the store cannot hold
 	// (an empty ID, a malformed page token); it maps to InvalidArgument.
 	ErrInvalid = errors.New("invalid argument")
+	// ErrUnavailable means the store cannot make writes durable right now
+	// (a failed write or fsync, e.g. a full disk): the write must be treated
+	// as not done, and a certificate whose row it was is not handed out.
+	// (After an fsync error the row may still show up later, the harmless
+	// direction.) It maps to gRPC Unavailable; reads still work.
+	ErrUnavailable = errors.New("store cannot make writes durable")
 )
 
 // CAState is where a CA is in its life: prepared (published in the bundle,
@@ -157,7 +163,8 @@ type Store interface {
 	ListEntries(ctx context.Context, q EntryQuery) (entries []Entry, next string, err error)
 
 	// RecordSVID durably records an issued SVID: when it returns nil the row
-	// survives a crash. Concurrent callers are committed together (group
+	// survives a crash; when it returns an error the caller must not hand
+	// the certificate out. Concurrent callers are committed together (group
 	// commit), so throughput grows with the number of callers.
 	RecordSVID(ctx context.Context, s IssuedSVID) error
 	// ListSVIDs pages through the inventory ordered by NotAfter.
@@ -192,6 +199,11 @@ type Store interface {
 	// PruneRevoked drops revoked serials whose certificate expired before
 	// cutoff and returns how many it dropped.
 	PruneRevoked(ctx context.Context, cutoff time.Time) (int, error)
+
+	// Health is nil while the store can make writes durable; otherwise an
+	// error wrapping ErrUnavailable says why (writes adding state are then
+	// refused with it). Readiness reports it.
+	Health() error
 
 	// Close releases the store; it waits for pending RecordSVID commits.
 	Close() error

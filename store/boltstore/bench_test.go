@@ -24,7 +24,6 @@ import (
 func BenchmarkRecordSVID(b *testing.B) {
 	for _, writers := range []int{2, 8, 32, 64} {
 		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
-			// The production segment size, not the tests' small one.
 			s := openOpts(b, filepath.Join(b.TempDir(), "meshid.db"), Options{})
 			procs := runtime.GOMAXPROCS(0)
 			// RunParallel starts parallelism*GOMAXPROCS goroutines.
@@ -48,7 +47,6 @@ func BenchmarkRecordSVID(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "records/s")
 			b.ReportMetric(float64(par*procs), "writers")
 			b.ReportMetric(float64(b.N)/float64(max(s.commits.Load(), 1)), "rows/commit")
-			b.ReportMetric(float64(b.N)/float64(max(s.folds.Load(), 1)), "rows/fold")
 		})
 	}
 }

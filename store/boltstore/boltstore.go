@@ -15,7 +15,9 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,11 +67,10 @@ type Options struct {
 	// Only for bulk loading a store that can be rebuilt (benchmarks, tests).
 	UnsafeNoSync bool
 
-	// Tests shrink these; zero means the defaults (DefaultWALSegmentSize,
-	// defaultFoldInterval, defaultFoldRows).
-	walSegmentSize int64
-	foldInterval   time.Duration
-	foldRows       int
+	// probeInterval is how often a store that stopped taking writes
+	// after a full disk tries a write again; zero means
+	// defaultProbeInterval. Tests shrink it.
+	probeInterval time.Duration
 }
 
 // Store is a store.Store on a bbolt file. Create it with Open; it is safe for
@@ -90,40 +91,17 @@ type Store struct {
 	commits    atomic.Int64 // group commits done, for tests and benchmarks
 	closing    atomic.Bool  // Close has begun
 
-	// The inventory WAL; see wal.go. Lock order: rollMu before wmu; foldMu
-	// before pmu and wmu.
-	segSize      int64
-	foldInterval time.Duration
-	foldRows     int
-	// rollMu is held to switch, rename, create or delete segment files, and
-	// by Check while it reads them.
-	rollMu sync.Mutex
-	// wmu guards the segment bookkeeping below. The committer, the only
-	// writer of active and tail, reads them without it.
-	wmu      sync.Mutex
-	active   *segment
-	tail     int64      // where the next frame goes in active
-	sealed   []*segment // full segments not yet entirely folded
-	spare    *segment   // next segment, named active.seq+1, ready to write
-	ckpt     walPos     // the checkpoint last committed to bbolt
-	walErr   error      // set if the WAL can no longer be trusted
-	frameBuf []byte     // the committer's frame buffer
+	// Write health; see health.go.
+	hmu           sync.Mutex
+	health        *writeFailure // nil while writes are durable
+	probeInterval time.Duration
+	probeKick     chan struct{}
+	probeStop     chan struct{}
+	probeDone     chan struct{}
 
-	// pmu guards the rows acknowledged but not yet folded into bbolt.
-	pmu        sync.Mutex
-	pcond      *sync.Cond // signalled after every fold
-	pending    []walRow
-	pendingSet map[string]struct{} // serials in pending, or claimed by the committer
-
-	foldMu   sync.Mutex // one fold at a time
-	foldKick chan struct{}
-	foldStop chan struct{}
-	foldDone chan struct{}
-	folds    atomic.Int64 // fold transactions committed, for tests
-
-	// beforeWALWrite, if set (by tests), runs in the committer at the start
+	// beforeCommit, if set (by tests), runs in the committer at the start
 	// of every group.
-	beforeWALWrite func()
+	beforeCommit func()
 
 	closeOnce sync.Once
 	closeErr  error
@@ -142,14 +120,8 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	if opts.walSegmentSize <= 0 {
-		opts.walSegmentSize = DefaultWALSegmentSize
-	}
-	if opts.foldInterval <= 0 {
-		opts.foldInterval = defaultFoldInterval
-	}
-	if opts.foldRows <= 0 {
-		opts.foldRows = defaultFoldRows
+	if opts.probeInterval <= 0 {
+		opts.probeInterval = defaultProbeInterval
 	}
 	log := opts.Logger
 	if log == nil {
@@ -159,7 +131,12 @@ func Open(path string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("open store: create data dir: %w", err)
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{
+	// bbolt maps the file and reads the pages its meta page names; on a
+	// truncated file that is a SIGBUS, not an error. Check first.
+	if err := checkFileSize(path); err != nil {
+		return nil, err
+	}
+	db, err := openBolt(path, &bolt.Options{
 		Timeout: opts.LockTimeout,
 		// The hashmap freelist makes page allocation O(1) instead of a scan
 		// of the sorted array; it matters once the file has many free pages
@@ -181,30 +158,43 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		db:           db,
-		path:         path,
-		log:          log,
-		now:          opts.Now,
-		commitDone:   make(chan struct{}),
-		segSize:      opts.walSegmentSize,
-		foldInterval: opts.foldInterval,
-		foldRows:     opts.foldRows,
-		pendingSet:   make(map[string]struct{}),
-		foldKick:     make(chan struct{}, 1),
-		foldStop:     make(chan struct{}),
-		foldDone:     make(chan struct{}),
+		db:            db,
+		path:          path,
+		log:           log,
+		now:           opts.Now,
+		commitDone:    make(chan struct{}),
+		probeInterval: opts.probeInterval,
+		probeKick:     make(chan struct{}, 1),
+		probeStop:     make(chan struct{}),
+		probeDone:     make(chan struct{}),
 	}
 	s.qcond = sync.NewCond(&s.qmu)
-	s.pcond = sync.NewCond(&s.pmu)
-	// Under bbolt's lock: only the process holding the db touches the WAL.
-	if err := s.openWAL(); err != nil {
+	// Under bbolt's lock: only the process holding the db touches the
+	// segments of the retired WAL.
+	if err := s.foldLegacyWAL(); err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	go s.commitLoop()
-	go s.foldLoop()
+	go s.probeLoop()
 	log.Info("store opened", "path", path, "schema_version", SchemaVersion, "created", created)
 	return s, nil
+}
+
+// openBolt is bolt.Open that turns a crash on a damaged file into an error
+// naming it: bbolt panics on some corrupt pages (a zeroed freelist page), and
+// a fault on its mapping is made a panic too, for the damage checkFileSize
+// cannot see. The process is expected to exit after such an error (the
+// handle bbolt had open is not released).
+func openBolt(path string, o *bolt.Options) (db *bolt.DB, err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			db = nil
+			err = fmt.Errorf("file is damaged (%s); restore it from a backup", strings.ReplaceAll(fmt.Sprint(r), "\n", " "))
+		}
+	}()
+	return bolt.Open(path, 0o600, o)
 }
 
 // initSchema stamps a new file with SchemaVersion and checks an existing one.
@@ -258,8 +248,8 @@ func putSchemaVersion(tx *bolt.Tx, v uint64) error {
 	return tx.Bucket(bucketMeta).Put(keySchema, binary.BigEndian.AppendUint64(nil, v))
 }
 
-// Close waits for queued RecordSVID commits, folds the WAL into bbolt, then
-// closes the files. Calling it again returns the first result.
+// Close waits for queued RecordSVID commits, then closes the file. Calling it
+// again returns the first result.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.closing.Store(true)
@@ -267,16 +257,10 @@ func (s *Store) Close() error {
 		s.qclosed = true
 		s.qcond.Broadcast()
 		s.qmu.Unlock()
-		s.pmu.Lock()
-		s.pcond.Broadcast() // a committer waiting on the folder goes on
-		s.pmu.Unlock()
 		<-s.commitDone
-		close(s.foldStop)
-		<-s.foldDone
-		if err := s.closeSegments(); err != nil {
-			s.closeErr = fmt.Errorf("close store %s: wal: %w", s.path, err)
-		}
-		if err := s.db.Close(); err != nil && s.closeErr == nil {
+		close(s.probeStop)
+		<-s.probeDone
+		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("close store %s: %w", s.path, err)
 		}
 		s.log.Info("store closed", "path", s.path)
@@ -284,14 +268,46 @@ func (s *Store) Close() error {
 	return s.closeErr
 }
 
-// view and update run fn in a transaction and give bbolt's own errors the
-// operation's name; after Close they report store.ErrClosed.
+// view runs fn in a read transaction and gives bbolt's own errors the
+// operation's name; after Close it reports store.ErrClosed. Reads never
+// depend on write health: listing works on a full disk.
 func (s *Store) view(op string, fn func(*bolt.Tx) error) error {
 	return wrapTxErr(op, s.db.View(fn))
 }
 
+// update runs fn in a write transaction, refused with store.ErrUnavailable
+// while the store cannot make writes durable (see health.go). It is for
+// writes that add something: an entry, a token, a CA, an audit event.
 func (s *Store) update(op string, fn func(*bolt.Tx) error) error {
-	return wrapTxErr(op, s.db.Update(fn))
+	if err := s.Health(); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	return s.commitTx(op, fn)
+}
+
+// updateAlways is update without the health gate, for writes that take
+// trust away (revocations, entry and token deletion) or free space
+// (pruning): they are always attempted, since refusing them protects
+// nothing, and a full disk often still has room in the file's free pages
+// for them. A success does not clear the unhealthy state; only the probe
+// does, so one small write cannot turn minting back on.
+func (s *Store) updateAlways(op string, fn func(*bolt.Tx) error) error {
+	return s.commitTx(op, fn)
+}
+
+// commitTx runs fn in a bbolt write transaction. An error from fn is the
+// caller's (nothing was written); an error after fn succeeded came from the
+// commit itself, i.e. a write or fsync failed, and makes the store unhealthy.
+func (s *Store) commitTx(op string, fn func(*bolt.Tx) error) error {
+	var fnErr error
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		fnErr = fn(tx)
+		return fnErr
+	})
+	if err != nil && fnErr == nil && !errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		return fmt.Errorf("%s: %w", op, s.commitFailed(op, err))
+	}
+	return wrapTxErr(op, err)
 }
 
 func wrapTxErr(op string, err error) error {
@@ -407,7 +423,7 @@ func (s *Store) DeleteEntry(ctx context.Context, id string, audit store.AuditEve
 		return store.Entry{}, err
 	}
 	var e store.Entry
-	err := s.update("delete entry "+id, func(tx *bolt.Tx) error {
+	err := s.updateAlways("delete entry "+id, func(tx *bolt.Tx) error {
 		entries, uniq := tx.Bucket(bucketEntries), tx.Bucket(bucketEntryUniq)
 		v := entries.Get([]byte(id))
 		if v == nil {
@@ -606,10 +622,6 @@ func (s *Store) ListSVIDs(ctx context.Context, q store.SVIDQuery) ([]store.Issue
 		end = q.ExpiringBefore.UnixNano()
 	}
 
-	// Acknowledged rows may still be in the WAL alone; see wal.go.
-	if err := s.foldPending("list svids"); err != nil {
-		return nil, "", err
-	}
 	var (
 		out  []store.IssuedSVID
 		next string
@@ -675,11 +687,8 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 		return 0, fmt.Errorf("prune svids: cutoff %s out of range: %w", cutoff, store.ErrInvalid)
 	}
 	end := cutoff.UnixNano()
-	if err := s.foldPending("prune svids"); err != nil {
-		return 0, err
-	}
 	var n int
-	err := s.update("prune svids", func(tx *bolt.Tx) error {
+	err := s.updateAlways("prune svids", func(tx *bolt.Tx) error {
 		idx, svids := tx.Bucket(bucketSVIDExpiry), tx.Bucket(bucketSVIDs)
 		// Collect first, delete after: deleting under a live cursor is easy
 		// to get subtly wrong in bbolt (Next after Delete can skip a key).
@@ -711,22 +720,27 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 // ---- group commit ----
 
 // RecordSVID is on the issuance path and must be durable, so every call ends
-// in an fsync. Giving each caller its own write would cap throughput at one
-// row per fsync. Instead callers are committed in groups.
+// in a bbolt commit (pages, fdatasync, meta page, fdatasync). Giving each
+// caller its own transaction would cap throughput at one row per commit.
+// Instead callers are committed in groups, each group one bbolt Update.
 //
 // bbolt's db.Batch does this too, but it waits up to MaxBatchDelay (10 ms by
 // default) for a batch to fill, and that fixed delay, not the disk, is then
 // the limit: ~MaxBatchSize per delay at best, and every lightly-loaded call
 // pays the full delay. An owned committer goroutine needs no delay: it takes
-// everything queued, writes it with one pwrite and one fdatasync of the WAL
-// (wal.go), answers every waiter, and goes again. Whatever arrives while an
-// fdatasync is in progress forms the next group, so the group size adapts to
-// load by itself: one caller alone sees one fdatasync of latency; with N
-// callers most of them share each commit (the committer yields once before
-// taking the queue, so callers that are about to queue make it in), which
+// everything queued, writes it in one Update, answers every waiter, and goes
+// again. Whatever arrives while a commit is in progress forms the next group,
+// so the group size adapts to load by itself: one caller alone sees one
+// commit of latency; with N callers most of them share each commit, which
 // BenchmarkRecordSVID reports as rows/commit.
-// A further benefit over db.Batch: a failing row does not make its
-// neighbours retry one by one; each gets its own error.
+// A further benefit over db.Batch: a duplicate serial does not make its
+// neighbours retry one by one; it alone gets ErrAlreadyExists.
+//
+// There is no second on-disk format (an earlier version had a WAL in front
+// of bbolt; legacywal.go folds one left behind): when RecordSVID returns nil
+// the row is in a committed bbolt transaction, and when the commit fails
+// every row of the group gets an error wrapping store.ErrUnavailable and the
+// store stops taking writes (health.go).
 //
 // A caller whose context ends while its row is still queued takes the row
 // back out (state queued -> cancelled) and nothing is written. Once the
@@ -734,19 +748,19 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 // outcome, which costs at most one commit, so that an error return always
 // means "not recorded", as the Store contract promises.
 type svidReq struct {
-	serial  []byte
-	idxKey  []byte
-	val     []byte
-	state   reqState
-	claimed bool       // committer only: holds its serial in pendingSet
-	err     error      // set by the committer
-	done    chan error // buffered: the committer never blocks on a caller
+	serial []byte
+	idxKey []byte
+	val    []byte
+	state  reqState
+	err    error      // set by the committer inside the transaction
+	done   chan error // buffered: the committer never blocks on a caller
 }
 
-// RecordSVID durably records an issued SVID. It returns once the row is
-// in the WAL and fdatasynced, together with whatever other rows were queued
-// at the same time. A second row with the same serial, whether the first is
-// already in bbolt or still only in the WAL, gets store.ErrAlreadyExists.
+// RecordSVID durably records an issued SVID. It returns once the bbolt
+// transaction holding the row, together with whatever other rows were queued
+// at the same time, has committed. A second row with the same serial gets
+// store.ErrAlreadyExists; while the store cannot write (a full disk), every
+// call gets an error wrapping store.ErrUnavailable.
 func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -757,14 +771,14 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	if rec.NotAfter.IsZero() || !nanosInRange(rec.NotAfter) {
 		return fmt.Errorf("record svid %s: NotAfter %s out of range: %w", rec.Serial, rec.NotAfter, store.ErrInvalid)
 	}
+	if err := s.Health(); err != nil {
+		return fmt.Errorf("record svid %s: %w", rec.Serial, err)
+	}
 	r := &svidReq{
 		serial: []byte(rec.Serial),
 		idxKey: expiryKey(rec.NotAfter, rec.Serial),
 		val:    encodeSVID(&rec),
 		done:   make(chan error, 1),
-	}
-	if walHeaderLen+int64(len(r.val)) > s.segSize {
-		return fmt.Errorf("record svid %s: record of %d bytes does not fit in a wal segment: %w", rec.Serial, len(r.val), store.ErrInvalid)
 	}
 	s.qmu.Lock()
 	if s.qclosed {
@@ -792,14 +806,6 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 func (s *Store) commitLoop() {
 	defer close(s.commitDone)
 	for {
-		// Backpressure: let a folder that is far behind catch up first.
-		s.pmu.Lock()
-		for len(s.pending) >= maxPendingRows && !s.closing.Load() {
-			s.kickFold()
-			s.pcond.Wait()
-		}
-		s.pmu.Unlock()
-
 		s.qmu.Lock()
 		for len(s.queue) == 0 && !s.qclosed {
 			s.qcond.Wait()
@@ -808,10 +814,7 @@ func (s *Store) commitLoop() {
 			// Let the goroutines that are runnable right now (handlers
 			// about to call RecordSVID) queue their rows first: no timed
 			// delay, and none at all on an idle server, but on a busy one
-			// it makes the groups, and so the fdatasyncs per row, markedly
-			// better (1.4 -> ~2.5 rows per group with 8 clients on 2 cores,
-			// +13% SVIDs/s end to end, the fdatasync path being CPU-heavy
-			// on a virtual disk).
+			// it makes the groups, and so the commits per row, better.
 			s.qmu.Unlock()
 			runtime.Gosched()
 			s.qmu.Lock()
@@ -842,32 +845,35 @@ func (s *Store) commitLoop() {
 	}
 }
 
-// commit records one group: duplicate check, then one WAL write and sync
-// (see appendWAL), then the answers.
+// commit records one group in one bbolt transaction and answers every row.
 func (s *Store) commit(batch []*svidReq) {
 	s.commits.Add(1)
-	if h := s.beforeWALWrite; h != nil {
+	if h := s.beforeCommit; h != nil {
 		h()
 	}
-	for _, r := range batch {
-		r.err = nil
-	}
-	err := s.claimSerials(batch)
-	if err == nil {
-		rows := make([]*svidReq, 0, len(batch))
+	// Rows queued before the store went unhealthy are refused like new ones:
+	// one failed commit is enough to know the disk is not taking writes.
+	err := s.update("record svid: group commit", func(tx *bolt.Tx) error {
+		svids, idx := tx.Bucket(bucketSVIDs), tx.Bucket(bucketSVIDExpiry)
+		idx.FillPercent = expiryFillPercent
 		for _, r := range batch {
-			if r.err == nil {
-				rows = append(rows, r)
+			r.err = nil
+			// Also catches a duplicate earlier in the same group: its Put is
+			// visible to this Get.
+			if svids.Get(r.serial) != nil {
+				r.err = fmt.Errorf("record svid %s: %w", r.serial, store.ErrAlreadyExists)
+				continue
+			}
+			if err := putInventoryRow(svids, idx, r.serial, r.idxKey, r.val); err != nil {
+				return err
 			}
 		}
-		s.appendWAL(rows)
-		// A row whose write failed gives its serial back.
-		s.release(batch, func(r *svidReq) bool { return r.err != nil })
-	} else {
+		return nil
+	})
+	if err != nil && !errors.Is(err, store.ErrUnavailable) {
 		s.log.Error("svid group commit failed", "rows", len(batch), "err", err)
 	}
 	for _, r := range batch {
-		r.claimed = false
 		if err != nil {
 			r.done <- err
 		} else {

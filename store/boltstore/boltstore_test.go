@@ -28,8 +28,11 @@ func TestMain(m *testing.M) {
 	if path := os.Getenv(lockHelperEnv); path != "" {
 		os.Exit(lockHelper(path))
 	}
-	if arg := os.Getenv(crashHelperEnv); arg != "" {
-		os.Exit(crashHelper(arg))
+	if path := os.Getenv(crashHelperEnv); path != "" {
+		os.Exit(crashHelper(path))
+	}
+	if path := os.Getenv(openHelperEnv); path != "" {
+		os.Exit(openHelper(path))
 	}
 	goleak.VerifyTestMain(m)
 }
@@ -53,13 +56,9 @@ func lockHelper(path string) int {
 
 var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
-// testSegmentSize keeps the tests from writing 64 MiB of zeros per store;
-// the WAL tests pick their own, smaller still.
-const testSegmentSize = 1 << 20
-
 func openT(t testing.TB, path string) *Store {
 	t.Helper()
-	return openOpts(t, path, Options{Now: func() time.Time { return t0 }, walSegmentSize: testSegmentSize})
+	return openOpts(t, path, Options{Now: func() time.Time { return t0 }})
 }
 
 func openOpts(t testing.TB, path string, opts Options) *Store {
@@ -625,13 +624,11 @@ func TestRecordSVID_CancelWhileQueued(t *testing.T) {
 	ctx := context.Background()
 	s, path := newStore(t)
 
-	// Stall the committer at the start of its group. (This test used to
-	// hold bbolt's writer lock for that; the committer no longer takes it,
-	// as a group is a WAL write, so it has a hook instead.)
+	// Stall the committer at the start of its group.
 	gate := make(chan struct{})
 	var once sync.Once
 	release := func() { once.Do(func() { close(gate) }) }
-	s.beforeWALWrite = func() { <-gate }
+	s.beforeCommit = func() { <-gate }
 	// If the test fails while the committer is stalled, let it go before
 	// the store's own cleanup waits for it, or the run hangs.
 	t.Cleanup(release)

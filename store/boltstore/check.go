@@ -10,16 +10,10 @@ import (
 // Check verifies the store: bbolt's own page-level consistency check, then
 // that the inventory's two buckets are exact twins (every serial in svids
 // points at an svids_by_expiry key holding that serial's record, and nothing
-// else is in the index), then the WAL's framing (every acknowledged frame
-// intact, the checkpoint on a frame boundary). Rows pending in the WAL are
-// folded into bbolt first, so the twins check covers them. It is what
-// `kill -9` tests and operators run after a crash.
+// else is in the index). It is what `kill -9` tests and operators run after
+// a crash.
 func (s *Store) Check() error {
-	if err := s.foldPending("check store"); err != nil {
-		return err
-	}
-	var ckpt walPos
-	err := wrapTxErr("check store", s.db.View(func(tx *bolt.Tx) error {
+	return wrapTxErr("check store", s.db.View(func(tx *bolt.Tx) error {
 		// Drain every error: the checker goroutine blocks until its channel
 		// is read to the end.
 		var first error
@@ -31,19 +25,9 @@ func (s *Store) Check() error {
 		if first != nil {
 			return fmt.Errorf("bbolt consistency: %w", first)
 		}
-		if v := tx.Bucket(bucketMeta).Get(keyWALCheckpoint); v != nil {
-			var err error
-			if ckpt, err = decodePos(v); err != nil {
-				return err
-			}
-		}
 		_, err := checkInventory(tx)
 		return err
 	}))
-	if err != nil {
-		return err
-	}
-	return s.checkWAL(ckpt)
 }
 
 // checkInventory returns the number of inventory rows if the twins agree.

@@ -50,7 +50,7 @@ func (s *Store) RevokeSerials(ctx context.Context, serials []store.RevokedSerial
 			return fmt.Errorf("revoke: serial and expiry are required: %w", store.ErrInvalid)
 		}
 	}
-	return s.update("revoke serials", func(tx *bolt.Tx) error {
+	return s.updateAlways("revoke serials", func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketRevoked)
 		for _, r := range serials {
 			if b.Get([]byte(r.Serial)) != nil {
@@ -89,7 +89,7 @@ func (s *Store) PruneRevoked(ctx context.Context, cutoff time.Time) (int, error)
 		return 0, err
 	}
 	n := 0
-	err := s.update("prune revoked", func(tx *bolt.Tx) error {
+	err := s.updateAlways("prune revoked", func(tx *bolt.Tx) error {
 		var err error
 		n, err = deleteWhere(tx.Bucket(bucketRevoked), func(v []byte) (bool, error) {
 			r, err := decodeRevoked(v)

@@ -113,7 +113,7 @@ func (s *Store) DeleteTokensFor(ctx context.Context, spiffeID string) (int, erro
 		return 0, err
 	}
 	n := 0
-	err := s.update("delete tokens", func(tx *bolt.Tx) error {
+	err := s.updateAlways("delete tokens", func(tx *bolt.Tx) error {
 		var err error
 		n, err = deleteWhere(tx.Bucket(bucketTokens), func(v []byte) (bool, error) {
 			t, err := decodeToken(v)
