@@ -34,8 +34,9 @@ type exeKey struct {
 // exeHasher computes and remembers executables' SHA-256, once per file
 // version however many callers run it at once.
 type exeHasher struct {
-	mu    sync.Mutex
-	cache map[exeKey]*exeSum
+	mu     sync.Mutex
+	cache  map[exeKey]*exeSum
+	hashes int // digests computed, for tests
 }
 
 type exeSum struct {
@@ -80,11 +81,12 @@ func (h *exeHasher) sum(exe string) (string, error) {
 	}
 	e.sum, e.err = hashFile(f, st.Size)
 	close(e.done)
-	if e.err != nil {
-		h.mu.Lock()
+	h.mu.Lock()
+	h.hashes++
+	if e.err != nil && h.cache[k] == e {
 		delete(h.cache, k) // the next caller tries again
-		h.mu.Unlock()
 	}
+	h.mu.Unlock()
 	return e.sum, e.err
 }
 

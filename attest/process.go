@@ -35,6 +35,8 @@ type Process struct {
 	root  string // the procfs mount; tests point it elsewhere
 	exe   *exeHasher
 
+	how   string // "SO_PEERPIDFD", "pidfd_open" or "start time only", for tests and logs
+
 	mu     sync.RWMutex
 	pidfd  int // -1 if none
 	closed bool
@@ -44,7 +46,13 @@ type Process struct {
 // on, -1 if none) is from SO_PEERPIDFD if peerFD, else from pidfd_open or
 // none. uid is the peer's uid from SO_PEERCRED.
 func trackProcess(root string, pid, uid, pidfd int, peerFD bool, h *exeHasher) (*Process, error) {
-	p := &Process{pid: pid, root: root, exe: h, pidfd: pidfd}
+	p := &Process{pid: pid, root: root, exe: h, pidfd: pidfd, how: "start time only"}
+	switch {
+	case pidfd >= 0 && peerFD:
+		p.how = "SO_PEERPIDFD"
+	case pidfd >= 0:
+		p.how = "pidfd_open"
+	}
 	fail := func(err error) (*Process, error) {
 		p.Close()
 		return nil, err
@@ -234,7 +242,10 @@ func fdinfoPid(pidfd int) (int, error) {
 // SO_PEERPIDFD where the kernel has it (peer reports true), else from
 // pidfd_open of pid; -1 on kernels with neither.
 func openPidfd(fd, pid int) (pidfd int, peer bool, err error) {
-	if !noPeerPidfd {
+	if pidfdKernel == pidfdNone {
+		return -1, false, nil
+	}
+	if pidfdKernel == pidfdAll {
 		pidfd, err = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEERPIDFD)
 		if err == nil {
 			return pidfd, true, nil
@@ -260,6 +271,13 @@ func openPidfd(fd, pid int) (pidfd int, peer bool, err error) {
 	}
 }
 
-// noPeerPidfd makes openPidfd skip SO_PEERPIDFD, so tests can run the path
-// older kernels take. Set only by tests, before any connection.
-var noPeerPidfd bool
+// pidfdKernel is which pidfd calls openPidfd uses: all the kernel has,
+// unless tests make it take the path of an older kernel. Set only by
+// tests, before any connection.
+var pidfdKernel = pidfdAll
+
+const (
+	pidfdAll      = iota
+	pidfdOpenOnly // as before Linux 6.5: no SO_PEERPIDFD
+	pidfdNone     // as before Linux 5.3: no pidfds
+)
