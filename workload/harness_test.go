@@ -27,6 +27,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) != "" {
 		os.Exit(childMain())
 	}
+	if os.Getenv(attestEnv) != "" {
+		os.Exit(attestChildMain())
+	}
 	goleak.VerifyTestMain(m)
 }
 
