@@ -31,9 +31,15 @@ type exeKey struct {
 	mtime, ctime unix.Timespec
 }
 
+// maxExeHashing bounds the digests computed at once: a local user who
+// keeps making new big executables (each touch is a new version) can make
+// the server hash, but not on every core.
+const maxExeHashing = 2
+
 // exeHasher computes and remembers executables' SHA-256, once per file
 // version however many callers run it at once.
 type exeHasher struct {
+	sem    chan struct{} // one token per digest being computed
 	mu     sync.Mutex
 	cache  map[exeKey]*exeSum
 	hashes int // digests computed, for tests
@@ -45,7 +51,9 @@ type exeSum struct {
 	err  error
 }
 
-func newExeHasher() *exeHasher { return &exeHasher{cache: map[exeKey]*exeSum{}} }
+func newExeHasher() *exeHasher {
+	return &exeHasher{sem: make(chan struct{}, maxExeHashing), cache: map[exeKey]*exeSum{}}
+}
 
 // sum returns the SHA-256 (lowercase hex) of the file exe (a
 // /proc/<pid>/exe link). It is read through the link, which opens the
@@ -79,7 +87,9 @@ func (h *exeHasher) sum(exe string) (string, error) {
 		<-e.done
 		return e.sum, e.err
 	}
+	h.sem <- struct{}{}
 	e.sum, e.err = hashFile(f, st.Size)
+	<-h.sem
 	close(e.done)
 	h.mu.Lock()
 	h.hashes++
