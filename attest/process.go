@@ -35,7 +35,7 @@ type Process struct {
 	root  string // the procfs mount; tests point it elsewhere
 	exe   *exeHasher
 
-	how   string // "SO_PEERPIDFD", "pidfd_open" or "start time only", for tests and logs
+	how string // "SO_PEERPIDFD", "pidfd_open" or "start time only", for tests and logs
 
 	mu     sync.RWMutex
 	pidfd  int // -1 if none
