@@ -62,7 +62,7 @@ func trackProcess(root string, pid, uid, pidfd int, peerFD bool, h *exeHasher) (
 		return fail(fmt.Errorf("peer pid %d is not visible from this pid namespace", pid))
 	}
 	if pidfd >= 0 {
-		got, err := fdinfoPid(pidfd)
+		got, err := pidfdPid(pidfd)
 		switch {
 		case err != nil:
 			return fail(fmt.Errorf("pidfd of pid %d: %w", pid, err))
@@ -75,7 +75,7 @@ func trackProcess(root string, pid, uid, pidfd int, peerFD bool, h *exeHasher) (
 			return fail(fmt.Errorf("peer pid %d is pid %d in this procfs", pid, got))
 		}
 	}
-	start, _, err := readStat(root, pid)
+	start, state, err := readStat(root, pid)
 	if err != nil {
 		return fail(fmt.Errorf("pid %d: %w: %v", pid, ErrProcessGone, err))
 	}
@@ -92,7 +92,7 @@ func trackProcess(root string, pid, uid, pidfd int, peerFD bool, h *exeHasher) (
 			return fail(fmt.Errorf("pid %d: %w: it runs as uid %d, the peer connected as uid %d", pid, ErrProcessGone, euid, uid))
 		}
 	}
-	if err := p.Check(); err != nil {
+	if err := p.alive(state); err != nil {
 		return fail(err)
 	}
 	return p, nil
@@ -120,6 +120,12 @@ func (p *Process) Check() error {
 	if start != p.start {
 		return fmt.Errorf("pid %d: %w: its start time is %d, the caller's was %d", p.pid, ErrProcessGone, start, p.start)
 	}
+	return p.alive(state)
+}
+
+// alive checks, after a read of the stat that gave state, that the
+// process has not exited. p.mu is held, or p is not shared yet.
+func (p *Process) alive(state byte) error {
 	if state == 'Z' || state == 'X' {
 		return fmt.Errorf("pid %d: %w: it has exited", p.pid, ErrProcessGone)
 	}
@@ -181,7 +187,8 @@ func (p *Process) exeSelectors() []string {
 // readStat returns the start time (field 22, in clock ticks since boot)
 // and the state (field 3) from root/<pid>/stat.
 func readStat(root string, pid int) (uint64, byte, error) {
-	b, err := os.ReadFile(filepath.Join(root, strconv.Itoa(pid), "stat"))
+	var buf [1024]byte // a stat line is a few hundred bytes
+	b, err := readProcFile(filepath.Join(root, strconv.Itoa(pid), "stat"), buf[:])
 	if err != nil {
 		return 0, 0, err
 	}
@@ -206,7 +213,8 @@ func readStat(root string, pid int) (uint64, byte, error) {
 // readEUID returns the effective uid from root/<pid>/status (the owner of
 // /proc/<pid> would be root for a non-dumpable process).
 func readEUID(root string, pid int) (int, error) {
-	b, err := os.ReadFile(filepath.Join(root, strconv.Itoa(pid), "status"))
+	var buf [4096]byte
+	b, err := readProcFile(filepath.Join(root, strconv.Itoa(pid), "status"), buf[:])
 	if err != nil {
 		return 0, err
 	}
@@ -222,11 +230,55 @@ func readEUID(root string, pid int) (int, error) {
 	return 0, fmt.Errorf("no Uid line in status of pid %d", pid)
 }
 
+// readProcFile reads a small procfs file into buf with plain system calls:
+// this runs for every connection and request, and os.File's set-up (a
+// poller registration that fails for such files) would double the cost.
+// Procfs hands out a whole file in one read if buf holds it.
+func readProcFile(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	n := 0
+	for n < len(buf) {
+		m, err := unix.Read(fd, buf[n:])
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return nil, &os.PathError{Op: "read", Path: path, Err: err}
+		}
+		if m == 0 {
+			return buf[:n], nil
+		}
+		n += m
+	}
+	return nil, fmt.Errorf("%s: over %d bytes", path, len(buf))
+}
+
+// pidfdPid returns the pid a pidfd names here: -1 once the process has
+// been reaped, 0 if it is outside our pid namespace. PIDFD_GET_INFO
+// (Linux 6.13) answers in one call; older kernels have /proc/self/fdinfo.
+func pidfdPid(pidfd int) (int, error) {
+	info := unix.PidfdInfo{Mask: unix.PIDFD_INFO_PID}
+	err := unix.IoctlPidfdInfo(pidfd, &info)
+	switch {
+	case err == nil:
+		return int(info.Pid), nil
+	case errors.Is(err, unix.ESRCH):
+		return -1, nil
+	default:
+		return fdinfoPid(pidfd)
+	}
+}
+
 // fdinfoPid returns the pid a pidfd names in our procfs (from
 // /proc/self/fdinfo): -1 once the process has been reaped, 0 if it is
 // outside our pid namespace.
 func fdinfoPid(pidfd int) (int, error) {
-	b, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(pidfd))
+	var buf [1024]byte
+	b, err := readProcFile("/proc/self/fdinfo/"+strconv.Itoa(pidfd), buf[:])
 	if err != nil {
 		return 0, err
 	}
