@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -386,4 +387,31 @@ func TestExeHashBounded(t *testing.T) {
 	if sum, err := newExeHasher().sum(f); err == nil {
 		t.Fatalf("digest %s of a file over the bound", sum)
 	}
+}
+
+// Without SO_PEERPIDFD the pid may have been reused between connect and
+// accept; a process of another user under the caller's pid is refused at
+// accept. Simulated as above: the procfs read names, under the caller's
+// pid, a real process of uid 65534.
+func TestTrackRefusesAnotherUsersProcessAtAccept(t *testing.T) {
+	other := exec.Command("/bin/sleep", "1000")
+	other.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Process.Kill(); other.Wait() })
+	const callerPid = 4242 // any number: it names the other process here
+	fake := t.TempDir()
+	if err := os.Symlink(filepath.Join("/proc", strconv.Itoa(other.Process.Pid)), filepath.Join(fake, strconv.Itoa(callerPid))); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := trackProcess(fake, callerPid, 0, -1, false, nil); !errors.Is(err, ErrProcessGone) || !strings.Contains(err.Error(), "uid 65534") {
+		t.Fatalf("tracking a uid-0 caller whose pid names a uid-65534 process: %v, %v; want ErrProcessGone naming uid 65534", p, err)
+	}
+	// The same process under its own uid is tracked.
+	p, err := trackProcess(fake, callerPid, 65534, -1, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
 }
