@@ -13,6 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+
+	"github.com/meshid/meshid/identity"
 )
 
 // PeerCred is what the kernel says about the process at the other end of a
@@ -21,18 +23,55 @@ type PeerCred struct {
 	UID int
 	GID int
 	PID int
+	// proc tracks the process for the connection's life; nil if it could
+	// not be (ReadPeerCred alone does not), and then nothing derived from
+	// the pid is attested.
+	proc *Process
 }
 
 // AuthType implements credentials.AuthInfo.
 func (PeerCred) AuthType() string { return "peercred" }
 
-// Selectors returns the caller's unix selectors in "type:value" form.
+// Selectors returns the caller's unix selectors in "type:value" form
+// that need no read of /proc: uid and gid, and unix:pid if the process is
+// tracked. CallerFromContext adds the executable's and checks the process
+// after reading them; use it to attest.
 func (p PeerCred) Selectors() []string {
-	return []string{
+	out := []string{
 		"unix:uid:" + strconv.Itoa(p.UID),
 		"unix:gid:" + strconv.Itoa(p.GID),
-		"unix:pid:" + strconv.Itoa(p.PID),
 	}
+	if p.proc != nil {
+		out = append(out, "unix:pid:"+strconv.Itoa(p.PID))
+	}
+	return out
+}
+
+// Process is the tracked peer process, nil if it is not tracked.
+func (p PeerCred) Process() *Process { return p.proc }
+
+// CallerFromContext attests the caller of a gRPC handler served with
+// UnixCredentials: uid and gid from the peer credentials, and for a
+// tracked process its pid, executable path and executable SHA-256
+// (unix:pid, unix:path, unix:sha256). Those are read by pid, so the
+// process is checked after reading them: if it has exited or its pid was
+// reused meanwhile, the answer is an error wrapping ErrProcessGone, never
+// another process's selectors. The Caller's Check repeats that check; the
+// APIs call it before every send.
+func CallerFromContext(ctx context.Context) (identity.Caller, error) {
+	pc, err := PeerCredFromContext(ctx)
+	if err != nil {
+		return identity.Caller{}, err
+	}
+	c := identity.Caller{Selectors: pc.Selectors(), Label: pc.String()}
+	if pc.proc != nil {
+		c.Selectors = append(c.Selectors, pc.proc.exeSelectors()...)
+		if err := pc.proc.Check(); err != nil {
+			return identity.Caller{}, err
+		}
+		c.Check = pc.proc.Check
+	}
+	return c, nil
 }
 
 // String renders the credentials for logs and the audit trail.
@@ -44,27 +83,44 @@ func (p PeerCred) String() string {
 // returned no credentials.
 var ErrNoPeerCred = errors.New("caller has no unix peer credentials")
 
-// ReadPeerCred reads SO_PEERCRED from a unix connection.
+// ReadPeerCred reads SO_PEERCRED from a unix connection. It does not
+// track the process (see UnixCredentials), so the result carries no
+// pid-derived selectors.
 func ReadPeerCred(conn net.Conn) (PeerCred, error) {
+	pc, _, _, err := readPeer(conn, false)
+	return pc, err
+}
+
+// readPeer reads SO_PEERCRED and, if withPidfd, a pidfd for the peer (see
+// openPidfd; -1 if the kernel has none), which the caller then owns.
+func readPeer(conn net.Conn, withPidfd bool) (pc PeerCred, pidfd int, peerFD bool, err error) {
+	pidfd = -1
 	uc, ok := conn.(*net.UnixConn)
 	if !ok {
-		return PeerCred{}, ErrNoPeerCred
+		return PeerCred{}, -1, false, ErrNoPeerCred
 	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
-		return PeerCred{}, fmt.Errorf("peer credentials: %w", err)
+		return PeerCred{}, -1, false, fmt.Errorf("peer credentials: %w", err)
 	}
 	var cred *unix.Ucred
-	var credErr error
+	var credErr, fdErr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if credErr == nil && withPidfd {
+			pidfd, peerFD, fdErr = openPidfd(int(fd), int(cred.Pid))
+		}
 	}); err != nil {
-		return PeerCred{}, fmt.Errorf("peer credentials: %w", err)
+		return PeerCred{}, -1, false, fmt.Errorf("peer credentials: %w", err)
 	}
 	if credErr != nil {
-		return PeerCred{}, fmt.Errorf("peer credentials: %w", credErr)
+		return PeerCred{}, -1, false, fmt.Errorf("peer credentials: %w", credErr)
 	}
-	return PeerCred{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}, nil
+	pc = PeerCred{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}
+	if fdErr != nil {
+		return pc, -1, false, fdErr
+	}
+	return pc, pidfd, peerFD, nil
 }
 
 // PeerCredFromContext returns the unix credentials of the caller of a gRPC
@@ -82,22 +138,52 @@ func PeerCredFromContext(ctx context.Context) (PeerCred, error) {
 }
 
 // UnixCredentials returns gRPC transport credentials for a unix-socket
-// server that attach the peer's SO_PEERCRED to every RPC. There is no
-// encryption: the socket's file permissions are the boundary.
-func UnixCredentials() credentials.TransportCredentials { return unixCreds{} }
+// server that attach the peer's SO_PEERCRED to every RPC, and track the
+// peer process for the connection's life (see Process): a connection whose
+// process has already exited is refused. There is no encryption: the
+// socket's file permissions are the boundary.
+func UnixCredentials() credentials.TransportCredentials {
+	return unixCreds{root: "/proc", exe: newExeHasher()}
+}
 
-type unixCreds struct{}
+type unixCreds struct {
+	root string // procfs
+	exe  *exeHasher
+}
 
 func (unixCreds) ClientHandshake(_ context.Context, _ string, conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return conn, nil, nil
 }
 
-func (unixCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	pc, err := ReadPeerCred(conn)
+func (c unixCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	pc, pidfd, peerFD, err := readPeer(conn, true)
 	if err != nil {
 		return nil, nil, err
 	}
-	return conn, pc, nil
+	proc, err := trackProcess(c.root, pc.PID, pc.UID, pidfd, peerFD, c.exe)
+	if err != nil {
+		if errors.Is(err, ErrProcessGone) {
+			return nil, nil, err
+		}
+		// Untrackable but alive (e.g. another pid namespace, or a procfs
+		// with hidepid): still served on its uid and gid, which come from
+		// the kernel and need no re-check, but with no pid-derived
+		// selector.
+		return conn, pc, nil
+	}
+	pc.proc = proc
+	return &trackedConn{Conn: conn, proc: proc}, pc, nil
+}
+
+// trackedConn releases the peer's Process with the connection.
+type trackedConn struct {
+	net.Conn
+	proc *Process
+}
+
+func (c *trackedConn) Close() error {
+	c.proc.Close()
+	return c.Conn.Close()
 }
 
 func (unixCreds) Info() credentials.ProtocolInfo {

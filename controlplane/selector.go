@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,9 +15,11 @@ import (
 // rather than silently never served.
 var selectorKinds = map[string]map[string]func(string) error{
 	"unix": {
-		"uid": numeric,
-		"gid": numeric,
-		"pid": numeric,
+		"uid":    numeric,
+		"gid":    numeric,
+		"pid":    numeric,
+		"path":   absPath,
+		"sha256": sha256Hex,
 	},
 	"k8s": {
 		"ns":        nonEmpty,
@@ -37,6 +40,24 @@ func numeric(v string) error {
 	n, err := strconv.ParseUint(v, 10, 32)
 	if err != nil || strconv.FormatUint(n, 10) != v {
 		return fmt.Errorf("%q is not a decimal number", v)
+	}
+	return nil
+}
+
+// absPath checks a unix:path value: the caller's executable is always
+// known by its absolute, clean path (readlink of /proc/<pid>/exe).
+func absPath(v string) error {
+	if !filepath.IsAbs(v) || filepath.Clean(v) != v {
+		return fmt.Errorf("%q is not an absolute, clean path (e.g. /usr/bin/envoy)", v)
+	}
+	return nil
+}
+
+// sha256Hex checks a unix:sha256 value: the executable's SHA-256 as 64
+// lowercase hex digits, the form sha256sum prints.
+func sha256Hex(v string) error {
+	if len(v) != 64 || strings.Trim(v, "0123456789abcdef") != "" {
+		return fmt.Errorf("%q is not a SHA-256 in 64 lowercase hex digits (as sha256sum prints)", v)
 	}
 	return nil
 }

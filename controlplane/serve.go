@@ -339,13 +339,12 @@ func stopAll(servers ...*grpc.Server) {
 }
 
 // unixCaller identifies a workload-socket caller by its kernel-verified
-// peer credentials.
+// peer credentials and, for the pid-derived selectors (pid, executable
+// path and hash), by the process tracked since it connected; the Caller's
+// Check is re-run before every send, so a process that exited, or a pid
+// given to another process, is served nothing more.
 func unixCaller(ctx context.Context) (identity.Caller, error) {
-	pc, err := attest.PeerCredFromContext(ctx)
-	if err != nil {
-		return identity.Caller{}, err
-	}
-	return identity.Caller{Selectors: pc.Selectors(), Label: pc.String()}, nil
+	return attest.CallerFromContext(ctx)
 }
 
 // ListenUnix listens on a unix socket with the given permissions; see

@@ -28,6 +28,20 @@ type Caller struct {
 	IDs []spiffeid.ID
 	// Label names the caller in logs ("uid:1000 gid:1000 pid:42").
 	Label string
+	// Check, if set, says whether what was attested still holds: for a
+	// local process, that it still runs and its pid names no other
+	// process. The APIs call it (through Recheck) before every send and end
+	// the stream with PermissionDenied when it fails. Nil for callers that
+	// need no re-check.
+	Check func() error
+}
+
+// Recheck runs Check, if the caller has one.
+func (c Caller) Recheck() error {
+	if c.Check == nil {
+		return nil
+	}
+	return c.Check()
 }
 
 // SVID is one X.509-SVID with its private key, ready to hand out.

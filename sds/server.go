@@ -305,6 +305,9 @@ func (st *sotwStream) push(force bool) error {
 	if !changed || len(resources) == 0 {
 		return nil
 	}
+	if err := st.recheck(); err != nil {
+		return err
+	}
 	st.lastNonce = s.next()
 	resp := &discoveryv3.DiscoveryResponse{
 		VersionInfo: st.lastNonce,
@@ -458,6 +461,9 @@ func (st *deltaStream) push() error {
 	if len(resp.Resources) == 0 && len(resp.RemovedResources) == 0 {
 		return nil
 	}
+	if err := st.recheck(); err != nil {
+		return err
+	}
 	st.lastNonce = s.next()
 	resp.SystemVersionInfo = st.lastNonce
 	resp.Nonce = st.lastNonce
@@ -532,6 +538,9 @@ func (s *Server) fetchFor(ctx context.Context, caller identity.Caller, req *disc
 	}
 	if len(resp.Resources) == 0 {
 		return nil, status.Errorf(codes.PermissionDenied, "caller is not entitled to any of %v", req.GetResourceNames())
+	}
+	if err := s.recheck(caller); err != nil {
+		return nil, err
 	}
 	resp.VersionInfo = contentVersion(fmt.Sprint(keys))
 	return resp, nil

@@ -27,6 +27,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) != "" {
 		os.Exit(childMain())
 	}
+	if os.Getenv(attestEnv) != "" {
+		os.Exit(attestChildMain())
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -47,13 +50,10 @@ type harness struct {
 }
 
 // unixCaller is the workload socket's attestation, as the server wires it:
-// the kernel-verified peer credentials, the one path SDS also uses.
+// the kernel-verified peer credentials and the tracked process, the one
+// path SDS also uses.
 func unixCaller(ctx context.Context) (identity.Caller, error) {
-	pc, err := attest.PeerCredFromContext(ctx)
-	if err != nil {
-		return identity.Caller{}, err
-	}
-	return identity.Caller{Selectors: pc.Selectors(), Label: pc.String()}, nil
+	return attest.CallerFromContext(ctx)
 }
 
 // startServer runs a real server with SDS and the Workload API on one

@@ -137,11 +137,24 @@ func (s *Server) subscribe(ctx context.Context) (identity.Caller, identity.Subsc
 // errNoIdentity is the spec's answer to a caller entitled to no SVID.
 var errNoIdentity = status.Error(codes.PermissionDenied, "no identity issued")
 
+// errCallerGone ends a stream or refuses an answer when the caller is no
+// longer what was attested (its process exited, or its pid was reused).
+var errCallerGone = status.Error(codes.PermissionDenied, "caller is no longer the attested process")
+
+// recheck runs the caller's re-check before a send.
+func (s *Server) recheck(c identity.Caller, rpc string) error {
+	if err := c.Recheck(); err != nil {
+		s.log.Warn("workload api: caller no longer attested; not answered", "caller", c.Label, "rpc", rpc, "err", err)
+		return errCallerGone
+	}
+	return nil
+}
+
 // watch runs one server stream: it builds a response from each snapshot
 // and sends it when it differs from the last one sent. build returns a
 // status error to end the stream (e.g. PermissionDenied once nothing is
-// left to serve).
-func watch[R proto.Message](s *Server, ctx context.Context, sub identity.Subscription, send func(R) error, build func(*identity.Snapshot) (R, error)) error {
+// left to serve). Before every send the caller is re-checked.
+func watch[R proto.Message](s *Server, ctx context.Context, caller identity.Caller, rpc string, sub identity.Subscription, send func(R) error, build func(*identity.Snapshot) (R, error)) error {
 	if s.streams != nil {
 		s.streams.Inc()
 		defer s.streams.Dec()
@@ -154,6 +167,9 @@ func watch[R proto.Message](s *Server, ctx context.Context, sub identity.Subscri
 			return err
 		}
 		if !sent || !proto.Equal(resp, last) {
+			if err := s.recheck(caller, rpc); err != nil {
+				return err
+			}
 			if err := send(resp); err != nil {
 				return err
 			}
@@ -179,7 +195,7 @@ func (s *Server) FetchX509SVID(_ *pb.X509SVIDRequest, stream grpc.ServerStreamin
 	}
 	defer sub.Close()
 	s.log.Debug("workload api: FetchX509SVID", "caller", caller.Label)
-	return watch(s, ctx, sub, stream.Send, func(snap *identity.Snapshot) (*pb.X509SVIDResponse, error) {
+	return watch(s, ctx, caller, "FetchX509SVID", sub, stream.Send, func(snap *identity.Snapshot) (*pb.X509SVIDResponse, error) {
 		resp, err := x509SVIDResponse(snap)
 		if err != nil {
 			if status.Code(err) == codes.PermissionDenied {
@@ -233,7 +249,7 @@ func (s *Server) FetchX509Bundles(_ *pb.X509BundlesRequest, stream grpc.ServerSt
 	}
 	defer sub.Close()
 	s.log.Debug("workload api: FetchX509Bundles", "caller", caller.Label)
-	return watch(s, ctx, sub, stream.Send, func(snap *identity.Snapshot) (*pb.X509BundlesResponse, error) {
+	return watch(s, ctx, caller, "FetchX509Bundles", sub, stream.Send, func(snap *identity.Snapshot) (*pb.X509BundlesResponse, error) {
 		resp := &pb.X509BundlesResponse{Bundles: map[string][]byte{}}
 		for _, b := range snap.Bundles {
 			resp.Crl = append(resp.Crl, b.CRLs...)
@@ -259,7 +275,7 @@ func (s *Server) FetchJWTBundles(_ *pb.JWTBundlesRequest, stream grpc.ServerStre
 	}
 	defer sub.Close()
 	s.log.Debug("workload api: FetchJWTBundles", "caller", caller.Label)
-	return watch(s, ctx, sub, stream.Send, func(snap *identity.Snapshot) (*pb.JWTBundlesResponse, error) {
+	return watch(s, ctx, caller, "FetchJWTBundles", sub, stream.Send, func(snap *identity.Snapshot) (*pb.JWTBundlesResponse, error) {
 		resp := &pb.JWTBundlesResponse{Bundles: map[string][]byte{}}
 		for _, b := range snap.JWTBundles {
 			if len(b.JWKS) > 0 {
@@ -321,6 +337,9 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *pb.JWTSVIDRequest) (*pb.
 		hints[hint] = true
 		resp.Svids = append(resp.Svids, &pb.JWTSVID{SpiffeId: v.ID.String(), Svid: v.Token, Hint: hint})
 	}
+	if err := s.recheck(caller, "FetchJWTSVID"); err != nil {
+		return nil, err
+	}
 	if len(resp.Svids) == 0 {
 		s.log.Warn("workload api: no identity issued", "caller", caller.Label, "rpc", "FetchJWTSVID", "spiffe_id", want)
 		if want != "" {
@@ -349,6 +368,9 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *pb.ValidateJWTSVIDReq
 	}
 	snap := sub.Snapshot()
 	sub.Close()
+	if err := s.recheck(caller, "ValidateJWTSVID"); err != nil {
+		return nil, err
+	}
 	set := jwtbundle.NewSet()
 	for _, b := range snap.JWTBundles {
 		jb, err := jwtbundle.Parse(b.TrustDomain, b.JWKS)

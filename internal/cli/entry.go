@@ -35,6 +35,7 @@ func newEntryCreateCmd() *cobra.Command {
 
 Selectors:
   unix:uid:N  unix:gid:N  unix:pid:N          (peer credentials on the workload socket)
+  unix:path:/ABS/PATH  unix:sha256:HEX        (the caller's executable: its path, its SHA-256)
   k8s:ns:NAMESPACE  k8s:sa:SERVICEACCOUNT     (Kubernetes workloads)
   k8s:pod-name:N  k8s:pod-uid:U  k8s:node-name:N  k8s:pod-label:KEY:VALUE`,
 		Example: `  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/web --selector unix:uid:1000
