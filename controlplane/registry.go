@@ -95,6 +95,9 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 	if _, err := s.parseWorkloadID(spec.SpiffeID); err != nil {
 		return store.Entry{}, err
 	}
+	if err := s.checkNotReserved(spec.SpiffeID); err != nil {
+		return store.Entry{}, err
+	}
 	if len(spec.Selectors) == 0 {
 		return store.Entry{}, invalidf("at least one selector is required, e.g. --selector unix:uid:1000")
 	}
