@@ -68,6 +68,7 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 		}
 		s.tokens.forget(spiffeID)
 		s.ids.ban(spiffeID)
+		s.ids.endDirect(spiffeID)
 		s.ids.dropDirect(spiffeID)
 	}
 	target := spiffeID
@@ -97,6 +98,7 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 			serials = append(serials, store.RevokedSerial{Serial: r.Serial, CAID: r.CAID, SpiffeID: r.SpiffeID, NotAfter: r.NotAfter, RevokedAt: now})
 		}
 	}
+	serials = withDescendants(rows, serials, now)
 	if len(serials) == 0 {
 		return nil, nil
 	}
@@ -110,6 +112,7 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 	if err := s.publishBundles(); err != nil {
 		return serials, err
 	}
+	s.endRevokedStreams(serials)
 	for _, r := range serials {
 		s.ids.renewSerial(r.Serial)
 	}
@@ -263,4 +266,17 @@ func (s *Server) isRevoked(c *x509.Certificate) bool {
 		}
 	}
 	return false
+}
+
+// endRevokedStreams ends the streams of remote callers that authenticated
+// with a revoked certificate: re-issuing to them would hand whoever holds
+// it (perhaps a thief) a fresh, unrevoked one.
+func (s *Server) endRevokedStreams(serials []store.RevokedSerial) {
+	set := make(map[string]bool, len(serials))
+	for _, r := range serials {
+		set[normSerial(r.Serial)] = true
+	}
+	if n := s.ids.endSerials(set); n > 0 {
+		s.log.Warn("ended streams authenticated by revoked certificates", "streams", n)
+	}
 }

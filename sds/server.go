@@ -147,6 +147,9 @@ func (s *Server) subscribe(ctx context.Context) (identity.Caller, identity.Subsc
 		return identity.Caller{}, nil, status.Error(codes.Unauthenticated, err.Error())
 	}
 	sub, err := s.src.Subscribe(ctx, caller)
+	if errors.Is(err, identity.ErrRevoked) {
+		return caller, nil, status.Error(codes.PermissionDenied, err.Error())
+	}
 	if err != nil {
 		s.log.Error("sds subscribe", "caller", caller.Label, "err", err)
 		return caller, nil, status.Error(codes.Unavailable, "identities unavailable; retry")
