@@ -55,6 +55,8 @@ type identities struct {
 	closed bool
 	// lin knows the entry behind each live certificate (lineage.go).
 	lin lineage
+	// jwtRev refuses JWT-SVIDs of revoked identities (jwtrevoke.go).
+	jwtRev jwtRevocations
 }
 
 // slot is one entry's live SVID.

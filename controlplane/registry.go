@@ -164,9 +164,10 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 	if id == "" {
 		return store.Entry{}, invalidf("entry id is required")
 	}
-	e, err := s.store.DeleteEntry(ctx, id, store.AuditEvent{
-		Time: s.now(), Actor: actor, Action: "entry.delete", Target: id,
-	})
+	// The SPIFFE ID in the audit event is also the record that its
+	// JWT-SVIDs issued until now are refused (jwtrevoke.go).
+	ev := store.AuditEvent{Time: s.now(), Actor: actor, Action: "entry.delete", Target: id, Detail: s.entrySpiffeID(id)}
+	e, err := s.store.DeleteEntry(ctx, id, ev)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return store.Entry{}, fmt.Errorf("entry %s: %w", id, err)
@@ -174,6 +175,7 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 		return store.Entry{}, fmt.Errorf("delete entry %s: %w", id, err)
 	}
 	s.entries.remove(id)
+	s.revokeJWTs(e.SpiffeID, ev.Time)
 	s.ids.entriesChanged(ctx)
 	s.log.Info("entry deleted", "id", id, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil

@@ -70,6 +70,7 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 		s.ids.ban(spiffeID)
 		s.ids.endDirect(spiffeID)
 		s.ids.dropDirect(spiffeID)
+		s.revokeJWTs(spiffeID, now) // its entries' deletions did too; this covers an ID without any
 	}
 	target := spiffeID
 	if target == "" {
