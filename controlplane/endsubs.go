@@ -71,3 +71,36 @@ func (ids *identities) endLocked(s *Subscription, err error) {
 	default:
 	}
 }
+
+// revokedCaller is ErrCredentialRevoked if caller's certificate was revoked,
+// or an ID it holds directly banned, while it was subscribing: checked
+// after the subscription is registered, so that a concurrent revocation
+// either ends it (endSerials, endDirect) or is seen here.
+func (ids *identities) revokedCaller(c identity.Caller) error {
+	if c.Serial != "" && ids.srv.serialRevoked(c.Serial) {
+		return fmt.Errorf("%w: client certificate %s", ErrCredentialRevoked, normSerial(c.Serial))
+	}
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	for _, id := range c.IDs {
+		if ids.banned[id.String()] {
+			return fmt.Errorf("%w: identity %s", ErrCredentialRevoked, id)
+		}
+	}
+	return nil
+}
+
+// serialRevoked reports whether serial (hex) is on a CRL.
+func (s *Server) serialRevoked(serial string) bool {
+	serial = normSerial(serial)
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, list := range s.revoked {
+		for _, r := range list {
+			if normSerial(r.Serial) == serial {
+				return true
+			}
+		}
+	}
+	return false
+}

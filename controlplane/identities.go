@@ -164,6 +164,10 @@ func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, ex
 			return nil, err
 		}
 	}
+	if err := ids.revokedCaller(caller); err != nil {
+		sub.Close()
+		return nil, err
+	}
 	ids.mu.Lock()
 	sub.snap = ids.snapshotLocked(sub)
 	err := sub.err

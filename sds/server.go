@@ -511,6 +511,9 @@ func checkFetch(req *discoveryv3.DiscoveryRequest) error {
 // fetchFor answers a one-shot request for an authenticated caller.
 func (s *Server) fetchFor(ctx context.Context, caller identity.Caller, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
 	sub, err := s.src.Subscribe(ctx, caller)
+	if errors.Is(err, identity.ErrRevoked) {
+		return nil, status.Error(codes.PermissionDenied, err.Error())
+	}
 	if err != nil {
 		s.log.Error("sds subscribe", "caller", caller.Label, "err", err)
 		return nil, status.Error(codes.Unavailable, "identities unavailable; retry")
