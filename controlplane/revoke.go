@@ -22,8 +22,11 @@ type RevokeResult struct {
 
 // Revoke kills an identity now rather than at its next expiry. With a
 // SPIFFE ID: every entry for it is deleted (no renewal) and every live
-// serial goes on its CA's CRL. With a serial: that certificate goes on the
-// CRL and, if a workload is being served it, it gets a fresh one at once.
+// serial goes on its CA's CRL, and remote callers holding it directly have
+// their streams ended. With a serial: that certificate goes on the CRL and,
+// if a local workload is being served it, it gets a fresh one at once; a
+// remote caller that authenticated with it has its streams ended, and
+// whatever was renewed from it is revoked too (withDescendants).
 // The new CRLs are pushed to every peer with the bundle.
 func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (RevokeResult, error) {
 	if (spiffeID == "") == (serial == "") {
