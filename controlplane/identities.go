@@ -86,7 +86,7 @@ type Subscription struct {
 	snap    *identity.Snapshot
 	ch      chan struct{}
 	once    sync.Once
-	// err, once set, ends the subscription for its holder (see end).
+	// err, once set, ends the subscription for its holder (endLocked).
 	err error
 }
 
