@@ -3,7 +3,10 @@ package controlplane
 import (
 	"cmp"
 	"slices"
+	"strings"
 	"sync"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshid/meshid/store"
 )
@@ -102,4 +105,21 @@ func (x *entryIndex) match(callerSelectors []string) []store.Entry {
 		return cmp.Or(cmp.Compare(a.SpiffeID, b.SpiffeID), cmp.Compare(a.ID, b.ID))
 	})
 	return out
+}
+
+// reservedPath is the path prefix meshid keeps for its own identities (its
+// serving certificate today, its node agents later): no entry or token may
+// grant one, or a workload could pose as the server to remote callers.
+const reservedPath = "/meshid/"
+
+// checkNotReserved refuses a SPIFFE ID under the reserved path prefix.
+func (s *Server) checkNotReserved(spiffeID string) error {
+	id, err := spiffeid.FromString(spiffeID)
+	if err != nil {
+		return invalidf("invalid spiffe id %q: %v", spiffeID, err)
+	}
+	if id.TrustDomain() == s.td && (id.Path() == strings.TrimSuffix(reservedPath, "/") || strings.HasPrefix(id.Path(), reservedPath)) {
+		return invalidf("spiffe id %s is reserved: meshid keeps spiffe://%s%s for its own identities", spiffeID, s.td, reservedPath)
+	}
+	return nil
 }

@@ -53,6 +53,10 @@ type identities struct {
 	// by SPIFFE ID: not served again until a new token is made for them.
 	banned map[string]bool
 	closed bool
+	// lin knows the entry behind each live certificate (lineage.go).
+	lin lineage
+	// jwtRev refuses JWT-SVIDs of revoked identities (jwtrevoke.go).
+	jwtRev jwtRevocations
 }
 
 // slot is one entry's live SVID.
@@ -82,6 +86,8 @@ type Subscription struct {
 	snap    *identity.Snapshot
 	ch      chan struct{}
 	once    sync.Once
+	// err, once set, ends the subscription for its holder (endLocked).
+	err error
 }
 
 // Snapshot returns the caller's current identities and bundles.
@@ -93,6 +99,16 @@ func (s *Subscription) Snapshot() *identity.Snapshot {
 
 // Changed is signalled whenever Snapshot changes.
 func (s *Subscription) Changed() <-chan struct{} { return s.ch }
+
+// Err is non-nil once the subscription has been ended by the server: the
+// credential the caller authenticated with, or the identity it held, was
+// revoked. Changed is signalled when that happens; the caller must
+// authenticate again (with a join token) to be served.
+func (s *Subscription) Err() error {
+	s.ids.mu.Lock()
+	defer s.ids.mu.Unlock()
+	return s.err
+}
 
 // Close ends the subscription; SVIDs nobody holds stop being renewed.
 func (s *Subscription) Close() {
@@ -148,9 +164,17 @@ func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, ex
 			return nil, err
 		}
 	}
+	if err := ids.revokedCaller(caller); err != nil {
+		sub.Close()
+		return nil, err
+	}
 	ids.mu.Lock()
 	sub.snap = ids.snapshotLocked(sub)
+	err := sub.err
 	ids.mu.Unlock()
+	if err != nil {
+		return nil, err // revoked while it was being set up
+	}
 	return sub, nil
 }
 
@@ -162,7 +186,7 @@ func (ids *identities) entitlements(sub *Subscription) []store.Entry {
 	ids.mu.Lock()
 	for _, id := range c.IDs {
 		if !ids.banned[id.String()] {
-			out = append(out, store.Entry{ID: "id:" + id.String(), SpiffeID: id.String()})
+			out = append(out, store.Entry{ID: directKey(id.String(), normSerial(c.Serial)), SpiffeID: id.String()})
 		}
 	}
 	ids.mu.Unlock()
@@ -255,12 +279,13 @@ func (ids *identities) mint(ctx context.Context, e store.Entry) (*identity.SVID,
 		TTL:       ids.ttlFor(e),
 		ClampTTL:  true,
 		DNSNames:  e.DNSNames,
-		EntryID:   entryIDForInventory(e),
-		Requester: "workload",
+		EntryID:   ids.entryIDForInventory(e),
+		Requester: requesterFor(e),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("mint svid for %s: %w", e.SpiffeID, err)
 	}
+	ids.lin.note(svid.Serial, ids.entryIDForInventory(e), svid.NotAfter, ids.srv.now())
 	return toIdentitySVID(svid, e)
 }
 
@@ -274,11 +299,32 @@ func (ids *identities) ttlFor(e store.Entry) time.Duration {
 // (certificate or token) rather than a registration entry.
 func isDirect(e store.Entry) bool { return strings.HasPrefix(e.ID, "id:") }
 
-func entryIDForInventory(e store.Entry) string {
-	if isDirect(e) {
-		return ""
+// entryIDForInventory is the entry an SVID of slot e is issued under: the
+// entry itself, or for a caller holding its ID through a certificate, the
+// entry that certificate was issued under (none for join tokens).
+func (ids *identities) entryIDForInventory(e store.Entry) string {
+	if !isDirect(e) {
+		return e.ID
 	}
-	return e.ID
+	if serial := directSerial(e.ID); serial != "" {
+		entryID, _ := ids.lin.cached(serial)
+		return entryID
+	}
+	return ""
+}
+
+// requesterFor is the inventory Requester of an SVID of slot e; for remote
+// callers it names the credential, so that revoking that credential
+// reaches its renewals (withDescendants).
+func requesterFor(e store.Entry) string {
+	switch {
+	case !isDirect(e):
+		return "workload"
+	case directSerial(e.ID) != "":
+		return requesterViaSVID(directSerial(e.ID))
+	default:
+		return requesterViaToken
+	}
 }
 
 func toIdentitySVID(s *ca.X509SVID, e store.Entry) (*identity.SVID, error) {
@@ -555,16 +601,20 @@ func (ids *identities) stats(now time.Time) (earliest time.Time, overdue, served
 func (ids *identities) dropDirect(id string) {
 	ids.mu.Lock()
 	defer ids.mu.Unlock()
-	key := "id:" + id
-	sl, ok := ids.slots[key]
-	if !ok {
-		return
+	var keys []string
+	for key, sl := range ids.slots {
+		if key != "id:"+id && !strings.HasPrefix(key, "id:"+id+"#") {
+			continue
+		}
+		if sl.stop != nil {
+			sl.stop()
+		}
+		delete(ids.slots, key)
+		keys = append(keys, key)
 	}
-	if sl.stop != nil {
-		sl.stop()
-	}
-	delete(ids.slots, key)
-	ids.notifyLocked(func(s *Subscription) bool { return slices.Contains(s.entries, key) })
+	ids.notifyLocked(func(s *Subscription) bool {
+		return slices.ContainsFunc(s.entries, func(k string) bool { return slices.Contains(keys, k) })
+	})
 }
 
 // renewSerial re-issues the slot currently serving serial, at once: its

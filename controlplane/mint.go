@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/meshid/meshid/ca"
@@ -72,7 +73,7 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 	// Renewals may queue longer than interactive requests: their SVID in
 	// hand is still valid, and a refusal only means a retry later.
 	maxWait := s.cfg.SignQueueTimeout
-	if req.Requester == "workload" {
+	if strings.HasPrefix(req.Requester, "workload") {
 		maxWait = max(maxWait, 30*time.Second)
 	}
 	waited, release, err := s.limiter.acquire(ctx, maxWait)

@@ -95,6 +95,9 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 	if _, err := s.parseWorkloadID(spec.SpiffeID); err != nil {
 		return store.Entry{}, err
 	}
+	if err := s.checkNotReserved(spec.SpiffeID); err != nil {
+		return store.Entry{}, err
+	}
 	if len(spec.Selectors) == 0 {
 		return store.Entry{}, invalidf("at least one selector is required, e.g. --selector unix:uid:1000")
 	}
@@ -161,9 +164,10 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 	if id == "" {
 		return store.Entry{}, invalidf("entry id is required")
 	}
-	e, err := s.store.DeleteEntry(ctx, id, store.AuditEvent{
-		Time: s.now(), Actor: actor, Action: "entry.delete", Target: id,
-	})
+	// The SPIFFE ID in the audit event is also the record that its
+	// JWT-SVIDs issued until now are refused (jwtrevoke.go).
+	ev := store.AuditEvent{Time: s.now(), Actor: actor, Action: "entry.delete", Target: id, Detail: s.entrySpiffeID(id)}
+	e, err := s.store.DeleteEntry(ctx, id, ev)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return store.Entry{}, fmt.Errorf("entry %s: %w", id, err)
@@ -171,6 +175,7 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 		return store.Entry{}, fmt.Errorf("delete entry %s: %w", id, err)
 	}
 	s.entries.remove(id)
+	s.revokeJWTs(e.SpiffeID, ev.Time)
 	s.ids.entriesChanged(ctx)
 	s.log.Info("entry deleted", "id", id, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil

@@ -125,7 +125,13 @@ func (s *Server) remoteCaller(ctx context.Context, peerCerts []*x509.Certificate
 		if err != nil {
 			return identity.Caller{}, fmt.Errorf("client certificate: %w", err)
 		}
-		return identity.Caller{IDs: []spiffeid.ID{id}, Label: "svid " + id.String() + " " + conn}, nil
+		serial := peerCerts[0].SerialNumber.Text(16)
+		// Known before subscribing: its renewals are recorded under the
+		// entry it was issued under.
+		if _, err := s.entryOfSerial(ctx, serial); err != nil {
+			return identity.Caller{}, err
+		}
+		return identity.Caller{IDs: []spiffeid.ID{id}, Serial: serial, Label: "svid " + id.String() + " " + conn}, nil
 	}
 	for _, a := range authz {
 		tok, ok := strings.CutPrefix(a, "Bearer ")

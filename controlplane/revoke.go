@@ -22,8 +22,11 @@ type RevokeResult struct {
 
 // Revoke kills an identity now rather than at its next expiry. With a
 // SPIFFE ID: every entry for it is deleted (no renewal) and every live
-// serial goes on its CA's CRL. With a serial: that certificate goes on the
-// CRL and, if a workload is being served it, it gets a fresh one at once.
+// serial goes on its CA's CRL, and remote callers holding it directly have
+// their streams ended. With a serial: that certificate goes on the CRL and,
+// if a local workload is being served it, it gets a fresh one at once; a
+// remote caller that authenticated with it has its streams ended, and
+// whatever was renewed from it is revoked too (withDescendants).
 // The new CRLs are pushed to every peer with the bundle.
 func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (RevokeResult, error) {
 	if (spiffeID == "") == (serial == "") {
@@ -68,7 +71,9 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 		}
 		s.tokens.forget(spiffeID)
 		s.ids.ban(spiffeID)
+		s.ids.endDirect(spiffeID)
 		s.ids.dropDirect(spiffeID)
+		s.revokeJWTs(spiffeID, now) // its entries' deletions did too; this covers an ID without any
 	}
 	target := spiffeID
 	if target == "" {
@@ -97,6 +102,7 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 			serials = append(serials, store.RevokedSerial{Serial: r.Serial, CAID: r.CAID, SpiffeID: r.SpiffeID, NotAfter: r.NotAfter, RevokedAt: now})
 		}
 	}
+	serials = withDescendants(rows, serials, now)
 	if len(serials) == 0 {
 		return nil, nil
 	}
@@ -110,6 +116,7 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 	if err := s.publishBundles(); err != nil {
 		return serials, err
 	}
+	s.endRevokedStreams(serials)
 	for _, r := range serials {
 		s.ids.renewSerial(r.Serial)
 	}
@@ -263,4 +270,17 @@ func (s *Server) isRevoked(c *x509.Certificate) bool {
 		}
 	}
 	return false
+}
+
+// endRevokedStreams ends the streams of remote callers that authenticated
+// with a revoked certificate: re-issuing to them would hand whoever holds
+// it (perhaps a thief) a fresh, unrevoked one.
+func (s *Server) endRevokedStreams(serials []store.RevokedSerial) {
+	set := make(map[string]bool, len(serials))
+	for _, r := range serials {
+		set[normSerial(r.Serial)] = true
+	}
+	if n := s.ids.endSerials(set); n > 0 {
+		s.log.Warn("ended streams authenticated by revoked certificates", "streams", n)
+	}
 }

@@ -36,6 +36,9 @@ func (s *Server) CreateJoinToken(ctx context.Context, spiffeID string, ttl time.
 	if _, err := s.parseWorkloadID(spiffeID); err != nil {
 		return "", store.JoinToken{}, err
 	}
+	if err := s.checkNotReserved(spiffeID); err != nil {
+		return "", store.JoinToken{}, err
+	}
 	if ttl <= 0 || ttl > MaxTokenTTL {
 		return "", store.JoinToken{}, invalidf("token ttl %s must be between 1s and %s", ttl, MaxTokenTTL)
 	}

@@ -144,6 +144,8 @@ func TestCLITour(t *testing.T) {
 		{"entry", "create", admin, "--spiffe-id", "spiffe://evil.example/x", "--selector", "unix:uid:1"},
 		{"entry", "create", admin, "--spiffe-id", web, "--selector", "unix:uid:1000"},
 		{"entry", "create", admin, "--spiffe-id", web, "--selector", "docker:image:x"},
+		{"entry", "create", admin, "--spiffe-id", "spiffe://cluster.local/meshid/server", "--selector", "unix:uid:1"},
+		{"token", "create", admin, "--spiffe-id", "spiffe://cluster.local/meshid/agent/x", "--ttl", "1h"},
 		{"x509", "mint", admin, "--spiffe-id", web, "--ttl", "4000d", "--out-dir", certs},
 		{"entry", "delete", admin, "no-such-id"},
 		{"certs", "list", admin, "-o", "yaml"},

@@ -18,6 +18,12 @@ import (
 // APIs answer it with PermissionDenied.
 var ErrNotEntitled = errors.New("caller is not entitled to that identity")
 
+// ErrRevoked ends a subscription (or refuses one) whose caller authenticated
+// with a certificate, or holds an identity, that has been revoked; the
+// caller must authenticate again. A Subscription that can end this way has
+// an Err() error method, non-nil once it has.
+var ErrRevoked = errors.New("credential revoked")
+
 // Caller is an authenticated client of a workload API.
 type Caller struct {
 	// Selectors are what attestation proved, e.g. "unix:uid:1000"; they are
@@ -26,6 +32,10 @@ type Caller struct {
 	// IDs are identities the caller holds directly: the SPIFFE ID of the
 	// client certificate it presented, or the one its join token names.
 	IDs []spiffeid.ID
+	// Serial is the hex serial of the client certificate the caller
+	// authenticated with, if it did: revoking that certificate ends the
+	// caller's streams.
+	Serial string
 	// Label names the caller in logs ("uid:1000 gid:1000 pid:42").
 	Label string
 	// Check, if set, says whether what was attested still holds: for a

@@ -277,6 +277,9 @@ func (b *streamBase) waitLoop(self pushJob) error {
 		case err := <-b.errc:
 			return streamEnd(err)
 		case <-b.sub.Changed():
+			if err := ended(b.sub); err != nil {
+				return err
+			}
 			b.s.pq.enqueue(self)
 		}
 	}
@@ -302,4 +305,17 @@ func (b *streamBase) nextRequest(req interface {
 		return false
 	}
 	return true
+}
+
+// ended is PermissionDenied once the source has ended sub: the credential
+// the caller authenticated with (or the identity it held) was revoked.
+func ended(sub identity.Subscription) error {
+	e, ok := sub.(interface{ Err() error })
+	if !ok {
+		return nil
+	}
+	if err := e.Err(); err != nil {
+		return status.Error(codes.PermissionDenied, err.Error())
+	}
+	return nil
 }

@@ -147,6 +147,9 @@ func (s *Server) subscribe(ctx context.Context) (identity.Caller, identity.Subsc
 		return identity.Caller{}, nil, status.Error(codes.Unauthenticated, err.Error())
 	}
 	sub, err := s.src.Subscribe(ctx, caller)
+	if errors.Is(err, identity.ErrRevoked) {
+		return caller, nil, status.Error(codes.PermissionDenied, err.Error())
+	}
 	if err != nil {
 		s.log.Error("sds subscribe", "caller", caller.Label, "err", err)
 		return caller, nil, status.Error(codes.Unavailable, "identities unavailable; retry")
@@ -514,6 +517,9 @@ func checkFetch(req *discoveryv3.DiscoveryRequest) error {
 // fetchFor answers a one-shot request for an authenticated caller.
 func (s *Server) fetchFor(ctx context.Context, caller identity.Caller, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
 	sub, err := s.src.Subscribe(ctx, caller)
+	if errors.Is(err, identity.ErrRevoked) {
+		return nil, status.Error(codes.PermissionDenied, err.Error())
+	}
 	if err != nil {
 		s.log.Error("sds subscribe", "caller", caller.Label, "err", err)
 		return nil, status.Error(codes.Unavailable, "identities unavailable; retry")

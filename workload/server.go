@@ -385,6 +385,10 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *pb.ValidateJWTSVIDReq
 		s.log.Info("workload api: JWT-SVID rejected", "caller", caller.Label, "audience", req.GetAudience(), "err", err)
 		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
 	}
+	if err := checkRevoked(ctx, s.src, svid); err != nil {
+		s.log.Info("workload api: JWT-SVID rejected", "caller", caller.Label, "audience", req.GetAudience(), "err", err)
+		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
+	}
 	claims, err := claimsStruct(svid.Claims)
 	if err != nil {
 		s.log.Error("workload api: encode JWT claims", "err", err)
