@@ -111,7 +111,9 @@ type sdsWatch struct {
 
 func watchSDS(t *testing.T, socket string, names ...string) *sdsWatch {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
+	// A bound on the whole stream, so a push that never comes fails the
+	// test instead of hanging it.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	st, err := secretv3.NewSecretDiscoveryServiceClient(dialUnix(t, socket)).StreamSecrets(ctx)
 	if err != nil {
@@ -174,7 +176,7 @@ func sdsCRLs(t *testing.T, s *tlsv3.Secret) []*x509.RevocationList {
 // generated client, for the crl field its high-level client drops).
 func workloadX509(t *testing.T, socket string) workloadpb.SpiffeWorkloadAPI_FetchX509SVIDClient {
 	t.Helper()
-	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), "workload.spiffe.io", "true"))
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "workload.spiffe.io", "true"), 2*time.Minute)
 	t.Cleanup(cancel)
 	st, err := workloadpb.NewSpiffeWorkloadAPIClient(dialUnix(t, socket)).FetchX509SVID(ctx, &workloadpb.X509SVIDRequest{})
 	if err != nil {
