@@ -53,7 +53,9 @@ func startWorkloadServer(t *testing.T, cfg Config) *wlServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)
-	go func() { done <- srv.Run(ctx, Endpoints{AdminSocket: admin, Socket: wl}, func(Listening) { close(ready) }) }()
+	go func() {
+		done <- srv.Run(ctx, Endpoints{AdminSocket: admin, Socket: wl}, func(Listening) { close(ready) })
+	}()
 	select {
 	case <-ready:
 	case err := <-done:
