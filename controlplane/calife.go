@@ -29,6 +29,9 @@ type caView struct {
 	// dependents counts, for a CA tainted by an emergency rotation, the
 	// served SVIDs it still signs for: it leaves the bundle at zero.
 	dependents atomic.Int64
+	// stateAt is when this server moved the CA to its state (zero if
+	// loaded so): a revoked intermediate's revocation time.
+	stateAt time.Time
 }
 
 // inBundle says whether peers must still trust v at now.

@@ -110,7 +110,7 @@ func (s *Server) setCAStateLocked(ctx context.Context, id string, state store.CA
 	if err := s.store.PutCA(ctx, rec, &ev); err != nil {
 		return fmt.Errorf("record CA %s as %s: %w", id, state, err)
 	}
-	nv := &caView{rec: rec, cert: v.cert, root: v.root, auth: v.auth}
+	nv := &caView{rec: rec, cert: v.cert, root: v.root, auth: v.auth, stateAt: ev.Time}
 	nv.lastNotAfter.Store(v.lastNotAfter.Load())
 	nv.dependents.Store(v.dependents.Load())
 	s.mu.Lock()
@@ -168,7 +168,13 @@ func (s *Server) revokedIntermediatesLocked(now time.Time) []ca.RevokedCert {
 	var out []ca.RevokedCert
 	for _, v := range s.cas {
 		if v.rec.State == store.CARevoked && len(v.rec.ChainDER) > 0 && now.Before(v.cert.NotAfter) {
-			out = append(out, ca.RevokedCert{Serial: v.cert.SerialNumber, RevokedAt: v.rec.CreatedAt})
+			at := v.stateAt
+			if at.IsZero() {
+				// Revoked before a restart: the time is in the audit
+				// trail, not here; any time before this CRL is true.
+				at = now.Add(-time.Minute)
+			}
+			out = append(out, ca.RevokedCert{Serial: v.cert.SerialNumber, RevokedAt: at})
 		}
 	}
 	return out

@@ -11,6 +11,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
+	"github.com/meshid/meshid/ca"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/store"
 )
@@ -231,5 +232,42 @@ func parsePEM(t *testing.T, b []byte) []*x509.Certificate {
 			t.Fatal(err)
 		}
 		out = append(out, c)
+	}
+}
+
+// TestEmergencyRotationUnderUpstream: the bundle is the upstream root, so
+// dropping the old intermediate means listing it on the upstream's CRL: a
+// peer checking the chain refuses an SVID of the old intermediate.
+func TestEmergencyRotationUnderUpstream(t *testing.T) {
+	certFile, keyFile, root := writeUpstream(t, t.TempDir())
+	up, err := ca.LoadUpstream(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, Config{Upstream: up, SVIDTTL: time.Hour})
+	sub := subscribeAs(t, ts.srv, "spiffe://cluster.local/ns/emerg/sa/up", "8300")
+	stolen := svidOf(t, sub)
+	oldInter := stolen.Certificates[1]
+	if _, err := ts.client.RotateCA(context.Background(), &adminv1.RotateCARequest{DropOld: true}); err != nil {
+		t.Fatal(err)
+	}
+	crls := sub.Snapshot().Bundles[0].CRLs
+	revoked, err := CheckCRLs(oldInter, root, crls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !revoked {
+		t.Fatal("the dropped intermediate is not on the upstream root's CRL")
+	}
+	// The new intermediate is not.
+	deadline := time.Now().Add(30 * time.Second)
+	for svidOf(t, sub).Certificates[1].Equal(oldInter) {
+		if time.Now().After(deadline) {
+			t.Fatal("the SVID was not re-issued under the new intermediate")
+		}
+		time.Sleep(20 * time.Millisecond) // polling a condition, with a deadline
+	}
+	if r, _ := CheckCRLs(svidOf(t, sub).Certificates[1], root, sub.Snapshot().Bundles[0].CRLs); r {
+		t.Fatal("the new intermediate is listed as revoked")
 	}
 }
