@@ -54,6 +54,10 @@ func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (E
 			return EmergencyRotation{}, err
 		}
 	}
+	// Its JWT partner too, so prepareLocked makes a fresh one.
+	if err := s.dropJWTLocked(ctx, actor, now, store.CAPrepared, "prepared JWT key discarded by an emergency rotation; it signed nothing"); err != nil {
+		return EmergencyRotation{}, err
+	}
 	if _, err := s.prepareLocked(ctx, actor); err != nil {
 		return EmergencyRotation{}, fmt.Errorf("emergency rotation: prepare: %w", err)
 	}
@@ -75,6 +79,13 @@ func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (E
 		return EmergencyRotation{}, err
 	}
 	old := s.caByID(oldID)
+	if dropOld {
+		// The JWT key retired with the CA would stay in the JWKS for one
+		// JWT TTL; a compromise is the reason to drop it now too.
+		if err := s.dropJWTLocked(ctx, actor, now, store.CARetired, "emergency rotation with --drop-old: removed from the JWKS at once"); err != nil {
+			return EmergencyRotation{}, err
+		}
+	}
 	step := s.reissueStep()
 	n := s.ids.reissue(func(*slotView) bool { return true }, step)
 	s.maint.reissueUntil = now.Add(time.Duration(n) * step)
@@ -85,6 +96,30 @@ func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (E
 		"spread", (time.Duration(n) * step).Truncate(time.Millisecond), "actor", actor)
 	s.armMaintenance()
 	return EmergencyRotation{Active: next, Old: old.rec, Reissuing: n}, nil
+}
+
+// dropJWTLocked revokes every JWT key in state that is still in the JWKS.
+// The caller holds rotMu.
+func (s *Server) dropJWTLocked(ctx context.Context, actor string, now time.Time, state store.CAState, why string) error {
+	s.mu.RLock()
+	views := slices.Clone(s.jwtKeys)
+	s.mu.RUnlock()
+	for i := range views {
+		if views[i].rec.State != state || !now.Before(views[i].rec.NotAfter) {
+			continue
+		}
+		views[i].rec.State = store.CARevoked
+		// jwtBundle lists a key until NotAfter has passed.
+		views[i].rec.NotAfter = now.Add(-time.Second)
+		if err := s.store.PutCA(ctx, views[i].rec, &store.AuditEvent{Time: now, Actor: actor, Action: "jwt.revoke", Target: views[i].rec.ID,
+			Detail: why}); err != nil {
+			return fmt.Errorf("revoke JWT key %s: %w", views[i].rec.ID, err)
+		}
+	}
+	s.mu.Lock()
+	s.jwtKeys = views
+	s.mu.Unlock()
+	return nil
 }
 
 // reissueStep spaces re-issues so that a fleet-wide one queues inside the

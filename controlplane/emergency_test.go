@@ -3,6 +3,7 @@ package controlplane
 import (
 	"context"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"strconv"
@@ -210,6 +211,18 @@ func TestEmergencyRotationDropOld(t *testing.T) {
 		if containsCert(ts.srv.BundleCerts(), c) || containsCert(sub.Snapshot().Bundles[0].X509Authorities, c) {
 			t.Fatalf("CA %s still in the bundle after rotate --drop-old (the old one, or the discarded prepared one)", c.Subject)
 		}
+	}
+	// The JWT key retired with it leaves the JWKS at once too.
+	jb, err := ts.srv.jwtBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var jwks struct{ Keys []json.RawMessage }
+	if err := json.Unmarshal(jb.JWKS, &jwks); err != nil {
+		t.Fatal(err)
+	}
+	if len(jwks.Keys) != 1 {
+		t.Fatalf("%d keys in the JWKS after rotate --drop-old, want only the new one", len(jwks.Keys))
 	}
 	ts.stop()
 	ts = startServer(t, Config{DataDir: dir, SVIDTTL: time.Hour})
