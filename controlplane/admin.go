@@ -239,10 +239,31 @@ func (a *AdminService) ListCAs(ctx context.Context, _ *adminv1.ListCAsRequest) (
 	now := a.srv.now()
 	for _, v := range views {
 		if v.inBundle(now) {
-			resp.Cas = append(resp.Cas, caToProto(v))
+			resp.Cas = append(resp.Cas, a.caWithServed(v))
 		}
 	}
 	return resp, nil
+}
+
+// caWithServed is caToProto with the count of served SVIDs v signed: a
+// rotation's progress.
+func (a *AdminService) caWithServed(v *caView) *adminv1.CA {
+	c := caToProto(v)
+	c.ServedSvids = uint64(a.srv.ids.servedBy(v.cert))
+	return c
+}
+
+// RotateCA implements adminv1.AdminServiceServer.
+func (a *AdminService) RotateCA(ctx context.Context, req *adminv1.RotateCARequest) (*adminv1.RotateCAResponse, error) {
+	res, err := a.srv.RotateCANow(ctx, actor(ctx), req.GetDropOld())
+	if err != nil {
+		return nil, a.toStatus("rotate CA", err)
+	}
+	nv, ov := a.srv.caByID(res.Active.ID), a.srv.caByID(res.Old.ID)
+	if nv == nil || ov == nil {
+		return nil, a.toStatus("rotate CA", errors.New("rotated CA vanished"))
+	}
+	return &adminv1.RotateCAResponse{Ca: a.caWithServed(nv), Old: a.caWithServed(ov), Reissuing: uint64(res.Reissuing)}, nil
 }
 
 // ActivateCA implements adminv1.AdminServiceServer.

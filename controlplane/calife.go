@@ -26,6 +26,12 @@ type caView struct {
 	// lastNotAfter is the latest NotAfter (unix nanos) of any SVID this CA
 	// signed: a retired CA leaves the bundle once that has passed.
 	lastNotAfter atomic.Int64
+	// dependents counts, for a CA tainted by an emergency rotation, the
+	// served SVIDs it still signs for: it leaves the bundle at zero.
+	dependents atomic.Int64
+	// stateAt is when this server moved the CA to its state (zero if
+	// loaded so): a revoked intermediate's revocation time.
+	stateAt time.Time
 }
 
 // inBundle says whether peers must still trust v at now.
@@ -33,10 +39,15 @@ func (v *caView) inBundle(now time.Time) bool {
 	if now.After(v.cert.NotAfter) {
 		return false
 	}
-	if v.rec.State != store.CARetired {
-		return true
+	switch v.rec.State {
+	case store.CARevoked:
+		return false
+	case store.CATainted:
+		return v.dependents.Load() > 0 && now.UnixNano() < v.lastNotAfter.Load()
+	case store.CARetired:
+		return now.UnixNano() < v.lastNotAfter.Load()
 	}
-	return now.UnixNano() < v.lastNotAfter.Load()
+	return true
 }
 
 func (s *Server) unsealAuthority(k *kek.KEK, rec store.CARecord) (*ca.Authority, error) {
@@ -75,6 +86,12 @@ func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
 			return fmt.Errorf("CA %s: parse certificate: %w", rec.ID, err)
 		}
 		v := &caView{rec: rec, cert: cert, root: cert}
+		if rec.State == store.CATainted {
+			// Nothing is served yet after a restart: keep it published
+			// until the first recount, when reconnected callers have
+			// their SVIDs from the new CA.
+			v.dependents.Store(1)
+		}
 		if n := len(rec.ChainDER); n > 0 {
 			if v.root, err = x509.ParseCertificate(rec.ChainDER[n-1]); err != nil {
 				return fmt.Errorf("CA %s: parse chain: %w", rec.ID, err)

@@ -572,6 +572,51 @@ func (ids *identities) renewAll() {
 	}
 }
 
+// slotView is what a reissue filter sees of a slot.
+type slotView struct {
+	leaf    *x509.Certificate
+	renewAt time.Time
+}
+
+// reissue re-issues the SVIDs match selects, the i-th served one after
+// i x step so a fleet-wide re-issue queues inside the signing limits
+// rather than failing against them (an emergency CA rotation). Idle slots
+// selected are dropped: their next caller gets a fresh SVID. It returns how
+// many served SVIDs were scheduled.
+func (ids *identities) reissue(match func(*slotView) bool, step time.Duration) int {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	now := ids.srv.now()
+	n := 0
+	for k, sl := range ids.slots {
+		if sl.svid == nil || len(sl.svid.Certs) == 0 || !match(&slotView{leaf: sl.svid.Certs[0], renewAt: sl.renewAt}) {
+			continue
+		}
+		if sl.refs == 0 {
+			delete(ids.slots, k)
+			continue
+		}
+		d := time.Duration(n) * step
+		sl.renewAt = now.Add(d)
+		ids.scheduleLocked(sl, d)
+		n++
+	}
+	return n
+}
+
+// servedBy counts the served SVIDs issuer signed.
+func (ids *identities) servedBy(issuer *x509.Certificate) int {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	n := 0
+	for _, sl := range ids.slots {
+		if sl.refs > 0 && sl.svid != nil && len(sl.svid.Certs) > 0 && signedBy(sl.svid.Certs[0], issuer) {
+			n++
+		}
+	}
+	return n
+}
+
 // overdueGrace is how late a renewal may be before it counts as overdue: a
 // retry in progress is not yet a problem.
 const overdueGrace = time.Minute

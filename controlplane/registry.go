@@ -148,6 +148,9 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 // every live serial issued for it goes on the CRL, so the identity dies now,
 // not at its next expiry.
 func (s *Server) DeleteEntry(ctx context.Context, id, actor string) (store.Entry, []store.RevokedSerial, error) {
+	if err := s.checkCRLRoom(ctx, func(r store.IssuedSVID) bool { return id != "" && r.EntryID == id }); err != nil {
+		return store.Entry{}, nil, err
+	}
 	e, err := s.deleteEntry(ctx, id, actor)
 	if err != nil {
 		return e, nil, err

@@ -51,6 +51,11 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 			return RevokeResult{}, fmt.Errorf("no live certificate with serial %s: %w", serial, store.ErrNotFound)
 		}
 	}
+	if err := s.checkCRLRoom(ctx, func(r store.IssuedSVID) bool {
+		return (spiffeID != "" && r.SpiffeID == spiffeID) || (serial != "" && strings.TrimLeft(r.Serial, "0") == serial)
+	}); err != nil {
+		return RevokeResult{}, err
+	}
 	// Stop renewal first: nothing new may be issued for a revoked ID.
 	if spiffeID != "" {
 		for _, e := range s.entriesFor(spiffeID) {
@@ -196,7 +201,7 @@ func (s *Server) crls() ([][]byte, error) {
 	}
 	// Same CAs, same revocations: same CRLs. Re-signing would change the
 	// bundle's bytes and push it to every peer for nothing.
-	if key.String() == s.crlKey {
+	if key.String() == s.crlKey && now.Before(s.maint.crlRefreshAt) {
 		return s.crlCache, nil
 	}
 	// CRL numbers must grow: milliseconds, bumped if two come in one ms.
@@ -205,20 +210,21 @@ func (s *Server) crls() ([][]byte, error) {
 	var out [][]byte
 	for _, j := range jobs {
 		v, entries := j.v, j.entries
-		der, err := ca.SignCRL(v.cert, v.auth.Key, entries, number, now, v.cert.NotAfter)
+		der, err := ca.SignCRL(v.cert, v.auth.Key, entries, number, now, s.crlNextUpdate(now, v.cert.NotAfter))
 		if err != nil {
 			return nil, err
 		}
 		out = append(out, der)
 	}
 	if up := s.cfg.Upstream; up != nil {
-		der, err := ca.SignCRL(up.Cert, up.Key, nil, number, now, up.Cert.NotAfter)
+		der, err := ca.SignCRL(up.Cert, up.Key, s.revokedIntermediatesLocked(now), number, now, s.crlNextUpdate(now, up.Cert.NotAfter))
 		if err != nil {
 			return nil, err
 		}
 		out = append(out, der)
 	}
 	s.crlKey, s.crlCache = key.String(), out
+	s.maint.crlRefreshAt = now.Add(s.cfg.crlValidity() / 2)
 	return out, nil
 }
 

@@ -71,6 +71,13 @@ type Config struct {
 	// DisableAutoRotate turns off the automatic CA lifecycle (manual
 	// prepare/activate still work).
 	DisableAutoRotate bool
+	// CRLValidity is how far ahead a CRL's nextUpdate lies (default 24h,
+	// never less than 2 x SVIDTTL); CRLs are re-signed and pushed at half
+	// of it. MaxCRLSerials bounds the serials listed on all CRLs together
+	// (default DefaultMaxCRLSerials): a revocation past it is refused in
+	// favour of an emergency CA rotation.
+	CRLValidity   time.Duration
+	MaxCRLSerials int
 	// KEKFile holds the key that encrypts CA keys at rest; default
 	// <DataDir>/kek. It is made (0600) on first start if absent; if it is
 	// missing while the store holds sealed CA keys, Open fails instead.
@@ -121,6 +128,9 @@ type Server struct {
 	crlNumber    int64
 	crlKey       string
 	crlCache     [][]byte
+	// maint re-signs CRLs before their nextUpdate and finishes emergency
+	// rotations (crlmaint.go).
+	maint maintenance
 	// ready is true while Run serves; /readyz reports it.
 	ready atomic.Bool
 
@@ -193,6 +203,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.CAKeyType == "" {
 		cfg.CAKeyType = DefaultCAKeyType
+	}
+	if cfg.CRLValidity < 0 || cfg.MaxCRLSerials < 0 {
+		return nil, fmt.Errorf("crl validity %s and max crl serials %d must not be negative", cfg.CRLValidity, cfg.MaxCRLSerials)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -271,6 +284,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.scheduleRotation()
+	s.startMaintenance()
 	s.pruneInventory(ctx)
 	s.schedulePrune()
 	return s, nil
@@ -301,6 +315,7 @@ func (s *Server) Close() error {
 	if s.pruneStop != nil {
 		s.pruneStop()
 	}
+	s.stopMaintenanceLocked()
 	s.rotTimerMu.Unlock()
 	s.ids.close()
 	return s.store.Close()

@@ -43,6 +43,12 @@ const (
 	CAPrepared CAState = "prepared"
 	CAActive   CAState = "active"
 	CARetired  CAState = "retired"
+	// CATainted is a CA retired by an emergency rotation: published only
+	// while an SVID the server serves still depends on it.
+	CATainted CAState = "tainted"
+	// CARevoked is a CA withdrawn from the bundle for good; the record
+	// stays for the audit trail.
+	CARevoked CAState = "revoked"
 )
 
 // CARecord is one CA as persisted. The private key is sealed by the caller

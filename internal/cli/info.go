@@ -11,6 +11,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
+	"github.com/meshid/meshid/store"
 )
 
 func newBundleCmd() *cobra.Command {
@@ -65,18 +66,84 @@ func newCACmd() *cobra.Command {
 				return writeJSONList(cmd.OutOrStdout(), resp.GetCas())
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "STATE\tKEY\tNOT BEFORE\tNOT AFTER\tSUBJECT\tSHA-256 FINGERPRINT")
+			fmt.Fprintln(tw, "STATE\tKEY\tNOT BEFORE\tNOT AFTER\tSERVED SVIDS\tSUBJECT\tSHA-256 FINGERPRINT")
 			for _, x := range resp.GetCas() {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", x.GetState(), x.GetKeyType(),
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", x.GetState(), x.GetKeyType(),
 					x.GetNotBefore().AsTime().Format(time.RFC3339), x.GetNotAfter().AsTime().Format(time.RFC3339),
-					x.GetSubject(), x.GetFingerprint())
+					x.GetServedSvids(), x.GetSubject(), x.GetFingerprint())
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, x := range resp.GetCas() {
+				if x.GetState() == string(store.CATainted) {
+					fmt.Fprintf(cmd.OutOrStdout(), "emergency rotation in progress: %d served SVID(s) still on tainted CA %s; it leaves the trust bundle at 0\n",
+						x.GetServedSvids(), x.GetFingerprint())
+				}
+			}
+			return nil
 		},
 	}
 	adminFlag(show, &admin)
 	outputFlag(show.Flags(), &output)
-	cmd.AddCommand(show, newCAPrepareCmd(), newCAActivateCmd())
+	cmd.AddCommand(show, newCAPrepareCmd(), newCAActivateCmd(), newCARotateCmd())
+	return cmd
+}
+
+func newCARotateCmd() *cobra.Command {
+	var admin, output string
+	var now, dropOld bool
+	cmd := &cobra.Command{
+		Use:   "rotate --now",
+		Short: "Emergency CA rotation: replace the CA at once and re-issue every served SVID",
+		Long: `Replace the CA at once: the answer to a compromised CA key, or to a revocation
+too large for a CRL (a revoke past --max-crl-serials is refused and points
+here). A new CA is prepared and activated without the publication window; every
+SVID the server serves is re-issued by it, spread over time to stay inside the
+signing limits (--sign-rate, --sign-concurrency); the old CA is tainted and
+leaves the trust bundle as soon as no served SVID depends on it. With it go its
+CRL and every revocation on it: nothing chains to it any more.
+
+--drop-old removes the old CA from the bundle at once: peers still holding its
+SVIDs fail handshakes until theirs are re-issued. SVIDs the server does not
+serve (minted with 'meshid x509 mint') stop working when the old CA leaves.
+
+Watch progress with 'meshid ca show' (SERVED SVIDS of the tainted CA) or the
+meshid_svids_on_retired_ca metric. For a planned rotation use 'meshid ca
+prepare', then 'meshid ca activate'.`,
+		Example: `  meshid ca rotate --now
+  meshid ca rotate --now --drop-old`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			if !now {
+				return fmt.Errorf("ca rotate replaces the CA at once and needs --now; for a planned rotation use 'meshid ca prepare', then 'meshid ca activate'")
+			}
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.RotateCA, &adminv1.RotateCARequest{DropOld: dropOld})
+			if err != nil {
+				return err
+			}
+			resp.GetCa().CertDer, resp.GetOld().CertDer = nil, nil
+			if output == "json" {
+				return writeJSONMessage(cmd.OutOrStdout(), resp)
+			}
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "activated CA %s; re-issuing %d served SVID(s)\n", resp.GetCa().GetFingerprint(), resp.GetReissuing())
+			if resp.GetOld().GetState() == string(store.CARevoked) {
+				fmt.Fprintf(out, "old CA %s removed from the trust bundle\n", resp.GetOld().GetFingerprint())
+			} else {
+				fmt.Fprintf(out, "old CA %s tainted: it leaves the trust bundle when no served SVID depends on it (%d now); see 'meshid ca show'\n",
+					resp.GetOld().GetFingerprint(), resp.GetOld().GetServedSvids())
+			}
+			return nil
+		},
+	}
+	adminFlag(cmd, &admin)
+	cmd.Flags().BoolVar(&now, "now", false, "replace the CA now (required: this is the emergency path)")
+	cmd.Flags().BoolVar(&dropOld, "drop-old", false, "remove the old CA from the trust bundle at once, accepting failed handshakes for SVIDs not yet re-issued")
+	outputFlag(cmd.Flags(), &output)
 	return cmd
 }
 

@@ -46,6 +46,8 @@ type serverFlags struct {
 	serverDNS     []string
 	maxConns      int
 	maxConnsUID   int
+	crlValidity   time.Duration
+	maxCRLSerials int
 }
 
 func defaultDataDir() string {
@@ -83,6 +85,8 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
 	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
 	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
+	durationFlag(fs, &f.crlValidity, "crl-validity", controlplane.DefaultCRLValidity, "how far ahead a CRL's nextUpdate lies (never less than 2 x --svid-ttl); CRLs are re-signed and pushed at half of it")
+	fs.IntVar(&f.maxCRLSerials, "max-crl-serials", controlplane.DefaultMaxCRLSerials, "most serials listed on the CRLs together; a revocation past it is refused: replace the CA with 'meshid ca rotate --now' instead")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics, /healthz and /readyz (off when empty)")
 	fs.IntVar(&f.maxConns, "max-connections", endpoint.DefaultMaxConnections, "most connections held at once by each of --socket, --sds-listen and --sds-rest-listen (lowered to fit the open-file limit; the admin socket has its own 64); -1: no cap")
 	fs.IntVar(&f.maxConnsUID, "max-connections-per-uid", endpoint.DefaultMaxConnectionsPerUID, "most connections one local uid holds at once on --socket; -1: no cap")
@@ -113,6 +117,9 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 	if f.svidTTL <= 0 {
 		return controlplane.Config{}, errors.New("--svid-ttl must be positive")
 	}
+	if f.crlValidity <= 0 || f.maxCRLSerials <= 0 {
+		return controlplane.Config{}, errors.New("--crl-validity and --max-crl-serials must be positive")
+	}
 	return controlplane.Config{
 		DataDir:     f.dataDir,
 		TrustDomain: f.trustDomain,
@@ -126,6 +133,8 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		RotateSVIDsOnActivation: f.rotateOnAct,
 		SignRate:                f.signRate, SignConcurrency: f.signConc,
 		InventoryRetention: f.retention,
+		CRLValidity:        f.crlValidity,
+		MaxCRLSerials:      f.maxCRLSerials,
 		Version:            version(),
 		Logger:             log,
 	}, nil

@@ -758,9 +758,13 @@ type CA struct {
 	NotBefore *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=not_before,json=notBefore,proto3" json:"not_before,omitempty"`
 	NotAfter  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
 	// SHA-256 of the certificate DER, lowercase hex.
-	Fingerprint   string `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
-	KeyType       string `protobuf:"bytes,7,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
-	CertDer       []byte `protobuf:"bytes,8,opt,name=cert_der,json=certDer,proto3" json:"cert_der,omitempty"`
+	Fingerprint string `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	KeyType     string `protobuf:"bytes,7,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
+	CertDer     []byte `protobuf:"bytes,8,opt,name=cert_der,json=certDer,proto3" json:"cert_der,omitempty"`
+	// served_svids counts the SVIDs this server serves that this CA signed:
+	// on a retired or tainted CA, what is left to re-issue. A tainted CA
+	// leaves the bundle when it reaches 0.
+	ServedSvids   uint64 `protobuf:"varint,9,opt,name=served_svids,json=servedSvids,proto3" json:"served_svids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -849,6 +853,13 @@ func (x *CA) GetCertDer() []byte {
 		return x.CertDer
 	}
 	return nil
+}
+
+func (x *CA) GetServedSvids() uint64 {
+	if x != nil {
+		return x.ServedSvids
+	}
+	return 0
 }
 
 // ListCAsRequest asks for every CA.
@@ -1106,6 +1117,117 @@ func (x *ActivateCAResponse) GetCa() *CA {
 	return nil
 }
 
+// RotateCARequest asks for an emergency rotation.
+type RotateCARequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// drop_old revokes the old CA at once instead of when no served SVID
+	// depends on it: peers still holding its SVIDs fail handshakes until
+	// theirs are re-issued.
+	DropOld       bool `protobuf:"varint,1,opt,name=drop_old,json=dropOld,proto3" json:"drop_old,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCARequest) Reset() {
+	*x = RotateCARequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCARequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCARequest) ProtoMessage() {}
+
+func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCARequest.ProtoReflect.Descriptor instead.
+func (*RotateCARequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RotateCARequest) GetDropOld() bool {
+	if x != nil {
+		return x.DropOld
+	}
+	return false
+}
+
+// RotateCAResponse is the new CA, the old one and the re-issue under way.
+type RotateCAResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ca    *CA                    `protobuf:"bytes,1,opt,name=ca,proto3" json:"ca,omitempty"`
+	// old is the replaced CA: state tainted, or revoked with drop_old.
+	Old *CA `protobuf:"bytes,2,opt,name=old,proto3" json:"old,omitempty"`
+	// reissuing is how many served SVIDs were scheduled for re-issue.
+	Reissuing     uint64 `protobuf:"varint,3,opt,name=reissuing,proto3" json:"reissuing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCAResponse) Reset() {
+	*x = RotateCAResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCAResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCAResponse) ProtoMessage() {}
+
+func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCAResponse.ProtoReflect.Descriptor instead.
+func (*RotateCAResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RotateCAResponse) GetCa() *CA {
+	if x != nil {
+		return x.Ca
+	}
+	return nil
+}
+
+func (x *RotateCAResponse) GetOld() *CA {
+	if x != nil {
+		return x.Old
+	}
+	return nil
+}
+
+func (x *RotateCAResponse) GetReissuing() uint64 {
+	if x != nil {
+		return x.Reissuing
+	}
+	return 0
+}
+
 // RevokeRequest names what to revoke: exactly one of the fields.
 type RevokeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1117,7 +1239,7 @@ type RevokeRequest struct {
 
 func (x *RevokeRequest) Reset() {
 	*x = RevokeRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1129,7 +1251,7 @@ func (x *RevokeRequest) String() string {
 func (*RevokeRequest) ProtoMessage() {}
 
 func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1142,7 +1264,7 @@ func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RevokeRequest) GetSpiffeId() string {
@@ -1170,7 +1292,7 @@ type RevokeResponse struct {
 
 func (x *RevokeResponse) Reset() {
 	*x = RevokeResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1182,7 +1304,7 @@ func (x *RevokeResponse) String() string {
 func (*RevokeResponse) ProtoMessage() {}
 
 func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1195,7 +1317,7 @@ func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RevokeResponse) GetSerials() []string {
@@ -1229,7 +1351,7 @@ type IssuedCert struct {
 
 func (x *IssuedCert) Reset() {
 	*x = IssuedCert{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1241,7 +1363,7 @@ func (x *IssuedCert) String() string {
 func (*IssuedCert) ProtoMessage() {}
 
 func (x *IssuedCert) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1254,7 +1376,7 @@ func (x *IssuedCert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssuedCert.ProtoReflect.Descriptor instead.
 func (*IssuedCert) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *IssuedCert) GetSerial() string {
@@ -1328,7 +1450,7 @@ type ListCertsRequest struct {
 
 func (x *ListCertsRequest) Reset() {
 	*x = ListCertsRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1340,7 +1462,7 @@ func (x *ListCertsRequest) String() string {
 func (*ListCertsRequest) ProtoMessage() {}
 
 func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1353,7 +1475,7 @@ func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsRequest.ProtoReflect.Descriptor instead.
 func (*ListCertsRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListCertsRequest) GetExpiringWithin() *durationpb.Duration {
@@ -1395,7 +1517,7 @@ type ListCertsResponse struct {
 
 func (x *ListCertsResponse) Reset() {
 	*x = ListCertsResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1529,7 @@ func (x *ListCertsResponse) String() string {
 func (*ListCertsResponse) ProtoMessage() {}
 
 func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +1542,7 @@ func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsResponse.ProtoReflect.Descriptor instead.
 func (*ListCertsResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListCertsResponse) GetCerts() []*IssuedCert {
@@ -1450,7 +1572,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1462,7 +1584,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1475,7 +1597,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CreateJoinTokenRequest) GetSpiffeId() string {
@@ -1512,7 +1634,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +1646,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +1659,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1577,7 +1699,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1589,7 +1711,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1602,7 +1724,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{26}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 // GetServerInfoResponse describes the server.
@@ -1617,7 +1739,7 @@ type GetServerInfoResponse struct {
 
 func (x *GetServerInfoResponse) Reset() {
 	*x = GetServerInfoResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1629,7 +1751,7 @@ func (x *GetServerInfoResponse) String() string {
 func (*GetServerInfoResponse) ProtoMessage() {}
 
 func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1642,7 +1764,7 @@ func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{27}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetServerInfoResponse) GetVersion() string {
@@ -1720,7 +1842,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12,\n" +
 	"\x12spiffe_bundle_json\x18\x03 \x01(\fR\x10spiffeBundleJson\x12'\n" +
-	"\x0fsequence_number\x18\x04 \x01(\x04R\x0esequenceNumber\"\x90\x02\n" +
+	"\x0fsequence_number\x18\x04 \x01(\x04R\x0esequenceNumber\"\xb3\x02\n" +
 	"\x02CA\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x18\n" +
@@ -1730,7 +1852,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\tnot_after\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\x12 \n" +
 	"\vfingerprint\x18\x06 \x01(\tR\vfingerprint\x12\x19\n" +
 	"\bkey_type\x18\a \x01(\tR\akeyType\x12\x19\n" +
-	"\bcert_der\x18\b \x01(\fR\acertDer\"\x10\n" +
+	"\bcert_der\x18\b \x01(\fR\acertDer\x12!\n" +
+	"\fserved_svids\x18\t \x01(\x04R\vservedSvids\"\x10\n" +
 	"\x0eListCAsRequest\"8\n" +
 	"\x0fListCAsResponse\x12%\n" +
 	"\x03cas\x18\x01 \x03(\v2\x13.meshid.admin.v1.CAR\x03cas\"\x12\n" +
@@ -1740,7 +1863,13 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x11ActivateCARequest\x12\x14\n" +
 	"\x05force\x18\x01 \x01(\bR\x05force\"9\n" +
 	"\x12ActivateCAResponse\x12#\n" +
-	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\"D\n" +
+	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\",\n" +
+	"\x0fRotateCARequest\x12\x19\n" +
+	"\bdrop_old\x18\x01 \x01(\bR\adropOld\"|\n" +
+	"\x10RotateCAResponse\x12#\n" +
+	"\x02ca\x18\x01 \x01(\v2\x13.meshid.admin.v1.CAR\x02ca\x12%\n" +
+	"\x03old\x18\x02 \x01(\v2\x13.meshid.admin.v1.CAR\x03old\x12\x1c\n" +
+	"\treissuing\x18\x03 \x01(\x04R\treissuing\"D\n" +
 	"\rRevokeRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x16\n" +
 	"\x06serial\x18\x02 \x01(\tR\x06serial\"V\n" +
@@ -1784,7 +1913,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
-	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xab\b\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xfc\b\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
 	"\vDeleteEntry\x12#.meshid.admin.v1.DeleteEntryRequest\x1a$.meshid.admin.v1.DeleteEntryResponse\x12X\n" +
@@ -1794,7 +1923,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aListCAs\x12\x1f.meshid.admin.v1.ListCAsRequest\x1a .meshid.admin.v1.ListCAsResponse\x12R\n" +
 	"\tPrepareCA\x12!.meshid.admin.v1.PrepareCARequest\x1a\".meshid.admin.v1.PrepareCAResponse\x12U\n" +
 	"\n" +
-	"ActivateCA\x12\".meshid.admin.v1.ActivateCARequest\x1a#.meshid.admin.v1.ActivateCAResponse\x12I\n" +
+	"ActivateCA\x12\".meshid.admin.v1.ActivateCARequest\x1a#.meshid.admin.v1.ActivateCAResponse\x12O\n" +
+	"\bRotateCA\x12 .meshid.admin.v1.RotateCARequest\x1a!.meshid.admin.v1.RotateCAResponse\x12I\n" +
 	"\x06Revoke\x12\x1e.meshid.admin.v1.RevokeRequest\x1a\x1f.meshid.admin.v1.RevokeResponse\x12R\n" +
 	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12d\n" +
 	"\x0fCreateJoinToken\x12'.meshid.admin.v1.CreateJoinTokenRequest\x1a(.meshid.admin.v1.CreateJoinTokenResponse\x12^\n" +
@@ -1812,7 +1942,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -1833,71 +1963,77 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*PrepareCAResponse)(nil),       // 16: meshid.admin.v1.PrepareCAResponse
 	(*ActivateCARequest)(nil),       // 17: meshid.admin.v1.ActivateCARequest
 	(*ActivateCAResponse)(nil),      // 18: meshid.admin.v1.ActivateCAResponse
-	(*RevokeRequest)(nil),           // 19: meshid.admin.v1.RevokeRequest
-	(*RevokeResponse)(nil),          // 20: meshid.admin.v1.RevokeResponse
-	(*IssuedCert)(nil),              // 21: meshid.admin.v1.IssuedCert
-	(*ListCertsRequest)(nil),        // 22: meshid.admin.v1.ListCertsRequest
-	(*ListCertsResponse)(nil),       // 23: meshid.admin.v1.ListCertsResponse
-	(*CreateJoinTokenRequest)(nil),  // 24: meshid.admin.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 25: meshid.admin.v1.CreateJoinTokenResponse
-	(*GetServerInfoRequest)(nil),    // 26: meshid.admin.v1.GetServerInfoRequest
-	(*GetServerInfoResponse)(nil),   // 27: meshid.admin.v1.GetServerInfoResponse
-	(*durationpb.Duration)(nil),     // 28: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 29: google.protobuf.Timestamp
+	(*RotateCARequest)(nil),         // 19: meshid.admin.v1.RotateCARequest
+	(*RotateCAResponse)(nil),        // 20: meshid.admin.v1.RotateCAResponse
+	(*RevokeRequest)(nil),           // 21: meshid.admin.v1.RevokeRequest
+	(*RevokeResponse)(nil),          // 22: meshid.admin.v1.RevokeResponse
+	(*IssuedCert)(nil),              // 23: meshid.admin.v1.IssuedCert
+	(*ListCertsRequest)(nil),        // 24: meshid.admin.v1.ListCertsRequest
+	(*ListCertsResponse)(nil),       // 25: meshid.admin.v1.ListCertsResponse
+	(*CreateJoinTokenRequest)(nil),  // 26: meshid.admin.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 27: meshid.admin.v1.CreateJoinTokenResponse
+	(*GetServerInfoRequest)(nil),    // 28: meshid.admin.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),   // 29: meshid.admin.v1.GetServerInfoResponse
+	(*durationpb.Duration)(nil),     // 30: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 31: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	28, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	29, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	30, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	31, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
-	28, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	29, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	29, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	29, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	29, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	30, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	31, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	31, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	31, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	31, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	12, // 12: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	12, // 13: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
 	12, // 14: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
-	29, // 15: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	29, // 16: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	29, // 17: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	28, // 18: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
-	21, // 19: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	28, // 20: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	29, // 21: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	29, // 22: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
-	2,  // 23: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 24: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 25: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 26: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	10, // 27: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 28: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	15, // 29: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	17, // 30: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
-	19, // 31: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
-	22, // 32: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	24, // 33: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	26, // 34: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	3,  // 35: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 36: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 37: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 38: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	11, // 39: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	14, // 40: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	16, // 41: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	18, // 42: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
-	20, // 43: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
-	23, // 44: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	25, // 45: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	27, // 46: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	35, // [35:47] is the sub-list for method output_type
-	23, // [23:35] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	12, // 15: meshid.admin.v1.RotateCAResponse.ca:type_name -> meshid.admin.v1.CA
+	12, // 16: meshid.admin.v1.RotateCAResponse.old:type_name -> meshid.admin.v1.CA
+	31, // 17: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	31, // 18: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	31, // 19: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	30, // 20: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	23, // 21: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
+	30, // 22: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	31, // 23: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	31, // 24: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	2,  // 25: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 26: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 27: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 28: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	10, // 29: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	13, // 30: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	15, // 31: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	17, // 32: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
+	19, // 33: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
+	21, // 34: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
+	24, // 35: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	26, // 36: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	28, // 37: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	3,  // 38: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 39: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 40: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 41: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	11, // 42: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	14, // 43: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	16, // 44: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	18, // 45: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	20, // 46: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
+	22, // 47: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
+	25, // 48: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	27, // 49: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	29, // 50: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	38, // [38:51] is the sub-list for method output_type
+	25, // [25:38] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -1911,7 +2047,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,7 @@ const (
 	AdminService_ListCAs_FullMethodName         = "/meshid.admin.v1.AdminService/ListCAs"
 	AdminService_PrepareCA_FullMethodName       = "/meshid.admin.v1.AdminService/PrepareCA"
 	AdminService_ActivateCA_FullMethodName      = "/meshid.admin.v1.AdminService/ActivateCA"
+	AdminService_RotateCA_FullMethodName        = "/meshid.admin.v1.AdminService/RotateCA"
 	AdminService_Revoke_FullMethodName          = "/meshid.admin.v1.AdminService/Revoke"
 	AdminService_ListCerts_FullMethodName       = "/meshid.admin.v1.AdminService/ListCerts"
 	AdminService_CreateJoinToken_FullMethodName = "/meshid.admin.v1.AdminService/CreateJoinToken"
@@ -62,6 +63,12 @@ type AdminServiceClient interface {
 	// ActivateCA makes the prepared CA the signing CA; the old one is
 	// retired and stays in the bundle until its last SVID expires.
 	ActivateCA(ctx context.Context, in *ActivateCARequest, opts ...grpc.CallOption) (*ActivateCAResponse, error)
+	// RotateCA is the emergency rotation (compromised CA key, or a
+	// revocation too large for a CRL): a new CA is prepared and activated at
+	// once, every served SVID is re-issued by it within the signing limits,
+	// and the old CA is tainted (in the bundle only while a served SVID
+	// depends on it) or, with drop_old, revoked at once.
+	RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error)
 	// Revoke puts a certificate (by serial) or every live certificate of a
 	// SPIFFE ID on its CA's CRL, pushed to every peer at once; revoking an ID
 	// also deletes its entries so it is not renewed.
@@ -163,6 +170,16 @@ func (c *adminServiceClient) ActivateCA(ctx context.Context, in *ActivateCAReque
 	return out, nil
 }
 
+func (c *adminServiceClient) RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateCAResponse)
+	err := c.cc.Invoke(ctx, AdminService_RotateCA_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminServiceClient) Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RevokeResponse)
@@ -228,6 +245,12 @@ type AdminServiceServer interface {
 	// ActivateCA makes the prepared CA the signing CA; the old one is
 	// retired and stays in the bundle until its last SVID expires.
 	ActivateCA(context.Context, *ActivateCARequest) (*ActivateCAResponse, error)
+	// RotateCA is the emergency rotation (compromised CA key, or a
+	// revocation too large for a CRL): a new CA is prepared and activated at
+	// once, every served SVID is re-issued by it within the signing limits,
+	// and the old CA is tainted (in the bundle only while a served SVID
+	// depends on it) or, with drop_old, revoked at once.
+	RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error)
 	// Revoke puts a certificate (by serial) or every live certificate of a
 	// SPIFFE ID on its CA's CRL, pushed to every peer at once; revoking an ID
 	// also deletes its entries so it is not renewed.
@@ -272,6 +295,9 @@ func (UnimplementedAdminServiceServer) PrepareCA(context.Context, *PrepareCARequ
 }
 func (UnimplementedAdminServiceServer) ActivateCA(context.Context, *ActivateCARequest) (*ActivateCAResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ActivateCA not implemented")
+}
+func (UnimplementedAdminServiceServer) RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateCA not implemented")
 }
 func (UnimplementedAdminServiceServer) Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Revoke not implemented")
@@ -450,6 +476,24 @@ func _AdminService_ActivateCA_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_RotateCA_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateCARequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RotateCA(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RotateCA_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RotateCA(ctx, req.(*RotateCARequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AdminService_Revoke_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RevokeRequest)
 	if err := dec(in); err != nil {
@@ -560,6 +604,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ActivateCA",
 			Handler:    _AdminService_ActivateCA_Handler,
+		},
+		{
+			MethodName: "RotateCA",
+			Handler:    _AdminService_RotateCA_Handler,
 		},
 		{
 			MethodName: "Revoke",

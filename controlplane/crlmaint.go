@@ -1,0 +1,166 @@
+package controlplane
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/meshid/meshid/store"
+)
+
+// CRL policy defaults. A CRL is for the few credentials that must die
+// before they expire; past DefaultMaxCRLSerials (about 0.4 MB of CRL, far
+// under gRPC's 4 MiB message limit with the certificates beside it) the
+// answer is replacing the CA (RotateCANow), not a longer list.
+const (
+	DefaultCRLValidity   = 24 * time.Hour
+	DefaultMaxCRLSerials = 10_000
+)
+
+// maintenance is the server's own timer for what must happen whether or
+// not the automatic CA lifecycle runs: CRLs re-signed before their
+// nextUpdate, and emergency rotations finished.
+type maintenance struct {
+	// crlRefreshAt is when the current CRLs are re-signed (half their
+	// validity); guarded by Server.mu.
+	crlRefreshAt time.Time
+	// reissueUntil is when the last re-issue an emergency rotation
+	// scheduled is due; guarded by Server.rotMu.
+	reissueUntil time.Time
+	// stop cancels the armed timer; guarded by Server.rotTimerMu.
+	stop func() bool
+}
+
+// crlValidity is how long a CRL stays fresh: never less than two SVID
+// lives, so a peer that refreshes its bundle at each SVID renewal always
+// holds a CRL that is current.
+func (c *Config) crlValidity() time.Duration {
+	v := c.CRLValidity
+	if v == 0 {
+		v = DefaultCRLValidity
+	}
+	return max(v, 2*c.SVIDTTL)
+}
+
+func (c *Config) maxCRLSerials() int {
+	if c.MaxCRLSerials == 0 {
+		return DefaultMaxCRLSerials
+	}
+	return c.MaxCRLSerials
+}
+
+// crlNextUpdate bounds a CRL's nextUpdate: TLS stacks that enforce it
+// would otherwise treat a CRL as current long after it was replaced. It
+// never lies past the issuer's own expiry.
+func (s *Server) crlNextUpdate(now, issuerNotAfter time.Time) time.Time {
+	next := now.Add(s.cfg.crlValidity())
+	if issuerNotAfter.Before(next) {
+		return issuerNotAfter
+	}
+	return next
+}
+
+// taintCheckInterval is how often an emergency rotation recounts the
+// served SVIDs still on the old CA.
+const taintCheckInterval = time.Second
+
+// startMaintenance arms the maintenance timer; Open calls it once.
+func (s *Server) startMaintenance() {
+	s.metrics.Registry.MustRegister(newRetiredCACollector(s))
+	s.armMaintenance()
+}
+
+// stopMaintenanceLocked cancels the maintenance timer; the caller holds
+// rotTimerMu.
+func (s *Server) stopMaintenanceLocked() {
+	if s.maint.stop != nil {
+		s.maint.stop()
+		s.maint.stop = nil
+	}
+}
+
+// armMaintenance arms the timer for the next CRL refresh or, during an
+// emergency rotation, the next recount, whichever is first.
+func (s *Server) armMaintenance() {
+	now := s.now()
+	s.mu.RLock()
+	due := s.maint.crlRefreshAt
+	tainting := s.taintedLocked() != nil
+	s.mu.RUnlock()
+	if !due.After(now) {
+		// The refresh is overdue: it failed. Retry soon, but not in a loop.
+		due = now.Add(min(time.Minute, s.cfg.crlValidity()/8))
+	}
+	if check := now.Add(taintCheckInterval); tainting && check.Before(due) {
+		due = check
+	}
+	s.rotTimerMu.Lock()
+	defer s.rotTimerMu.Unlock()
+	s.stopMaintenanceLocked()
+	if s.closed.Load() {
+		return
+	}
+	s.maint.stop = s.afterFunc(due.Sub(now), s.maintenanceTick)
+}
+
+// maintenanceTick advances an emergency rotation and re-signs and pushes
+// the CRLs if they are due, then re-arms.
+func (s *Server) maintenanceTick() {
+	if s.closed.Load() {
+		return
+	}
+	s.rotMu.Lock()
+	if err := s.progressEmergency(); err != nil {
+		s.log.Error("emergency CA rotation: recount failed; retrying", "err", err)
+	}
+	s.rotMu.Unlock()
+	// publishBundles re-signs the CRLs once crlRefreshAt has passed; the
+	// new bytes change the bundle's version, so every peer gets them.
+	if err := s.publishBundles(); err != nil {
+		s.log.Error("re-sign CRLs before their nextUpdate", "err", fmt.Errorf("publish bundles: %w", err))
+	}
+	s.armMaintenance()
+}
+
+// checkCRLRoom refuses, before anything changes, a revocation of the live
+// SVIDs match selects that would list more serials on the CRLs than
+// MaxCRLSerials: past that the CRLs, pushed in every bundle, stop reaching
+// peers (gRPC's message limits) and every identity is lost. Only serials
+// of CAs still in the bundle count: the rest are on no CRL.
+func (s *Server) checkCRLRoom(ctx context.Context, match func(store.IssuedSVID) bool) error {
+	limit := s.cfg.maxCRLSerials()
+	now := s.now()
+	rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: now})
+	if err != nil {
+		return fmt.Errorf("read inventory: %w", err)
+	}
+	s.mu.RLock()
+	listed := map[string]bool{}
+	for _, v := range s.cas {
+		if v.inBundle(now) {
+			listed[v.rec.ID] = true
+		}
+	}
+	revoked := map[string]bool{}
+	for caID, list := range s.revoked {
+		for _, r := range list {
+			if listed[caID] && r.NotAfter.After(now) {
+				revoked[strings.TrimLeft(r.Serial, "0")] = true
+			}
+		}
+	}
+	s.mu.RUnlock()
+	add := 0
+	for _, r := range rows {
+		if listed[r.CAID] && match(r) && !revoked[strings.TrimLeft(r.Serial, "0")] {
+			add++
+		}
+	}
+	if add == 0 || len(revoked)+add <= limit {
+		return nil
+	}
+	return &FailedPreconditionError{msg: fmt.Sprintf(
+		"revoking %d more serial(s) would list %d on the CRLs, over the limit of %d (--max-crl-serials); at that scale replace the CA instead: 'meshid ca rotate --now' re-issues every served SVID from a new CA and drops the old one with its revocations",
+		add, len(revoked)+add, limit)}
+}
