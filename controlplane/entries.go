@@ -11,6 +11,9 @@ import (
 // entryIndex is the in-memory view of registration entries used to match a
 // caller's selectors without touching the store on every request.
 type entryIndex struct {
+	// updateMu orders entry updates and deletions (store, then index), so
+	// the index never keeps a version the store no longer has.
+	updateMu   sync.Mutex
 	mu         sync.RWMutex
 	byID       map[string]store.Entry
 	bySelector map[string][]string // selector string -> entry IDs
@@ -102,4 +105,13 @@ func (x *entryIndex) match(callerSelectors []string) []store.Entry {
 		return cmp.Or(cmp.Compare(a.SpiffeID, b.SpiffeID), cmp.Compare(a.ID, b.ID))
 	})
 	return out
+}
+
+// entryHint is the Workload API hint for an entry's SVIDs: the operator's
+// --hint, else the entry ID as before hints existed.
+func entryHint(e store.Entry) string {
+	if e.Hint != "" {
+		return e.Hint
+	}
+	return e.ID
 }

@@ -157,6 +157,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.JWTTTL == 0 {
 		cfg.JWTTTL = ca.DefaultJWTTTL
 	}
+	if cfg.JWTTTL < ca.MinJWTSVIDTTL || cfg.JWTTTL > cfg.CATTL {
+		return nil, fmt.Errorf("jwt ttl %s: must be at least %s and at most the ca ttl %s", cfg.JWTTTL, ca.MinJWTSVIDTTL, cfg.CATTL)
+	}
 	if cfg.InventoryRetention == 0 {
 		cfg.InventoryRetention = DefaultInventoryRetention
 	}
