@@ -141,3 +141,46 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestEntryHintAndUpdateServed: the Workload API hint is the entry's
+// --hint when it has one, and an update (new DNS name, new hint) reaches a
+// connected workload without a restart.
+func TestEntryHintAndUpdateServed(t *testing.T) {
+	h := startServer(t, controlplane.Config{})
+	ctx := testCtx(t)
+	sel, err := controlplane.ParseSelector(pidSelector(os.Getpid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := h.srv.CreateEntry(ctx, controlplane.EntrySpec{SpiffeID: idA, Selectors: []store.Selector{sel}, Hint: "web"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := h.client(t)
+	svids, err := c.FetchX509SVIDs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(svids) != 1 || svids[0].Hint != "web" {
+		t.Fatalf("hint %q, want the entry's hint \"web\"", svids[0].Hint)
+	}
+	dns, hint := []string{"web.shop.svc"}, "web-v2"
+	if _, err := h.srv.UpdateEntry(ctx, e.ID, controlplane.EntryUpdate{DNSNames: &dns, Hint: &hint}, "test"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitLong)
+	for {
+		svids, err := c.FetchX509SVIDs(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(svids) == 1 && svids[0].Hint == hint && len(svids[0].Certificates[0].DNSNames) == 1 &&
+			svids[0].Certificates[0].DNSNames[0] == dns[0] {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the update: hint %q dns %v", svids[0].Hint, svids[0].Certificates[0].DNSNames)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
