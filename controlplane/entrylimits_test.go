@@ -263,3 +263,12 @@ func TestListingsPaginateAnyStore(t *testing.T) {
 		t.Fatalf("listed %d certs in %d pages, want 60 in several", certs, pages)
 	}
 }
+
+// TestJWTTTLBelowMinimumRefused: --jwt-ttl 10s would issue tokens that
+// expire before most round trips finish; the server refuses to start.
+func TestJWTTTLBelowMinimumRefused(t *testing.T) {
+	_, err := Open(context.Background(), Config{DataDir: t.TempDir(), JWTTTL: 10 * time.Second})
+	if err == nil || !strings.Contains(err.Error(), "at least 30s") {
+		t.Fatalf("open with a 10s jwt ttl: %v, want a refusal naming the 30s minimum", err)
+	}
+}

@@ -157,8 +157,10 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.JWTTTL == 0 {
 		cfg.JWTTTL = ca.DefaultJWTTTL
 	}
-	if cfg.JWTTTL < ca.MinJWTSVIDTTL || cfg.JWTTTL > cfg.CATTL {
-		return nil, fmt.Errorf("jwt ttl %s: must be at least %s and at most the ca ttl %s", cfg.JWTTTL, ca.MinJWTSVIDTTL, cfg.CATTL)
+	// No upper bound here: a JWT-SVID's expiry is clamped to its signing
+	// key's life when it is minted.
+	if cfg.JWTTTL < ca.MinJWTSVIDTTL {
+		return nil, fmt.Errorf("jwt ttl %s: must be at least %s", cfg.JWTTTL, ca.MinJWTSVIDTTL)
 	}
 	if cfg.InventoryRetention == 0 {
 		cfg.InventoryRetention = DefaultInventoryRetention

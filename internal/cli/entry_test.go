@@ -41,7 +41,9 @@ func cliServer(t *testing.T, old ...store.Entry) (*controlplane.Server, string) 
 	socket := filepath.Join(sockDir, "admin", "admin.sock")
 	ctx, cancel := context.WithCancel(context.Background())
 	ready, done := make(chan struct{}), make(chan error, 1)
-	go func() { done <- srv.Run(ctx, controlplane.Endpoints{AdminSocket: socket}, func(controlplane.Listening) { close(ready) }) }()
+	go func() {
+		done <- srv.Run(ctx, controlplane.Endpoints{AdminSocket: socket}, func(controlplane.Listening) { close(ready) })
+	}()
 	select {
 	case <-ready:
 	case err := <-done:
