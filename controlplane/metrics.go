@@ -61,6 +61,10 @@ func NewMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")
+	// Every reason from zero, so increase() sees the first failure.
+	for _, r := range []string{"invalid", "busy", "canceled", "other"} {
+		m.MintFailures.WithLabelValues(r)
+	}
 	return m
 }
 
