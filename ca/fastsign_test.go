@@ -280,7 +280,7 @@ func TestFastPathRandomized(t *testing.T) {
 				name.WriteByte('.')
 				name.WriteString(label(40))
 			}
-			if err := checkDNSName(name.String()); err != nil {
+			if err := CheckDNSName(name.String()); err != nil {
 				t.Fatalf("iteration %d: generated bad name: %v", iter, err)
 			}
 			dns = append(dns, name.String())

@@ -56,8 +56,11 @@ func (a *Authority) SignX509SVID(req SVIDRequest) (*X509SVID, error) {
 	if err := checkSubjectKey(req.PublicKey); err != nil {
 		return nil, fmt.Errorf("sign X509-SVID for %s: %w", req.ID, err)
 	}
+	if err := CheckSPIFFEID(req.ID.String()); err != nil {
+		return nil, fmt.Errorf("sign X509-SVID: %w", err)
+	}
 	for _, name := range req.DNSNames {
-		if err := checkDNSName(name); err != nil {
+		if err := CheckDNSName(name); err != nil {
 			return nil, fmt.Errorf("sign X509-SVID for %s: %w", req.ID, err)
 		}
 	}
@@ -169,11 +172,15 @@ func (a *Authority) MintX509SVID(id spiffeid.ID, kt KeyType, dnsNames []string, 
 	return svid, nil
 }
 
-// checkDNSName accepts RFC 1123 host names, optionally with a leading "*."
+// CheckDNSName accepts RFC 1123 host names, optionally with a leading "*."
 // wildcard label for gateways. Go's x509 would encode almost any string, and
 // a malformed SAN only surfaces later as an opaque handshake failure, so we
 // refuse it up front.
-func checkDNSName(name string) error {
+//
+// It is the one rule for DNS SANs: the admin API checks entries and mint
+// requests with it, and SignX509SVID checks again, so nothing is accepted
+// that the CA would then refuse to sign.
+func CheckDNSName(name string) error {
 	bad := func(why string) error {
 		return fmt.Errorf("DNS name %q: %s: %w", name, why, ErrInvalidSVIDRequest)
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -18,9 +19,34 @@ import (
 	"github.com/meshid/meshid/store"
 )
 
-// maxPageSize bounds one page so a response stays far below gRPC's 4 MiB
-// default message limit.
-const maxPageSize = 5000
+// maxPageSize bounds the rows of one page, and maxPageBytes its encoded
+// size, so a response stays far below gRPC's 4 MiB default message limit
+// whatever the rows hold (entries stored by older versions had no size
+// limits).
+const (
+	maxPageSize  = 5000
+	maxPageBytes = 2 << 20
+)
+
+// boundedPage returns one page of at most n rows from list, cut short
+// before maxPageBytes (but never empty while rows remain). A cut page is
+// listed again with exactly the rows that fit, so its next token is the
+// store's own, whatever form the backend gives it.
+func boundedPage[T proto.Message](n int, list func(n int) ([]T, string, error)) ([]T, string, error) {
+	rows, next, err := list(n)
+	if err != nil {
+		return nil, "", err
+	}
+	size := 0
+	for i, r := range rows {
+		// Field tag and length prefix of each repeated element.
+		size += proto.Size(r) + 8
+		if size > maxPageBytes && i > 0 {
+			return list(i)
+		}
+	}
+	return rows, next, nil
+}
 
 // AdminService implements the admin gRPC API on top of a Server.
 type AdminService struct {
@@ -79,6 +105,7 @@ func entryToProto(e store.Entry) *adminv1.Entry {
 		SpiffeId:  e.SpiffeID,
 		DnsNames:  e.DNSNames,
 		CreatedAt: timestamppb.New(e.CreatedAt),
+		Hint:      e.Hint,
 	}
 	if e.TTL > 0 {
 		pe.Ttl = durationpb.New(e.TTL)
@@ -98,7 +125,7 @@ func (a *AdminService) CreateEntry(ctx context.Context, req *adminv1.CreateEntry
 	if pe.GetId() != "" {
 		return nil, status.Error(codes.InvalidArgument, "entry id is assigned by the server; leave it empty")
 	}
-	spec := EntrySpec{SpiffeID: pe.GetSpiffeId(), DNSNames: pe.GetDnsNames()}
+	spec := EntrySpec{SpiffeID: pe.GetSpiffeId(), DNSNames: pe.GetDnsNames(), Hint: pe.GetHint()}
 	if pe.GetTtl() != nil {
 		spec.TTL = pe.GetTtl().AsDuration()
 	}
@@ -141,15 +168,52 @@ func (a *AdminService) ListEntries(ctx context.Context, req *adminv1.ListEntries
 	if err != nil {
 		return nil, err
 	}
-	entries, next, err := a.srv.ListEntries(ctx, store.EntryQuery{PageSize: n, PageToken: req.GetPageToken()})
+	list := func(n int) ([]*adminv1.Entry, string, error) {
+		entries, next, err := a.srv.ListEntries(ctx, store.EntryQuery{PageSize: n, PageToken: req.GetPageToken()})
+		out := make([]*adminv1.Entry, len(entries))
+		for i, e := range entries {
+			out[i] = entryToProto(e)
+		}
+		return out, next, err
+	}
+	entries, next, err := boundedPage(n, list)
 	if err != nil {
 		return nil, a.toStatus("list entries", err)
 	}
-	resp := &adminv1.ListEntriesResponse{NextPageToken: next}
-	for _, e := range entries {
-		resp.Entries = append(resp.Entries, entryToProto(e))
+	return &adminv1.ListEntriesResponse{Entries: entries, NextPageToken: next}, nil
+}
+
+// GetEntry implements adminv1.AdminServiceServer.
+func (a *AdminService) GetEntry(ctx context.Context, req *adminv1.GetEntryRequest) (*adminv1.GetEntryResponse, error) {
+	e, err := a.srv.GetEntry(ctx, req.GetId())
+	if err != nil {
+		return nil, a.toStatus("get entry", err)
 	}
-	return resp, nil
+	return &adminv1.GetEntryResponse{Entry: entryToProto(e)}, nil
+}
+
+// UpdateEntry implements adminv1.AdminServiceServer.
+func (a *AdminService) UpdateEntry(ctx context.Context, req *adminv1.UpdateEntryRequest) (*adminv1.UpdateEntryResponse, error) {
+	var u EntryUpdate
+	for _, s := range req.GetSelectors() {
+		u.Selectors = append(u.Selectors, store.Selector{Type: s.GetType(), Value: s.GetValue()})
+	}
+	if req.GetUpdateDnsNames() {
+		dns := req.GetDnsNames()
+		u.DNSNames = &dns
+	}
+	if req.GetTtl() != nil {
+		ttl := req.GetTtl().AsDuration()
+		u.TTL = &ttl
+	}
+	if req.Hint != nil {
+		u.Hint = req.Hint
+	}
+	e, err := a.srv.UpdateEntry(ctx, req.GetId(), u, actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("update entry", err)
+	}
+	return &adminv1.UpdateEntryResponse{Entry: entryToProto(e)}, nil
 }
 
 // MintX509SVID implements adminv1.AdminServiceServer.
@@ -309,24 +373,30 @@ func (a *AdminService) ListCerts(ctx context.Context, req *adminv1.ListCertsRequ
 			q.ExpiringBefore = now.Add(w.AsDuration())
 		}
 	}
-	rows, next, err := a.srv.store.ListSVIDs(ctx, q)
+	list := func(n int) ([]*adminv1.IssuedCert, string, error) {
+		q := q
+		q.PageSize = n
+		rows, next, err := a.srv.store.ListSVIDs(ctx, q)
+		out := make([]*adminv1.IssuedCert, len(rows))
+		for i, r := range rows {
+			out[i] = &adminv1.IssuedCert{
+				Serial:    r.Serial,
+				SpiffeId:  r.SpiffeID,
+				NotBefore: timestamppb.New(r.NotBefore),
+				NotAfter:  timestamppb.New(r.NotAfter),
+				EntryId:   r.EntryID,
+				Requester: r.Requester,
+				CaId:      r.CAID,
+				IssuedAt:  timestamppb.New(r.IssuedAt),
+			}
+		}
+		return out, next, err
+	}
+	certs, next, err := boundedPage(n, list)
 	if err != nil {
 		return nil, a.toStatus("list certs", err)
 	}
-	resp := &adminv1.ListCertsResponse{NextPageToken: next}
-	for _, r := range rows {
-		resp.Certs = append(resp.Certs, &adminv1.IssuedCert{
-			Serial:    r.Serial,
-			SpiffeId:  r.SpiffeID,
-			NotBefore: timestamppb.New(r.NotBefore),
-			NotAfter:  timestamppb.New(r.NotAfter),
-			EntryId:   r.EntryID,
-			Requester: r.Requester,
-			CaId:      r.CAID,
-			IssuedAt:  timestamppb.New(r.IssuedAt),
-		})
-	}
-	return resp, nil
+	return &adminv1.ListCertsResponse{Certs: certs, NextPageToken: next}, nil
 }
 
 // CreateJoinToken implements adminv1.AdminServiceServer.

@@ -14,6 +14,9 @@ import (
 // entryIndex is the in-memory view of registration entries used to match a
 // caller's selectors without touching the store on every request.
 type entryIndex struct {
+	// updateMu orders entry updates and deletions (store, then index), so
+	// the index never keeps a version the store no longer has.
+	updateMu   sync.Mutex
 	mu         sync.RWMutex
 	byID       map[string]store.Entry
 	bySelector map[string][]string // selector string -> entry IDs
@@ -122,4 +125,13 @@ func (s *Server) checkNotReserved(spiffeID string) error {
 		return invalidf("spiffe id %s is reserved: meshid keeps spiffe://%s%s for its own identities", spiffeID, s.td, reservedPath)
 	}
 	return nil
+}
+
+// entryHint is the Workload API hint for an entry's SVIDs: the operator's
+// --hint, else the entry ID as before hints existed.
+func entryHint(e store.Entry) string {
+	if e.Hint != "" {
+		return e.Hint
+	}
+	return e.ID
 }

@@ -157,11 +157,17 @@ func (ids *identities) subscribe(ctx context.Context, caller identity.Caller, ex
 	ids.mu.Unlock()
 	ids.entMu.Unlock()
 
-	// Mint outside the lock: signing must not stall other callers.
+	// Mint outside the lock: signing must not stall other callers. One
+	// identity that cannot be minted (an entry stored by an older version
+	// with a SAN the CA refuses, a busy signer) must not take away the
+	// caller's others or its bundle: it is retried on its own.
 	for _, sl := range missing {
 		if err := ids.ensure(ctx, sl); err != nil {
-			sub.Close()
-			return nil, err
+			if ctx.Err() != nil || slices.ContainsFunc(extra, func(e store.Entry) bool { return e.ID == sl.entry.ID }) {
+				sub.Close()
+				return nil, err
+			}
+			ids.mintFailed(sl, err)
 		}
 	}
 	if err := ids.revokedCaller(caller); err != nil {
@@ -255,7 +261,9 @@ func (ids *identities) sweepIdle(now time.Time) {
 // ensure mints the slot's first SVID if nobody has yet.
 func (ids *identities) ensure(ctx context.Context, sl *slot) error {
 	ids.mu.Lock()
-	have := sl.svid != nil
+	// A slot whose mint failed has its retry scheduled: a new holder waits
+	// for it rather than adding a mint attempt of its own.
+	have := sl.svid != nil || sl.retry > 0 && sl.stop != nil
 	ids.mu.Unlock()
 	if have {
 		return nil
@@ -347,7 +355,7 @@ func toIdentitySVID(s *ca.X509SVID, e store.Entry) (*identity.SVID, error) {
 	return &identity.SVID{
 		ID:       s.ID,
 		EntryID:  e.ID,
-		Hint:     e.ID,
+		Hint:     entryHint(e),
 		Certs:    certs,
 		ChainPEM: s.ChainPEM(),
 		Key:      s.Key,
@@ -408,9 +416,14 @@ func (ids *identities) renew(sl *slot) {
 	if ids.closed || ids.slots[sl.entry.ID] != sl {
 		return
 	}
+	if err != nil && sl.svid == nil {
+		ids.mintFailedLocked(sl, err)
+		return
+	}
 	if err != nil {
 		sl.retry = min(max(2*sl.retry, minRetry), maxRetry)
 		ids.srv.metrics.RenewalFailures.Inc()
+		ids.srv.metrics.MintFailures.WithLabelValues(mintFailureReason(err)).Inc()
 		ids.srv.log.Error("svid renewal failed; retrying", "spiffe_id", e.SpiffeID, "retry_in", sl.retry, "expires", sl.svid.NotAfter, "err", err)
 		ids.scheduleLocked(sl, sl.retry)
 		return
@@ -533,7 +546,7 @@ func (ids *identities) entriesChanged(ctx context.Context) {
 		ids.mu.Unlock()
 		for _, sl := range missing {
 			if err := ids.ensure(ctx, sl); err != nil {
-				ids.srv.log.Error("mint svid for new entry", "spiffe_id", sl.entry.SpiffeID, "err", err)
+				ids.mintFailed(sl, err)
 			}
 		}
 		ids.mu.Lock()

@@ -242,7 +242,7 @@ func (s *Server) MintJWTSVID(ctx context.Context, caller identity.Caller, audien
 			return nil, err
 		}
 		s.metrics.Issued.WithLabelValues("jwt").Inc()
-		out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: e.ID, ExpiresAt: exp})
+		out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: entryHint(e), ExpiresAt: exp})
 	}
 	if len(out) == 0 {
 		if id != "" {

@@ -16,6 +16,9 @@ type Metrics struct {
 	IssueErrors prometheus.Counter
 	// RenewalFailures counts failed attempts to renew a served SVID.
 	RenewalFailures prometheus.Counter
+	// MintFailures counts failed mints of SVIDs served to connected
+	// callers, by reason (invalid, busy, canceled, other); each is retried.
+	MintFailures *prometheus.CounterVec
 	// RotationFailures counts CA lifecycle steps that failed (retried).
 	RotationFailures prometheus.Counter
 	// WorkloadStreams counts open SPIFFE Workload API streams.
@@ -48,17 +51,25 @@ func NewMetrics() *Metrics {
 		Name: "meshid_ca_rotation_failures_total",
 		Help: "CA lifecycle steps (prepare, activate) that failed; each is retried.",
 	})
+	m.MintFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshid_svid_mint_failures_total",
+		Help: "Failed mints of SVIDs served to connected workloads (first issue or renewal), by reason: invalid (the entry cannot be signed), busy, canceled, other. Each is retried with backoff; the caller keeps its other identities and the bundle.",
+	}, []string{"reason"})
 	m.SignWait = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "meshid_sign_wait_seconds",
 		Help:    "Time an SVID request waited for the signing rate and concurrency limits.",
 		Buckets: []float64{0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
 	})
 	m.WorkloadStreams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshid_workload_streams", Help: "Open SPIFFE Workload API streams."})
-	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.RotationFailures, m.SignWait, m.WorkloadStreams,
+	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.MintFailures, m.RotationFailures, m.SignWait, m.WorkloadStreams,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")
 	m.Conns = endpoint.NewConnMetrics(m.Registry)
+	// Every reason from zero, so increase() sees the first failure.
+	for _, r := range []string{"invalid", "busy", "canceled", "other"} {
+		m.MintFailures.WithLabelValues(r)
+	}
 	return m
 }
 

@@ -53,6 +53,13 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 	if req.TTL < 0 {
 		return nil, invalidf("ttl %s must not be negative", req.TTL)
 	}
+	if req.TTL > 0 && !req.ClampTTL {
+		// An explicit request (x509 mint --ttl); renewals of an entry
+		// stored by an older version keep being served as before.
+		if err := s.validateX509TTL(req.TTL); err != nil {
+			return nil, err
+		}
+	}
 	a, caID := s.activeCA()
 	now := s.now()
 	ttl := req.TTL

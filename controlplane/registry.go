@@ -10,6 +10,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/store"
 )
 
@@ -37,6 +38,10 @@ func (s *Server) parseWorkloadID(id string) (spiffeid.ID, error) {
 	if id == "" {
 		return spiffeid.ID{}, invalidf("spiffe id is required")
 	}
+	// Before parsing, so a huge ID is neither parsed nor echoed back whole.
+	if err := ca.CheckSPIFFEID(id); err != nil {
+		return spiffeid.ID{}, invalidf("spiffe id %.64q...: %v", id, err)
+	}
 	sid, err := spiffeid.FromString(id)
 	if err != nil {
 		return spiffeid.ID{}, invalidf("invalid spiffe id %q: %v", id, err)
@@ -50,33 +55,69 @@ func (s *Server) parseWorkloadID(id string) (spiffeid.ID, error) {
 	return sid, nil
 }
 
+// validateDNSNames applies the CA's own rule (ca.CheckDNSName), so a name
+// accepted here is one the CA will sign, and the per-entry count limit.
 func validateDNSNames(names []string) error {
+	if len(names) > MaxDNSNamesPerEntry {
+		return invalidf("%d dns names, more than the %d allowed", len(names), MaxDNSNamesPerEntry)
+	}
 	for _, n := range names {
-		if err := checkDNSName(n); err != nil {
-			return invalidf("dns name %q: %v", n, err)
+		if err := ca.CheckDNSName(n); err != nil {
+			return invalidf("%v", err)
 		}
 	}
 	return nil
 }
 
-func checkDNSName(n string) error {
-	if n == "" || len(n) > 253 {
-		return errors.New("must be 1 to 253 characters")
+// validateX509TTL checks an explicitly requested X.509-SVID lifetime.
+func (s *Server) validateX509TTL(ttl time.Duration) error {
+	a, _ := s.activeCA()
+	if err := ca.CheckTTL(ttl, ca.MinX509SVIDTTL, a.RemainingLife(s.now())); err != nil {
+		return invalidf("%v", err)
 	}
-	labels := strings.Split(n, ".")
-	for i, l := range labels {
-		if l == "*" && i == 0 && len(labels) > 1 {
-			continue
+	return nil
+}
+
+// validateEntry is the one check of a registration entry, for creation and
+// update alike; it normalizes the selectors in place.
+func (s *Server) validateEntry(e *store.Entry) error {
+	if _, err := s.parseWorkloadID(e.SpiffeID); err != nil {
+		return err
+	}
+	if err := s.checkNotReserved(e.SpiffeID); err != nil {
+		return err
+	}
+	if len(e.Selectors) == 0 {
+		return invalidf("at least one selector is required, e.g. --selector unix:uid:1000")
+	}
+	if len(e.Selectors) > MaxSelectorsPerEntry {
+		return invalidf("%d selectors, more than the %d allowed per entry", len(e.Selectors), MaxSelectorsPerEntry)
+	}
+	for _, sel := range e.Selectors {
+		if err := ValidateSelector(sel); err != nil {
+			return &InvalidArgumentError{msg: err.Error()}
 		}
-		if l == "" || len(l) > 63 {
-			return errors.New("empty or over-long label")
+	}
+	if err := checkPIDPinned(e.Selectors); err != nil {
+		return err
+	}
+	e.Selectors = normalizeSelectors(e.Selectors)
+	if e.TTL < 0 {
+		return invalidf("ttl %s must not be negative", e.TTL)
+	}
+	if e.TTL > 0 {
+		if err := s.validateX509TTL(e.TTL); err != nil {
+			return err
 		}
-		for j, c := range l {
-			ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' && j > 0 && j < len(l)-1
-			if !ok {
-				return fmt.Errorf("invalid character %q", c)
-			}
-		}
+	}
+	if err := validateDNSNames(e.DNSNames); err != nil {
+		return err
+	}
+	if len(e.Hint) > MaxHintLen {
+		return invalidf("hint is %d bytes, more than the %d allowed", len(e.Hint), MaxHintLen)
+	}
+	if err := checkPrintable(e.Hint); err != nil {
+		return invalidf("hint: %v", err)
 	}
 	return nil
 }
@@ -87,44 +128,24 @@ type EntrySpec struct {
 	Selectors []store.Selector
 	TTL       time.Duration
 	DNSNames  []string
+	// Hint is the Workload API hint; empty means the entry ID.
+	Hint string
 }
 
 // CreateEntry validates and stores a registration entry. Validation errors
 // are *InvalidArgumentError; a duplicate is store.ErrAlreadyExists.
 func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) (store.Entry, error) {
-	if _, err := s.parseWorkloadID(spec.SpiffeID); err != nil {
-		return store.Entry{}, err
-	}
-	if err := s.checkNotReserved(spec.SpiffeID); err != nil {
-		return store.Entry{}, err
-	}
-	if len(spec.Selectors) == 0 {
-		return store.Entry{}, invalidf("at least one selector is required, e.g. --selector unix:uid:1000")
-	}
-	for _, sel := range spec.Selectors {
-		if err := ValidateSelector(sel); err != nil {
-			return store.Entry{}, &InvalidArgumentError{msg: err.Error()}
-		}
-	}
-	if spec.TTL < 0 {
-		return store.Entry{}, invalidf("ttl %s must not be negative", spec.TTL)
-	}
-	if spec.TTL > 0 {
-		a, _ := s.activeCA()
-		if rem := a.RemainingLife(s.now()); spec.TTL > rem {
-			return store.Entry{}, invalidf("ttl %s is longer than the CA's remaining life %s", spec.TTL, rem.Truncate(time.Second))
-		}
-	}
-	if err := validateDNSNames(spec.DNSNames); err != nil {
-		return store.Entry{}, err
-	}
 	e := store.Entry{
 		ID:        newID(),
 		SpiffeID:  spec.SpiffeID,
-		Selectors: normalizeSelectors(spec.Selectors),
+		Selectors: spec.Selectors,
 		TTL:       spec.TTL,
 		DNSNames:  spec.DNSNames,
+		Hint:      spec.Hint,
 		CreatedAt: s.now(),
+	}
+	if err := s.validateEntry(&e); err != nil {
+		return store.Entry{}, err
 	}
 	err := s.store.CreateEntry(ctx, e, store.AuditEvent{
 		Time: e.CreatedAt, Actor: actor, Action: "entry.create", Target: e.ID,
@@ -167,6 +188,8 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 	if id == "" {
 		return store.Entry{}, invalidf("entry id is required")
 	}
+	s.entries.updateMu.Lock()
+	defer s.entries.updateMu.Unlock()
 	// The SPIFFE ID in the audit event is also the record that its
 	// JWT-SVIDs issued until now are refused (jwtrevoke.go).
 	ev := store.AuditEvent{Time: s.now(), Actor: actor, Action: "entry.delete", Target: id, Detail: s.entrySpiffeID(id)}
@@ -209,4 +232,24 @@ func newID() string {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// checkPIDPinned refuses a unix:pid selector without a unix:uid one. The
+// server binds a connection to the process that opened it (start time and
+// pidfd), but an entry names only a number: once the process exits, another
+// user's process that is handed the same pid would match. Pinning the uid
+// leaves that to processes of the same user, who hold its identity anyway.
+func checkPIDPinned(sels []store.Selector) error {
+	var pid, uid bool
+	for _, sel := range sels {
+		if sel.Type != "unix" {
+			continue
+		}
+		pid = pid || strings.HasPrefix(sel.Value, "pid:")
+		uid = uid || strings.HasPrefix(sel.Value, "uid:")
+	}
+	if pid && !uid {
+		return invalidf("a unix:pid selector needs a unix:uid selector beside it: pids are reused, so another user's process could be given the same pid")
+	}
+	return nil
 }

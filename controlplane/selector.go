@@ -6,9 +6,41 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/meshid/meshid/store"
 )
+
+// Limits on one registration entry. They keep any entry, and so any page of
+// a listing, far below gRPC's 4 MiB message limit, and are documented in
+// the README and `meshid entry create --help`.
+const (
+	// MaxSelectorsPerEntry bounds the selectors of one entry.
+	MaxSelectorsPerEntry = 64
+	// MaxSelectorLen bounds one selector, type:key:value, in bytes.
+	MaxSelectorLen = 256
+	// MaxDNSNamesPerEntry bounds the DNS SANs of one entry (and mint).
+	MaxDNSNamesPerEntry = 32
+	// MaxHintLen bounds an entry's Workload API hint, in bytes.
+	MaxHintLen = 256
+)
+
+// checkPrintable refuses invalid UTF-8 and non-printable runes (control
+// characters, line and paragraph separators, ...): selector values and
+// hints are shown in terminals and logs, where such bytes can forge or
+// hide output.
+func checkPrintable(v string) error {
+	if !utf8.ValidString(v) {
+		return fmt.Errorf("%s is not valid UTF-8", strconv.Quote(v))
+	}
+	for _, r := range v {
+		if !unicode.IsPrint(r) {
+			return fmt.Errorf("%s contains the non-printable character %U", strconv.QuoteToASCII(v), r)
+		}
+	}
+	return nil
+}
 
 // selectorKinds lists the selector keys each attestor can produce. An entry
 // naming anything else could never match, so it is refused at creation
@@ -88,8 +120,15 @@ func ParseSelector(s string) (store.Selector, error) {
 	return sel, ValidateSelector(sel)
 }
 
-// ValidateSelector checks a selector against the known selector kinds.
+// ValidateSelector checks a selector against the known selector kinds and
+// the limits on its size and characters.
 func ValidateSelector(sel store.Selector) error {
+	if n := len(sel.Type) + 1 + len(sel.Value); n > MaxSelectorLen {
+		return fmt.Errorf("selector %.40q...: %d bytes, more than the %d allowed", sel.Type+":"+sel.Value, n, MaxSelectorLen)
+	}
+	if err := checkPrintable(sel.Type + ":" + sel.Value); err != nil {
+		return fmt.Errorf("selector: %w", err)
+	}
 	keys, ok := selectorKinds[sel.Type]
 	if !ok {
 		return fmt.Errorf("selector %s:%s: unknown selector type %q (known: unix, k8s, token)", sel.Type, sel.Value, sel.Type)

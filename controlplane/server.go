@@ -168,6 +168,11 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.JWTTTL == 0 {
 		cfg.JWTTTL = ca.DefaultJWTTTL
 	}
+	// No upper bound here: a JWT-SVID's expiry is clamped to its signing
+	// key's life when it is minted.
+	if cfg.JWTTTL < ca.MinJWTSVIDTTL {
+		return nil, fmt.Errorf("jwt ttl %s: must be at least %s", cfg.JWTTTL, ca.MinJWTSVIDTTL)
+	}
 	if cfg.InventoryRetention == 0 {
 		cfg.InventoryRetention = DefaultInventoryRetention
 	}

@@ -83,6 +83,8 @@ type Entry struct {
 	TTL       time.Duration
 	DNSNames  []string
 	CreatedAt time.Time
+	// Hint is sent as the Workload API SVID hint; empty means the ID.
+	Hint string
 }
 
 // IssuedSVID is one row of the inventory of issued certificates.
@@ -163,6 +165,11 @@ type Store interface {
 	// DeleteEntry removes an entry and records the audit event atomically;
 	// ErrNotFound if there is no such entry.
 	DeleteEntry(ctx context.Context, id string, audit AuditEvent) (Entry, error)
+	// UpdateEntry replaces the entry with e.ID and records the audit event
+	// atomically, returning the entry as it was: ErrNotFound if there is
+	// none, ErrAlreadyExists if another entry has e's SpiffeID and selector
+	// set.
+	UpdateEntry(ctx context.Context, e Entry, audit AuditEvent) (Entry, error)
 	// GetEntry returns one entry or ErrNotFound.
 	GetEntry(ctx context.Context, id string) (Entry, error)
 	// ListEntries pages through entries by ID; next is "" on the last page.

@@ -220,6 +220,7 @@ func newCertsCmd() *cobra.Command {
 	var admin, output string
 	var within time.Duration
 	var includeExpired bool
+	var pageSize int32
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List issued SVIDs still live, soonest expiry first",
@@ -233,12 +234,15 @@ func newCertsCmd() *cobra.Command {
 			if within < 0 {
 				return fmt.Errorf("--expiring-within must not be negative")
 			}
+			if pageSize < 0 {
+				return fmt.Errorf("--page-size must not be negative")
+			}
 			c, done, err := dialAdmin(admin)
 			if err != nil {
 				return err
 			}
 			defer done()
-			req := &adminv1.ListCertsRequest{IncludeExpired: includeExpired}
+			req := &adminv1.ListCertsRequest{IncludeExpired: includeExpired, PageSize: pageSize}
 			if within > 0 {
 				req.ExpiringWithin = durationpb.New(within)
 			}
@@ -263,12 +267,13 @@ func newCertsCmd() *cobra.Command {
 			now := time.Now()
 			for _, r := range all {
 				na := r.GetNotAfter().AsTime()
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.GetSerial(), r.GetSpiffeId(), na.Format(time.RFC3339), na.Sub(now).Truncate(time.Second), r.GetRequester())
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", safe(r.GetSerial()), safe(r.GetSpiffeId()), na.Format(time.RFC3339), na.Sub(now).Truncate(time.Second), safe(r.GetRequester()))
 			}
 			return tw.Flush()
 		},
 	}
 	adminFlag(list, &admin)
+	pageSizeFlag(list, &pageSize)
 	fs := list.Flags()
 	durationFlag(fs, &within, "expiring-within", 0, "only SVIDs expiring within this window (e.g. 1h, 7d)")
 	fs.BoolVar(&includeExpired, "include-expired", false, "include SVIDs that have already expired")

@@ -21,6 +21,9 @@ import (
 const (
 	svidV1  = 1
 	entryV1 = 1
+	// entryV2 appends the hint; entries without one are still written as
+	// v1, so a store without hints stays readable by older versions.
+	entryV2 = 2
 	caV1    = 1
 	auditV1 = 1
 )
@@ -204,8 +207,12 @@ func encodeEntry(en *store.Entry) []byte {
 	for _, dns := range en.DNSNames {
 		n += 2 + len(dns)
 	}
-	e := enc{b: make([]byte, 0, n)}
-	e.byte1(entryV1)
+	e := enc{b: make([]byte, 0, n+len(en.Hint))}
+	if en.Hint != "" {
+		e.byte1(entryV2)
+	} else {
+		e.byte1(entryV1)
+	}
 	e.str(en.ID)
 	e.str(en.SpiffeID)
 	e.uvarint(uint64(len(en.Selectors)))
@@ -219,12 +226,19 @@ func encodeEntry(en *store.Entry) []byte {
 		e.str(dns)
 	}
 	e.time(en.CreatedAt)
+	if en.Hint != "" {
+		e.str(en.Hint)
+	}
 	return e.b
 }
 
 func decodeEntry(v []byte) (store.Entry, error) {
 	d := dec{s: string(v)}
-	if err := d.version("entry", entryV1); err != nil {
+	ver := entryV1
+	if len(v) > 0 && v[0] == entryV2 {
+		ver = entryV2
+	}
+	if err := d.version("entry", byte(ver)); err != nil {
 		return store.Entry{}, err
 	}
 	var en store.Entry
@@ -244,6 +258,9 @@ func decodeEntry(v []byte) (store.Entry, error) {
 		}
 	}
 	en.CreatedAt = d.time()
+	if ver == entryV2 {
+		en.Hint = d.str()
+	}
 	return en, d.finish("entry")
 }
 

@@ -88,9 +88,12 @@ type Entry struct {
 	SpiffeId  string                 `protobuf:"bytes,2,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
 	Selectors []*Selector            `protobuf:"bytes,3,rep,name=selectors,proto3" json:"selectors,omitempty"`
 	// ttl of SVIDs minted for this entry; zero means the server default.
-	Ttl           *durationpb.Duration   `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
-	DnsNames      []string               `protobuf:"bytes,5,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Ttl       *durationpb.Duration   `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	DnsNames  []string               `protobuf:"bytes,5,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// hint is the Workload API X509SVID/JWTSVID hint; empty means the entry
+	// id is sent.
+	Hint          string `protobuf:"bytes,7,opt,name=hint,proto3" json:"hint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -165,6 +168,13 @@ func (x *Entry) GetCreatedAt() *timestamppb.Timestamp {
 		return x.CreatedAt
 	}
 	return nil
+}
+
+func (x *Entry) GetHint() string {
+	if x != nil {
+		return x.Hint
+	}
+	return ""
 }
 
 // CreateEntryRequest carries the entry to create; id must be empty.
@@ -358,9 +368,13 @@ func (x *DeleteEntryResponse) GetRevokedSerials() []string {
 
 // ListEntriesRequest pages through entries ordered by id.
 type ListEntriesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	PageSize      int32                  `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	PageToken     string                 `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// at most this many entries per page; zero or above the server's maximum
+	// means the maximum. A page also ends before it would exceed the server's
+	// byte budget, so any store lists within the gRPC message limit.
+	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page; empty for the first.
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -462,6 +476,230 @@ func (x *ListEntriesResponse) GetNextPageToken() string {
 	return ""
 }
 
+// GetEntryRequest names one entry.
+type GetEntryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetEntryRequest) Reset() {
+	*x = GetEntryRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetEntryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetEntryRequest) ProtoMessage() {}
+
+func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetEntryRequest.ProtoReflect.Descriptor instead.
+func (*GetEntryRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *GetEntryRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// GetEntryResponse is the entry as stored.
+type GetEntryResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entry         *Entry                 `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetEntryResponse) Reset() {
+	*x = GetEntryResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetEntryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetEntryResponse) ProtoMessage() {}
+
+func (x *GetEntryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetEntryResponse.ProtoReflect.Descriptor instead.
+func (*GetEntryResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *GetEntryResponse) GetEntry() *Entry {
+	if x != nil {
+		return x.Entry
+	}
+	return nil
+}
+
+// UpdateEntryRequest changes the fields that are set; the rest stay.
+type UpdateEntryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// replaces the selector set when non-empty.
+	Selectors []*Selector `protobuf:"bytes,2,rep,name=selectors,proto3" json:"selectors,omitempty"`
+	// replaces the DNS names (possibly with none) when update_dns_names is set.
+	DnsNames       []string `protobuf:"bytes,3,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
+	UpdateDnsNames bool     `protobuf:"varint,4,opt,name=update_dns_names,json=updateDnsNames,proto3" json:"update_dns_names,omitempty"`
+	// replaces the ttl when set; a zero duration means the server default.
+	Ttl *durationpb.Duration `protobuf:"bytes,5,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// replaces the hint when set; empty means the entry id again.
+	Hint          *string `protobuf:"bytes,6,opt,name=hint,proto3,oneof" json:"hint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateEntryRequest) Reset() {
+	*x = UpdateEntryRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateEntryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateEntryRequest) ProtoMessage() {}
+
+func (x *UpdateEntryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateEntryRequest.ProtoReflect.Descriptor instead.
+func (*UpdateEntryRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *UpdateEntryRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateEntryRequest) GetSelectors() []*Selector {
+	if x != nil {
+		return x.Selectors
+	}
+	return nil
+}
+
+func (x *UpdateEntryRequest) GetDnsNames() []string {
+	if x != nil {
+		return x.DnsNames
+	}
+	return nil
+}
+
+func (x *UpdateEntryRequest) GetUpdateDnsNames() bool {
+	if x != nil {
+		return x.UpdateDnsNames
+	}
+	return false
+}
+
+func (x *UpdateEntryRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *UpdateEntryRequest) GetHint() string {
+	if x != nil && x.Hint != nil {
+		return *x.Hint
+	}
+	return ""
+}
+
+// UpdateEntryResponse is the entry as stored after the update.
+type UpdateEntryResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entry         *Entry                 `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateEntryResponse) Reset() {
+	*x = UpdateEntryResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateEntryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateEntryResponse) ProtoMessage() {}
+
+func (x *UpdateEntryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateEntryResponse.ProtoReflect.Descriptor instead.
+func (*UpdateEntryResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *UpdateEntryResponse) GetEntry() *Entry {
+	if x != nil {
+		return x.Entry
+	}
+	return nil
+}
+
 // MintX509SVIDRequest asks for an X.509-SVID. With csr set the caller keeps
 // its key; without it the server makes the key pair and returns the key.
 type MintX509SVIDRequest struct {
@@ -481,7 +719,7 @@ type MintX509SVIDRequest struct {
 
 func (x *MintX509SVIDRequest) Reset() {
 	*x = MintX509SVIDRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -493,7 +731,7 @@ func (x *MintX509SVIDRequest) String() string {
 func (*MintX509SVIDRequest) ProtoMessage() {}
 
 func (x *MintX509SVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -506,7 +744,7 @@ func (x *MintX509SVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintX509SVIDRequest.ProtoReflect.Descriptor instead.
 func (*MintX509SVIDRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *MintX509SVIDRequest) GetSpiffeId() string {
@@ -563,7 +801,7 @@ type MintX509SVIDResponse struct {
 
 func (x *MintX509SVIDResponse) Reset() {
 	*x = MintX509SVIDResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -575,7 +813,7 @@ func (x *MintX509SVIDResponse) String() string {
 func (*MintX509SVIDResponse) ProtoMessage() {}
 
 func (x *MintX509SVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -588,7 +826,7 @@ func (x *MintX509SVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintX509SVIDResponse.ProtoReflect.Descriptor instead.
 func (*MintX509SVIDResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MintX509SVIDResponse) GetCertChain() [][]byte {
@@ -649,7 +887,7 @@ type GetBundleRequest struct {
 
 func (x *GetBundleRequest) Reset() {
 	*x = GetBundleRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -661,7 +899,7 @@ func (x *GetBundleRequest) String() string {
 func (*GetBundleRequest) ProtoMessage() {}
 
 func (x *GetBundleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -674,7 +912,7 @@ func (x *GetBundleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBundleRequest.ProtoReflect.Descriptor instead.
 func (*GetBundleRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 // GetBundleResponse is the trust bundle.
@@ -692,7 +930,7 @@ type GetBundleResponse struct {
 
 func (x *GetBundleResponse) Reset() {
 	*x = GetBundleResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -704,7 +942,7 @@ func (x *GetBundleResponse) String() string {
 func (*GetBundleResponse) ProtoMessage() {}
 
 func (x *GetBundleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -717,7 +955,7 @@ func (x *GetBundleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBundleResponse.ProtoReflect.Descriptor instead.
 func (*GetBundleResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetBundleResponse) GetTrustDomain() string {
@@ -771,7 +1009,7 @@ type CA struct {
 
 func (x *CA) Reset() {
 	*x = CA{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -783,7 +1021,7 @@ func (x *CA) String() string {
 func (*CA) ProtoMessage() {}
 
 func (x *CA) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -796,7 +1034,7 @@ func (x *CA) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CA.ProtoReflect.Descriptor instead.
 func (*CA) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CA) GetId() string {
@@ -871,7 +1109,7 @@ type ListCAsRequest struct {
 
 func (x *ListCAsRequest) Reset() {
 	*x = ListCAsRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -883,7 +1121,7 @@ func (x *ListCAsRequest) String() string {
 func (*ListCAsRequest) ProtoMessage() {}
 
 func (x *ListCAsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -896,7 +1134,7 @@ func (x *ListCAsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCAsRequest.ProtoReflect.Descriptor instead.
 func (*ListCAsRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 // ListCAsResponse lists the CAs, oldest first.
@@ -909,7 +1147,7 @@ type ListCAsResponse struct {
 
 func (x *ListCAsResponse) Reset() {
 	*x = ListCAsResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[14]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -921,7 +1159,7 @@ func (x *ListCAsResponse) String() string {
 func (*ListCAsResponse) ProtoMessage() {}
 
 func (x *ListCAsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[14]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -934,7 +1172,7 @@ func (x *ListCAsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCAsResponse.ProtoReflect.Descriptor instead.
 func (*ListCAsResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListCAsResponse) GetCas() []*CA {
@@ -953,7 +1191,7 @@ type PrepareCARequest struct {
 
 func (x *PrepareCARequest) Reset() {
 	*x = PrepareCARequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[15]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -965,7 +1203,7 @@ func (x *PrepareCARequest) String() string {
 func (*PrepareCARequest) ProtoMessage() {}
 
 func (x *PrepareCARequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[15]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -978,7 +1216,7 @@ func (x *PrepareCARequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareCARequest.ProtoReflect.Descriptor instead.
 func (*PrepareCARequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 // PrepareCAResponse is the prepared CA.
@@ -991,7 +1229,7 @@ type PrepareCAResponse struct {
 
 func (x *PrepareCAResponse) Reset() {
 	*x = PrepareCAResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[16]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1241,7 @@ func (x *PrepareCAResponse) String() string {
 func (*PrepareCAResponse) ProtoMessage() {}
 
 func (x *PrepareCAResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[16]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1254,7 @@ func (x *PrepareCAResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareCAResponse.ProtoReflect.Descriptor instead.
 func (*PrepareCAResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PrepareCAResponse) GetCa() *CA {
@@ -1037,7 +1275,7 @@ type ActivateCARequest struct {
 
 func (x *ActivateCARequest) Reset() {
 	*x = ActivateCARequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1287,7 @@ func (x *ActivateCARequest) String() string {
 func (*ActivateCARequest) ProtoMessage() {}
 
 func (x *ActivateCARequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[17]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1300,7 @@ func (x *ActivateCARequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivateCARequest.ProtoReflect.Descriptor instead.
 func (*ActivateCARequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ActivateCARequest) GetForce() bool {
@@ -1082,7 +1320,7 @@ type ActivateCAResponse struct {
 
 func (x *ActivateCAResponse) Reset() {
 	*x = ActivateCAResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1094,7 +1332,7 @@ func (x *ActivateCAResponse) String() string {
 func (*ActivateCAResponse) ProtoMessage() {}
 
 func (x *ActivateCAResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1107,7 +1345,7 @@ func (x *ActivateCAResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivateCAResponse.ProtoReflect.Descriptor instead.
 func (*ActivateCAResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ActivateCAResponse) GetCa() *CA {
@@ -1130,7 +1368,7 @@ type RotateCARequest struct {
 
 func (x *RotateCARequest) Reset() {
 	*x = RotateCARequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1142,7 +1380,7 @@ func (x *RotateCARequest) String() string {
 func (*RotateCARequest) ProtoMessage() {}
 
 func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1155,7 +1393,7 @@ func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateCARequest.ProtoReflect.Descriptor instead.
 func (*RotateCARequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RotateCARequest) GetDropOld() bool {
@@ -1179,7 +1417,7 @@ type RotateCAResponse struct {
 
 func (x *RotateCAResponse) Reset() {
 	*x = RotateCAResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1191,7 +1429,7 @@ func (x *RotateCAResponse) String() string {
 func (*RotateCAResponse) ProtoMessage() {}
 
 func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1204,7 +1442,7 @@ func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateCAResponse.ProtoReflect.Descriptor instead.
 func (*RotateCAResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RotateCAResponse) GetCa() *CA {
@@ -1239,7 +1477,7 @@ type RevokeRequest struct {
 
 func (x *RevokeRequest) Reset() {
 	*x = RevokeRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1251,7 +1489,7 @@ func (x *RevokeRequest) String() string {
 func (*RevokeRequest) ProtoMessage() {}
 
 func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1264,7 +1502,7 @@ func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeRequest) GetSpiffeId() string {
@@ -1292,7 +1530,7 @@ type RevokeResponse struct {
 
 func (x *RevokeResponse) Reset() {
 	*x = RevokeResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1542,7 @@ func (x *RevokeResponse) String() string {
 func (*RevokeResponse) ProtoMessage() {}
 
 func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1555,7 @@ func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RevokeResponse) GetSerials() []string {
@@ -1351,7 +1589,7 @@ type IssuedCert struct {
 
 func (x *IssuedCert) Reset() {
 	*x = IssuedCert{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1363,7 +1601,7 @@ func (x *IssuedCert) String() string {
 func (*IssuedCert) ProtoMessage() {}
 
 func (x *IssuedCert) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1376,7 +1614,7 @@ func (x *IssuedCert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssuedCert.ProtoReflect.Descriptor instead.
 func (*IssuedCert) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *IssuedCert) GetSerial() string {
@@ -1450,7 +1688,7 @@ type ListCertsRequest struct {
 
 func (x *ListCertsRequest) Reset() {
 	*x = ListCertsRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1462,7 +1700,7 @@ func (x *ListCertsRequest) String() string {
 func (*ListCertsRequest) ProtoMessage() {}
 
 func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[24]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1475,7 +1713,7 @@ func (x *ListCertsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsRequest.ProtoReflect.Descriptor instead.
 func (*ListCertsRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{24}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListCertsRequest) GetExpiringWithin() *durationpb.Duration {
@@ -1517,7 +1755,7 @@ type ListCertsResponse struct {
 
 func (x *ListCertsResponse) Reset() {
 	*x = ListCertsResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1767,7 @@ func (x *ListCertsResponse) String() string {
 func (*ListCertsResponse) ProtoMessage() {}
 
 func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[25]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1780,7 @@ func (x *ListCertsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCertsResponse.ProtoReflect.Descriptor instead.
 func (*ListCertsResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{25}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListCertsResponse) GetCerts() []*IssuedCert {
@@ -1572,7 +1810,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1584,7 +1822,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[26]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1597,7 +1835,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{26}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CreateJoinTokenRequest) GetSpiffeId() string {
@@ -1634,7 +1872,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1646,7 +1884,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[27]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1659,7 +1897,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{27}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1699,7 +1937,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[28]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1711,7 +1949,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[28]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1724,7 +1962,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{28}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 // GetServerInfoResponse describes the server.
@@ -1739,7 +1977,7 @@ type GetServerInfoResponse struct {
 
 func (x *GetServerInfoResponse) Reset() {
 	*x = GetServerInfoResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[29]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1751,7 +1989,7 @@ func (x *GetServerInfoResponse) String() string {
 func (*GetServerInfoResponse) ProtoMessage() {}
 
 func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[29]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1764,7 +2002,7 @@ func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{29}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetServerInfoResponse) GetVersion() string {
@@ -1795,7 +2033,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x1bmeshid/admin/v1/admin.proto\x12\x0fmeshid.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n" +
 	"\bSelector\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\xf2\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x86\x02\n" +
 	"\x05Entry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x127\n" +
@@ -1803,7 +2041,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1b\n" +
 	"\tdns_names\x18\x05 \x03(\tR\bdnsNames\x129\n" +
 	"\n" +
-	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"B\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x12\n" +
+	"\x04hint\x18\a \x01(\tR\x04hint\"B\n" +
 	"\x12CreateEntryRequest\x12,\n" +
 	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"C\n" +
 	"\x13CreateEntryResponse\x12,\n" +
@@ -1819,7 +2058,21 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x02 \x01(\tR\tpageToken\"o\n" +
 	"\x13ListEntriesResponse\x120\n" +
 	"\aentries\x18\x01 \x03(\v2\x16.meshid.admin.v1.EntryR\aentries\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xa9\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"!\n" +
+	"\x0fGetEntryRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"@\n" +
+	"\x10GetEntryResponse\x12,\n" +
+	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"\xf3\x01\n" +
+	"\x12UpdateEntryRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x127\n" +
+	"\tselectors\x18\x02 \x03(\v2\x19.meshid.admin.v1.SelectorR\tselectors\x12\x1b\n" +
+	"\tdns_names\x18\x03 \x03(\tR\bdnsNames\x12(\n" +
+	"\x10update_dns_names\x18\x04 \x01(\bR\x0eupdateDnsNames\x12+\n" +
+	"\x03ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x17\n" +
+	"\x04hint\x18\x06 \x01(\tH\x00R\x04hint\x88\x01\x01B\a\n" +
+	"\x05_hint\"C\n" +
+	"\x13UpdateEntryResponse\x12,\n" +
+	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"\xa9\x01\n" +
 	"\x13MintX509SVIDRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x10\n" +
 	"\x03csr\x18\x02 \x01(\fR\x03csr\x12+\n" +
@@ -1913,11 +2166,14 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
-	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xfc\b\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xa7\n" +
+	"\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
 	"\vDeleteEntry\x12#.meshid.admin.v1.DeleteEntryRequest\x1a$.meshid.admin.v1.DeleteEntryResponse\x12X\n" +
-	"\vListEntries\x12#.meshid.admin.v1.ListEntriesRequest\x1a$.meshid.admin.v1.ListEntriesResponse\x12[\n" +
+	"\vListEntries\x12#.meshid.admin.v1.ListEntriesRequest\x1a$.meshid.admin.v1.ListEntriesResponse\x12O\n" +
+	"\bGetEntry\x12 .meshid.admin.v1.GetEntryRequest\x1a!.meshid.admin.v1.GetEntryResponse\x12X\n" +
+	"\vUpdateEntry\x12#.meshid.admin.v1.UpdateEntryRequest\x1a$.meshid.admin.v1.UpdateEntryResponse\x12[\n" +
 	"\fMintX509SVID\x12$.meshid.admin.v1.MintX509SVIDRequest\x1a%.meshid.admin.v1.MintX509SVIDResponse\x12R\n" +
 	"\tGetBundle\x12!.meshid.admin.v1.GetBundleRequest\x1a\".meshid.admin.v1.GetBundleResponse\x12L\n" +
 	"\aListCAs\x12\x1f.meshid.admin.v1.ListCAsRequest\x1a .meshid.admin.v1.ListCAsResponse\x12R\n" +
@@ -1942,7 +2198,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -1952,88 +2208,100 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*DeleteEntryResponse)(nil),     // 5: meshid.admin.v1.DeleteEntryResponse
 	(*ListEntriesRequest)(nil),      // 6: meshid.admin.v1.ListEntriesRequest
 	(*ListEntriesResponse)(nil),     // 7: meshid.admin.v1.ListEntriesResponse
-	(*MintX509SVIDRequest)(nil),     // 8: meshid.admin.v1.MintX509SVIDRequest
-	(*MintX509SVIDResponse)(nil),    // 9: meshid.admin.v1.MintX509SVIDResponse
-	(*GetBundleRequest)(nil),        // 10: meshid.admin.v1.GetBundleRequest
-	(*GetBundleResponse)(nil),       // 11: meshid.admin.v1.GetBundleResponse
-	(*CA)(nil),                      // 12: meshid.admin.v1.CA
-	(*ListCAsRequest)(nil),          // 13: meshid.admin.v1.ListCAsRequest
-	(*ListCAsResponse)(nil),         // 14: meshid.admin.v1.ListCAsResponse
-	(*PrepareCARequest)(nil),        // 15: meshid.admin.v1.PrepareCARequest
-	(*PrepareCAResponse)(nil),       // 16: meshid.admin.v1.PrepareCAResponse
-	(*ActivateCARequest)(nil),       // 17: meshid.admin.v1.ActivateCARequest
-	(*ActivateCAResponse)(nil),      // 18: meshid.admin.v1.ActivateCAResponse
-	(*RotateCARequest)(nil),         // 19: meshid.admin.v1.RotateCARequest
-	(*RotateCAResponse)(nil),        // 20: meshid.admin.v1.RotateCAResponse
-	(*RevokeRequest)(nil),           // 21: meshid.admin.v1.RevokeRequest
-	(*RevokeResponse)(nil),          // 22: meshid.admin.v1.RevokeResponse
-	(*IssuedCert)(nil),              // 23: meshid.admin.v1.IssuedCert
-	(*ListCertsRequest)(nil),        // 24: meshid.admin.v1.ListCertsRequest
-	(*ListCertsResponse)(nil),       // 25: meshid.admin.v1.ListCertsResponse
-	(*CreateJoinTokenRequest)(nil),  // 26: meshid.admin.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 27: meshid.admin.v1.CreateJoinTokenResponse
-	(*GetServerInfoRequest)(nil),    // 28: meshid.admin.v1.GetServerInfoRequest
-	(*GetServerInfoResponse)(nil),   // 29: meshid.admin.v1.GetServerInfoResponse
-	(*durationpb.Duration)(nil),     // 30: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 31: google.protobuf.Timestamp
+	(*GetEntryRequest)(nil),         // 8: meshid.admin.v1.GetEntryRequest
+	(*GetEntryResponse)(nil),        // 9: meshid.admin.v1.GetEntryResponse
+	(*UpdateEntryRequest)(nil),      // 10: meshid.admin.v1.UpdateEntryRequest
+	(*UpdateEntryResponse)(nil),     // 11: meshid.admin.v1.UpdateEntryResponse
+	(*MintX509SVIDRequest)(nil),     // 12: meshid.admin.v1.MintX509SVIDRequest
+	(*MintX509SVIDResponse)(nil),    // 13: meshid.admin.v1.MintX509SVIDResponse
+	(*GetBundleRequest)(nil),        // 14: meshid.admin.v1.GetBundleRequest
+	(*GetBundleResponse)(nil),       // 15: meshid.admin.v1.GetBundleResponse
+	(*CA)(nil),                      // 16: meshid.admin.v1.CA
+	(*ListCAsRequest)(nil),          // 17: meshid.admin.v1.ListCAsRequest
+	(*ListCAsResponse)(nil),         // 18: meshid.admin.v1.ListCAsResponse
+	(*PrepareCARequest)(nil),        // 19: meshid.admin.v1.PrepareCARequest
+	(*PrepareCAResponse)(nil),       // 20: meshid.admin.v1.PrepareCAResponse
+	(*ActivateCARequest)(nil),       // 21: meshid.admin.v1.ActivateCARequest
+	(*ActivateCAResponse)(nil),      // 22: meshid.admin.v1.ActivateCAResponse
+	(*RotateCARequest)(nil),         // 23: meshid.admin.v1.RotateCARequest
+	(*RotateCAResponse)(nil),        // 24: meshid.admin.v1.RotateCAResponse
+	(*RevokeRequest)(nil),           // 25: meshid.admin.v1.RevokeRequest
+	(*RevokeResponse)(nil),          // 26: meshid.admin.v1.RevokeResponse
+	(*IssuedCert)(nil),              // 27: meshid.admin.v1.IssuedCert
+	(*ListCertsRequest)(nil),        // 28: meshid.admin.v1.ListCertsRequest
+	(*ListCertsResponse)(nil),       // 29: meshid.admin.v1.ListCertsResponse
+	(*CreateJoinTokenRequest)(nil),  // 30: meshid.admin.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 31: meshid.admin.v1.CreateJoinTokenResponse
+	(*GetServerInfoRequest)(nil),    // 32: meshid.admin.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),   // 33: meshid.admin.v1.GetServerInfoResponse
+	(*durationpb.Duration)(nil),     // 34: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 35: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	30, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	31, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	34, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	35, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
-	30, // 7: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	31, // 8: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	31, // 9: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	31, // 10: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	31, // 11: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
-	12, // 12: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
-	12, // 13: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
-	12, // 14: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
-	12, // 15: meshid.admin.v1.RotateCAResponse.ca:type_name -> meshid.admin.v1.CA
-	12, // 16: meshid.admin.v1.RotateCAResponse.old:type_name -> meshid.admin.v1.CA
-	31, // 17: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	31, // 18: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	31, // 19: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	30, // 20: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
-	23, // 21: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	30, // 22: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	31, // 23: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	31, // 24: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
-	2,  // 25: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 26: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 27: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 28: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	10, // 29: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 30: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	15, // 31: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	17, // 32: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
-	19, // 33: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
-	21, // 34: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
-	24, // 35: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	26, // 36: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	28, // 37: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	3,  // 38: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 39: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 40: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 41: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	11, // 42: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	14, // 43: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	16, // 44: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	18, // 45: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
-	20, // 46: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
-	22, // 47: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
-	25, // 48: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	27, // 49: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	29, // 50: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	38, // [38:51] is the sub-list for method output_type
-	25, // [25:38] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	1,  // 7: meshid.admin.v1.GetEntryResponse.entry:type_name -> meshid.admin.v1.Entry
+	0,  // 8: meshid.admin.v1.UpdateEntryRequest.selectors:type_name -> meshid.admin.v1.Selector
+	34, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
+	1,  // 10: meshid.admin.v1.UpdateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
+	34, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	35, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	35, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	35, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	35, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	16, // 16: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
+	16, // 17: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
+	16, // 18: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
+	16, // 19: meshid.admin.v1.RotateCAResponse.ca:type_name -> meshid.admin.v1.CA
+	16, // 20: meshid.admin.v1.RotateCAResponse.old:type_name -> meshid.admin.v1.CA
+	35, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	35, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	35, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	34, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	27, // 25: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
+	34, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	35, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	35, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	2,  // 29: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 30: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 31: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 32: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
+	10, // 33: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
+	12, // 34: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	14, // 35: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	17, // 36: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	19, // 37: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	21, // 38: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
+	23, // 39: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
+	25, // 40: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
+	28, // 41: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	30, // 42: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	32, // 43: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	3,  // 44: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 45: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 46: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 47: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
+	11, // 48: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
+	13, // 49: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	15, // 50: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	18, // 51: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	20, // 52: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	22, // 53: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	24, // 54: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
+	26, // 55: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
+	29, // 56: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	31, // 57: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	33, // 58: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	44, // [44:59] is the sub-list for method output_type
+	29, // [29:44] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -2041,13 +2309,14 @@ func file_meshid_admin_v1_admin_proto_init() {
 	if File_meshid_admin_v1_admin_proto != nil {
 		return
 	}
+	file_meshid_admin_v1_admin_proto_msgTypes[10].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   30,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,8 @@ const (
 	AdminService_CreateEntry_FullMethodName     = "/meshid.admin.v1.AdminService/CreateEntry"
 	AdminService_DeleteEntry_FullMethodName     = "/meshid.admin.v1.AdminService/DeleteEntry"
 	AdminService_ListEntries_FullMethodName     = "/meshid.admin.v1.AdminService/ListEntries"
+	AdminService_GetEntry_FullMethodName        = "/meshid.admin.v1.AdminService/GetEntry"
+	AdminService_UpdateEntry_FullMethodName     = "/meshid.admin.v1.AdminService/UpdateEntry"
 	AdminService_MintX509SVID_FullMethodName    = "/meshid.admin.v1.AdminService/MintX509SVID"
 	AdminService_GetBundle_FullMethodName       = "/meshid.admin.v1.AdminService/GetBundle"
 	AdminService_ListCAs_FullMethodName         = "/meshid.admin.v1.AdminService/ListCAs"
@@ -51,6 +53,12 @@ type AdminServiceClient interface {
 	DeleteEntry(ctx context.Context, in *DeleteEntryRequest, opts ...grpc.CallOption) (*DeleteEntryResponse, error)
 	// ListEntries pages through registration entries.
 	ListEntries(ctx context.Context, in *ListEntriesRequest, opts ...grpc.CallOption) (*ListEntriesResponse, error)
+	// GetEntry returns one entry; NotFound if there is none with that id.
+	GetEntry(ctx context.Context, in *GetEntryRequest, opts ...grpc.CallOption) (*GetEntryResponse, error)
+	// UpdateEntry changes an entry's selectors, DNS names, ttl or hint,
+	// validated as at creation; a refused update changes nothing. Callers
+	// are re-matched at once.
+	UpdateEntry(ctx context.Context, in *UpdateEntryRequest, opts ...grpc.CallOption) (*UpdateEntryResponse, error)
 	// MintX509SVID signs an X.509-SVID from a CSR, or makes the key pair too.
 	MintX509SVID(ctx context.Context, in *MintX509SVIDRequest, opts ...grpc.CallOption) (*MintX509SVIDResponse, error)
 	// GetBundle returns the trust bundle of the server's trust domain.
@@ -114,6 +122,26 @@ func (c *adminServiceClient) ListEntries(ctx context.Context, in *ListEntriesReq
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListEntriesResponse)
 	err := c.cc.Invoke(ctx, AdminService_ListEntries_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetEntry(ctx context.Context, in *GetEntryRequest, opts ...grpc.CallOption) (*GetEntryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetEntryResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetEntry_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) UpdateEntry(ctx context.Context, in *UpdateEntryRequest, opts ...grpc.CallOption) (*UpdateEntryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateEntryResponse)
+	err := c.cc.Invoke(ctx, AdminService_UpdateEntry_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -233,6 +261,12 @@ type AdminServiceServer interface {
 	DeleteEntry(context.Context, *DeleteEntryRequest) (*DeleteEntryResponse, error)
 	// ListEntries pages through registration entries.
 	ListEntries(context.Context, *ListEntriesRequest) (*ListEntriesResponse, error)
+	// GetEntry returns one entry; NotFound if there is none with that id.
+	GetEntry(context.Context, *GetEntryRequest) (*GetEntryResponse, error)
+	// UpdateEntry changes an entry's selectors, DNS names, ttl or hint,
+	// validated as at creation; a refused update changes nothing. Callers
+	// are re-matched at once.
+	UpdateEntry(context.Context, *UpdateEntryRequest) (*UpdateEntryResponse, error)
 	// MintX509SVID signs an X.509-SVID from a CSR, or makes the key pair too.
 	MintX509SVID(context.Context, *MintX509SVIDRequest) (*MintX509SVIDResponse, error)
 	// GetBundle returns the trust bundle of the server's trust domain.
@@ -280,6 +314,12 @@ func (UnimplementedAdminServiceServer) DeleteEntry(context.Context, *DeleteEntry
 }
 func (UnimplementedAdminServiceServer) ListEntries(context.Context, *ListEntriesRequest) (*ListEntriesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListEntries not implemented")
+}
+func (UnimplementedAdminServiceServer) GetEntry(context.Context, *GetEntryRequest) (*GetEntryResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetEntry not implemented")
+}
+func (UnimplementedAdminServiceServer) UpdateEntry(context.Context, *UpdateEntryRequest) (*UpdateEntryResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateEntry not implemented")
 }
 func (UnimplementedAdminServiceServer) MintX509SVID(context.Context, *MintX509SVIDRequest) (*MintX509SVIDResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MintX509SVID not implemented")
@@ -382,6 +422,42 @@ func _AdminService_ListEntries_Handler(srv interface{}, ctx context.Context, dec
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServiceServer).ListEntries(ctx, req.(*ListEntriesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetEntry_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetEntryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetEntry(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetEntry_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetEntry(ctx, req.(*GetEntryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_UpdateEntry_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateEntryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).UpdateEntry(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_UpdateEntry_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).UpdateEntry(ctx, req.(*UpdateEntryRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -584,6 +660,14 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListEntries",
 			Handler:    _AdminService_ListEntries_Handler,
+		},
+		{
+			MethodName: "GetEntry",
+			Handler:    _AdminService_GetEntry_Handler,
+		},
+		{
+			MethodName: "UpdateEntry",
+			Handler:    _AdminService_UpdateEntry_Handler,
 		},
 		{
 			MethodName: "MintX509SVID",
