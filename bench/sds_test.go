@@ -4,13 +4,11 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/meshid/meshid/bench"
 	"github.com/meshid/meshid/controlplane"
-	"github.com/meshid/meshid/store"
 )
 
 // startServer runs a real server with a workload socket and an entry for
@@ -45,11 +43,11 @@ func startServer(t *testing.T) (socket, admin, metrics string) {
 		srv.Close()
 		os.RemoveAll(dir)
 	})
-	sel, err := controlplane.ParseSelector("unix:pid:" + strconv.Itoa(os.Getpid()))
+	sels, err := controlplane.PIDSelectors(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: "spiffe://cluster.local/ns/bench/sa/load", Selectors: []store.Selector{sel}}, "test"); err != nil {
+	if _, err := srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: "spiffe://cluster.local/ns/bench/sa/load", Selectors: sels}, "test"); err != nil {
 		t.Fatal(err)
 	}
 	return ep.Socket, ep.AdminSocket, "http://" + l.MetricsAddr + "/metrics"

@@ -86,6 +86,8 @@ func TestEntryLimitsAndValidation(t *testing.T) {
 		{"update to a ttl beyond the CA", update(&adminv1.UpdateEntryRequest{Ttl: durationpb.New(72 * time.Hour)}), "remaining life"},
 		{"update to too many selectors", update(&adminv1.UpdateEntryRequest{Selectors: manySelectors}), "64"},
 		{"update with a control character in the hint", update(&adminv1.UpdateEntryRequest{Hint: &hint}), "non-printable"},
+		{"pid selector without the uid that owns it", create(&adminv1.Entry{Selectors: []*adminv1.Selector{{Type: "unix", Value: "pid:4242"}}}), "unix:uid"},
+		{"update to a pid selector without a uid", update(&adminv1.UpdateEntryRequest{Selectors: []*adminv1.Selector{{Type: "unix", Value: "pid:4242"}, {Type: "unix", Value: "gid:0"}}}), "unix:uid"},
 		{"update with nothing to change", update(&adminv1.UpdateEntryRequest{}), "nothing to update"},
 	}
 	for _, tt := range tests {

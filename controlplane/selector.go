@@ -9,6 +9,8 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/meshid/meshid/store"
 )
 
@@ -164,4 +166,17 @@ func normalizeSelectors(sels []store.Selector) []store.Selector {
 		return strings.Compare(a.Value, b.Value)
 	})
 	return slices.Compact(out)
+}
+
+// PIDSelectors returns the selectors that pin one live local process: its
+// pid and, as checkPIDPinned requires, the uid that owns it.
+func PIDSelectors(pid int) ([]store.Selector, error) {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/"+strconv.Itoa(pid), &st); err != nil {
+		return nil, fmt.Errorf("process %d: %w", pid, err)
+	}
+	return []store.Selector{
+		{Type: "unix", Value: "uid:" + strconv.FormatUint(uint64(st.Uid), 10)},
+		{Type: "unix", Value: "pid:" + strconv.Itoa(pid)},
+	}, nil
 }

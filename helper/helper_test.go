@@ -26,7 +26,6 @@ import (
 	"github.com/meshid/meshid/controlplane"
 	"github.com/meshid/meshid/helper"
 	"github.com/meshid/meshid/identity"
-	"github.com/meshid/meshid/store"
 	"github.com/meshid/meshid/workload"
 )
 
@@ -79,11 +78,11 @@ func startServer(t *testing.T, svidTTL time.Duration, entry bool) (*controlplane
 		os.RemoveAll(dir)
 	})
 	if entry {
-		sel, err := controlplane.ParseSelector("unix:pid:" + strconv.Itoa(os.Getpid()))
+		sels, err := controlplane.PIDSelectors(os.Getpid())
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: idA, Selectors: []store.Selector{sel}}, "test"); err != nil {
+		if _, err := srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: idA, Selectors: sels}, "test"); err != nil {
 			t.Fatal(err)
 		}
 	}

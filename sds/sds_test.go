@@ -95,11 +95,11 @@ func startServer(t *testing.T, svidTTL time.Duration) *harness {
 
 func (h *harness) entry(t *testing.T, id, selector string) {
 	t.Helper()
-	sel, err := controlplane.ParseSelector(selector)
+	sels, err := testSelectors(selector)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h.srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: id, Selectors: []store.Selector{sel}}, "test"); err != nil {
+	if _, err := h.srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: id, Selectors: sels}, "test"); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -388,4 +388,18 @@ func childClient() int {
 		fmt.Printf("other=%v\n", err)
 	}
 	return 0
+}
+
+// testSelectors parses one selector; a unix:pid one also gets the uid that
+// owns the process, which the server requires beside a pid.
+func testSelectors(selector string) ([]store.Selector, error) {
+	if pid, ok := strings.CutPrefix(selector, "unix:pid:"); ok {
+		n, err := strconv.Atoi(pid)
+		if err != nil {
+			return nil, err
+		}
+		return controlplane.PIDSelectors(n)
+	}
+	sel, err := controlplane.ParseSelector(selector)
+	return []store.Selector{sel}, err
 }

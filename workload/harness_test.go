@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -106,11 +107,11 @@ func pidSelector(pid int) string { return "unix:pid:" + strconv.Itoa(pid) }
 // entry registers id for selector and returns the entry ID (the hint).
 func (h *harness) entry(t *testing.T, id, selector string) string {
 	t.Helper()
-	sel, err := controlplane.ParseSelector(selector)
+	sels, err := testSelectors(selector)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := h.srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: id, Selectors: []store.Selector{sel}}, "test")
+	e, err := h.srv.CreateEntry(context.Background(), controlplane.EntrySpec{SpiffeID: id, Selectors: sels}, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,4 +151,18 @@ func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), waitLong)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// testSelectors parses one selector; a unix:pid one also gets the uid that
+// owns the process, which the server requires beside a pid.
+func testSelectors(selector string) ([]store.Selector, error) {
+	if pid, ok := strings.CutPrefix(selector, "unix:pid:"); ok {
+		n, err := strconv.Atoi(pid)
+		if err != nil {
+			return nil, err
+		}
+		return controlplane.PIDSelectors(n)
+	}
+	sel, err := controlplane.ParseSelector(selector)
+	return []store.Selector{sel}, err
 }

@@ -148,11 +148,11 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 func TestEntryHintAndUpdateServed(t *testing.T) {
 	h := startServer(t, controlplane.Config{})
 	ctx := testCtx(t)
-	sel, err := controlplane.ParseSelector(pidSelector(os.Getpid()))
+	sels, err := controlplane.PIDSelectors(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := h.srv.CreateEntry(ctx, controlplane.EntrySpec{SpiffeID: idA, Selectors: []store.Selector{sel}, Hint: "web"}, "test")
+	e, err := h.srv.CreateEntry(ctx, controlplane.EntrySpec{SpiffeID: idA, Selectors: sels, Hint: "web"}, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
