@@ -61,8 +61,8 @@ Selectors:
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp.GetEntry())
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp.GetEntry())
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created entry %s for %s\n", resp.GetEntry().GetId(), resp.GetEntry().GetSpiffeId())
 			return nil
@@ -109,8 +109,8 @@ func newEntryListCmd() *cobra.Command {
 					break
 				}
 			}
-			if output == "json" {
-				return writeJSONList(cmd.OutOrStdout(), all)
+			if structured(output) {
+				return writeOutList(cmd.OutOrStdout(), output, all)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tSPIFFE ID\tSELECTORS\tTTL\tDNS")

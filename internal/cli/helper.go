@@ -9,8 +9,9 @@ import (
 
 func newHelperCmd() *cobra.Command {
 	var (
-		c        helper.Config
-		logLevel string
+		c         helper.Config
+		logLevel  string
+		logFormat string
 	)
 	cmd := &cobra.Command{
 		Use:   "helper --dir DIR [--reload-cmd CMD | --signal SIG --pid-file FILE]",
@@ -38,7 +39,7 @@ registration entry names.`,
   meshid helper --dir ./certs --once`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(cmd.ErrOrStderr(), logLevel)
+			log, err := newLoggerFormat(cmd.ErrOrStderr(), logLevel, logFormat)
 			if err != nil {
 				return err
 			}
@@ -57,6 +58,7 @@ registration entry names.`,
 	fs.StringVar(&c.PIDFile, "pid-file", "", "file holding the pid to signal (with --signal)")
 	fs.BoolVar(&c.Once, "once", false, "write the files once (and reload), then exit")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logFormatFlag(fs, &logFormat)
 	_ = cmd.MarkFlagRequired("dir")
 	return cmd
 }

@@ -88,7 +88,34 @@ wins over the environment, which wins over the file.`,
 		newEntryCmd(), newX509Cmd(), newBundleCmd(), newCACmd(), newCertsCmd(),
 		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newRevokeCmd(), newHelperCmd(),
 	)
+	refuseUnknownSubcommands(root)
 	return root
+}
+
+// refuseUnknownSubcommands makes every group command (ca, entry, ...) fail
+// on an argument that names none of its subcommands. Cobra itself does
+// that only for the root: "meshid ca actvate" printed the help of "ca" and
+// exited 0, so a script with a typo carried on as if it had worked.
+func refuseUnknownSubcommands(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		refuseUnknownSubcommands(sub)
+	}
+	if c.HasParent() && c.HasSubCommands() && c.Run == nil && c.RunE == nil {
+		c.Args = cobra.ArbitraryArgs
+		c.RunE = func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return cmd.Help()
+			}
+			msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+			if cmd.SuggestionsMinimumDistance <= 0 {
+				cmd.SuggestionsMinimumDistance = 2 // cobra's default, which it sets only on its own path
+			}
+			if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+				msg += fmt.Sprintf("; did you mean %q?", s[0])
+			}
+			return errors.New(msg + " (see " + cmd.CommandPath() + " --help)")
+		}
+	}
 }
 
 // applyEnv fills every flag not given on the command line from

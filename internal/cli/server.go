@@ -30,6 +30,7 @@ type serverFlags struct {
 	caKeyType     string
 	kekFile       string
 	logLevel      string
+	logFormat     string
 	metricsListen string
 	prepareAt     float64
 	activateAt    float64
@@ -77,6 +78,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.upKey, "upstream-ca-key", "", "PEM private key of --upstream-ca-cert")
 	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	logFormatFlag(fs, &f.logFormat)
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
 	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
 	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
@@ -143,7 +145,7 @@ processes, told apart by their peer credentials; --sds-listen and
 requests and exits 0.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
+			log, err := newLoggerFormat(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
 			if err != nil {
 				return err
 			}
@@ -196,7 +198,7 @@ a registration entry that gives the current user (unix:uid:<your uid>) the
 identity --spiffe-id. It prints what is served where and how to try it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
+			log, err := newLoggerFormat(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
 			if err != nil {
 				return err
 			}
