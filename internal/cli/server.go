@@ -214,6 +214,7 @@ identity --spiffe-id. It prints what is served where and how to try it.`,
 			if err != nil {
 				return err
 			}
+			devPrepareWindow(cmd, &cfg)
 			uid := os.Getuid()
 			return runServer(cmd.Context(), cfg, f, func(srv *controlplane.Server, l controlplane.Listening) error {
 				sel := store.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(uid)}
