@@ -2,7 +2,7 @@
 GO       ?= go
 BUF      := $(GO) tool -modfile=tools/go.mod buf
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS  := -X github.com/meshid/meshid/internal/cli.Version=$(VERSION)
+LDFLAGS  := -X github.com/meshid/meshid/internal/cli.Version=$(VERSION) -X github.com/meshid/meshid/controlplane.Version=$(VERSION)
 
 .PHONY: run test build generate check-generate lint bench
 

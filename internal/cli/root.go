@@ -8,12 +8,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"runtime/debug"
 	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/controlplane"
 )
 
 // Version is set at link time (-ldflags "-X github.com/meshid/meshid/internal/cli.Version=v1.2.3").
@@ -23,10 +24,7 @@ func version() string {
 	if Version != "" {
 		return Version
 	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "dev"
+	return controlplane.BuildVersion()
 }
 
 // Main runs the meshid command line and returns the process exit code.
