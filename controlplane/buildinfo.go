@@ -12,6 +12,10 @@ import (
 // the Makefile sets it with the CLI's). Empty: the module version, or "dev".
 var Version = ""
 
+// Revision is the VCS commit reported in meshid_build_info, set at link
+// time like Version; empty: the one go build stamped, or "unknown".
+var Revision = ""
+
 // BuildVersion is the version meshid reports: Version, else the module
 // version go install recorded, else "dev".
 func BuildVersion() string {
@@ -24,9 +28,12 @@ func BuildVersion() string {
 	return "dev"
 }
 
-// buildRevision is the VCS commit go build stamped into the binary, or
-// "unknown" (go run, -buildvcs=false).
+// buildRevision is Revision, else the VCS commit go build stamped into the
+// binary, else "unknown" (go run, -buildvcs=false).
 func buildRevision() string {
+	if Revision != "" {
+		return Revision
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			if s.Key == "vcs.revision" && s.Value != "" {
