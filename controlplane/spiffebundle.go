@@ -21,8 +21,8 @@ const BundleRefreshHint = 5 * time.Minute
 // JWT signing keys with their key IDs ("jwt-svid" keys), a refresh hint and
 // a sequence number.
 //
-// The sequence is the time (Unix seconds) the current set of keys came to
-// be: the newest key's creation or the departure of the last key that left.
+// The sequence is the time (Unix milliseconds) the current set of keys
+// came to be: the newest key's creation or the departure of the last key that left.
 // It grows with every change, across restarts, without a counter in the
 // store.
 func (s *Server) SPIFFEBundle() (*spiffebundle.Bundle, error) {
@@ -67,6 +67,6 @@ func (s *Server) SPIFFEBundle() (*spiffebundle.Bundle, error) {
 		later(v.rec.CreatedAt)
 	}
 	b.SetRefreshHint(BundleRefreshHint)
-	b.SetSequenceNumber(uint64(max(changed.Unix(), 0)))
+	b.SetSequenceNumber(uint64(max(changed.UnixMilli(), 0)))
 	return b, nil
 }

@@ -146,7 +146,7 @@ func TestCLITour(t *testing.T) {
 		{"entry", "create", admin, "--spiffe-id", web, "--selector", "docker:image:x"},
 		{"x509", "mint", admin, "--spiffe-id", web, "--ttl", "4000d", "--out-dir", certs},
 		{"entry", "delete", admin, "no-such-id"},
-		{"certs", "list", admin, "-o", "yaml"},
+		{"certs", "list", admin, "-o", "xml"},
 		{"entry", "list", "--admin-socket", filepath.Join(t.TempDir(), "nothing.sock")},
 	}
 	for _, args := range bad {

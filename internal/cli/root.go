@@ -100,6 +100,9 @@ func refuseUnknownSubcommands(c *cobra.Command) {
 	}
 	if c.HasParent() && c.HasSubCommands() && c.Run == nil && c.RunE == nil {
 		c.Args = cobra.ArbitraryArgs
+		// "meshid ca actvate --admin-socket S": the group has no such flag;
+		// report the command, not the flag.
+		c.FParseErrWhitelist.UnknownFlags = true
 		c.RunE = func(cmd *cobra.Command, args []string) error {
 			if len(args) == 0 {
 				return cmd.Help()
