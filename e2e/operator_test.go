@@ -61,6 +61,7 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"ca", "actvate", admin}, `did you mean "activate"`},
 		{[]string{"entry", "bogus", admin}, ""},
 		{[]string{"x509", "mnt"}, `did you mean "mint"`},
+		{[]string{"entyr", "list"}, "Did you mean this? entry"},
 	} {
 		out, errOut, code := runCLI(t, tc.args...)
 		oneLineError(t, tc.args, out, errOut, code)

@@ -48,7 +48,9 @@ func oneLine(err error) string {
 	if errors.As(err, &se) {
 		return se.GRPCStatus().Message()
 	}
-	return strings.ReplaceAll(err.Error(), "\n", " ")
+	// Fields also folds cobra's multi-line, tab-indented suggestion
+	// ("Did you mean this?\n\tentry") into the one line.
+	return strings.Join(strings.Fields(err.Error()), " ")
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
