@@ -38,7 +38,7 @@ func newBundleCmd() *cobra.Command {
 		},
 	}
 	adminFlag(show, &admin)
-	show.Flags().StringVar(&format, "format", "pem", "pem or jwks (the SPIFFE bundle format)")
+	show.Flags().StringVar(&format, "format", "pem", "pem, or jwks: the SPIFFE trust bundle document (x509-svid and jwt-svid keys, spiffe_refresh_hint, spiffe_sequence)")
 	cmd.AddCommand(show)
 	return cmd
 }
