@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -266,12 +265,16 @@ func (a *AdminService) MintX509SVID(ctx context.Context, req *adminv1.MintX509SV
 
 // GetBundle implements adminv1.AdminServiceServer.
 func (a *AdminService) GetBundle(ctx context.Context, _ *adminv1.GetBundleRequest) (*adminv1.GetBundleResponse, error) {
-	certs := a.srv.BundleCerts()
-	b := spiffebundle.New(a.srv.td)
+	b, err := a.srv.SPIFFEBundle()
+	if err != nil {
+		return nil, a.toStatus("get bundle", err)
+	}
 	resp := &adminv1.GetBundleResponse{TrustDomain: a.srv.td.Name()}
-	for _, c := range certs {
-		b.AddX509Authority(c)
+	for _, c := range b.X509Authorities() {
 		resp.X509Authorities = append(resp.X509Authorities, c.Raw)
+	}
+	if seq, ok := b.SequenceNumber(); ok {
+		resp.SequenceNumber = seq
 	}
 	js, err := b.Marshal()
 	if err != nil {

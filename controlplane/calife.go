@@ -313,6 +313,9 @@ func (s *Server) prepareWindow() time.Duration {
 	if w == 0 {
 		w = 2 * s.cfg.SVIDTTL
 	}
+	if s.cfg.ShortPrepareWindow {
+		return w
+	}
 	return max(w, s.cfg.SVIDTTL)
 }
 

@@ -62,6 +62,7 @@ func NewMetrics() *Metrics {
 	})
 	m.WorkloadStreams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshid_workload_streams", Help: "Open SPIFFE Workload API streams."})
 	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.MintFailures, m.RotationFailures, m.SignWait, m.WorkloadStreams,
+		newBuildInfo(),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Issued.WithLabelValues("x509")

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
 
 	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/endpoint"
@@ -172,6 +173,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	adminv1.RegisterAdminServiceServer(gs, NewAdminService(s))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs) // admin socket only: operators may list the API, workloads need not
 
 	errc := make(chan error, 8) // one per server goroutine, so none blocks after Run returns
 	go func() { errc <- gs.Serve(adminLis) }()
@@ -286,6 +288,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		}()
 	}
 	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
+	markServing(hs, gs, ws, remote)
 	s.ready.Store(true)
 	if ready != nil {
 		ready(got)

@@ -52,6 +52,11 @@ type Config struct {
 	// CAPrepareWindow is the least time a prepared CA is published before
 	// it signs; default 2 x SVIDTTL, never less than SVIDTTL.
 	CAPrepareWindow time.Duration
+	// ShortPrepareWindow lifts the SVIDTTL floor of CAPrepareWindow. For
+	// meshid dev only: its peers all stream the bundle (none holds a file
+	// from a day ago), and a newcomer's "ca prepare" then "ca activate"
+	// should work within seconds, not a day.
+	ShortPrepareWindow bool
 	// RotateSVIDsOnActivation re-issues every served SVID as soon as a new
 	// CA is activated, instead of at each one's next renewal.
 	RotateSVIDsOnActivation bool
@@ -201,7 +206,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if window == 0 {
 		window = 2 * cfg.SVIDTTL
 	}
-	window = max(window, cfg.SVIDTTL)
+	if !cfg.ShortPrepareWindow {
+		window = max(window, cfg.SVIDTTL)
+	}
 	if afterPrepare := time.Duration(float64(cfg.CATTL) * (1 - cfg.CAPrepareAt)); afterPrepare <= window+cfg.SVIDTTL {
 		return nil, fmt.Errorf("ca ttl %s is too short: after preparing at %.2f of its life it has %s left, which must exceed the publication window %s plus one svid ttl %s",
 			cfg.CATTL, cfg.CAPrepareAt, afterPrepare, window, cfg.SVIDTTL)

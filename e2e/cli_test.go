@@ -148,7 +148,7 @@ func TestCLITour(t *testing.T) {
 		{"token", "create", admin, "--spiffe-id", "spiffe://cluster.local/meshid/agent/x", "--ttl", "1h"},
 		{"x509", "mint", admin, "--spiffe-id", web, "--ttl", "4000d", "--out-dir", certs},
 		{"entry", "delete", admin, "no-such-id"},
-		{"certs", "list", admin, "-o", "yaml"},
+		{"certs", "list", admin, "-o", "xml"},
 		{"entry", "list", "--admin-socket", filepath.Join(t.TempDir(), "nothing.sock")},
 	}
 	for _, args := range bad {

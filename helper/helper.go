@@ -8,26 +8,35 @@ package helper
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	pb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sys/unix"
 )
 
 // Default file names in Config.Dir.
 const (
-	DefaultCertName   = "svid.pem"
-	DefaultKeyName    = "svid.key"
-	DefaultBundleName = "bundle.pem"
+	DefaultCertName      = "svid.pem"
+	DefaultKeyName       = "svid.key"
+	DefaultBundleName    = "bundle.pem"
+	DefaultCRLName       = "crl.pem"
+	DefaultJWTSVIDName   = "jwt_svid.token"
+	DefaultJWTBundleName = "jwt_bundle.json"
 )
 
 // Config says where to get the SVID, where to write it, and how to tell
@@ -44,6 +53,18 @@ type Config struct {
 	KeyName string
 	// BundleName is the trust bundle of the SVID's trust domain, PEM.
 	BundleName string
+	// CRLName receives the CRLs the Workload API sends with the SVID, PEM
+	// ("X509 CRL" blocks), for programs that check revocation (nginx
+	// ssl_crl, HAProxy crl-file).
+	CRLName string
+	// JWTAudience, if set, makes the helper also keep a JWT-SVID for these
+	// audiences in JWTSVIDName (the bare token) and the JWT bundle in
+	// JWTBundleName (JWKS), renewed at half its life: spiffe-helper's
+	// jwt_svids = [{jwt_audience, jwt_svid_file_name}] and
+	// jwt_bundle_file_name.
+	JWTAudience   []string
+	JWTSVIDName   string
+	JWTBundleName string
 	// ReloadCmd runs with "sh -c" after every write.
 	ReloadCmd string
 	// Signal ("HUP", "SIGUSR1", "1") is sent after every write to the
@@ -67,6 +88,15 @@ func (c Config) withDefaults() Config {
 	if c.BundleName == "" {
 		c.BundleName = DefaultBundleName
 	}
+	if c.CRLName == "" {
+		c.CRLName = DefaultCRLName
+	}
+	if c.JWTSVIDName == "" {
+		c.JWTSVIDName = DefaultJWTSVIDName
+	}
+	if c.JWTBundleName == "" {
+		c.JWTBundleName = DefaultJWTBundleName
+	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
 	}
@@ -83,9 +113,10 @@ func (c Config) Validate() error {
 	if c.Dir == "" {
 		return errors.New("--dir is required: the directory to write the SVID, key and bundle into")
 	}
-	names := map[string]string{"--cert-name": c.CertName, "--key-name": c.KeyName, "--bundle-name": c.BundleName}
+	names := map[string]string{"--cert-name": c.CertName, "--key-name": c.KeyName, "--bundle-name": c.BundleName,
+		"--crl-name": c.CRLName, "--jwt-svid-file-name": c.JWTSVIDName, "--jwt-bundle-file-name": c.JWTBundleName}
 	seen := map[string]string{}
-	for _, flag := range []string{"--cert-name", "--key-name", "--bundle-name"} {
+	for _, flag := range []string{"--cert-name", "--key-name", "--bundle-name", "--crl-name", "--jwt-svid-file-name", "--jwt-bundle-file-name"} {
 		n := names[flag]
 		if n == "." || n == ".." || strings.ContainsRune(n, '/') {
 			return fmt.Errorf("%s %q: want a plain file name inside --dir", flag, n)
@@ -94,6 +125,11 @@ func (c Config) Validate() error {
 			return fmt.Errorf("%s and %s are both %q: each file needs its own name", other, flag, n)
 		}
 		seen[n] = flag
+	}
+	for _, a := range c.JWTAudience {
+		if a == "" {
+			return errors.New("--jwt-audience: an audience must not be empty")
+		}
 	}
 	if c.ReloadCmd != "" && c.Signal != "" {
 		return errors.New("--reload-cmd and --signal both given: choose one way to reload")
@@ -159,22 +195,33 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return fmt.Errorf("create --dir: %w", err)
 	}
-	client, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
+	client, err := dialWorkloadAPI(addr)
 	if err != nil {
-		return fmt.Errorf("workload api client for %s: %w", addr, err)
+		return err
 	}
-	defer client.Close()
-	h := &helper{cfg: cfg, log: cfg.Log, ctx: ctx}
+	defer client.close()
+	h := &helper{cfg: cfg, log: cfg.Log, ctx: ctx, api: client}
 
 	if cfg.Once {
-		x, err := client.FetchX509Context(ctx)
+		resp, err := client.fetchX509(ctx)
 		if err != nil {
 			return fmt.Errorf("fetch X.509-SVID from %s: %w", cfg.Socket, err)
 		}
-		return h.update(x)
+		if len(cfg.JWTAudience) > 0 {
+			if _, err := h.updateJWT(); err != nil {
+				return err
+			}
+		}
+		return h.update(resp)
 	}
 	cfg.Log.Info("helper: watching the Workload API", "socket", cfg.Socket, "dir", cfg.Dir)
-	err = client.WatchX509Context(ctx, h)
+	var wg sync.WaitGroup
+	if len(cfg.JWTAudience) > 0 {
+		wg.Add(1)
+		go func() { defer wg.Done(); h.keepJWT() }()
+	}
+	err = client.watchX509(ctx, h.OnX509Update, h.OnWatchError)
+	wg.Wait()
 	if ctx.Err() != nil {
 		cfg.Log.Info("helper: stopped")
 		return nil
@@ -186,55 +233,71 @@ type helper struct {
 	cfg  Config
 	log  *slog.Logger
 	ctx  context.Context
-	last [3][]byte // cert, key, bundle as last written
+	api  *workloadClient
+	last [4][]byte // cert, key, bundle, CRLs as last written
 }
 
-// OnX509ContextUpdate implements workloadapi.X509ContextWatcher. Errors
-// are logged; the files on disk stay as they were, and the next update
-// tries again.
-func (h *helper) OnX509ContextUpdate(x *workloadapi.X509Context) {
-	if err := h.update(x); err != nil && h.ctx.Err() == nil {
+// OnX509Update is called with every Workload API response. Errors are
+// logged; the files on disk stay as they were, and the next update tries
+// again.
+func (h *helper) OnX509Update(resp *pb.X509SVIDResponse) {
+	if err := h.update(resp); err != nil && h.ctx.Err() == nil {
 		h.log.Error("helper: update failed; keeping the files on disk", "err", err)
 	}
 }
 
-// OnX509ContextWatchError implements workloadapi.X509ContextWatcher; the
-// client retries with backoff.
-func (h *helper) OnX509ContextWatchError(err error) {
+// OnWatchError is called when the watch stream fails; it is retried with
+// backoff.
+func (h *helper) OnWatchError(err error, retryIn time.Duration) {
 	if h.ctx.Err() == nil {
-		h.log.Warn("helper: Workload API watch failed; retrying", "socket", h.cfg.Socket, "err", err)
+		h.log.Warn("helper: Workload API watch failed; retrying", "socket", h.cfg.Socket, "err", err, "retry_in", retryIn)
 	}
 }
 
-// update writes the default SVID and its bundle if they differ from what
-// was last written, then reloads.
-func (h *helper) update(x *workloadapi.X509Context) error {
-	svid := x.DefaultSVID()
+// update writes the default (first) SVID, its bundle and the CRLs if they
+// differ from what was last written, then reloads.
+func (h *helper) update(resp *pb.X509SVIDResponse) error {
+	if len(resp.GetSvids()) == 0 {
+		return errors.New("the Workload API sent no X.509-SVID")
+	}
+	raw := resp.GetSvids()[0]
+	svid, err := x509svid.ParseRaw(raw.GetX509Svid(), raw.GetX509SvidKey())
+	if err != nil {
+		return fmt.Errorf("parse SVID %s: %w", raw.GetSpiffeId(), err)
+	}
 	certPEM, keyPEM, err := svid.Marshal()
 	if err != nil {
 		return fmt.Errorf("encode SVID %s: %w", svid.ID, err)
 	}
-	bundle, err := x.Bundles.GetX509BundleForTrustDomain(svid.ID.TrustDomain())
+	bundle, err := x509bundle.ParseRaw(svid.ID.TrustDomain(), raw.GetBundle())
 	if err != nil {
-		return fmt.Errorf("no bundle for %s: %w", svid.ID.TrustDomain(), err)
+		return fmt.Errorf("bundle for %s: %w", svid.ID.TrustDomain(), err)
 	}
 	bundlePEM, err := bundle.Marshal()
 	if err != nil {
 		return fmt.Errorf("encode bundle: %w", err)
 	}
-	next := [3][]byte{certPEM, keyPEM, bundlePEM}
-	if bytes.Equal(next[0], h.last[0]) && bytes.Equal(next[1], h.last[1]) && bytes.Equal(next[2], h.last[2]) {
+	var crlPEM []byte
+	for _, der := range resp.GetCrl() {
+		if _, err := x509.ParseRevocationList(der); err != nil {
+			return fmt.Errorf("parse CRL: %w", err)
+		}
+		crlPEM = append(crlPEM, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der})...)
+	}
+	next := [4][]byte{certPEM, keyPEM, bundlePEM, crlPEM}
+	if slices.EqualFunc(next[:], h.last[:], bytes.Equal) {
 		h.log.Debug("helper: update without change; nothing written")
 		return nil
 	}
 	// Each file is replaced atomically; the program is told to reload only
-	// once all three are in place.
+	// once all of them are in place.
 	files := []struct {
 		name string
 		data []byte
 		perm os.FileMode
 	}{
 		{h.cfg.BundleName, bundlePEM, 0o644},
+		{h.cfg.CRLName, crlPEM, 0o644},
 		{h.cfg.KeyName, keyPEM, 0o600},
 		{h.cfg.CertName, certPEM, 0o644},
 	}
@@ -249,7 +312,7 @@ func (h *helper) update(x *workloadapi.X509Context) error {
 	h.last = next
 	leaf := svid.Certificates[0]
 	h.log.Info("helper: wrote SVID", "spiffe_id", svid.ID.String(), "serial", leaf.SerialNumber.Text(16),
-		"not_after", leaf.NotAfter, "dir", h.cfg.Dir, "bundle_cas", len(bundle.X509Authorities()))
+		"not_after", leaf.NotAfter, "dir", h.cfg.Dir, "bundle_cas", len(bundle.X509Authorities()), "crls", len(resp.GetCrl()))
 	return h.reload()
 }
 
@@ -263,7 +326,9 @@ func (h *helper) reload() error {
 		if err != nil {
 			return fmt.Errorf("reload command %q: %w (output: %s)", h.cfg.ReloadCmd, err, tail(out))
 		}
-		h.log.Info("helper: reloaded", "cmd", h.cfg.ReloadCmd, "took", time.Since(start).Round(time.Millisecond))
+		// The command's own words are what an operator needs when a reload
+		// misbehaves ("nginx: configuration file ... test is successful").
+		h.log.Info("helper: reloaded", "cmd", h.cfg.ReloadCmd, "took", time.Since(start).Round(time.Millisecond), "output", tail(out))
 	case h.cfg.Signal != "":
 		sig, err := ParseSignal(h.cfg.Signal)
 		if err != nil {

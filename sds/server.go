@@ -31,6 +31,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/internal/ratelog"
 )
 
 // Source gives an authenticated caller its live identities.
@@ -84,6 +85,10 @@ type Server struct {
 	// pq is the queue of streams with something to send and the pool of
 	// pusher goroutines that sends it (see pushers.go).
 	pq pushQueue
+
+	// clientLog carries the lines a client can provoke (NACKs, refused
+	// names), bounded per caller so a looping client cannot fill the disk.
+	clientLog *ratelog.Limiter
 }
 
 // New returns an SDS server. metrics may be nil.
@@ -94,7 +99,7 @@ func New(src Source, auth Authenticator, log *slog.Logger, metrics *Metrics) *Se
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{src: src, auth: auth, log: log, metrics: metrics, done: make(chan struct{}), encoded: map[string]*anypb.Any{}}
+	return &Server{src: src, auth: auth, log: log, clientLog: ratelog.New(log), metrics: metrics, done: make(chan struct{}), encoded: map[string]*anypb.Any{}}
 }
 
 // Register adds the service to a gRPC server.
@@ -164,7 +169,20 @@ func (s *Server) refused(caller identity.Caller, name string, seen map[string]bo
 	}
 	seen[name] = true
 	s.metrics.Refused.Inc()
-	s.log.Warn("sds: caller is not entitled to secret; not answered", "caller", caller.Label, "name", name)
+	s.clientLog.Log(context.Background(), slog.LevelWarn, caller.Label, "sds: caller is not entitled to secret; not answered",
+		"caller", caller.Label, "name", ratelog.Truncate(name))
+}
+
+// logNACK logs a client's rejection of a response. Every value but the
+// caller's label comes from the client, so each is truncated, and the line
+// is rate-limited per caller.
+func (s *Server) logNACK(caller identity.Caller, node string, names []string, nonce, detail string) {
+	args := []any{"caller", caller.Label, "node", ratelog.Truncate(node)}
+	if names != nil {
+		args = append(args, "names", ratelog.TruncateList(names))
+	}
+	args = append(args, "nonce", ratelog.Truncate(nonce), "detail", ratelog.Truncate(detail))
+	s.clientLog.Log(context.Background(), slog.LevelWarn, caller.Label, "sds: client rejected secrets (NACK)", args...)
 }
 
 func streamEnd(err error) error {
@@ -263,8 +281,7 @@ func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) {
 		// NACK: Envoy keeps what it had. Re-sending the same content
 		// would loop; the next real change is the next push.
 		st.s.metrics.NACKs.Inc()
-		st.s.log.Warn("sds: client rejected secrets (NACK)", "caller", st.caller.Label, "node", req.GetNode().GetId(),
-			"names", req.GetResourceNames(), "nonce", req.GetResponseNonce(), "detail", req.GetErrorDetail().GetMessage())
+		st.s.logNACK(st.caller, req.GetNode().GetId(), req.GetResourceNames(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
 	}
 	newNames := req.GetResourceNames()
 	if !slices.IsSorted(newNames) {
@@ -418,8 +435,7 @@ func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
 	}
 	if req.GetErrorDetail() != nil && !stale {
 		st.s.metrics.NACKs.Inc()
-		st.s.log.Warn("sds: client rejected secrets (NACK)", "caller", st.caller.Label, "node", req.GetNode().GetId(),
-			"nonce", req.GetResponseNonce(), "detail", req.GetErrorDetail().GetMessage())
+		st.s.logNACK(st.caller, req.GetNode().GetId(), nil, req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
 	}
 	// Subscription changes count even with a stale nonce.
 	for _, n := range req.GetResourceNamesSubscribe() {

@@ -45,6 +45,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/internal/ratelog"
 )
 
 // Source gives an authenticated caller its live identities and signs
@@ -77,6 +78,9 @@ type Server struct {
 	stop sync.Once
 	// streams counts open streams (meshid_workload_streams); nil is fine.
 	streams prometheus.Gauge
+	// clientLog carries the refusals a client can provoke in a loop,
+	// bounded per caller so it cannot fill the disk.
+	clientLog *ratelog.Limiter
 }
 
 // SetStreamsGauge makes the server count its open streams in g.
@@ -87,7 +91,7 @@ func New(src Source, auth func(ctx context.Context) (identity.Caller, error), lo
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{src: src, auth: auth, log: log, done: make(chan struct{})}
+	return &Server{src: src, auth: auth, log: log, done: make(chan struct{}), clientLog: ratelog.New(log)}
 }
 
 // Register adds the service to a gRPC server.
@@ -114,7 +118,8 @@ func (s *Server) caller(ctx context.Context) (identity.Caller, error) {
 	}
 	c, err := s.auth(ctx)
 	if err != nil {
-		s.log.Warn("workload api: caller could not be identified", "err", err)
+		// No label yet: all unidentified callers share one budget.
+		s.clientLog.Log(ctx, slog.LevelWarn, "", "workload api: caller could not be identified", "err", ratelog.Truncate(err.Error()))
 		return identity.Caller{}, status.Error(codes.PermissionDenied, "caller could not be identified")
 	}
 	return c, nil
@@ -199,7 +204,7 @@ func (s *Server) FetchX509SVID(_ *pb.X509SVIDRequest, stream grpc.ServerStreamin
 		resp, err := x509SVIDResponse(snap)
 		if err != nil {
 			if status.Code(err) == codes.PermissionDenied {
-				s.log.Warn("workload api: no identity issued", "caller", caller.Label, "rpc", "FetchX509SVID")
+				s.clientLog.Log(ctx, slog.LevelWarn, caller.Label, "workload api: no identity issued", "caller", caller.Label, "rpc", "FetchX509SVID")
 			} else {
 				s.log.Error("workload api: FetchX509SVID", "caller", caller.Label, "err", err)
 			}
@@ -258,7 +263,7 @@ func (s *Server) FetchX509Bundles(_ *pb.X509BundlesRequest, stream grpc.ServerSt
 			}
 		}
 		if len(resp.Bundles) == 0 {
-			s.log.Warn("workload api: no bundle for caller", "caller", caller.Label, "rpc", "FetchX509Bundles")
+			s.clientLog.Log(ctx, slog.LevelWarn, caller.Label, "workload api: no bundle for caller", "caller", caller.Label, "rpc", "FetchX509Bundles")
 			return nil, status.Error(codes.PermissionDenied, "no bundle available to this caller")
 		}
 		return resp, nil
@@ -283,7 +288,7 @@ func (s *Server) FetchJWTBundles(_ *pb.JWTBundlesRequest, stream grpc.ServerStre
 			}
 		}
 		if len(resp.Bundles) == 0 {
-			s.log.Warn("workload api: no JWT bundle for caller", "caller", caller.Label, "rpc", "FetchJWTBundles")
+			s.clientLog.Log(ctx, slog.LevelWarn, caller.Label, "workload api: no JWT bundle for caller", "caller", caller.Label, "rpc", "FetchJWTBundles")
 			return nil, status.Error(codes.PermissionDenied, "no JWT bundle available to this caller")
 		}
 		return resp, nil
@@ -321,7 +326,7 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *pb.JWTSVIDRequest) (*pb.
 		if st, ok := status.FromError(err); ok && st.Code() != codes.Unknown {
 			return nil, err
 		}
-		s.log.Error("workload api: mint JWT-SVID", "caller", caller.Label, "spiffe_id", want, "err", err)
+		s.log.Error("workload api: mint JWT-SVID", "caller", caller.Label, "spiffe_id", ratelog.Truncate(want), "err", err)
 		return nil, status.Error(codes.Unavailable, "could not sign JWT-SVID; retry")
 	}
 	resp := &pb.JWTSVIDResponse{}
@@ -341,7 +346,7 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *pb.JWTSVIDRequest) (*pb.
 		return nil, err
 	}
 	if len(resp.Svids) == 0 {
-		s.log.Warn("workload api: no identity issued", "caller", caller.Label, "rpc", "FetchJWTSVID", "spiffe_id", want)
+		s.clientLog.Log(ctx, slog.LevelWarn, caller.Label, "workload api: no identity issued", "caller", caller.Label, "rpc", "FetchJWTSVID", "spiffe_id", ratelog.Truncate(want))
 		if want != "" {
 			return nil, status.Errorf(codes.PermissionDenied, "caller is not entitled to %s", want)
 		}
@@ -382,7 +387,8 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *pb.ValidateJWTSVIDReq
 	}
 	svid, err := jwtsvid.ParseAndValidate(req.GetSvid(), set, []string{req.GetAudience()})
 	if err != nil {
-		s.log.Info("workload api: JWT-SVID rejected", "caller", caller.Label, "audience", req.GetAudience(), "err", err)
+		s.clientLog.Log(ctx, slog.LevelInfo, caller.Label, "workload api: JWT-SVID rejected", "caller", caller.Label,
+			"audience", ratelog.Truncate(req.GetAudience()), "err", ratelog.Truncate(err.Error()))
 		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
 	}
 	if err := checkRevoked(ctx, s.src, svid); err != nil {

@@ -45,8 +45,8 @@ received is looked up in the server's inventory.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return writeJSON(cmd.OutOrStdout(), res)
+			if structured(output) {
+				return writeOut(cmd.OutOrStdout(), output, res)
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "minted     %d SVIDs in %s with %d clients (%d errors)\n", res.Requests-res.Errors, res.Elapsed.Round(time.Millisecond), cfg.Concurrency, res.Errors)

@@ -68,8 +68,8 @@ file descriptor on both sides.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				if err := writeJSON(cmd.OutOrStdout(), res); err != nil {
+			if structured(output) {
+				if err := writeOut(cmd.OutOrStdout(), output, res); err != nil {
 					return err
 				}
 			} else {

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshid/meshid/controlplane"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
@@ -82,6 +84,39 @@ func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// writeAs writes what write produces as JSON in format: as is for json,
+// converted for yaml, so both formats carry the same fields and names.
+func writeAs(w io.Writer, format string, write func(io.Writer) error) error {
+	if format != "yaml" {
+		return write(w)
+	}
+	var buf bytes.Buffer
+	if err := write(&buf); err != nil {
+		return err
+	}
+	y, err := yaml.JSONToYAML(buf.Bytes())
+	if err != nil {
+		return fmt.Errorf("convert output to yaml: %w", err)
+	}
+	_, err = w.Write(y)
+	return err
+}
+
+// writeOut writes v as a JSON or YAML document (see structured).
+func writeOut(w io.Writer, format string, v any) error {
+	return writeAs(w, format, func(w io.Writer) error { return writeJSON(w, v) })
+}
+
+// writeOutMessage writes m as a JSON or YAML document with proto field names.
+func writeOutMessage(w io.Writer, format string, m proto.Message) error {
+	return writeAs(w, format, func(w io.Writer) error { return writeJSONMessage(w, m) })
+}
+
+// writeOutList writes items as one JSON or YAML list.
+func writeOutList[T proto.Message](w io.Writer, format string, items []T) error {
+	return writeAs(w, format, func(w io.Writer) error { return writeJSONList(w, items) })
 }
 
 // writeFileAtomic writes data so that readers see the old or the new file,

@@ -100,8 +100,8 @@ func newEntryCreateCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp.GetEntry())
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp.GetEntry())
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created entry %s for %s\n", resp.GetEntry().GetId(), safe(resp.GetEntry().GetSpiffeId()))
 			return nil
@@ -295,8 +295,8 @@ them together (-o json: one array).`,
 					break
 				}
 			}
-			if output == "json" {
-				return writeJSONList(cmd.OutOrStdout(), all)
+			if structured(output) {
+				return writeOutList(cmd.OutOrStdout(), output, all)
 			}
 			return writeEntryTable(cmd.OutOrStdout(), all)
 		},

@@ -9,8 +9,9 @@ import (
 
 func newHelperCmd() *cobra.Command {
 	var (
-		c        helper.Config
-		logLevel string
+		c         helper.Config
+		logLevel  string
+		logFormat string
 	)
 	cmd := &cobra.Command{
 		Use:   "helper --dir DIR [--reload-cmd CMD | --signal SIG --pid-file FILE]",
@@ -22,6 +23,13 @@ databases, legacy daemons):
   svid.pem    the SVID chain: leaf first, then intermediates (PEM)
   svid.key    its private key, PKCS#8 PEM, mode 0600
   bundle.pem  the trust bundle of the SVID's trust domain (PEM)
+  crl.pem     the CRLs of that trust domain (PEM "X509 CRL" blocks)
+
+With --jwt-audience it also keeps a JWT-SVID for those audiences, renewed
+at half its life (spiffe-helper's jwt_svids and jwt_bundle_file_name):
+
+  jwt_svid.token   the token, mode 0600
+  jwt_bundle.json  the JWT bundle (JWKS) to validate such tokens
 
 Each file is replaced atomically (written to a temporary file in --dir,
 flushed, renamed), so a reader never sees a partial file. Once all three are
@@ -29,6 +37,7 @@ in place the helper runs --reload-cmd with "sh -c", or sends --signal to the
 process whose pid --pid-file holds (read anew each time). It repeats on every
 update: each renewal of the SVID and each change of the bundle, until it is
 stopped (SIGTERM, Ctrl-C). With --once it writes, reloads and exits.
+What the reload command prints is logged with its "reloaded" line.
 
 The identity is the helper's own: the server knows callers by the socket's
 peer credentials, so run the helper as the user (or in the container) a
@@ -38,7 +47,7 @@ registration entry names.`,
   meshid helper --dir ./certs --once`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(cmd.ErrOrStderr(), logLevel)
+			log, err := newLogger(cmd.ErrOrStderr(), logLevel, logFormat)
 			if err != nil {
 				return err
 			}
@@ -55,11 +64,16 @@ registration entry names.`,
 	fs.StringVar(&c.CertName, "cert-name", helper.DefaultCertName, "file name of the SVID chain in --dir")
 	fs.StringVar(&c.KeyName, "key-name", helper.DefaultKeyName, "file name of the private key in --dir")
 	fs.StringVar(&c.BundleName, "bundle-name", helper.DefaultBundleName, "file name of the trust bundle in --dir")
+	fs.StringVar(&c.CRLName, "crl-name", helper.DefaultCRLName, "file name of the CRLs in --dir")
+	fs.StringSliceVar(&c.JWTAudience, "jwt-audience", nil, "also keep a JWT-SVID for this audience (repeat or comma-separate for several in one token)")
+	fs.StringVar(&c.JWTSVIDName, "jwt-svid-file-name", helper.DefaultJWTSVIDName, "file name of the JWT-SVID in --dir (with --jwt-audience)")
+	fs.StringVar(&c.JWTBundleName, "jwt-bundle-file-name", helper.DefaultJWTBundleName, "file name of the JWT bundle in --dir (with --jwt-audience)")
 	fs.StringVar(&c.ReloadCmd, "reload-cmd", "", `command run with "sh -c" after every write, e.g. 'nginx -s reload'`)
 	fs.StringVar(&c.Signal, "signal", "", "signal sent after every write to the pid in --pid-file, e.g. HUP")
 	fs.StringVar(&c.PIDFile, "pid-file", "", "file holding the pid to signal (with --signal)")
 	fs.BoolVar(&c.Once, "once", false, "write the files once (and reload), then exit")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logFormatFlag(fs, &logFormat)
 	_ = cmd.MarkFlagRequired("dir")
 	return cmd
 }

@@ -39,7 +39,7 @@ func newBundleCmd() *cobra.Command {
 		},
 	}
 	adminFlag(show, &admin)
-	show.Flags().StringVar(&format, "format", "pem", "pem or jwks (the SPIFFE bundle format)")
+	show.Flags().StringVar(&format, "format", "pem", "pem, or jwks: the SPIFFE trust bundle document (x509-svid and jwt-svid keys, spiffe_refresh_hint, spiffe_sequence)")
 	cmd.AddCommand(show)
 	return cmd
 }
@@ -59,11 +59,11 @@ func newCACmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if output == "json" {
+			if structured(output) {
 				for _, x := range resp.GetCas() {
 					x.CertDer = nil // the fingerprint names it; bundle show prints it
 				}
-				return writeJSONList(cmd.OutOrStdout(), resp.GetCas())
+				return writeOutList(cmd.OutOrStdout(), output, resp.GetCas())
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "STATE\tKEY\tNOT BEFORE\tNOT AFTER\tSERVED SVIDS\tSUBJECT\tSHA-256 FINGERPRINT")
@@ -165,8 +165,8 @@ so peers trust it before any certificate it signs reaches them.`,
 				return err
 			}
 			resp.GetCa().CertDer = nil
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp.GetCa())
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp.GetCa())
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "prepared CA %s (valid until %s); it is in the trust bundle now\n",
 				resp.GetCa().GetFingerprint(), resp.GetCa().GetNotAfter().AsTime().Format(time.RFC3339))
@@ -202,8 +202,8 @@ peer trusts it first; --force overrides that.`,
 				return err
 			}
 			resp.GetCa().CertDer = nil
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp.GetCa())
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp.GetCa())
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "activated CA %s; the previous CA is retired\n", resp.GetCa().GetFingerprint())
 			return nil
@@ -259,8 +259,8 @@ func newCertsCmd() *cobra.Command {
 					break
 				}
 			}
-			if output == "json" {
-				return writeJSONList(cmd.OutOrStdout(), all)
+			if structured(output) {
+				return writeOutList(cmd.OutOrStdout(), output, all)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERIAL\tSPIFFE ID\tNOT AFTER\tEXPIRES IN\tREQUESTER")
@@ -302,8 +302,8 @@ func newVersionCmd() *cobra.Command {
 				cancel()
 				done()
 			}
-			if output == "json" {
-				return writeJSON(cmd.OutOrStdout(), info)
+			if structured(output) {
+				return writeOut(cmd.OutOrStdout(), output, info)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "meshid %s (%s, %s)\n", info["client"], info["go"], info["platform"])
 			if s, ok := info["server"]; ok {

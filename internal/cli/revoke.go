@@ -40,8 +40,8 @@ A revoked serial leaves the CRL when its certificate expires.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp)
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "revoked %d certificate(s)", len(resp.GetSerials()))
 			if len(resp.GetSerials()) > 0 {

@@ -8,12 +8,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"runtime/debug"
 	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/controlplane"
 )
 
 // Version is set at link time (-ldflags "-X github.com/meshid/meshid/internal/cli.Version=v1.2.3").
@@ -23,10 +24,7 @@ func version() string {
 	if Version != "" {
 		return Version
 	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "dev"
+	return controlplane.BuildVersion()
 }
 
 // Main runs the meshid command line and returns the process exit code.
@@ -50,7 +48,9 @@ func oneLine(err error) string {
 	if errors.As(err, &se) {
 		return se.GRPCStatus().Message()
 	}
-	return strings.ReplaceAll(err.Error(), "\n", " ")
+	// Fields also folds cobra's multi-line, tab-indented suggestion
+	// ("Did you mean this?\n\tentry") into the one line.
+	return strings.Join(strings.Fields(err.Error()), " ")
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
@@ -88,7 +88,37 @@ wins over the environment, which wins over the file.`,
 		newEntryCmd(), newX509Cmd(), newBundleCmd(), newCACmd(), newCertsCmd(),
 		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newRevokeCmd(), newHelperCmd(),
 	)
+	refuseUnknownSubcommands(root)
 	return root
+}
+
+// refuseUnknownSubcommands makes every group command (ca, entry, ...) fail
+// on an argument that names none of its subcommands. Cobra itself does
+// that only for the root: "meshid ca actvate" printed the help of "ca" and
+// exited 0, so a script with a typo carried on as if it had worked.
+func refuseUnknownSubcommands(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		refuseUnknownSubcommands(sub)
+	}
+	if c.HasParent() && c.HasSubCommands() && c.Run == nil && c.RunE == nil {
+		c.Args = cobra.ArbitraryArgs
+		// "meshid ca actvate --admin-socket S": the group has no such flag;
+		// report the command, not the flag.
+		c.FParseErrWhitelist.UnknownFlags = true
+		c.RunE = func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return cmd.Help()
+			}
+			msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+			if cmd.SuggestionsMinimumDistance <= 0 {
+				cmd.SuggestionsMinimumDistance = 2 // cobra's default, which it sets only on its own path
+			}
+			if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+				msg += fmt.Sprintf("; did you mean %q?", s[0])
+			}
+			return errors.New(msg + " (see " + cmd.CommandPath() + " --help)")
+		}
+	}
 }
 
 // applyEnv fills every flag not given on the command line from

@@ -31,6 +31,7 @@ type serverFlags struct {
 	caKeyType     string
 	kekFile       string
 	logLevel      string
+	logFormat     string
 	metricsListen string
 	prepareAt     float64
 	activateAt    float64
@@ -82,6 +83,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.upKey, "upstream-ca-key", "", "PEM private key of --upstream-ca-cert")
 	fs.StringVar(&f.kekFile, "kek-file", "", "key-encryption key for CA keys at rest (default <data-dir>/kek; made 0600 if absent)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	logFormatFlag(fs, &f.logFormat)
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
 	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
 	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
@@ -90,14 +92,6 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics, /healthz and /readyz (off when empty)")
 	fs.IntVar(&f.maxConns, "max-connections", endpoint.DefaultMaxConnections, "most connections held at once by each of --socket, --sds-listen and --sds-rest-listen (lowered to fit the open-file limit; the admin socket has its own 64); -1: no cap")
 	fs.IntVar(&f.maxConnsUID, "max-connections-per-uid", endpoint.DefaultMaxConnectionsPerUID, "most connections one local uid holds at once on --socket; -1: no cap")
-}
-
-func newLogger(w io.Writer, level string) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("log level %q: want debug, info, warn or error", level)
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
 }
 
 func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
@@ -157,7 +151,7 @@ processes, told apart by their peer credentials; --sds-listen and
 requests and exits 0.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
+			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
 			if err != nil {
 				return err
 			}
@@ -211,7 +205,7 @@ a registration entry that gives the current user (unix:uid:<your uid>) the
 identity --spiffe-id. It prints what is served where and how to try it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel)
+			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
 			if err != nil {
 				return err
 			}
@@ -227,6 +221,7 @@ identity --spiffe-id. It prints what is served where and how to try it.`,
 			if err != nil {
 				return err
 			}
+			devPrepareWindow(cmd, &cfg)
 			uid := os.Getuid()
 			return runServer(cmd.Context(), cfg, f, func(srv *controlplane.Server, l controlplane.Listening) error {
 				sel := store.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(uid)}

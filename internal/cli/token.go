@@ -40,8 +40,8 @@ token is bound to the first connection that presents it.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp)
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp)
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), resp.GetToken())
 			fmt.Fprintf(cmd.ErrOrStderr(), "join token for %s, valid until %s (shown once)\n", resp.GetSpiffeId(), resp.GetExpiresAt().AsTime().Format(time.RFC3339))

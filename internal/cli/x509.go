@@ -3,6 +3,7 @@ package cli
 import (
 	"crypto/rand"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -26,6 +27,7 @@ func newX509MintCmd() *cobra.Command {
 		admin, spiffeID, outDir, keyType, csrFile, output string
 		dns                                               []string
 		ttl                                               time.Duration
+		printKey                                          bool
 	)
 	cmd := &cobra.Command{
 		Use:   "mint --spiffe-id ID --out-dir DIR",
@@ -35,12 +37,20 @@ and only a CSR is sent; with --csr, an existing CSR is signed instead and no
 key is written.
 
 --out-dir receives svid.pem (leaf then chain), svid.key (PKCS#8, mode 0600)
-and bundle.pem (the trust bundle), each written atomically.`,
+and bundle.pem (the trust bundle), each written atomically. Without
+--out-dir the private key is printed only with --print-key; with --csr there
+is no key, and the SVID is printed. -o json|yaml prints a document: without
+--out-dir it carries svid_pem and bundle_pem (and key_pem with --print-key).`,
 		Example: `  meshid x509 mint --spiffe-id spiffe://cluster.local/ns/shop/sa/web --ttl 1h --out-dir ./certs`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {
 				return err
+			}
+			// A key printed to a terminal or a CI log is a key leaked: it
+			// goes to stdout only when asked for by name.
+			if outDir == "" && csrFile == "" && !printKey {
+				return errors.New("the private key would be printed: give --out-dir DIR to write the files, or --print-key to print it")
 			}
 			if ttl < 0 {
 				return fmt.Errorf("--ttl must be positive")
@@ -81,6 +91,17 @@ and bundle.pem (the trust bundle), each written atomically.`,
 			chainPEM := ca.EncodeCertsPEM(resp.GetCertChain()...)
 			bundlePEM := ca.EncodeCertsPEM(resp.GetBundle()...)
 			if outDir == "" {
+				if structured(output) {
+					doc := map[string]any{
+						"spiffe_id": resp.GetSpiffeId(), "serial": resp.GetSerial(),
+						"not_before": resp.GetNotBefore().AsTime(), "not_after": resp.GetNotAfter().AsTime(),
+						"svid_pem": string(chainPEM), "bundle_pem": string(bundlePEM),
+					}
+					if keyPEM != nil {
+						doc["key_pem"] = string(keyPEM)
+					}
+					return writeOut(cmd.OutOrStdout(), output, doc)
+				}
 				out := cmd.OutOrStdout()
 				out.Write(chainPEM)
 				out.Write(keyPEM)
@@ -106,8 +127,8 @@ and bundle.pem (the trust bundle), each written atomically.`,
 					return fmt.Errorf("write %s: %w", f.name, err)
 				}
 			}
-			if output == "json" {
-				return writeJSON(cmd.OutOrStdout(), map[string]any{
+			if structured(output) {
+				return writeOut(cmd.OutOrStdout(), output, map[string]any{
 					"spiffe_id": resp.GetSpiffeId(), "serial": resp.GetSerial(),
 					"not_before": resp.GetNotBefore().AsTime(), "not_after": resp.GetNotAfter().AsTime(),
 					"out_dir": outDir,
@@ -121,7 +142,8 @@ and bundle.pem (the trust bundle), each written atomically.`,
 	adminFlag(cmd, &admin)
 	fs := cmd.Flags()
 	fs.StringVar(&spiffeID, "spiffe-id", "", "SPIFFE ID of the SVID (required)")
-	fs.StringVar(&outDir, "out-dir", "", "directory for svid.pem, svid.key and bundle.pem (default: print PEM to stdout)")
+	fs.StringVar(&outDir, "out-dir", "", "directory for svid.pem, svid.key and bundle.pem (required unless --print-key or --csr)")
+	fs.BoolVar(&printKey, "print-key", false, "without --out-dir: print the SVID and its private key to stdout (PEM, or key_pem in -o json|yaml)")
 	durationFlag(fs, &ttl, "ttl", 0, "SVID lifetime (default: the server's --svid-ttl; never beyond the CA)")
 	fs.StringSliceVar(&dns, "dns", nil, "DNS SAN to add (repeat or comma-separate)")
 	fs.StringVar(&keyType, "key-type", string(ca.KeyP256), "key type: ec-p256, ec-p384, rsa-2048, rsa-3072, ed25519")
