@@ -85,6 +85,7 @@ type stateCollector struct {
 	ttl      *prometheus.Desc
 	served   *prometheus.Desc
 	revoked  *prometheus.Desc
+	writable *prometheus.Desc
 }
 
 func newStateCollector(s *Server) *stateCollector {
@@ -99,6 +100,8 @@ func newStateCollector(s *Server) *stateCollector {
 		ttl: prometheus.NewDesc("meshid_svid_ttl_seconds", "The default X.509-SVID lifetime (--svid-ttl).", nil, nil),
 		revoked: prometheus.NewDesc("meshid_revoked_serials",
 			"Serials on the CRLs: revoked and not yet expired.", nil, nil),
+		writable: prometheus.NewDesc("meshid_store_writable",
+			"1 while the store accepts writes; 0 after a failed commit (full disk: back to 1 once space is freed; other I/O errors: until restart).", nil, nil),
 		served: prometheus.NewDesc("meshid_svids_served",
 			"X.509-SVIDs currently held for connected workloads (one per identity, shared by its streams).", nil, nil),
 	}
@@ -111,6 +114,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.ttl
 	ch <- c.served
 	ch <- c.revoked
+	ch <- c.writable
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -139,4 +143,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.overdue, prometheus.GaugeValue, float64(overdue))
 	ch <- prometheus.MustNewConstMetric(c.ttl, prometheus.GaugeValue, s.cfg.SVIDTTL.Seconds())
 	ch <- prometheus.MustNewConstMetric(c.served, prometheus.GaugeValue, float64(served))
+	writable := 1.0
+	if s.store.Health() != nil {
+		writable = 0
+	}
+	ch <- prometheus.MustNewConstMetric(c.writable, prometheus.GaugeValue, writable)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -114,8 +115,29 @@ func TestFullDiskRefusesMintsAndRecovers(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
+	writable := func() string {
+		resp, err := http.Get("http://" + l.MetricsAddr + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "meshid_store_writable "); ok {
+				return v
+			}
+		}
+		t.Fatal("no meshid_store_writable series")
+		return ""
+	}
 	if c := readyz(); c != http.StatusOK {
 		t.Fatalf("/readyz %d before the disk fills", c)
+	}
+	if v := writable(); v != "1" {
+		t.Fatalf("meshid_store_writable %s before the disk fills, want 1", v)
 	}
 	csr := csrFor(t)
 	const id = "spiffe://cluster.local/ns/disk/sa/full"
@@ -179,6 +201,9 @@ func TestFullDiskRefusesMintsAndRecovers(t *testing.T) {
 	if c := readyz(); c != http.StatusServiceUnavailable {
 		t.Fatalf("/readyz %d on a full disk, want 503", c)
 	}
+	if v := writable(); v != "0" {
+		t.Fatalf("meshid_store_writable %s on a full disk, want 0", v)
+	}
 
 	// Every certificate handed out is listed, and nothing else.
 	list, err := client.ListCerts(context.Background(), &adminv1.ListCertsRequest{})
@@ -211,6 +236,9 @@ func TestFullDiskRefusesMintsAndRecovers(t *testing.T) {
 			t.Fatal("/readyz still unready 10s after space was freed")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	if v := writable(); v != "1" {
+		t.Fatalf("meshid_store_writable %s after recovery, want 1", v)
 	}
 	resp, err := mint()
 	if err != nil {
