@@ -7,8 +7,10 @@ import (
 	"crypto/elliptic"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -40,6 +42,37 @@ func (s flagServer) addr(t *testing.T, key string) string {
 		t.Fatalf("serving line has no %s: %s", key, s.serving)
 	}
 	return m[1]
+}
+
+// entryForMe gives the test's own uid the identity id.
+func (s flagServer) entryForMe(t *testing.T, id string) {
+	t.Helper()
+	if _, stderr, code := runCLI(t, "entry", "create", "--admin-socket", s.admin, "--spiffe-id", id,
+		"--selector", "unix:uid:"+strconv.Itoa(os.Getuid())); code != 0 {
+		t.Fatalf("entry create: %s", stderr)
+	}
+}
+
+// waitMetric polls /metrics until a line is exactly want.
+func (s flagServer) waitMetric(t *testing.T, want string) {
+	t.Helper()
+	url := "http://" + s.addr(t, "metrics") + "/metrics"
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if slices.Contains(strings.Split(string(body), "\n"), want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q in /metrics after 20s", want)
+		}
+		time.Sleep(50 * time.Millisecond) // polling a condition
+	}
 }
 
 // mint runs `meshid x509 mint` for id and returns the leaf and the rest of
@@ -123,6 +156,7 @@ func TestServerFlagsReachBehaviour(t *testing.T) {
 	cases := []struct {
 		name  string
 		args  func(dir string) []string
+		ready string // the serving line to wait for, if not the text format's
 		check func(t *testing.T, s flagServer)
 	}{
 		{
@@ -233,10 +267,7 @@ func TestServerFlagsReachBehaviour(t *testing.T) {
 			name: "jwt-ttl",
 			args: func(string) []string { return []string{"--jwt-ttl", "90s"} },
 			check: func(t *testing.T, s flagServer) {
-				if _, stderr, code := runCLI(t, "entry", "create", "--admin-socket", s.admin, "--spiffe-id", web,
-					"--selector", "unix:uid:"+strconv.Itoa(os.Getuid())); code != 0 {
-					t.Fatalf("entry create: %s", stderr)
-				}
+				s.entryForMe(t, web)
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				defer cancel()
 				svid, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "flags-test"}, workloadapi.WithAddr("unix://"+s.socket))
@@ -267,6 +298,90 @@ func TestServerFlagsReachBehaviour(t *testing.T) {
 			},
 		},
 		{
+			name: "crl-validity",
+			args: func(string) []string { return []string{"--crl-validity", "50h"} },
+			check: func(t *testing.T, s flagServer) {
+				s.entryForMe(t, web)
+				out := filepath.Join(s.dir, "helper")
+				if _, stderr, code := runCLI(t, "helper", "--socket", s.socket, "--dir", out, "--once"); code != 0 {
+					t.Fatalf("helper --once: %s", stderr)
+				}
+				b, err := os.ReadFile(filepath.Join(out, "crl.pem"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				blk, _ := pem.Decode(b)
+				if blk == nil {
+					t.Fatal("crl.pem holds no PEM block")
+				}
+				crl, err := x509.ParseRevocationList(blk.Bytes)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d := time.Until(crl.NextUpdate); !near(d, 50*time.Hour, 2*time.Minute) {
+					t.Fatalf("CRL nextUpdate in %v, want ~50h", d)
+				}
+			},
+		},
+		{
+			name: "max-crl-serials",
+			args: func(string) []string { return []string{"--max-crl-serials", "1"} },
+			check: func(t *testing.T, s flagServer) {
+				first, _ := s.mint(t, web)
+				second, _ := s.mint(t, web)
+				if _, stderr, code := runCLI(t, "revoke", "--admin-socket", s.admin, "--serial", first.SerialNumber.Text(16)); code != 0 {
+					t.Fatalf("first revoke: %s", stderr)
+				}
+				_, stderr, code := runCLI(t, "revoke", "--admin-socket", s.admin, "--serial", second.SerialNumber.Text(16))
+				if code != 1 || !strings.Contains(stderr, "rotate --now") {
+					t.Fatalf("revoke past --max-crl-serials 1: exit %d: %s", code, stderr)
+				}
+			},
+		},
+		{
+			name: "max-connections-per-uid",
+			args: func(string) []string {
+				return []string{"--max-connections-per-uid", "2", "--metrics-listen", "127.0.0.1:0"}
+			},
+			check: func(t *testing.T, s flagServer) {
+				for range 3 {
+					c, err := net.Dial("unix", s.socket)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { c.Close() })
+				}
+				s.waitMetric(t, `meshid_connections_refused_total{listener="workload",reason="uid_limit"} 1`)
+			},
+		},
+		{
+			name: "max-connections",
+			args: func(string) []string {
+				return []string{"--max-connections", "2", "--max-connections-per-uid", "-1", "--metrics-listen", "127.0.0.1:0"}
+			},
+			check: func(t *testing.T, s flagServer) {
+				for range 3 {
+					c, err := net.Dial("unix", s.socket)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { c.Close() })
+				}
+				s.waitMetric(t, `meshid_connections_refused_total{listener="workload",reason="listener_limit"} 1`)
+			},
+		},
+		{
+			name:  "log-format",
+			args:  func(string) []string { return []string{"--log-format", "json"} },
+			ready: `"msg":"serving"`,
+			check: func(t *testing.T, s flagServer) {
+				var rec map[string]any
+				if err := json.Unmarshal([]byte(s.serving), &rec); err != nil || rec["level"] != "INFO" {
+					t.Fatalf("serving line is not a JSON record (%v): %s", err, s.serving)
+				}
+			},
+		},
+		{
 			name: "metrics-listen",
 			args: func(string) []string { return []string{"--metrics-listen", "127.0.0.1:0"} },
 			check: func(t *testing.T, s flagServer) {
@@ -290,7 +405,11 @@ func TestServerFlagsReachBehaviour(t *testing.T) {
 			args := append([]string{"server", "--data-dir", filepath.Join(dir, "data"),
 				"--admin-socket", s.admin, "--socket", s.socket}, tc.args(dir)...)
 			p := startMeshid(t, args...)
-			s.serving = p.waitLine(t, "msg=serving")
+			ready := tc.ready
+			if ready == "" {
+				ready = "msg=serving"
+			}
+			s.serving = p.waitLine(t, ready)
 			tc.check(t, s)
 		})
 	}

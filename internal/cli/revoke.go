@@ -22,10 +22,20 @@ API's crl field, so peers that apply them refuse the certificate in seconds.
 --spiffe-id  every live certificate of that identity; its registration
              entries and join tokens are deleted so it is not renewed (a new
              token lets remote proxies use it again).
---serial     one certificate (hex, as 'meshid certs list' shows it); if a
-             workload is being served it, it gets a fresh one at once.
+--serial     one certificate (hex, as 'meshid certs list' shows it), and
+             every certificate renewed from it; a local workload being served
+             it gets a fresh one at once.
 
-A revoked serial leaves the CRL when its certificate expires.`,
+A remote proxy (--sds-listen, --sds-rest-listen) that signed in with a revoked
+certificate, or holds a revoked identity, has its streams closed with
+PermissionDenied and must sign in again with a new join token. JWT-SVIDs of a
+revoked identity are refused by the Workload API's ValidateJWTSVID until they
+expire; validators that check offline against the JWT bundle cannot know.
+
+A revoked serial leaves the CRL when its certificate expires. The CRLs are
+bounded (--max-crl-serials on the server, default 10,000): a revoke past it is
+refused, and the answer to a mass revocation or a stolen CA key is
+'meshid ca rotate --now'.`,
 		Example: `  meshid revoke --spiffe-id spiffe://cluster.local/ns/shop/sa/web
   meshid revoke --serial 5634909319...`,
 		Args: cobra.NoArgs,

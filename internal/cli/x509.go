@@ -144,7 +144,7 @@ is no key, and the SVID is printed. -o json|yaml prints a document: without
 	fs.StringVar(&spiffeID, "spiffe-id", "", "SPIFFE ID of the SVID (required)")
 	fs.StringVar(&outDir, "out-dir", "", "directory for svid.pem, svid.key and bundle.pem (required unless --print-key or --csr)")
 	fs.BoolVar(&printKey, "print-key", false, "without --out-dir: print the SVID and its private key to stdout (PEM, or key_pem in -o json|yaml)")
-	durationFlag(fs, &ttl, "ttl", 0, "SVID lifetime (default: the server's --svid-ttl; never beyond the CA)")
+	durationFlag(fs, &ttl, "ttl", 0, "SVID lifetime, at least 1m and at most the CA's remaining life (default: the server's --svid-ttl)")
 	fs.StringSliceVar(&dns, "dns", nil, "DNS SAN to add (repeat or comma-separate)")
 	fs.StringVar(&keyType, "key-type", string(ca.KeyP256), "key type: ec-p256, ec-p384, rsa-2048, rsa-3072, ed25519")
 	fs.StringVar(&csrFile, "csr", "", "sign this PEM or DER CSR instead of making a key")
