@@ -150,6 +150,8 @@ func TestCLITour(t *testing.T) {
 		{"entry", "delete", admin, "no-such-id"},
 		{"certs", "list", admin, "-o", "xml"},
 		{"entry", "list", "--admin-socket", filepath.Join(t.TempDir(), "nothing.sock")},
+		{"server", "--svid-ttl", "10s", "--data-dir", t.TempDir(), "--admin-socket", filepath.Join(t.TempDir(), "a.sock"), "--socket", ""},
+		{"server", "--jwt-ttl", "5s", "--data-dir", t.TempDir(), "--admin-socket", filepath.Join(t.TempDir(), "a.sock"), "--socket", ""},
 	}
 	for _, args := range bad {
 		_, errOut, code := runCLI(t, args...)

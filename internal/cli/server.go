@@ -108,8 +108,11 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 			return controlplane.Config{}, fmt.Errorf("--upstream-ca-cert: %w", err)
 		}
 	}
-	if f.svidTTL <= 0 {
-		return controlplane.Config{}, errors.New("--svid-ttl must be positive")
+	// The server's own tests run with seconds-long TTLs through
+	// controlplane.Config; an operator gets the documented floor, below which
+	// an SVID can expire before the renewal that replaces it arrives.
+	if f.svidTTL < ca.MinX509SVIDTTL {
+		return controlplane.Config{}, fmt.Errorf("--svid-ttl %s is below the %s minimum", f.svidTTL, ca.MinX509SVIDTTL)
 	}
 	if f.crlValidity <= 0 || f.maxCRLSerials <= 0 {
 		return controlplane.Config{}, errors.New("--crl-validity and --max-crl-serials must be positive")
