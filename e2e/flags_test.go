@@ -53,6 +53,19 @@ func (s flagServer) entryForMe(t *testing.T, id string) {
 	}
 }
 
+// holdConns opens n raw connections to a unix socket and keeps them open
+// until the test ends.
+func holdConns(t *testing.T, socket string, n int) {
+	t.Helper()
+	for range n {
+		c, err := net.Dial("unix", socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+}
+
 // waitMetric polls /metrics until a line is exactly want.
 func (s flagServer) waitMetric(t *testing.T, want string) {
 	t.Helper()
@@ -344,13 +357,7 @@ func TestServerFlagsReachBehaviour(t *testing.T) {
 				return []string{"--max-connections-per-uid", "2", "--metrics-listen", "127.0.0.1:0"}
 			},
 			check: func(t *testing.T, s flagServer) {
-				for range 3 {
-					c, err := net.Dial("unix", s.socket)
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(func() { c.Close() })
-				}
+				holdConns(t, s.socket, 3)
 				s.waitMetric(t, `meshid_connections_refused_total{listener="workload",reason="uid_limit"} 1`)
 			},
 		},
@@ -360,13 +367,7 @@ func TestServerFlagsReachBehaviour(t *testing.T) {
 				return []string{"--max-connections", "2", "--max-connections-per-uid", "-1", "--metrics-listen", "127.0.0.1:0"}
 			},
 			check: func(t *testing.T, s flagServer) {
-				for range 3 {
-					c, err := net.Dial("unix", s.socket)
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(func() { c.Close() })
-				}
+				holdConns(t, s.socket, 3)
 				s.waitMetric(t, `meshid_connections_refused_total{listener="workload",reason="listener_limit"} 1`)
 			},
 		},
