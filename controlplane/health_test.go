@@ -97,6 +97,13 @@ func TestHealthPerServiceAndReflection(t *testing.T) {
 		}
 	}
 
+	// Each listener speaks only for what it serves.
+	for conn, name := range map[*grpc.ClientConn]string{admin: "SpiffeWorkloadAPI", wl: "meshid.admin.v1.AdminService"} {
+		if _, err := healthpb.NewHealthClient(conn).Check(rctx, &healthpb.HealthCheckRequest{Service: name}); status.Code(err) != codes.NotFound {
+			t.Errorf("health of %q on a listener that does not serve it: %v, want NotFound", name, err)
+		}
+	}
+
 	watch, err := healthpb.NewHealthClient(wl).Watch(rctx, &healthpb.HealthCheckRequest{Service: "SpiffeWorkloadAPI"})
 	if err != nil {
 		t.Fatal(err)

@@ -13,8 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
@@ -171,8 +169,8 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 
 	gs := grpc.NewServer(append(s.grpcMetrics.options(), grpc.Creds(endpoint.Credentials(attest.UnixCredentials())), grpc.ConnectionTimeout(ep.HandshakeTimeout))...)
 	adminv1.RegisterAdminServiceServer(gs, NewAdminService(s))
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
+	var hs healths
+	hs.register(gs)
 	reflection.Register(gs) // admin socket only: operators may list the API, workloads need not
 
 	errc := make(chan error, 8) // one per server goroutine, so none blocks after Run returns
@@ -200,7 +198,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		wlSrv = workload.New(s, unixCaller, s.log)
 		wlSrv.SetStreamsGauge(s.metrics.WorkloadStreams)
 		wlSrv.Register(ws)
-		healthpb.RegisterHealthServer(ws, hs)
+		hs.register(ws)
 		go func() { errc <- ws.Serve(wl) }()
 	}
 
@@ -229,7 +227,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			l := endpoint.Limit(tl, endpoint.Limits{Name: "sds_tcp", Max: sdsCap}, s.metrics.Conns, s.log)
 			remote = grpc.NewServer(append(append(s.grpcMetrics.options(), connOpts...), grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
 			remoteSDS.Register(remote)
-			healthpb.RegisterHealthServer(remote, hs)
+			hs.register(remote)
 			go func() { errc <- remote.Serve(l) }()
 		}
 		if ep.SDSRESTListen != "" {
@@ -288,7 +286,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		}()
 	}
 	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
-	markServing(hs, gs, ws, remote)
+	hs.serving()
 	s.ready.Store(true)
 	if ready != nil {
 		ready(got)
@@ -301,7 +299,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	}
 	s.ready.Store(false)
 	s.log.Info("shutting down: draining in-flight requests")
-	hs.Shutdown()
+	hs.shutdown()
 	for _, x := range []*sds.Server{sdsSrv, remoteSDS} {
 		if x != nil {
 			x.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
