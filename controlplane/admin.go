@@ -217,6 +217,13 @@ func (a *AdminService) UpdateEntry(ctx context.Context, req *adminv1.UpdateEntry
 
 // MintX509SVID implements adminv1.AdminServiceServer.
 func (a *AdminService) MintX509SVID(ctx context.Context, req *adminv1.MintX509SVIDRequest) (*adminv1.MintX509SVIDResponse, error) {
+	// A hand-minted server identity would let its holder pose as the server
+	// to every remote proxy; meshid mints its own IDs itself.
+	if req.GetSpiffeId() != "" {
+		if err := a.srv.checkNotReserved(req.GetSpiffeId()); err != nil {
+			return nil, a.toStatus("mint x509-svid", err)
+		}
+	}
 	mr := MintRequest{
 		SpiffeID:  req.GetSpiffeId(),
 		CSR:       req.GetCsr(),

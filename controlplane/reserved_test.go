@@ -30,6 +30,10 @@ func TestReservedIDsCannotBeGranted(t *testing.T) {
 		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "reserved") {
 			t.Errorf("entry for %s: %v, want InvalidArgument naming the reservation", id, err)
 		}
+		_, err = ts.client.MintX509SVID(ctx, &adminv1.MintX509SVIDRequest{SpiffeId: id})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "reserved") {
+			t.Errorf("x509 mint of %s: %v, want InvalidArgument naming the reservation", id, err)
+		}
 		_, err = ts.client.CreateJoinToken(ctx, &adminv1.CreateJoinTokenRequest{SpiffeId: id, Ttl: durationpb.New(time.Hour)})
 		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "reserved") {
 			t.Errorf("token for %s: %v, want InvalidArgument naming the reservation", id, err)
