@@ -223,6 +223,7 @@ func (s *Server) MintJWTSVID(ctx context.Context, caller identity.Caller, audien
 	s.mu.RUnlock()
 	now := s.now()
 	var out []*identity.JWTSVID
+	var failed error // the first entry that could not be minted
 	seen := map[string]bool{}
 	for _, e := range entries {
 		if seen[e.SpiffeID] || (id != "" && e.SpiffeID != want.String()) {
@@ -230,21 +231,32 @@ func (s *Server) MintJWTSVID(ctx context.Context, caller identity.Caller, audien
 		}
 		seen[e.SpiffeID] = true
 		sid, err := spiffeid.FromString(e.SpiffeID)
-		if err != nil {
-			return nil, fmt.Errorf("entry %s: %w", e.ID, err)
-		}
-		tok, exp, err := j.MintJWTSVID(sid, audience, s.cfg.JWTTTL, now)
-		if err != nil {
-			s.metrics.IssueErrors.Inc()
-			if errors.Is(err, ca.ErrInvalidJWTRequest) || errors.Is(err, ca.ErrForeignID) {
-				return nil, &InvalidArgumentError{msg: err.Error()}
+		if err == nil {
+			var tok string
+			var exp time.Time
+			if tok, exp, err = j.MintJWTSVID(sid, audience, s.cfg.JWTTTL, now); err == nil {
+				s.metrics.Issued.WithLabelValues("jwt").Inc()
+				out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: entryHint(e), ExpiresAt: exp})
+				continue
 			}
-			return nil, err
 		}
-		s.metrics.Issued.WithLabelValues("jwt").Inc()
-		out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: entryHint(e), ExpiresAt: exp})
+		s.metrics.IssueErrors.Inc()
+		if errors.Is(err, ca.ErrInvalidJWTRequest) {
+			// The request itself (its audience) is bad, for every entry.
+			return nil, &InvalidArgumentError{msg: err.Error()}
+		}
+		// One entry the CA refuses (one stored by an older version) costs
+		// the caller only that identity, as on the X.509 path.
+		s.metrics.MintFailures.WithLabelValues("invalid").Inc()
+		s.log.Error("jwt-svid mint failed; the caller's other identities are served", "entry", e.ID, "spiffe_id", e.SpiffeID, "err", err)
+		if failed == nil {
+			failed = &InvalidArgumentError{msg: fmt.Sprintf("entry %s: %v", e.ID, err)}
+		}
 	}
 	if len(out) == 0 {
+		if failed != nil {
+			return nil, failed
+		}
 		if id != "" {
 			return nil, fmt.Errorf("%s: %w", id, identity.ErrNotEntitled)
 		}

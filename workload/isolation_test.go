@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -46,8 +48,30 @@ func TestUnservableEntryDoesNotTakeTheOthers(t *testing.T) {
 	if err := bs.CreateEntry(ctx, bad, store.AuditEvent{Action: "entry.create", Target: bad.ID}); err != nil {
 		t.Fatal(err)
 	}
+	// And one the JWT key refuses: another trust domain's ID.
+	foreign := store.Entry{
+		ID: "foreign-entry-from-an-older-version", SpiffeID: "spiffe://other.example/a/old",
+		Selectors: []store.Selector{{Type: "unix", Value: uid}}, CreatedAt: time.Now(),
+	}
+	if err := bs.CreateEntry(ctx, foreign, store.AuditEvent{Action: "entry.create", Target: foreign.ID}); err != nil {
+		t.Fatal(err)
+	}
 	h := startServer(t, controlplane.Config{Store: bs})
 	h.entry(t, idA, "unix:"+uid)
+
+	jwts, err := h.client(t).FetchJWTSVIDs(ctx, jwtsvid.Params{Audience: "isolation"})
+	if err != nil {
+		t.Fatalf("jwt-svids: %v (one bad entry took every identity)", err)
+	}
+	// The DNS names that make the first entry unservable as X.509 do not
+	// matter to a JWT-SVID: it and idA are served, the foreign one is not.
+	var ids []string
+	for _, j := range jwts {
+		ids = append(ids, j.ID.String())
+	}
+	if !slices.Equal(ids, []string{bad.SpiffeID, idA}) {
+		t.Fatalf("jwt-svids for %v, want %v", ids, []string{bad.SpiffeID, idA})
+	}
 
 	xc, err := h.client(t).FetchX509Context(ctx)
 	if err != nil {
