@@ -1,6 +1,10 @@
 // Package attest answers "who is calling": the kernel-verified credentials
-// of a unix-socket peer, turned into selectors. Both the admin API and the
-// workload APIs (SDS, SPIFFE Workload API) use this one path.
+// of a unix-socket peer (UnixCredentials, PeerCred), turned into selectors
+// by Attestors. A Set of attestors is both the workload socket's
+// authentication (Set.Caller) and the list of selector kinds an entry may
+// name (Set.CheckSelector), so an entry keyed on a kind no attestor here
+// produces is refused when it is made. The admin API uses the peer
+// credentials alone.
 package attest
 
 import (
@@ -34,8 +38,8 @@ func (PeerCred) AuthType() string { return "peercred" }
 
 // Selectors returns the caller's unix selectors in "type:value" form
 // that need no read of /proc: uid and gid, and unix:pid if the process is
-// tracked. CallerFromContext adds the executable's and checks the process
-// after reading them; use it to attest.
+// tracked. The Unix attestor adds the executable's, and Set.Caller checks
+// the process after reading them; use that to attest.
 func (p PeerCred) Selectors() []string {
 	out := []string{
 		"unix:uid:" + strconv.Itoa(p.UID),
@@ -51,27 +55,9 @@ func (p PeerCred) Selectors() []string {
 func (p PeerCred) Process() *Process { return p.proc }
 
 // CallerFromContext attests the caller of a gRPC handler served with
-// UnixCredentials: uid and gid from the peer credentials, and for a
-// tracked process its pid, executable path and executable SHA-256
-// (unix:pid, unix:path, unix:sha256). Those are read by pid, so the
-// process is checked after reading them: if it has exited or its pid was
-// reused meanwhile, the answer is an error wrapping ErrProcessGone, never
-// another process's selectors. The Caller's Check repeats that check; the
-// APIs call it before every send.
+// UnixCredentials with the built-in attestors: Builtin().Caller(ctx).
 func CallerFromContext(ctx context.Context) (identity.Caller, error) {
-	pc, err := PeerCredFromContext(ctx)
-	if err != nil {
-		return identity.Caller{}, err
-	}
-	c := identity.Caller{Selectors: pc.Selectors(), Label: pc.String()}
-	if pc.proc != nil {
-		c.Selectors = append(c.Selectors, pc.proc.exeSelectors()...)
-		if err := pc.proc.Check(); err != nil {
-			return identity.Caller{}, err
-		}
-		c.Check = pc.proc.Check
-	}
-	return c, nil
+	return builtin.Caller(ctx)
 }
 
 // String renders the credentials for logs and the audit trail.

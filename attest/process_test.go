@@ -48,6 +48,7 @@ const waitLong = 20 * time.Second
 // our end of its connection after the server handshake.
 type peerChild struct {
 	cmd   *exec.Cmd
+	exe   string // the executable it runs
 	stdin io.WriteCloser
 	conn  net.Conn
 	pc    PeerCred
@@ -57,6 +58,13 @@ type peerChild struct {
 // connectChild starts the test binary as a peer and runs UnixCredentials'
 // server handshake on its connection.
 func connectChild(t *testing.T) *peerChild {
+	t.Helper()
+	return connectChildAs(t, nil)
+}
+
+// connectChildAs is connectChild with the child run as cred (nil: as
+// ourselves); the socket is then open to every user.
+func connectChildAs(t *testing.T, cred *syscall.Credential) *peerChild {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "meshid-attest-") // short: socket paths are limited
 	if err != nil {
@@ -69,8 +77,36 @@ func connectChild(t *testing.T) *peerChild {
 		t.Fatal(err)
 	}
 	defer lis.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cred != nil {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to run a child as another user")
+		}
+		// The build directory is private; another user runs a copy.
+		b, err := os.ReadFile(exe)
+		if err != nil {
+			t.Fatal(err)
+		}
+		exe = filepath.Join(dir, "peer")
+		if err := os.WriteFile(exe, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(sock, 0o777); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(exe, "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+sock)
+	if cred != nil {
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -83,7 +119,7 @@ func connectChild(t *testing.T) *peerChild {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := &peerChild{cmd: cmd, stdin: stdin}
+	c := &peerChild{cmd: cmd, stdin: stdin, exe: exe}
 	t.Cleanup(c.stop)
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil || line != "connected\n" {

@@ -143,7 +143,7 @@ func TestEntryLifecycle(t *testing.T) {
 	ctx := context.Background()
 	resp, err := ts.client.CreateEntry(ctx, &adminv1.CreateEntryRequest{Entry: &adminv1.Entry{
 		SpiffeId:  "spiffe://cluster.local/ns/shop/sa/web",
-		Selectors: []*adminv1.Selector{{Type: "unix", Value: "uid:1000"}, {Type: "k8s", Value: "ns:shop"}},
+		Selectors: []*adminv1.Selector{{Type: "unix", Value: "uid:1000"}, {Type: "unix", Value: "path:/usr/bin/web"}},
 		DnsNames:  []string{"web.shop.svc"},
 		Ttl:       durationpb.New(time.Hour),
 	}})
@@ -166,7 +166,7 @@ func TestEntryLifecycle(t *testing.T) {
 		t.Fatalf("entry round trip lost fields: %v", got)
 	}
 	// The caller with both selectors matches; with one of them it does not.
-	if m := ts.srv.MatchEntries([]string{"unix:uid:1000", "k8s:ns:shop", "unix:gid:5"}); len(m) != 1 || m[0].ID != id {
+	if m := ts.srv.MatchEntries([]string{"unix:uid:1000", "unix:path:/usr/bin/web", "unix:gid:5"}); len(m) != 1 || m[0].ID != id {
 		t.Fatalf("match with all selectors = %v", m)
 	}
 	if m := ts.srv.MatchEntries([]string{"unix:uid:1000"}); len(m) != 0 {
@@ -175,7 +175,7 @@ func TestEntryLifecycle(t *testing.T) {
 	if _, err := ts.client.DeleteEntry(ctx, &adminv1.DeleteEntryRequest{Id: id}); err != nil {
 		t.Fatalf("delete: %v", err)
 	}
-	if m := ts.srv.MatchEntries([]string{"unix:uid:1000", "k8s:ns:shop"}); len(m) != 0 {
+	if m := ts.srv.MatchEntries([]string{"unix:uid:1000", "unix:path:/usr/bin/web"}); len(m) != 0 {
 		t.Fatalf("deleted entry still matches: %v", m)
 	}
 	audit, err := ts.srv.store.ListAudit(ctx, 0)

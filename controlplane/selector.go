@@ -2,7 +2,6 @@ package controlplane
 
 import (
 	"fmt"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -11,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/store"
 )
 
@@ -44,75 +44,12 @@ func checkPrintable(v string) error {
 	return nil
 }
 
-// selectorKinds lists the selector keys each attestor can produce. An entry
-// naming anything else could never match, so it is refused at creation
-// rather than silently never served.
-var selectorKinds = map[string]map[string]func(string) error{
-	"unix": {
-		"uid":    numeric,
-		"gid":    numeric,
-		"pid":    numeric,
-		"path":   absPath,
-		"sha256": sha256Hex,
-	},
-	"k8s": {
-		"ns":        nonEmpty,
-		"sa":        nonEmpty,
-		"pod-name":  nonEmpty,
-		"pod-uid":   nonEmpty,
-		"node-name": nonEmpty,
-		"pod-label": labelValue,
-	},
-	// A join token's SPIFFE ID is carried by the token itself; entries may
-	// still key on it to grant further identities.
-	"token": {
-		"id": nonEmpty,
-	},
-}
-
-func numeric(v string) error {
-	n, err := strconv.ParseUint(v, 10, 32)
-	if err != nil || strconv.FormatUint(n, 10) != v {
-		return fmt.Errorf("%q is not a decimal number", v)
-	}
-	return nil
-}
-
-// absPath checks a unix:path value: the caller's executable is always
-// known by its absolute, clean path (readlink of /proc/<pid>/exe).
-func absPath(v string) error {
-	if !filepath.IsAbs(v) || filepath.Clean(v) != v {
-		return fmt.Errorf("%q is not an absolute, clean path (e.g. /usr/bin/envoy)", v)
-	}
-	return nil
-}
-
-// sha256Hex checks a unix:sha256 value: the executable's SHA-256 as 64
-// lowercase hex digits, the form sha256sum prints.
-func sha256Hex(v string) error {
-	if len(v) != 64 || strings.Trim(v, "0123456789abcdef") != "" {
-		return fmt.Errorf("%q is not a SHA-256 in 64 lowercase hex digits (as sha256sum prints)", v)
-	}
-	return nil
-}
-
-func nonEmpty(v string) error {
-	if v == "" {
-		return fmt.Errorf("empty value")
-	}
-	return nil
-}
-
-func labelValue(v string) error {
-	k, _, ok := strings.Cut(v, ":")
-	if !ok || k == "" {
-		return fmt.Errorf("%q is not of the form key:value", v)
-	}
-	return nil
-}
+// attestors are the attestors this server runs on its workload socket;
+// the selector kinds an entry may name are those they produce.
+var attestors = attest.Builtin()
 
 // ParseSelector parses "type:key:value" (e.g. unix:uid:1000) and checks that
-// an attestor can produce it.
+// an attestor this server runs can produce it.
 func ParseSelector(s string) (store.Selector, error) {
 	typ, value, ok := strings.Cut(s, ":")
 	if !ok || typ == "" || value == "" {
@@ -122,8 +59,9 @@ func ParseSelector(s string) (store.Selector, error) {
 	return sel, ValidateSelector(sel)
 }
 
-// ValidateSelector checks a selector against the known selector kinds and
-// the limits on its size and characters.
+// ValidateSelector checks a selector against the limits on its size and
+// characters and the kinds the server's attestors produce: a kind none
+// produces (k8s:ns, say) is refused with the attestor that would.
 func ValidateSelector(sel store.Selector) error {
 	if n := len(sel.Type) + 1 + len(sel.Value); n > MaxSelectorLen {
 		return fmt.Errorf("selector %.40q...: %d bytes, more than the %d allowed", sel.Type+":"+sel.Value, n, MaxSelectorLen)
@@ -131,21 +69,7 @@ func ValidateSelector(sel store.Selector) error {
 	if err := checkPrintable(sel.Type + ":" + sel.Value); err != nil {
 		return fmt.Errorf("selector: %w", err)
 	}
-	keys, ok := selectorKinds[sel.Type]
-	if !ok {
-		return fmt.Errorf("selector %s:%s: unknown selector type %q (known: unix, k8s, token)", sel.Type, sel.Value, sel.Type)
-	}
-	key, value, ok := strings.Cut(sel.Value, ":")
-	check, known := keys[key]
-	if !ok || !known {
-		names := make([]string, 0, len(keys))
-		for k := range keys {
-			names = append(names, k)
-		}
-		slices.Sort(names)
-		return fmt.Errorf("selector %s:%s: unknown %s selector key %q (known: %s)", sel.Type, sel.Value, sel.Type, key, strings.Join(names, ", "))
-	}
-	if err := check(value); err != nil {
+	if err := attestors.CheckSelector(sel.Type, sel.Value); err != nil {
 		return fmt.Errorf("selector %s:%s: %w", sel.Type, sel.Value, err)
 	}
 	return nil

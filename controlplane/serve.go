@@ -339,13 +339,14 @@ func stopAll(servers ...*grpc.Server) {
 	}
 }
 
-// unixCaller identifies a workload-socket caller by its kernel-verified
-// peer credentials and, for the pid-derived selectors (pid, executable
-// path and hash), by the process tracked since it connected; the Caller's
-// Check is re-run before every send, so a process that exited, or a pid
-// given to another process, is served nothing more.
+// unixCaller identifies a workload-socket caller with the server's
+// attestors, the same set that decides which selector kinds entries may
+// name: kernel-verified peer credentials and, for the pid-derived
+// selectors (pid, executable path and hash), the process tracked since it
+// connected. The Caller's Check is re-run before every send, so a process
+// that exited, or a pid given to another process, is served nothing more.
 func unixCaller(ctx context.Context) (identity.Caller, error) {
-	return attest.CallerFromContext(ctx)
+	return attestors.Caller(ctx)
 }
 
 // ListenUnix listens on a unix socket with the given permissions; see

@@ -25,12 +25,14 @@ var entryLimits = fmt.Sprintf(`Limits (refused with InvalidArgument beyond them)
   --ttl at least 1m and at most the CA's remaining life.`,
 	controlplane.MaxSelectorsPerEntry, controlplane.MaxSelectorLen, controlplane.MaxDNSNamesPerEntry, controlplane.MaxHintLen)
 
-const selectorHelp = `Selectors:
-  unix:uid:N  unix:gid:N  unix:pid:N          (peer credentials on the workload socket;
-                                              unix:pid needs unix:uid beside it)
-  unix:path:/ABS/PATH  unix:sha256:HEX        (the caller's executable: its path, its SHA-256)
-  k8s:ns:NAMESPACE  k8s:sa:SERVICEACCOUNT     (Kubernetes workloads)
-  k8s:pod-name:N  k8s:pod-uid:U  k8s:node-name:N  k8s:pod-label:KEY:VALUE`
+const selectorHelp = `Selectors, by the attestor that produces them (a kind no attestor of the
+server produces is refused: such an entry could never match):
+  unix attestor (built in: the workload socket's peer credentials):
+    unix:uid:N  unix:gid:N  unix:pid:N        (unix:pid needs unix:uid beside it)
+    unix:path:/ABS/PATH  unix:sha256:HEX      (the caller's executable: its path, its SHA-256)
+  k8s workload attestor (agent-only, to come with meshid agent; refused here):
+    k8s:ns:NAMESPACE  k8s:sa:SERVICEACCOUNT  k8s:pod-name:N  k8s:pod-uid:U
+    k8s:node-name:N  k8s:pod-label:KEY:VALUE`
 
 func newEntryCmd() *cobra.Command {
 	cmd := &cobra.Command{
@@ -80,7 +82,7 @@ func newEntryCreateCmd() *cobra.Command {
 
 ` + entryLimits,
 		Example: `  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/web --selector unix:uid:1000
-  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/db --selector k8s:ns:shop --selector k8s:sa:db --ttl 1h --hint db`,
+  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/db --selector unix:uid:1000 --selector unix:path:/usr/local/bin/db --ttl 1h --hint db`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {
