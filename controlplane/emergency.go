@@ -180,8 +180,8 @@ func (s *Server) progressEmergency() error {
 	now := s.now()
 	for _, v := range tainted {
 		n := s.ids.servedBy(v.cert)
-		v.dependents.Store(int64(n))
 		if n > 0 {
+			v.dependents.Store(int64(n))
 			until := s.maint.reissueUntil
 			s.ids.reissue(func(sl *slotView) bool { return signedBy(sl.leaf, v.cert) && sl.renewAt.After(until.Add(time.Second)) }, s.reissueStep())
 			continue
@@ -190,6 +190,10 @@ func (s *Server) progressEmergency() error {
 			Target: v.rec.ID, Detail: "emergency rotation finished: no served SVID depends on it; removed from the trust bundle"}); err != nil {
 			return err
 		}
+		// Only now: a zero count takes a tainted CA out of the bundle, and
+		// nothing may see it gone from the bundle but still tainted (or, if
+		// the write failed, gone without the store saying revoked).
+		v.dependents.Store(0)
 		s.log.Info("emergency CA rotation finished: the old CA left the trust bundle", "ca", v.rec.ID)
 	}
 	return nil
