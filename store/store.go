@@ -305,7 +305,8 @@ type WatchResponse struct {
 }
 
 // Watcher is a running Watch. Responses are delivered in revision order and
-// never repeated. The channel is closed when the watch ends; Err then says
+// never repeated; they may be shared with other watchers, so a consumer
+// treats them (and the values their events point at) as read-only. The channel is closed when the watch ends; Err then says
 // why: nil after the watch's ctx was cancelled, an error wrapping
 // ErrCompacted when the consumer fell behind, ErrClosed when the store
 // closed. A consumer that cancels the watch's ctx and needs its goroutine
