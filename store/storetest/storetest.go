@@ -1055,12 +1055,13 @@ func testLeadership(t *testing.T, s store.Store) {
 	cancel()
 	wantErr(t, "second Campaign while led", err, context.DeadlineExceeded)
 
+	// The campaigner reports over a channel, not t.Error: if the test
+	// fails first it ends with ErrClosed after the test has returned.
 	got := make(chan store.Leadership, 1)
+	campaignErr := make(chan error, 1)
 	go func() {
 		l2, err := s.Campaign(bg)
-		if err != nil {
-			t.Error(err)
-		}
+		campaignErr <- err
 		got <- l2
 	}()
 	must(t, l.Resign(bg))
@@ -1072,8 +1073,8 @@ func testLeadership(t *testing.T, s store.Store) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("waiting campaigner did not take over after Resign")
 	}
-	if l2 == nil {
-		return
+	if err := <-campaignErr; err != nil {
+		t.Fatalf("waiting Campaign: %v", err)
 	}
 	must(t, s.Close())
 	select {
