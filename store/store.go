@@ -31,6 +31,10 @@ var (
 	// (After an fsync error the row may still show up later, the harmless
 	// direction.) It maps to gRPC Unavailable; reads still work.
 	ErrUnavailable = errors.New("store cannot make writes durable")
+	// ErrCompacted means a watch asked for, or fell behind to, a revision
+	// whose events the store no longer retains. The consumer re-lists the
+	// state and watches again from the revision it listed at.
+	ErrCompacted = errors.New("watch revision compacted")
 )
 
 // CAState is where a CA is in its life: prepared (published in the bundle,
@@ -213,6 +217,40 @@ type Store interface {
 	// cutoff and returns how many it dropped.
 	PruneRevoked(ctx context.Context, cutoff time.Time) (int, error)
 
+	// NextCRLNumber returns the next CRL number for caID and persists it:
+	// max(floor, previous+1), so numbers never go backwards for a CA across
+	// restarts or replicas (RFC 5280 5.2.3 wants them increasing per
+	// issuer). A floor such as the current time in milliseconds keeps
+	// numbers meaningful after the counter is lost with a wiped store.
+	NextCRLNumber(ctx context.Context, caID string, floor int64) (int64, error)
+
+	// Revision returns the store's current revision: every commit that
+	// changes watched state (entries, CAs and JWT keys, revoked serials,
+	// join tokens) gets a higher revision than the one before. Writes of
+	// unwatched state (inventory, audit, CRL counters) may or may not
+	// advance it. A caller that wants to read its own write through a
+	// watch-fed projection waits until the projection has reached the
+	// Revision read after its write returned.
+	Revision(ctx context.Context) (int64, error)
+	// Watch replays the retained changes with a revision above fromRev,
+	// then streams live ones in commit order, one WatchResponse per commit.
+	// It fails with an error wrapping ErrCompacted if changes after
+	// fromRev are no longer retained, and the watch ends with that error if
+	// its consumer falls so far behind that the changes it has not yet
+	// received are dropped: writers never wait for watchers. A consumer
+	// starts with fromRev = Revision() read before it lists, so that
+	// nothing committed between list and watch is missed (a replayed
+	// change it already listed sets a key to what it already holds). The
+	// watch ends when ctx is cancelled or the store closes.
+	Watch(ctx context.Context, fromRev int64) (Watcher, error)
+	// Campaign blocks until the caller leads (or ctx ends) and returns the
+	// leadership. At most one Leadership over a store is held at a time,
+	// across every process using it; a backend with a single process
+	// (boltstore) grants it at once unless another caller in the process
+	// holds it. Work only the leader may do (CA lifecycle transitions) runs
+	// while Done is open.
+	Campaign(ctx context.Context) (Leadership, error)
+
 	// Health is nil while the store can make writes durable; otherwise an
 	// error wrapping ErrUnavailable says why (writes adding state are then
 	// refused with it). Readiness reports it.
@@ -220,4 +258,70 @@ type Store interface {
 
 	// Close releases the store; it waits for pending RecordSVID commits.
 	Close() error
+}
+
+// Kind names the kind of state a watch Event is about.
+type Kind string
+
+// Watched kinds.
+const (
+	KindEntry   Kind = "entry"   // Key is Entry.ID
+	KindCA      Kind = "ca"      // Key is CARecord.ID; X.509 CAs and JWT keys
+	KindRevoked Kind = "revoked" // Key is RevokedSerial.Serial
+	KindToken   Kind = "token"   // Key is JoinToken.Hash
+)
+
+// Op is what happened to a key.
+type Op string
+
+// Operations.
+const (
+	OpPut    Op = "put"    // created or replaced; the value is the new one
+	OpDelete Op = "delete" // removed; the value is the last one it had
+)
+
+// Event is one key's change in a commit. Exactly one of Entry, CA, Revoked
+// and Token is set, the one Kind names.
+type Event struct {
+	Kind     Kind
+	Op       Op
+	Key      string
+	Revision int64
+
+	Entry   *Entry
+	CA      *CARecord
+	Revoked *RevokedSerial
+	Token   *JoinToken
+}
+
+// WatchResponse is one commit's changes, in the order the commit made them.
+// A response with no Events is a progress notification: nothing watched
+// changed up to Revision (a backend whose revision also advances on
+// unwatched writes sends them so that a consumer waiting for a Revision is
+// woken; boltstore never sends them).
+type WatchResponse struct {
+	Revision int64
+	Events   []Event
+}
+
+// Watcher is a running Watch. Responses are delivered in revision order and
+// never repeated; they may be shared with other watchers, so a consumer
+// treats them (and the values their events point at) as read-only. The channel is closed when the watch ends; Err then says
+// why: nil after the watch's ctx was cancelled, an error wrapping
+// ErrCompacted when the consumer fell behind, ErrClosed when the store
+// closed. A consumer that cancels the watch's ctx and needs its goroutine
+// gone (goleak) drains the channel until it is closed.
+type Watcher interface {
+	Responses() <-chan WatchResponse
+	Err() error
+}
+
+// Leadership is held from a successful Campaign until Resign, until the
+// store is closed, or until the backend loses it (an expired etcd lease);
+// Done is closed then. The campaign's ctx only bounds the wait.
+type Leadership interface {
+	Done() <-chan struct{}
+	// Resign gives the leadership up so that another campaigner can take
+	// it; it is idempotent.
+	Resign(ctx context.Context) error
 }

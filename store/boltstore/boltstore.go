@@ -66,6 +66,9 @@ type Options struct {
 	// UnsafeNoSync skips bbolt's fsyncs: a crash may lose or corrupt data.
 	// Only for bulk loading a store that can be rebuilt (benchmarks, tests).
 	UnsafeNoSync bool
+	// WatchRetain bounds how many changes the watch log keeps for replay
+	// and for watchers that lag; zero means DefaultWatchRetain.
+	WatchRetain int
 
 	// probeInterval is how often a store that stopped taking writes
 	// after a full disk tries a write again; zero means
@@ -103,6 +106,13 @@ type Store struct {
 	// of every group.
 	beforeCommit func()
 
+	// Watch and leadership; see watch.go. wmu orders watched commits.
+	wmu       sync.Mutex
+	hub       hub
+	leaderSem chan struct{}
+	lmu       sync.Mutex
+	leader    *leadership
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -119,6 +129,9 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.WatchRetain <= 0 {
+		opts.WatchRetain = DefaultWatchRetain
 	}
 	if opts.probeInterval <= 0 {
 		opts.probeInterval = defaultProbeInterval
@@ -157,6 +170,8 @@ func Open(path string, opts Options) (*Store, error) {
 		_ = db.Close()
 		return nil, err
 	}
+	var rev int64
+	_ = db.View(func(tx *bolt.Tx) error { rev = readRevision(tx.Bucket(bucketMeta)); return nil })
 	s := &Store{
 		db:            db,
 		path:          path,
@@ -167,7 +182,9 @@ func Open(path string, opts Options) (*Store, error) {
 		probeKick:     make(chan struct{}, 1),
 		probeStop:     make(chan struct{}),
 		probeDone:     make(chan struct{}),
+		leaderSem:     make(chan struct{}, 1),
 	}
+	s.hub.init(rev, opts.WatchRetain)
 	s.qcond = sync.NewCond(&s.qmu)
 	// Under bbolt's lock: only the process holding the db touches the
 	// segments of the retired WAL.
@@ -260,6 +277,8 @@ func (s *Store) Close() error {
 		<-s.commitDone
 		close(s.probeStop)
 		<-s.probeDone
+		s.hub.close()
+		s.endLeadership()
 		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("close store %s: %w", s.path, err)
 		}
@@ -333,10 +352,15 @@ func (s *Store) PutCA(ctx context.Context, rec store.CARecord, audit *store.Audi
 		return fmt.Errorf("put ca: empty id: %w", store.ErrInvalid)
 	}
 	val := encodeCA(&rec)
-	return s.update("put ca "+rec.ID, func(tx *bolt.Tx) error {
+	stored, err := decodeCA(val) // what a read returns, for the watch
+	if err != nil {
+		return fmt.Errorf("put ca %s: %w", rec.ID, err)
+	}
+	return s.commitWatched("put ca "+rec.ID, true, func(tx *bolt.Tx, ch *changes) error {
 		if err := tx.Bucket(bucketCAs).Put([]byte(rec.ID), val); err != nil {
 			return err
 		}
+		ch.add(store.Event{Kind: store.KindCA, Op: store.OpPut, Key: rec.ID, CA: &stored})
 		if audit != nil {
 			return s.appendAudit(tx, *audit)
 		}
@@ -396,9 +420,13 @@ func (s *Store) CreateEntry(ctx context.Context, e store.Entry, audit store.Audi
 		return fmt.Errorf("create entry: id and spiffe id are required: %w", store.ErrInvalid)
 	}
 	val := encodeEntry(&e)
+	stored, err := decodeEntry(val)
+	if err != nil {
+		return fmt.Errorf("create entry %s: %w", e.ID, err)
+	}
 	uk := uniqKey(&e)
 	id := []byte(e.ID)
-	return s.update("create entry "+e.ID, func(tx *bolt.Tx) error {
+	return s.commitWatched("create entry "+e.ID, true, func(tx *bolt.Tx, ch *changes) error {
 		entries, uniq := tx.Bucket(bucketEntries), tx.Bucket(bucketEntryUniq)
 		if entries.Get(id) != nil {
 			return fmt.Errorf("entry id %s: %w", e.ID, store.ErrAlreadyExists)
@@ -412,6 +440,7 @@ func (s *Store) CreateEntry(ctx context.Context, e store.Entry, audit store.Audi
 		if err := uniq.Put(uk, id); err != nil {
 			return err
 		}
+		ch.add(store.Event{Kind: store.KindEntry, Op: store.OpPut, Key: e.ID, Entry: &stored})
 		return s.appendAudit(tx, audit)
 	})
 }
@@ -423,7 +452,7 @@ func (s *Store) DeleteEntry(ctx context.Context, id string, audit store.AuditEve
 		return store.Entry{}, err
 	}
 	var e store.Entry
-	err := s.updateAlways("delete entry "+id, func(tx *bolt.Tx) error {
+	err := s.commitWatched("delete entry "+id, false, func(tx *bolt.Tx, ch *changes) error {
 		entries, uniq := tx.Bucket(bucketEntries), tx.Bucket(bucketEntryUniq)
 		v := entries.Get([]byte(id))
 		if v == nil {
@@ -445,6 +474,8 @@ func (s *Store) DeleteEntry(ctx context.Context, id string, audit store.AuditEve
 				return err
 			}
 		}
+		old := e
+		ch.add(store.Event{Kind: store.KindEntry, Op: store.OpDelete, Key: id, Entry: &old})
 		return s.appendAudit(tx, audit)
 	})
 	if err != nil {

@@ -20,10 +20,14 @@ func (s *Store) UpdateEntry(ctx context.Context, e store.Entry, audit store.Audi
 		return store.Entry{}, fmt.Errorf("update entry: id and spiffe id are required: %w", store.ErrInvalid)
 	}
 	val := encodeEntry(&e)
+	stored, err := decodeEntry(val)
+	if err != nil {
+		return store.Entry{}, fmt.Errorf("update entry %s: %w", e.ID, err)
+	}
 	newKey := uniqKey(&e)
 	id := []byte(e.ID)
 	var old store.Entry
-	err := s.update("update entry "+e.ID, func(tx *bolt.Tx) error {
+	err = s.commitWatched("update entry "+e.ID, true, func(tx *bolt.Tx, ch *changes) error {
 		entries, uniq := tx.Bucket(bucketEntries), tx.Bucket(bucketEntryUniq)
 		v := entries.Get(id)
 		if v == nil {
@@ -48,6 +52,7 @@ func (s *Store) UpdateEntry(ctx context.Context, e store.Entry, audit store.Audi
 		if err := uniq.Put(newKey, id); err != nil {
 			return err
 		}
+		ch.add(store.Event{Kind: store.KindEntry, Op: store.OpPut, Key: e.ID, Entry: &stored})
 		return s.appendAudit(tx, audit)
 	})
 	if err != nil {

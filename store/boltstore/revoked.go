@@ -50,15 +50,21 @@ func (s *Store) RevokeSerials(ctx context.Context, serials []store.RevokedSerial
 			return fmt.Errorf("revoke: serial and expiry are required: %w", store.ErrInvalid)
 		}
 	}
-	return s.updateAlways("revoke serials", func(tx *bolt.Tx) error {
+	return s.commitWatched("revoke serials", false, func(tx *bolt.Tx, ch *changes) error {
 		b := tx.Bucket(bucketRevoked)
 		for _, r := range serials {
 			if b.Get([]byte(r.Serial)) != nil {
-				continue
+				continue // also a duplicate earlier in serials: its Put is visible
 			}
-			if err := b.Put([]byte(r.Serial), encodeRevoked(&r)); err != nil {
+			val := encodeRevoked(&r)
+			stored, err := decodeRevoked(val)
+			if err != nil {
 				return err
 			}
+			if err := b.Put([]byte(r.Serial), val); err != nil {
+				return err
+			}
+			ch.add(store.Event{Kind: store.KindRevoked, Op: store.OpPut, Key: r.Serial, Revoked: &stored})
 		}
 		return s.appendAudit(tx, audit)
 	})
@@ -89,11 +95,15 @@ func (s *Store) PruneRevoked(ctx context.Context, cutoff time.Time) (int, error)
 		return 0, err
 	}
 	n := 0
-	err := s.updateAlways("prune revoked", func(tx *bolt.Tx) error {
+	err := s.commitWatched("prune revoked", false, func(tx *bolt.Tx, ch *changes) error {
 		var err error
 		n, err = deleteWhere(tx.Bucket(bucketRevoked), func(v []byte) (bool, error) {
 			r, err := decodeRevoked(v)
-			return err == nil && r.NotAfter.Before(cutoff), err
+			ok := err == nil && r.NotAfter.Before(cutoff)
+			if ok {
+				ch.add(store.Event{Kind: store.KindRevoked, Op: store.OpDelete, Key: r.Serial, Revoked: &r})
+			}
+			return ok, err
 		})
 		return err
 	})

@@ -51,14 +51,20 @@ func (s *Store) CreateToken(ctx context.Context, t store.JoinToken, audit store.
 	if t.Hash == "" || t.SpiffeID == "" || t.ExpiresAt.IsZero() {
 		return fmt.Errorf("create token: hash, spiffe id and expiry are required: %w", store.ErrInvalid)
 	}
-	return s.update("create token", func(tx *bolt.Tx) error {
+	val := encodeToken(&t)
+	stored, err := decodeToken(val)
+	if err != nil {
+		return fmt.Errorf("create token: %w", err)
+	}
+	return s.commitWatched("create token", true, func(tx *bolt.Tx, ch *changes) error {
 		b := tx.Bucket(bucketTokens)
 		if b.Get([]byte(t.Hash)) != nil {
 			return fmt.Errorf("token: %w", store.ErrAlreadyExists)
 		}
-		if err := b.Put([]byte(t.Hash), encodeToken(&t)); err != nil {
+		if err := b.Put([]byte(t.Hash), val); err != nil {
 			return err
 		}
+		ch.add(store.Event{Kind: store.KindToken, Op: store.OpPut, Key: t.Hash, Token: &stored})
 		return s.appendAudit(tx, audit)
 	})
 }
@@ -95,14 +101,19 @@ func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store
 	if err != nil || !out.SingleUse {
 		return out, err
 	}
-	err = s.update("use token", func(tx *bolt.Tx) error {
+	err = s.commitWatched("use token", true, func(tx *bolt.Tx, ch *changes) error {
 		t, err := read(tx) // again, under the writer lock: one winner
 		if err != nil {
 			return err
 		}
 		t.UsedAt = now
-		out = t
-		return tx.Bucket(bucketTokens).Put([]byte(hash), encodeToken(&t))
+		val := encodeToken(&t)
+		if out, err = decodeToken(val); err != nil {
+			return err
+		}
+		used := out
+		ch.add(store.Event{Kind: store.KindToken, Op: store.OpPut, Key: hash, Token: &used})
+		return tx.Bucket(bucketTokens).Put([]byte(hash), val)
 	})
 	return out, err
 }
@@ -113,11 +124,15 @@ func (s *Store) DeleteTokensFor(ctx context.Context, spiffeID string) (int, erro
 		return 0, err
 	}
 	n := 0
-	err := s.updateAlways("delete tokens", func(tx *bolt.Tx) error {
+	err := s.commitWatched("delete tokens", false, func(tx *bolt.Tx, ch *changes) error {
 		var err error
 		n, err = deleteWhere(tx.Bucket(bucketTokens), func(v []byte) (bool, error) {
 			t, err := decodeToken(v)
-			return err == nil && t.SpiffeID == spiffeID, err
+			ok := err == nil && t.SpiffeID == spiffeID
+			if ok {
+				ch.add(store.Event{Kind: store.KindToken, Op: store.OpDelete, Key: t.Hash, Token: &t})
+			}
+			return ok, err
 		})
 		return err
 	})
