@@ -120,7 +120,8 @@ func silentClient(t *testing.T, socket string) secretv3.SecretDiscoveryServiceCl
 // well-behaved stream from its pushes: the waiting Sends are the silent
 // streams' own. Both stream kinds.
 func TestBigBundleDoesNotStallPushers(t *testing.T) {
-	h := startServer(t, time.Hour)
+	const drain = time.Second
+	h := startServerDrain(t, time.Hour, drain)
 	growCRL(t, h, 1704)
 
 	type reader struct {
@@ -216,6 +217,41 @@ func TestBigBundleDoesNotStallPushers(t *testing.T) {
 			r.next(t)
 			revokeOne(t, h)
 			r.next(t)
+			// They do wait, each on its stream's own goroutine.
+			waitMetric(t, h.srv, "meshid_sds_large_sends_in_flight", func(v float64) bool { return v == float64(silent) })
 		})
 	}
+
+	// A Send waiting on a client that does not read is the stream's: the
+	// server's stop waits for it until the drain deadline closes the
+	// connection, then returns, and the goroutine is gone (goleak, in
+	// TestMain).
+	t.Run("stop", func(t *testing.T) {
+		p0 := metricValue(t, h.srv, "meshid_sds_pushes_total")
+		c := silentClient(t, h.socket)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		st, err := c.StreamSecrets(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Send(&discoveryv3.DiscoveryRequest{Node: envoyNode("silent"), ResourceNames: []string{"ROOTCA"}, TypeUrl: sds.SecretTypeURL}); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 2 {
+			waitMetric(t, h.srv, "meshid_sds_pushes_total", func(v float64) bool { return v >= p0+float64(i)+1 })
+			revokeOne(t, h)
+		}
+		waitMetric(t, h.srv, "meshid_sds_large_sends_in_flight", func(v float64) bool { return v == 1 })
+		stopped := make(chan struct{})
+		go func() { h.stop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(drain + 30*time.Second):
+			t.Fatal("the server did not stop: a Send waiting on a client outlived the drain")
+		}
+		if v := metricValue(t, h.srv, "meshid_sds_large_sends_in_flight"); v != 0 {
+			t.Fatalf("%v large sends still in flight after the server stopped", v)
+		}
+	})
 }

@@ -254,9 +254,11 @@ func (b *streamBase) send(m proto.Message, sendMsg func() error, self pushJob) e
 	}
 	b.sending = true
 	b.apart.Add(1)
+	b.s.metrics.LargeSends.Inc()
 	go func() {
 		defer b.apart.Done()
 		err := sendMsg()
+		b.s.metrics.LargeSends.Dec()
 		b.mu.Lock()
 		b.sending = false
 		if err != nil {

@@ -50,6 +50,9 @@ type Metrics struct {
 	Pushes  prometheus.Counter
 	NACKs   prometheus.Counter
 	Refused prometheus.Counter
+	// LargeSends are the responses being sent on a stream's own goroutine
+	// (see writeBudget): a lasting non-zero value is clients not reading.
+	LargeSends prometheus.Gauge
 }
 
 // NewMetrics creates and registers the SDS metrics.
@@ -59,9 +62,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Pushes:  prometheus.NewCounter(prometheus.CounterOpts{Name: "meshid_sds_pushes_total", Help: "SDS responses sent."}),
 		NACKs:   prometheus.NewCounter(prometheus.CounterOpts{Name: "meshid_sds_nacks_total", Help: "SDS responses rejected by the client (NACK)."}),
 		Refused: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshid_sds_refused_total", Help: "Secret names asked for by a caller not entitled to them."}),
+		LargeSends: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshid_sds_large_sends_in_flight",
+			Help: "SDS responses in flight that exceed what a stream may leave unread (64 KiB), each sent apart so it may wait for its client to read; lasting values are clients that do not read."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Streams, m.Pushes, m.NACKs, m.Refused)
+		reg.MustRegister(m.Streams, m.Pushes, m.NACKs, m.Refused, m.LargeSends)
 	}
 	return m
 }
