@@ -30,15 +30,18 @@ import (
 //     Empty (a flat copy of the bytes), see decode.
 //   - Everything else (decoding a request, updating the stream's state,
 //     marshalling and sending a response) runs on one of a few pusher
-//     goroutines shared by the whole server. Only their stacks grow.
+//     goroutines shared by the whole server. Only their stacks grow. The
+//     exception is a Send that might wait for its client to read (see
+//     writeBudget): it runs on a short-lived goroutine of the stream's.
 //
 // A stream is queued at most once at a time; a pusher takes it and runs
 // its runPush under the stream's mutex, which also guards the stream's
-// state and keeps one Send at a time per stream. recvLoop waits until its
-// request has been taken before it receives the next one, so a client
-// cannot queue requests faster than they are handled. A handler marks its
-// stream closed (under that mutex, so after any Send in progress) before
-// it returns, and a closed stream is never sent on.
+// state; that and the sending mark keep one Send at a time per stream.
+// recvLoop waits until its request has been taken before it receives the
+// next one, so a client cannot queue requests faster than they are
+// handled. A handler marks its stream closed (under that mutex, so after
+// any Send on a pusher) and waits for a Send apart before it returns, and
+// a closed stream is never sent on.
 
 // maxUnacked bounds the responses a stream may have in flight without an
 // answer (ACK or NACK) to the latest. Envoy answers every response, so it
@@ -77,8 +80,9 @@ type pushJob interface {
 	queuedFlag() *bool
 }
 
-// pushers returns the size of the pool: enough that a few clients blocked
-// in Send (flow control) cannot stall every other stream.
+// pushers returns the size of the pool. A pusher's Send never waits for a
+// client (see writeBudget), but it does the marshalling and the copy into
+// the transport, so a few run at once.
 func pushers() int { return max(32, 4*runtime.GOMAXPROCS(0)) }
 
 // pushQueue is the server's FIFO of streams to push to and the pool that
