@@ -19,3 +19,7 @@ func NACKCount(s *Server) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// Pushers is the size of the server's pool of pusher goroutines: a test
+// that means to stall them all needs more streams than that.
+func Pushers() int { return pushers() }

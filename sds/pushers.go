@@ -30,23 +30,47 @@ import (
 //     Empty (a flat copy of the bytes), see decode.
 //   - Everything else (decoding a request, updating the stream's state,
 //     marshalling and sending a response) runs on one of a few pusher
-//     goroutines shared by the whole server. Only their stacks grow.
+//     goroutines shared by the whole server. Only their stacks grow. The
+//     exception is a Send that might wait for its client to read (see
+//     writeBudget): it runs on a short-lived goroutine of the stream's.
 //
 // A stream is queued at most once at a time; a pusher takes it and runs
 // its runPush under the stream's mutex, which also guards the stream's
-// state and keeps one Send at a time per stream. recvLoop waits until its
-// request has been taken before it receives the next one, so a client
-// cannot queue requests faster than they are handled. A handler marks its
-// stream closed (under that mutex, so after any Send in progress) before
-// it returns, and a closed stream is never sent on.
+// state; that and the sending mark keep one Send at a time per stream.
+// recvLoop waits until its request has been taken before it receives the
+// next one, so a client cannot queue requests faster than they are
+// handled. A handler marks its stream closed (under that mutex, so after
+// any Send on a pusher) and waits for a Send apart before it returns, and
+// a closed stream is never sent on.
 
 // maxUnacked bounds the responses a stream may have in flight without an
 // answer (ACK or NACK) to the latest. Envoy answers every response, so it
 // never gets near it; a client that stops reading is sent nothing more
-// until it answers. That keeps every Send of ours within gRPC's per-stream
-// write quota (64 KiB), so a pusher never blocks on a client that does not
-// read, and no local process can stall the shared pushers.
+// until it answers.
 const maxUnacked = 3
+
+// A pusher must never wait on a client, or a local process that stops
+// reading could stall every stream. A Send waits when the stream's write
+// quota is used up: gRPC gives each stream writeBudget bytes (grpc-go's
+// defaultWriteQuota, not configurable), takes a message's bytes from it on
+// Send and gives them back only as they go out on the wire, which the
+// client's flow-control window lets them do only as it reads. Every byte of
+// a response the client has answered (ACK or NACK of the latest) has gone
+// out, so what is taken and not given back is at most the bytes of the
+// unanswered responses. A Send whose bytes, with those, fit writeBudget
+// therefore cannot wait, whatever window the client announced (even none):
+// it runs on the pusher. Any other (a bundle of many CRLs, or the third
+// 30 KiB response to a client that does not read) may wait for the client,
+// so it runs on a goroutine of the stream's own (see send), and only that
+// stream waits; the stream sends nothing else until it returns.
+//
+// Envoy answers each response before the next change, so its responses
+// below writeBudget all go out on the pushers, as before; a bigger one
+// costs a short-lived goroutine per push, whose stack goes with it.
+const (
+	writeBudget  = 64 << 10
+	msgHeaderLen = 5 // gRPC's length prefix, taken from the quota too
+)
 
 // pushJob is a stream with something to push.
 type pushJob interface {
@@ -56,8 +80,9 @@ type pushJob interface {
 	queuedFlag() *bool
 }
 
-// pushers returns the size of the pool: enough that a few clients blocked
-// in Send (flow control) cannot stall every other stream.
+// pushers returns the size of the pool. A pusher's Send never waits for a
+// client (see writeBudget), but it does the marshalling and the copy into
+// the transport, so a few run at once.
 func pushers() int { return max(32, 4*runtime.GOMAXPROCS(0)) }
 
 // pushQueue is the server's FIFO of streams to push to and the pool that
@@ -145,11 +170,17 @@ type streamBase struct {
 	taken  chan struct{} // to recvLoop: a pusher has taken its request
 	queued bool          // in the push queue; guarded by s.pq.mu
 
-	mu       sync.Mutex
-	closed   bool           // the handler has returned (or a push failed): never send again
-	unacked  int            // responses sent since the client last answered the latest one
-	req      *emptypb.Empty // the request recvLoop left, undecoded
-	refusedN map[string]bool
+	mu           sync.Mutex
+	closed       bool           // the handler has returned (or a push failed): never send again
+	unacked      int            // responses sent since the client last answered the latest one
+	unackedBytes int            // their size on the wire (see writeBudget)
+	sending      bool           // a Send runs apart (see send): no other until it returns
+	req          *emptypb.Empty // the request recvLoop left, undecoded
+	refusedN     map[string]bool
+
+	// apart is the Send running on a goroutine of its own, if any; the
+	// handler waits for it before it returns.
+	apart sync.WaitGroup
 }
 
 func (b *streamBase) init(s *Server, caller identity.Caller, sub identity.Subscription) {
@@ -182,12 +213,70 @@ func (b *streamBase) fail(err error) {
 }
 
 // close marks the stream closed once any Send in progress is done; the
-// handler calls it before it returns, as gRPC requires.
+// handler calls it before it returns, as gRPC requires. A Send running
+// apart may be waiting for a client that does not read: it returns when
+// the client reads, resets the stream or goes away, or when the server's
+// drain deadline closes the connection, and so does close.
 func (b *streamBase) close() {
 	b.mu.Lock()
 	b.closed = true
 	b.req = nil
 	b.mu.Unlock()
+	b.apart.Wait()
+}
+
+// answered records that the client has answered the latest response: all
+// that was sent has gone out. b.mu is held.
+func (b *streamBase) answered() {
+	b.unacked, b.unackedBytes = 0, 0
+}
+
+// held reports whether a push must wait: too many responses unanswered,
+// or a Send still running apart. It goes out with the client's next answer
+// or when that Send returns. b.mu is held.
+func (b *streamBase) held() bool {
+	return b.unacked >= maxUnacked || b.sending
+}
+
+// send sends m with sendMsg (the stream's Send of m): on this pusher if
+// it cannot wait (see writeBudget), else on a goroutine of its own, which
+// queues the stream again once done so that a push held meanwhile goes
+// out. Either way m counts as sent from here on: its nonce is the latest,
+// and a client may answer it before a Send apart has returned. b.mu is
+// held and b is not closed.
+func (b *streamBase) send(m proto.Message, sendMsg func() error, self pushJob) error {
+	n := proto.Size(m) + msgHeaderLen
+	inline := b.unackedBytes+n <= writeBudget
+	b.unacked++
+	b.unackedBytes += n
+	if inline {
+		if err := sendMsg(); err != nil {
+			return err
+		}
+		b.s.metrics.Pushes.Inc()
+		return nil
+	}
+	b.sending = true
+	b.apart.Add(1)
+	b.s.metrics.LargeSends.Inc()
+	go func() {
+		defer b.apart.Done()
+		err := sendMsg()
+		b.s.metrics.LargeSends.Dec()
+		b.mu.Lock()
+		b.sending = false
+		if err != nil {
+			b.fail(err)
+		} else {
+			b.s.metrics.Pushes.Inc()
+		}
+		closed := b.closed
+		b.mu.Unlock()
+		if !closed {
+			b.s.pq.enqueue(self)
+		}
+	}()
+	return nil
 }
 
 // recvLoop hands each request, undecoded, to the pushers (through the

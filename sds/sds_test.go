@@ -52,6 +52,13 @@ type harness struct {
 // entry giving this test process (by pid) identity idA.
 func startServer(t *testing.T, svidTTL time.Duration) *harness {
 	t.Helper()
+	return startServerDrain(t, svidTTL, 0)
+}
+
+// startServerDrain is startServer with the server's drain timeout (0: the
+// default).
+func startServerDrain(t *testing.T, svidTTL, drain time.Duration) *harness {
+	t.Helper()
 	srv, err := controlplane.Open(context.Background(), controlplane.Config{DataDir: t.TempDir(), SVIDTTL: svidTTL, CATTL: 24 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -67,7 +74,7 @@ func startServer(t *testing.T, svidTTL time.Duration) *harness {
 	go func() {
 		done <- srv.Run(ctx, controlplane.Endpoints{
 			AdminSocket: filepath.Join(dir, "a.sock"), Socket: h.socket,
-			SDSListen: "127.0.0.1:0", SDSRESTListen: "127.0.0.1:0",
+			SDSListen: "127.0.0.1:0", SDSRESTListen: "127.0.0.1:0", DrainTimeout: drain,
 		}, func(l controlplane.Listening) { h.listen = l; close(ready) })
 	}()
 	select {

@@ -50,6 +50,9 @@ type Metrics struct {
 	Pushes  prometheus.Counter
 	NACKs   prometheus.Counter
 	Refused prometheus.Counter
+	// LargeSends are the responses being sent on a stream's own goroutine
+	// (see writeBudget): a lasting non-zero value is clients not reading.
+	LargeSends prometheus.Gauge
 }
 
 // NewMetrics creates and registers the SDS metrics.
@@ -59,9 +62,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Pushes:  prometheus.NewCounter(prometheus.CounterOpts{Name: "meshid_sds_pushes_total", Help: "SDS responses sent."}),
 		NACKs:   prometheus.NewCounter(prometheus.CounterOpts{Name: "meshid_sds_nacks_total", Help: "SDS responses rejected by the client (NACK)."}),
 		Refused: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshid_sds_refused_total", Help: "Secret names asked for by a caller not entitled to them."}),
+		LargeSends: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshid_sds_large_sends_in_flight",
+			Help: "SDS responses in flight that exceed what a stream may leave unread (64 KiB), each sent apart so it may wait for its client to read; lasting values are clients that do not read."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Streams, m.Pushes, m.NACKs, m.Refused)
+		reg.MustRegister(m.Streams, m.Pushes, m.NACKs, m.Refused, m.LargeSends)
 	}
 	return m
 }
@@ -258,8 +263,8 @@ func (st *sotwStream) runPush() {
 	} else if st.closed {
 		return
 	}
-	if !st.started || st.unacked >= maxUnacked {
-		return // a held push goes out with the client's next answer
+	if !st.started || st.held() {
+		return
 	}
 	force := st.force
 	st.force = false
@@ -276,7 +281,7 @@ func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) {
 		// its nonce).
 		return
 	}
-	st.unacked = 0
+	st.answered()
 	if req.GetErrorDetail() != nil {
 		// NACK: Envoy keeps what it had. Re-sending the same content
 		// would loop; the next real change is the next push.
@@ -335,11 +340,6 @@ func (st *sotwStream) push(force bool) error {
 		TypeUrl:     SecretTypeURL,
 		Nonce:       st.lastNonce,
 	}
-	if err := st.stream.Send(resp); err != nil {
-		return err
-	}
-	st.unacked++
-	s.metrics.Pushes.Inc()
 	if refused {
 		// What the client holds now: nothing for the names left out.
 		for i, n := range st.names {
@@ -348,7 +348,7 @@ func (st *sotwStream) push(force bool) error {
 			}
 		}
 	}
-	return nil
+	return st.send(resp, func() error { return st.stream.Send(resp) }, st)
 }
 
 // contentVersion is a delta resource version: a digest of the content key,
@@ -413,8 +413,8 @@ func (st *deltaStream) runPush() {
 	} else if st.closed {
 		return
 	}
-	if st.first || st.unacked >= maxUnacked {
-		return // a held push goes out with the client's next answer
+	if st.first || st.held() {
+		return
 	}
 	if err := st.push(); err != nil {
 		st.fail(err)
@@ -431,7 +431,7 @@ func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
 	st.first = false
 	stale := req.GetResponseNonce() != "" && req.GetResponseNonce() != st.lastNonce
 	if st.lastNonce != "" && req.GetResponseNonce() == st.lastNonce {
-		st.unacked = 0
+		st.answered()
 	}
 	if req.GetErrorDetail() != nil && !stale {
 		st.s.metrics.NACKs.Inc()
@@ -486,12 +486,7 @@ func (st *deltaStream) push() error {
 	st.lastNonce = s.next()
 	resp.SystemVersionInfo = st.lastNonce
 	resp.Nonce = st.lastNonce
-	if err := st.stream.Send(resp); err != nil {
-		return err
-	}
-	st.unacked++
-	s.metrics.Pushes.Inc()
-	return nil
+	return st.send(resp, func() error { return st.stream.Send(resp) }, st)
 }
 
 func sortedKeys(m map[string]bool) []string {
