@@ -124,8 +124,9 @@ is no key, and the SVID is printed. -o json|yaml prints a document: without
 				if f.data == nil {
 					continue
 				}
+				// fsutil's error already names the file ("write DIR/svid.pem: ...").
 				if err := fsutil.WriteFileAtomic(filepath.Join(outDir, f.name), f.data, f.perm); err != nil {
-					return fmt.Errorf("write %s: %w", f.name, err)
+					return err
 				}
 			}
 			if structured(output) {
