@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
+	"math"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // ErrSignBusy is returned when signing would wait longer than the queue
@@ -17,40 +19,51 @@ var ErrSignBusy = errors.New("signing is at its rate limit; retry later")
 // request that would wait longer than maxWait is refused at once instead
 // of queueing without end, so a mass re-issue (every SVID after a CA
 // activation) becomes a spread over time rather than an outage.
+//
+// The rate is a token bucket from golang.org/x/time/rate; concurrency is a
+// buffered channel used as a semaphore (golang.org/x/sync is not a
+// dependency, and a channel also selects against a timer and ctx).
 type signLimiter struct {
-	sem     chan struct{}
-	rate    float64
-	burst   time.Duration
-	maxWait time.Duration
-
-	mu       sync.Mutex
-	nextFree time.Time // when the next token is available
+	sem     chan struct{} // nil: no concurrency cap
+	lim     *rate.Limiter // nil: no rate cap
+	maxWait time.Duration // queue bound when acquire is given none
 }
 
-func newSignLimiter(concurrency int, rate float64, maxWait time.Duration) *signLimiter {
-	l := &signLimiter{rate: rate, maxWait: maxWait, burst: time.Second}
+func newSignLimiter(concurrency int, perSecond float64, maxWait time.Duration) *signLimiter {
+	l := &signLimiter{maxWait: maxWait}
 	if concurrency > 0 {
 		l.sem = make(chan struct{}, concurrency)
+	}
+	if perSecond > 0 {
+		// A second's worth of tokens plus the one due now: the bucket the
+		// limiter had before it was built on x/time/rate, so an idle server
+		// still signs rate+1 at once.
+		l.lim = rate.NewLimiter(rate.Limit(perSecond), int(math.Floor(perSecond))+1)
 	}
 	return l
 }
 
 // acquire waits for a token and a concurrency slot and returns how long it
-// waited and a release func.
+// waited and a release func. maxWait <= 0 means the limiter's default.
 func (l *signLimiter) acquire(ctx context.Context, maxWait time.Duration) (time.Duration, func(), error) {
+	if maxWait <= 0 {
+		maxWait = l.maxWait
+	}
 	start := time.Now()
-	if l.rate > 0 {
-		now := time.Now()
-		at, err := l.reserve(now, maxWait)
+	if l.lim != nil {
+		at, r, err := l.reserve(start, maxWait)
 		if err != nil {
 			return 0, nil, err
 		}
-		if wait := at.Sub(now); wait > 0 {
+		if wait := at.Sub(start); wait > 0 {
 			t := time.NewTimer(wait)
 			select {
 			case <-t.C:
 			case <-ctx.Done():
 				t.Stop()
+				// The caller has gone: give the token back, or every
+				// abandoned renewal would push later ones further out.
+				r.Cancel()
 				return 0, nil, ctx.Err()
 			}
 		}
@@ -72,19 +85,17 @@ func (l *signLimiter) acquire(ctx context.Context, maxWait time.Duration) (time.
 }
 
 // reserve takes the next token of the rate limit and says when it may be
-// used, or refuses if that is more than maxWait after now.
-func (l *signLimiter) reserve(now time.Time, maxWait time.Duration) (time.Time, error) {
-	interval := time.Duration(float64(time.Second) / l.rate)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	// Up to a second's worth of tokens may accumulate while idle.
-	if floor := now.Add(-l.burst); l.nextFree.Before(floor) {
-		l.nextFree = floor
+// used, or refuses, taking nothing, if that is more than maxWait after now.
+func (l *signLimiter) reserve(now time.Time, maxWait time.Duration) (time.Time, *rate.Reservation, error) {
+	r := l.lim.ReserveN(now, 1)
+	if !r.OK() {
+		// Only if the burst were below one, which newSignLimiter never makes.
+		return time.Time{}, nil, fmt.Errorf("%w (limit %g/s admits no request)", ErrSignBusy, float64(l.lim.Limit()))
 	}
-	at := l.nextFree
-	if wait := at.Sub(now); wait > maxWait {
-		return time.Time{}, fmt.Errorf("%w (queue would be %s, limit %.0f/s)", ErrSignBusy, wait.Truncate(time.Millisecond), l.rate)
+	wait := r.DelayFrom(now)
+	if wait > maxWait {
+		r.CancelAt(now)
+		return time.Time{}, nil, fmt.Errorf("%w (queue would be %s, limit %g/s)", ErrSignBusy, wait.Truncate(time.Millisecond), float64(l.lim.Limit()))
 	}
-	l.nextFree = at.Add(interval)
-	return at, nil
+	return now.Add(wait), r, nil
 }

@@ -38,7 +38,7 @@ func TestSignLimiterRefusesBeyondTheQueue(t *testing.T) {
 	now := time.Now()
 	var waits []time.Duration
 	for i := range 14 {
-		at, err := l.reserve(now, 250*time.Millisecond)
+		at, _, err := l.reserve(now, 250*time.Millisecond)
 		if i == 13 {
 			if !errors.Is(err, ErrSignBusy) {
 				t.Fatalf("14th reservation: %v, want ErrSignBusy", err)
@@ -52,6 +52,37 @@ func TestSignLimiterRefusesBeyondTheQueue(t *testing.T) {
 	}
 	if waits[9] != 0 || waits[10] != 0 || waits[11] != 100*time.Millisecond || waits[12] != 200*time.Millisecond {
 		t.Fatalf("waits %v: want a burst of 11 free, then 100ms steps", waits)
+	}
+}
+
+// TestSignLimiterAbandonedWaitReturnsItsToken: a request that gives up
+// while queued for a rate token (its client went away, its deadline passed)
+// must hand the token back, or a burst of abandoned renewals would push
+// every later request further out and turn into ResourceExhausted.
+func TestSignLimiterAbandonedWaitReturnsItsToken(t *testing.T) {
+	// 1/s: a bucket of two, then one token a second.
+	l := newSignLimiter(0, 1, time.Minute)
+	for range 2 {
+		_, release, err := l.acquire(context.Background(), time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		release()
+	}
+	// The next token is a second out; this caller gives up after 50 ms.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, _, err := l.acquire(ctx, time.Minute); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("abandoned acquire: %v, want DeadlineExceeded", err)
+	}
+	// Had the abandoned request kept its token, the next would wait ~2s.
+	now := time.Now()
+	at, _, err := l.reserve(now, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wait := at.Sub(now); wait > 1500*time.Millisecond {
+		t.Fatalf("next request waits %s after an abandoned one: its token was not given back", wait)
 	}
 }
 

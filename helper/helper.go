@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshid/meshid/internal/fsutil"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	pb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -302,12 +303,9 @@ func (h *helper) update(resp *pb.X509SVIDResponse) error {
 		{h.cfg.CertName, certPEM, 0o644},
 	}
 	for _, f := range files {
-		if err := writeAtomic(h.cfg.Dir, f.name, f.data, f.perm); err != nil {
+		if err := fsutil.WriteFileAtomic(filepath.Join(h.cfg.Dir, f.name), f.data, f.perm); err != nil {
 			return err
 		}
-	}
-	if err := syncDir(h.cfg.Dir); err != nil {
-		return err
 	}
 	h.last = next
 	leaf := svid.Certificates[0]
@@ -365,50 +363,4 @@ func tail(b []byte) string {
 		s = "..." + s[len(s)-max:]
 	}
 	return s
-}
-
-// writeAtomic replaces dir/name with data: written to a temporary file in
-// the same directory, flushed to disk, then renamed over the old one, so a
-// reader sees the old file or the new one, never a part.
-func writeAtomic(dir, name string, data []byte, perm os.FileMode) (err error) {
-	f, err := os.CreateTemp(dir, "."+name+".*.tmp")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	return nil
-}
-
-// syncDir makes the renames durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	return nil
 }

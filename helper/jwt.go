@@ -2,8 +2,10 @@ package helper
 
 import (
 	"fmt"
+	"path/filepath"
 	"time"
 
+	"github.com/meshid/meshid/internal/fsutil"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 )
 
@@ -24,13 +26,10 @@ func (h *helper) updateJWT() (time.Time, error) {
 	if err != nil {
 		return time.Time{}, fmt.Errorf("read JWT-SVID: %w", err)
 	}
-	if err := writeAtomic(h.cfg.Dir, h.cfg.JWTBundleName, jwks, 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(h.cfg.Dir, h.cfg.JWTBundleName), jwks, 0o644); err != nil {
 		return time.Time{}, err
 	}
-	if err := writeAtomic(h.cfg.Dir, h.cfg.JWTSVIDName, []byte(svid.GetSvid()), 0o600); err != nil {
-		return time.Time{}, err
-	}
-	if err := syncDir(h.cfg.Dir); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(h.cfg.Dir, h.cfg.JWTSVIDName), []byte(svid.GetSvid()), 0o600); err != nil {
 		return time.Time{}, err
 	}
 	now := time.Now()

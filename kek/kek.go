@@ -34,6 +34,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/meshid/meshid/internal/fsutil"
 )
 
 // KeySize is the length of the key in bytes (AES-256).
@@ -168,11 +170,12 @@ func parseKey(data []byte) ([]byte, error) {
 	return key, nil
 }
 
-// create writes a new key to a temporary file in the same directory, fsyncs
-// it, and then hard-links it into place. os.Link fails if path exists, so it
-// is as exclusive as O_EXCL, and unlike writing into an O_EXCL file directly,
-// a crash can never leave a truncated key file at path that would then block
-// every start-up.
+// create writes a new key with fsutil.WriteFileExclusive: the data is on
+// disk before the name appears, so a crash can never leave a truncated key
+// file at path that would then block every start-up, and the directory is
+// flushed so the name survives too (else the next start would make a
+// second key and orphan everything sealed with this one). Like O_EXCL it
+// refuses an existing file.
 func create(path string) (*KEK, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -182,45 +185,10 @@ func create(path string) (*KEK, error) {
 	if _, err := rand.Read(key); err != nil {
 		return nil, fmt.Errorf("kek: generate key: %w", err)
 	}
-	// os.CreateTemp opens with O_EXCL and mode 0600.
-	tmp, err := os.CreateTemp(dir, ".kek-*.tmp")
-	if err != nil {
+	if err := fsutil.WriteFileExclusive(path, []byte(hex.EncodeToString(key)+"\n"), 0o600); err != nil {
 		return nil, fmt.Errorf("kek file: %w", err)
 	}
-	tmpName := tmp.Name()
-	defer os.Remove(tmpName)
-	_, err = tmp.WriteString(hex.EncodeToString(key) + "\n")
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, fmt.Errorf("kek file %s: write: %w", path, err)
-	}
-	if err := os.Link(tmpName, path); err != nil {
-		var le *os.LinkError
-		if errors.As(err, &le) && errors.Is(le.Err, fs.ErrExist) {
-			return nil, fmt.Errorf("kek file %s: %w", path, fs.ErrExist)
-		}
-		return nil, fmt.Errorf("kek file %s: %w", path, err)
-	}
-	// The new name must survive a crash too, or the next start would make a
-	// second key and orphan everything sealed with this one.
-	if err := syncDir(dir); err != nil {
-		return nil, fmt.Errorf("kek file %s: sync directory: %w", path, err)
-	}
 	return New(key)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Seal encrypts plaintext bound to aad (e.g. the CA ID, so a sealed key

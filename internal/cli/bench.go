@@ -6,8 +6,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/meshid/meshid/bench"
 	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/internal/bench"
 )
 
 func newBenchCmd() *cobra.Command {

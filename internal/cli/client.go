@@ -119,34 +119,6 @@ func writeOutList[T proto.Message](w io.Writer, format string, items []T) error 
 	return writeAs(w, format, func(w io.Writer) error { return writeJSONList(w, items) })
 }
 
-// writeFileAtomic writes data so that readers see the old or the new file,
-// never a half-written one.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
-
 // adminCall dials the admin API and makes one call with a bounded context,
 // e.g. adminCall(cmd, socket, adminv1.AdminServiceClient.ListCAs, req).
 func adminCall[Req, Resp any](cmd *cobra.Command, socket string,

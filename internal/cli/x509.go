@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/internal/fsutil"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 )
 
@@ -123,8 +124,9 @@ is no key, and the SVID is printed. -o json|yaml prints a document: without
 				if f.data == nil {
 					continue
 				}
-				if err := writeFileAtomic(filepath.Join(outDir, f.name), f.data, f.perm); err != nil {
-					return fmt.Errorf("write %s: %w", f.name, err)
+				// fsutil's error already names the file ("write DIR/svid.pem: ...").
+				if err := fsutil.WriteFileAtomic(filepath.Join(outDir, f.name), f.data, f.perm); err != nil {
+					return err
 				}
 			}
 			if structured(output) {

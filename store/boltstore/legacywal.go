@@ -33,6 +33,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/meshid/meshid/internal/fsutil"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -203,22 +204,10 @@ func (s *Store) foldLegacyWAL() error {
 		}
 	}
 	if len(segs) > 0 {
-		if err := syncDir(filepath.Dir(s.path)); err != nil {
+		if err := fsutil.SyncDir(filepath.Dir(s.path)); err != nil {
 			return fmt.Errorf("fold legacy inventory wal: sync dir: %w", err)
 		}
 	}
 	s.log.Info("folded the retired inventory wal into the store", "rows", len(rows), "segments", len(segs))
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meshid/meshid/bench"
 	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/internal/bench"
 )
 
 // startServer runs a real server with a workload socket and an entry for
