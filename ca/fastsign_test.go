@@ -180,7 +180,6 @@ func TestFastPathMatchesCreateCertificate(t *testing.T) {
 	}
 }
 
-
 // TestFastSignOffByDefault: a new or loaded Authority signs with
 // x509.CreateCertificate until EnableFastSign is called.
 func TestFastSignOffByDefault(t *testing.T) {
