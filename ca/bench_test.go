@@ -78,6 +78,7 @@ func BenchmarkCryptoFloor(b *testing.B) {
 	caKey := a.Key.(*ecdsa.PrivateKey)
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -120,6 +121,7 @@ func BenchmarkCreateCertificate(b *testing.B) {
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		tmpl := base // per goroutine: only SerialNumber is written
 		for pb.Next() {
@@ -160,6 +162,7 @@ func BenchmarkMintFastSign(b *testing.B) { benchMint(b, benchFastAuthority(b)) }
 func benchMint(b *testing.B, a *Authority) {
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			s, err := a.MintX509SVID(testID, KeyP256, nil, 24*time.Hour, time.Now())
@@ -191,6 +194,7 @@ func BenchmarkCryptoFloorCSR(b *testing.B) {
 	csrTBS := benchCSRTBS(b)
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -246,6 +250,7 @@ func BenchmarkMintCSRFastSign(b *testing.B) { benchMintCSR(b, benchFastAuthority
 func benchMintCSR(b *testing.B, a *Authority) {
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -296,6 +301,7 @@ func benchSignCSR(b *testing.B, a *Authority) {
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			if _, err := a.SignX509SVID(SVIDRequest{ID: testID, PublicKey: csr.PublicKey, TTL: 24 * time.Hour, Now: time.Now()}); err != nil {
@@ -320,6 +326,7 @@ func BenchmarkParseCSR(b *testing.B) {
 	csrPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})
 	b.ReportAllocs()
 	b.ResetTimer()
+	defer cpuPerOp(b)()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			if _, err := ParseCSR(csrPEM); err != nil {
