@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -303,9 +304,9 @@ func (f *ecFastPath) tbsCertificate(in *svidFields) ([]byte, error) {
 	default:
 		return nil, fmt.Errorf("unexpected key usage %#x", in.keyUsage)
 	}
-	spki, err := x509.MarshalPKIXPublicKey(in.pub)
+	spki, err := marshalSPKI(in.pub)
 	if err != nil {
-		return nil, fmt.Errorf("marshal public key: %w", err)
+		return nil, err
 	}
 	b := cryptobyte.NewBuilder(make([]byte, 0, 512+len(spki)+len(in.uri)+dnsLen(in.dnsNames)))
 	b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
@@ -353,6 +354,63 @@ func (f *ecFastPath) tbsCertificate(in *svidFields) ([]byte, error) {
 		return nil, fmt.Errorf("encode TBSCertificate: %w", err)
 	}
 	return tbs, nil
+}
+
+// SubjectPublicKeyInfo up to and including the BIT STRING's unused-bits
+// octet, for the key types with a fixed layout; the key bytes follow. The
+// same as x509.MarshalPKIXPublicKey writes (TestMarshalSPKI), without its
+// reflection-based encoder, which costs as much as the rest of the TBS.
+var (
+	spkiPrefixP256 = []byte{ // id-ecPublicKey, prime256v1, 65-byte point
+		0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+		0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+	}
+	spkiPrefixP384 = []byte{ // id-ecPublicKey, secp384r1, 97-byte point
+		0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+		0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+	}
+	spkiPrefixEd25519 = []byte{ // id-Ed25519, no parameters, 32-byte key
+		0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+	}
+)
+
+// marshalSPKI is x509.MarshalPKIXPublicKey, with the fixed layouts above
+// for P-256, P-384 and Ed25519 keys.
+func marshalSPKI(pub crypto.PublicKey) ([]byte, error) {
+	var prefix, key []byte
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		switch k.Curve {
+		case elliptic.P256():
+			prefix = spkiPrefixP256
+		case elliptic.P384():
+			prefix = spkiPrefixP384
+		}
+		if prefix != nil {
+			b, err := k.Bytes()
+			if err != nil {
+				return nil, fmt.Errorf("encode ECDSA public key: %w", err)
+			}
+			key = b
+		}
+	case ed25519.PublicKey:
+		if len(k) == ed25519.PublicKeySize {
+			prefix, key = spkiPrefixEd25519, k
+		}
+	}
+	if prefix == nil {
+		der, err := x509.MarshalPKIXPublicKey(pub)
+		if err != nil {
+			return nil, fmt.Errorf("marshal public key: %w", err)
+		}
+		return der, nil
+	}
+	// The prefix ends with the BIT STRING's length (unused-bits octet
+	// included) and the unused-bits octet.
+	if want := int(prefix[len(prefix)-2]) - 1; len(key) != want {
+		return nil, fmt.Errorf("public key is %d bytes, want %d", len(key), want)
+	}
+	return append(append(make([]byte, 0, len(prefix)+len(key)), prefix...), key...), nil
 }
 
 func dnsLen(names []string) int {

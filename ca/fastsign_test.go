@@ -413,3 +413,19 @@ func TestFastSampled(t *testing.T) {
 		t.Errorf("sampled %v, want %v", got, want)
 	}
 }
+
+// TestMarshalSPKI: the fixed SPKI layouts are what x509 writes, for every
+// subject key type.
+func TestMarshalSPKI(t *testing.T) {
+	for kt, k := range testSubjectKeys(t) {
+		want, err := x509.MarshalPKIXPublicKey(k.Public())
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := marshalSPKI(k.Public())
+		if err != nil {
+			t.Fatal(err)
+		}
+		requireSameDER(t, string(kt)+" SPKI", got, want)
+	}
+}
