@@ -1,6 +1,10 @@
 // Package ca holds meshid's certificate authority: key generation, the CA
 // certificate, and minting SPIFFE X.509-SVIDs that follow the X509-SVID
 // standard (one URI SAN, leaf, digitalSignature, serverAuth+clientAuth).
+//
+// SVIDs are signed with x509.CreateCertificate. Authority.EnableFastSign opts
+// in to a faster path for in-process ECDSA CA keys that skips its post-sign
+// self-check, guarded by a canary at load and a sampled check (fastsign.go).
 package ca
 
 import (

@@ -42,18 +42,24 @@ type signCache struct {
 	chainDER    [][]byte // what goes after the leaf: never the trust anchor
 	leafSubject []byte   // DER of Subject O=meshid, shared by every SVID
 
+	// fastOpts is the EnableFastSign setting this cache was built for; nil
+	// when fast signing is off (the default).
+	fastOpts *FastSignOptions
 	// fast is the hand-built-DER signing state for an in-process ECDSA CA
 	// key (see fastsign.go); nil when SVIDs go through CreateCertificate.
 	// It remembers the key it was built for, so it is ignored if
 	// Authority.Key alone is replaced.
 	fast *ecFastPath
+	// fastErr says why fast is nil although fastOpts asked for it.
+	fastErr error
 }
 
 // authorityState is the unexported part of Authority. It lives behind an
 // atomic.Value (which has no noCopy marker) so that code elsewhere that copies
 // an Authority by value still passes go vet.
 type authorityState struct {
-	cache atomic.Value // *signCache
+	cache    atomic.Value // *signCache
+	fastOpts atomic.Value // *FastSignOptions; absent or nil: fast signing off
 }
 
 // NewRoot creates a self-signed root CA for td. kt may be empty (P-256);
@@ -215,8 +221,9 @@ func (a *Authority) prepare() (*signCache, error) {
 	// types are not cached against, as only the ECDSA fast path keeps state
 	// derived from the key.
 	ecKey, _ := a.Key.(*ecdsa.PrivateKey)
+	opts, _ := a.state.fastOpts.Load().(*FastSignOptions)
 	if c, _ := a.state.cache.Load().(*signCache); c != nil &&
-		c.cert == a.Cert && c.chainFirst == first && c.chainLen == len(a.Chain) && c.ecKey == ecKey {
+		c.cert == a.Cert && c.chainFirst == first && c.chainLen == len(a.Chain) && c.ecKey == ecKey && c.fastOpts == opts {
 		return c, nil
 	}
 	if a.Cert == nil || a.Key == nil {
@@ -248,7 +255,10 @@ func (a *Authority) prepare() (*signCache, error) {
 		ecKey:       ecKey,
 		chainDER:    chainDER,
 		leafSubject: subj,
-		fast:        newECFastPath(a.Cert, a.Key, subj),
+		fastOpts:    opts,
+	}
+	if opts != nil {
+		c.fast, c.fastErr = a.buildFastPath(subj, opts)
 	}
 	a.state.cache.Store(c)
 	return c, nil

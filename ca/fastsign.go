@@ -9,83 +9,81 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/asn1"
+	encasn1 "encoding/asn1"
 	"errors"
 	"fmt"
 	"io"
 	"math/big"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/crypto/cryptobyte"
+	"golang.org/x/crypto/cryptobyte/asn1"
 )
 
-// This file is the ECDSA fast path of SignX509SVID. It writes the
-// TBSCertificate DER itself, byte-for-byte what x509.CreateCertificate emits
-// for the template svidTemplate builds, and signs it without the
-// re-verification CreateCertificate does after signing. On P-256 that check
-// (one ECDSA verify, ~2x the cost of the sign) is more than half of what
-// minting an SVID costs.
+// This file is the opt-in ECDSA fast path of SignX509SVID (see
+// Authority.EnableFastSign; it is off unless the operator asks for it). It
+// writes the TBSCertificate with a cryptobyte builder, byte-for-byte what
+// x509.CreateCertificate emits for the template svidTemplate builds, and signs
+// it without the re-verification CreateCertificate does after signing. On
+// P-256 that check (one ECDSA verify, ~2x the cost of the sign) is more than
+// half of what minting an SVID costs.
 //
-// The fast path is taken only when the CA key is an in-process
-// *ecdsa.PrivateKey on P-256 or P-384:
+// Go added that check on purpose (golang/go#40458: signers return invalid
+// signatures, signatures for the wrong key, ...), so skipping it is guarded:
 //
-//   - RSA keys keep CreateCertificate: an RSA-CRT signature computed under a
-//     fault (bit flip, glitch) lets anyone holding it and the public key factor
-//     the modulus, i.e. recover the CA key. Go's self-check is what stops such
-//     a signature from ever leaving the process, so it must not be skipped.
-//   - Ed25519 CA keys keep it too (they are not accepted for CAs anyway).
-//   - Opaque signers (HSM/KMS) whose public key is ECDSA keep it: we cannot
-//     vouch that they return a valid signature for the right key, and they
-//     are network-bound, so the verify is not what limits them.
-//
-// Tests (fastsign_test.go) compare the TBSCertificate bytes against
-// CreateCertificate's for every subject key type, both CA curves, with and
-// without DNS names and across the UTCTime/GeneralizedTime switch in 2050.
+//   - only an in-process *ecdsa.PrivateKey on P-256 or P-384 that matches the
+//     CA certificate qualifies. RSA keys keep CreateCertificate: an RSA-CRT
+//     signature computed under a fault lets anyone holding it factor the
+//     modulus, and Go's self-check is what keeps such a signature in the
+//     process. Opaque signers (HSM/KMS) keep it too: we cannot vouch for what
+//     they return, and they are network-bound, so the verify does not limit
+//     them;
+//   - when the fast path is built for an Authority (at load, and again when
+//     its certificate changes) a canary SVID is signed both ways: the
+//     TBSCertificates must be byte-identical and the fast signature must
+//     verify under the CA certificate, or the fast path stays off. This is
+//     what catches a Go upgrade that changes CreateCertificate's encoding;
+//   - one fast-path SVID in fastVerifyEvery (and the first) is parsed and
+//     verified against the CA before it is returned. A failure discards it,
+//     turns the fast path off for that Authority, reports the error and signs
+//     the SVID with CreateCertificate instead;
+//   - FuzzFastSignEqualsStdlib holds the TBS bytes to CreateCertificate's for
+//     every subject key type, both CA curves, DNS name lists and times on
+//     both sides of the 2050 UTCTime/GeneralizedTime switch.
 
-// OIDs and fixed encodings, as crypto/x509 writes them.
+// Object identifiers, as crypto/x509 writes them.
 var (
-	oidExtKeyUsage         = asn1.ObjectIdentifier{2, 5, 29, 15}
-	oidExtExtendedKeyUsage = asn1.ObjectIdentifier{2, 5, 29, 37}
-	oidExtBasicConstraints = asn1.ObjectIdentifier{2, 5, 29, 19}
-	oidExtSubjectKeyID     = asn1.ObjectIdentifier{2, 5, 29, 14}
-	oidExtAuthorityKeyID   = asn1.ObjectIdentifier{2, 5, 29, 35}
-	oidExtSubjectAltName   = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidExtKeyUsage         = encasn1.ObjectIdentifier{2, 5, 29, 15}
+	oidExtExtendedKeyUsage = encasn1.ObjectIdentifier{2, 5, 29, 37}
+	oidExtBasicConstraints = encasn1.ObjectIdentifier{2, 5, 29, 19}
+	oidExtSubjectKeyID     = encasn1.ObjectIdentifier{2, 5, 29, 14}
+	oidExtAuthorityKeyID   = encasn1.ObjectIdentifier{2, 5, 29, 35}
+	oidExtSubjectAltName   = encasn1.ObjectIdentifier{2, 5, 29, 17}
 
-	oidSigECDSAWithSHA256 = asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}
-	oidSigECDSAWithSHA384 = asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 3}
+	oidSigECDSAWithSHA256 = encasn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}
+	oidSigECDSAWithSHA384 = encasn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 3}
 
-	oidEKUServerAuth = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 1}
-	oidEKUClientAuth = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 2}
-
-	// DER of the OBJECT IDENTIFIERs 2.5.29.14 and 2.5.29.17 (tag, length, body).
-	derOIDSubjectKeyID   = []byte{0x06, 0x03, 0x55, 0x1d, 0x0e}
-	derOIDSubjectAltName = []byte{0x06, 0x03, 0x55, 0x1d, 0x11}
-
-	// [0] EXPLICIT INTEGER 2: certificate version v3.
-	derVersionV3 = []byte{0xa0, 0x03, 0x02, 0x01, 0x02}
-
-	// derEmptySubject is an empty Name, for which RFC 5280 (and Go) mark the
-	// SAN extension critical.
-	derEmptySubject = []byte{0x30, 0x00}
-
-	// SubjectPublicKeyInfo up to and including the BIT STRING's unused-bits
-	// octet; the key bytes follow. Same as x509.MarshalPKIXPublicKey.
-	spkiPrefixP256 = []byte{ // id-ecPublicKey, prime256v1, 65-byte point
-		0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
-		0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-	}
-	spkiPrefixP384 = []byte{ // id-ecPublicKey, secp384r1, 97-byte point
-		0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
-		0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
-	}
-	spkiPrefixEd25519 = []byte{ // id-Ed25519, no parameters, 32-byte key
-		0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-	}
+	oidEKUServerAuth = encasn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 1}
+	oidEKUClientAuth = encasn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 2}
 )
 
-// certHeadroom is room left in front of the TBSCertificate for the outer
-// Certificate SEQUENCE header (tag + up to 5 length octets), so the signed
-// certificate is assembled in one buffer without moving the TBS.
-const certHeadroom = 6
+// derEmptySubject is an empty Name, for which RFC 5280 (and Go) mark the SAN
+// extension critical.
+var derEmptySubject = []byte{0x30, 0x00}
+
+// fastVerifyEvery is the sampling period of the post-sign check: the first
+// fast-path signature of an Authority and every 64th after it are parsed and
+// verified (about 1.5% more work on average).
+const fastVerifyEvery = 64
+
+// Context-specific constructed tags of the TBSCertificate.
+var (
+	tagVersion    = asn1.Tag(0).Constructed().ContextSpecific()
+	tagExtensions = asn1.Tag(3).Constructed().ContextSpecific()
+	tagSANDNS     = asn1.Tag(2).ContextSpecific()
+	tagSANURI     = asn1.Tag(6).ContextSpecific()
+)
 
 // ecFastPath holds everything about an SVID TBSCertificate that does not
 // change between SVIDs of one Authority. It is part of signCache.
@@ -97,13 +95,15 @@ type ecFastPath struct {
 	issuer  []byte // the CA's subject DER (RawSubject)
 	subject []byte // the SVID subject DER (O=meshid)
 
-	kuExt     []byte // keyUsage extension: digitalSignature
-	kuExtRSA  []byte // keyUsage extension: digitalSignature|keyEncipherment
-	ekuExt    []byte // extKeyUsage extension: serverAuth, clientAuth
-	bcExt     []byte // basicConstraints extension: critical, CA:FALSE
-	akidExt   []byte // authorityKeyIdentifier extension; nil when Go omits it
-	sanCrit   bool   // SAN critical: only when subject is empty
-	fixedExts int    // len(kuExt or kuExtRSA, same size) + eku + bc + akid
+	kuExt    []byte // keyUsage extension: digitalSignature
+	kuExtRSA []byte // keyUsage extension: digitalSignature|keyEncipherment
+	ekuExt   []byte // extKeyUsage extension: serverAuth, clientAuth
+	bcExt    []byte // basicConstraints extension: critical, CA:FALSE
+	akidExt  []byte // authorityKeyIdentifier extension; nil when Go omits it
+	sanCrit  bool   // SAN critical: only when subject is empty
+
+	signed atomic.Uint64 // fast-path signatures so far, for sampling
+	off    atomic.Bool   // set when a sampled check failed
 }
 
 // newECFastPath returns the fast-path state for signing under cert with key,
@@ -115,10 +115,10 @@ func newECFastPath(cert *x509.Certificate, key crypto.Signer, leafSubject []byte
 	if !ok || k == nil {
 		return nil
 	}
-	// What signingParamsForKey picks for the key when the template does not
-	// set SignatureAlgorithm.
-	var f ecFastPath
-	var sigOID asn1.ObjectIdentifier
+	// What x509 picks for the key when the template does not set
+	// SignatureAlgorithm.
+	f := &ecFastPath{key: k, subject: leafSubject}
+	var sigOID encasn1.ObjectIdentifier
 	switch k.Curve {
 	case elliptic.P256():
 		f.hash, sigOID = crypto.SHA256, oidSigECDSAWithSHA256
@@ -129,92 +129,101 @@ func newECFastPath(cert *x509.Certificate, key crypto.Signer, leafSubject []byte
 	}
 	// CreateCertificate refuses a key that does not match the parent; leave
 	// that error to it.
-	if cert.PublicKey != nil && !k.PublicKey.Equal(cert.PublicKey) {
+	if cert.PublicKey == nil || !k.PublicKey.Equal(cert.PublicKey) {
 		return nil
 	}
-	var err error
-	f.key = k
-	if f.sigAlg, err = asn1.Marshal(pkix.AlgorithmIdentifier{Algorithm: sigOID}); err != nil {
-		return nil
-	}
-	// subjectBytes(parent): RawSubject, else the marshaled Subject.
+	// ECDSA AlgorithmIdentifiers have no parameters (RFC 5758 3.2).
+	f.sigAlg = build(func(b *cryptobyte.Builder) {
+		b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) { b.AddASN1ObjectIdentifier(sigOID) })
+	})
 	f.issuer = cert.RawSubject
 	if len(f.issuer) == 0 {
-		if f.issuer, err = asn1.Marshal(cert.Subject.ToRDNSequence()); err != nil {
-			return nil
-		}
-	}
-	f.subject = leafSubject
-	if f.kuExt, err = keyUsageExtension(x509.KeyUsageDigitalSignature); err != nil {
 		return nil
 	}
-	if f.kuExtRSA, err = keyUsageExtension(x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment); err != nil {
-		return nil
-	}
-	if len(f.kuExt) != len(f.kuExtRSA) {
-		return nil // cannot happen: both are one-octet BIT STRINGs
-	}
-	ekuVal, err := asn1.Marshal([]asn1.ObjectIdentifier{oidEKUServerAuth, oidEKUClientAuth})
-	if err != nil {
-		return nil
-	}
-	if f.ekuExt, err = asn1.Marshal(pkix.Extension{Id: oidExtExtendedKeyUsage, Value: ekuVal}); err != nil {
-		return nil
-	}
-	// basicConstraints{IsCA: false, MaxPathLen: -1}: both fields are at their
-	// DEFAULT and omitted, leaving an empty SEQUENCE.
-	if f.bcExt, err = asn1.Marshal(pkix.Extension{Id: oidExtBasicConstraints, Critical: true, Value: []byte{0x30, 0x00}}); err != nil {
-		return nil
-	}
+	f.kuExt = extension(oidExtKeyUsage, true, keyUsageValue(x509.KeyUsageDigitalSignature))
+	f.kuExtRSA = extension(oidExtKeyUsage, true, keyUsageValue(x509.KeyUsageDigitalSignature|x509.KeyUsageKeyEncipherment))
+	f.ekuExt = extension(oidExtExtendedKeyUsage, false, build(func(b *cryptobyte.Builder) {
+		b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+			b.AddASN1ObjectIdentifier(oidEKUServerAuth)
+			b.AddASN1ObjectIdentifier(oidEKUClientAuth)
+		})
+	}))
+	// basicConstraints{cA: FALSE}: both fields are at their DEFAULT and
+	// omitted, leaving an empty SEQUENCE.
+	f.bcExt = extension(oidExtBasicConstraints, true, []byte{0x30, 0x00})
 	// CreateCertificate takes the AKID from the parent's SKID unless issuer
 	// and subject are equal (then it would use the template's, which is
 	// empty).
 	if !bytes.Equal(f.issuer, f.subject) && len(cert.SubjectKeyId) > 0 {
-		akidVal, err := asn1.Marshal(struct {
-			ID []byte `asn1:"optional,tag:0"`
-		}{cert.SubjectKeyId})
-		if err != nil {
-			return nil
-		}
-		if f.akidExt, err = asn1.Marshal(pkix.Extension{Id: oidExtAuthorityKeyID, Value: akidVal}); err != nil {
-			return nil
-		}
+		f.akidExt = extension(oidExtAuthorityKeyID, false, build(func(b *cryptobyte.Builder) {
+			b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+				b.AddASN1(asn1.Tag(0).ContextSpecific(), func(b *cryptobyte.Builder) { b.AddBytes(cert.SubjectKeyId) })
+			})
+		}))
 	}
 	f.sanCrit = bytes.Equal(f.subject, derEmptySubject)
-	f.fixedExts = len(f.kuExt) + len(f.ekuExt) + len(f.bcExt) + len(f.akidExt)
-	return &f
+	for _, p := range [][]byte{f.sigAlg, f.kuExt, f.kuExtRSA, f.ekuExt, f.bcExt} {
+		if p == nil {
+			return nil // a builder error; cannot happen for these constants
+		}
+	}
+	return f
 }
 
-// keyUsageExtension is crypto/x509's marshalKeyUsage: a critical extension
-// holding the usage bits as a BIT STRING with trailing zero bits trimmed.
-func keyUsageExtension(ku x509.KeyUsage) ([]byte, error) {
+// build runs f on a fresh builder and returns the bytes, or nil on error.
+func build(f cryptobyte.BuilderContinuation) []byte {
+	var b cryptobyte.Builder
+	f(&b)
+	out, err := b.Bytes()
+	if err != nil {
+		return nil
+	}
+	return out
+}
+
+// extension is one Extension SEQUENCE; like encoding/asn1, it omits critical
+// when false (it is DEFAULT FALSE).
+func extension(oid encasn1.ObjectIdentifier, critical bool, value []byte) []byte {
+	if value == nil {
+		return nil
+	}
+	return build(func(b *cryptobyte.Builder) {
+		b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+			b.AddASN1ObjectIdentifier(oid)
+			if critical {
+				b.AddASN1Boolean(true)
+			}
+			b.AddASN1OctetString(value)
+		})
+	})
+}
+
+// keyUsageValue is crypto/x509's keyUsage encoding: the usage bits as a BIT
+// STRING, bit 0 first, with trailing zero bits trimmed.
+func keyUsageValue(ku x509.KeyUsage) []byte {
 	a := [2]byte{reverseBits(byte(ku)), reverseBits(byte(ku >> 8))}
 	bits := a[:1]
 	if a[1] != 0 {
 		bits = a[:2]
 	}
-	bitLen := len(bits) * 8
-	for i := len(bits) - 1; i >= 0 && bitLen > 0; i-- {
-		b := bits[i]
-		if b != 0 {
-			for b&1 == 0 {
-				bitLen--
-				b >>= 1
-			}
-			break
+	unused := 0
+	if last := bits[len(bits)-1]; last != 0 {
+		for last&1 == 0 {
+			unused++
+			last >>= 1
 		}
-		bitLen -= 8
 	}
-	val, err := asn1.Marshal(asn1.BitString{Bytes: bits, BitLength: bitLen})
-	if err != nil {
-		return nil, err
-	}
-	return asn1.Marshal(pkix.Extension{Id: oidExtKeyUsage, Critical: true, Value: val})
+	return build(func(b *cryptobyte.Builder) {
+		b.AddASN1(asn1.BIT_STRING, func(b *cryptobyte.Builder) {
+			b.AddUint8(uint8(unused))
+			b.AddBytes(bits)
+		})
+	})
 }
 
 func reverseBits(b byte) byte {
 	var r byte
-	for i := 0; i < 8; i++ {
+	for range 8 {
 		r = r<<1 | b&1
 		b >>= 1
 	}
@@ -225,7 +234,7 @@ func reverseBits(b byte) byte {
 // is key. The cache is keyed by certificate and chain, not by key, so a key
 // swapped in on its own must not be signed for with the old state.
 func (f *ecFastPath) usable(key crypto.Signer) bool {
-	if f == nil {
+	if f == nil || f.off.Load() {
 		return false
 	}
 	k, ok := key.(*ecdsa.PrivateKey)
@@ -247,11 +256,10 @@ type svidFields struct {
 
 // sign builds and signs the certificate and returns its DER.
 func (f *ecFastPath) sign(rand io.Reader, in *svidFields) ([]byte, error) {
-	buf, err := f.appendTBS(in)
+	tbs, err := f.tbsCertificate(in)
 	if err != nil {
 		return nil, err
 	}
-	tbs := buf[certHeadroom:]
 	var sig []byte
 	switch f.hash {
 	case crypto.SHA256:
@@ -266,53 +274,27 @@ func (f *ecFastPath) sign(rand io.Reader, in *svidFields) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sign certificate: %w", err)
 	}
-	// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm,
-	// signatureValue BIT STRING } -- the signature has no unused bits.
-	buf = append(buf, f.sigAlg...)
-	buf = append(buf, 0x03)
-	buf = appendDERLength(buf, 1+len(sig))
-	buf = append(buf, 0x00)
-	buf = append(buf, sig...)
-
-	var hdr [certHeadroom + 4]byte
-	h := appendDERLength(append(hdr[:0], 0x30), len(buf)-certHeadroom)
-	if len(h) > certHeadroom {
-		return nil, errors.New("certificate too large")
-	}
-	start := certHeadroom - len(h)
-	copy(buf[start:], h)
-	return buf[start:len(buf):len(buf)], nil
-}
-
-// tbsCertificate returns just the TBSCertificate DER; it is the hook the
-// byte-equality tests use.
-func (f *ecFastPath) tbsCertificate(in *svidFields) ([]byte, error) {
-	buf, err := f.appendTBS(in)
+	b := cryptobyte.NewBuilder(make([]byte, 0, len(tbs)+len(f.sigAlg)+160))
+	b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+		b.AddBytes(tbs)
+		b.AddBytes(f.sigAlg)
+		b.AddASN1BitString(sig)
+	})
+	der, err := b.Bytes()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("encode certificate: %w", err)
 	}
-	return buf[certHeadroom:], nil
+	return der, nil
 }
 
-// appendTBS returns a buffer of certHeadroom unused bytes followed by the
-// TBSCertificate, with capacity for the rest of the certificate. It sizes
-// everything first so the buffer is allocated once.
-func (f *ecFastPath) appendTBS(in *svidFields) ([]byte, error) {
+// tbsCertificate returns the TBSCertificate DER, in crypto/x509's field and
+// extension order.
+func (f *ecFastPath) tbsCertificate(in *svidFields) ([]byte, error) {
 	if in.serial == nil || in.serial.Sign() < 0 {
 		return nil, errors.New("serial number must be positive")
 	}
-	spki, err := marshalSPKI(in.pub)
-	if err != nil {
-		return nil, err
-	}
-	nb, na := in.notBefore.UTC(), in.notAfter.UTC()
-	nbLen, err := derTimeLen(nb)
-	if err != nil {
-		return nil, err
-	}
-	naLen, err := derTimeLen(na)
-	if err != nil {
-		return nil, err
+	if len(in.skid) == 0 {
+		return nil, errors.New("empty subject key ID")
 	}
 	kuExt := f.kuExt
 	switch in.keyUsage {
@@ -322,94 +304,78 @@ func (f *ecFastPath) appendTBS(in *svidFields) ([]byte, error) {
 	default:
 		return nil, fmt.Errorf("unexpected key usage %#x", in.keyUsage)
 	}
-	if len(in.skid) == 0 {
-		return nil, errors.New("empty subject key ID")
+	spki, err := marshalSPKI(in.pub)
+	if err != nil {
+		return nil, err
 	}
-
-	// Sizes, innermost first.
-	serialLen := derIntegerLen(in.serial)
-	validityLen := derTLVLen(derTLVLen(nbLen) + derTLVLen(naLen))
-	skidExtLen := derTLVLen(len(derOIDSubjectKeyID) + derTLVLen(derTLVLen(len(in.skid))))
-	sanSeq := derTLVLen(len(in.uri))
-	for _, name := range in.dnsNames {
-		sanSeq += derTLVLen(len(name))
+	b := cryptobyte.NewBuilder(make([]byte, 0, 512+len(spki)+len(in.uri)+dnsLen(in.dnsNames)))
+	b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+		b.AddASN1(tagVersion, func(b *cryptobyte.Builder) { b.AddASN1Int64(2) }) // v3
+		b.AddASN1BigInt(in.serial)
+		b.AddBytes(f.sigAlg)
+		b.AddBytes(f.issuer)
+		b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+			addTime(b, in.notBefore)
+			addTime(b, in.notAfter)
+		})
+		b.AddBytes(f.subject)
+		b.AddBytes(spki)
+		b.AddASN1(tagExtensions, func(b *cryptobyte.Builder) {
+			b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+				// crypto/x509's order: keyUsage, extKeyUsage,
+				// basicConstraints, SKID, AKID, SAN.
+				b.AddBytes(kuExt)
+				b.AddBytes(f.ekuExt)
+				b.AddBytes(f.bcExt)
+				b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+					b.AddASN1ObjectIdentifier(oidExtSubjectKeyID)
+					b.AddASN1(asn1.OCTET_STRING, func(b *cryptobyte.Builder) { b.AddASN1OctetString(in.skid) })
+				})
+				b.AddBytes(f.akidExt)
+				b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+					b.AddASN1ObjectIdentifier(oidExtSubjectAltName)
+					if f.sanCrit {
+						b.AddASN1Boolean(true)
+					}
+					b.AddASN1(asn1.OCTET_STRING, func(b *cryptobyte.Builder) {
+						b.AddASN1(asn1.SEQUENCE, func(b *cryptobyte.Builder) {
+							for _, name := range in.dnsNames {
+								b.AddASN1(tagSANDNS, func(b *cryptobyte.Builder) { b.AddBytes([]byte(name)) })
+							}
+							b.AddASN1(tagSANURI, func(b *cryptobyte.Builder) { b.AddBytes([]byte(in.uri)) })
+						})
+					})
+				})
+			})
+		})
+	})
+	tbs, err := b.Bytes()
+	if err != nil {
+		return nil, fmt.Errorf("encode TBSCertificate: %w", err)
 	}
-	sanExtContent := len(derOIDSubjectAltName) + derTLVLen(derTLVLen(sanSeq))
-	if f.sanCrit {
-		sanExtContent += 3
-	}
-	extsSeq := f.fixedExts + skidExtLen + derTLVLen(sanExtContent)
-	tbsContent := len(derVersionV3) + derTLVLen(serialLen) + len(f.sigAlg) + len(f.issuer) +
-		validityLen + len(f.subject) + len(spki) + derTLVLen(derTLVLen(extsSeq))
-	tbsLen := derTLVLen(tbsContent)
-
-	// Room after the TBS for the algorithm, the BIT STRING header and an
-	// ECDSA signature (at most 2*(2+1+66)+3 octets, for P-521 even).
-	b := make([]byte, certHeadroom, certHeadroom+tbsLen+len(f.sigAlg)+4+144)
-	b = append(b, 0x30)
-	b = appendDERLength(b, tbsContent)
-	b = append(b, derVersionV3...)
-	b = append(b, 0x02)
-	b = appendDERLength(b, serialLen)
-	b = appendDERInteger(b, in.serial, serialLen)
-	b = append(b, f.sigAlg...)
-	b = append(b, f.issuer...)
-	b = append(b, 0x30)
-	b = appendDERLength(b, derTLVLen(nbLen)+derTLVLen(naLen))
-	b = appendDERTime(b, nb)
-	b = appendDERTime(b, na)
-	b = append(b, f.subject...)
-	b = append(b, spki...)
-
-	// extensions [3] EXPLICIT SEQUENCE OF Extension, in crypto/x509's
-	// order: keyUsage, extKeyUsage, basicConstraints, SKID, AKID, SAN.
-	b = append(b, 0xa3)
-	b = appendDERLength(b, derTLVLen(extsSeq))
-	b = append(b, 0x30)
-	b = appendDERLength(b, extsSeq)
-	b = append(b, kuExt...)
-	b = append(b, f.ekuExt...)
-	b = append(b, f.bcExt...)
-
-	b = append(b, 0x30) // SKID: OCTET STRING wrapping OCTET STRING(skid)
-	b = appendDERLength(b, len(derOIDSubjectKeyID)+derTLVLen(derTLVLen(len(in.skid))))
-	b = append(b, derOIDSubjectKeyID...)
-	b = append(b, 0x04)
-	b = appendDERLength(b, derTLVLen(len(in.skid)))
-	b = append(b, 0x04)
-	b = appendDERLength(b, len(in.skid))
-	b = append(b, in.skid...)
-
-	b = append(b, f.akidExt...)
-
-	b = append(b, 0x30) // SAN: dNSName [2] entries, then the URI [6]
-	b = appendDERLength(b, sanExtContent)
-	b = append(b, derOIDSubjectAltName...)
-	if f.sanCrit {
-		b = append(b, 0x01, 0x01, 0xff)
-	}
-	b = append(b, 0x04)
-	b = appendDERLength(b, derTLVLen(sanSeq))
-	b = append(b, 0x30)
-	b = appendDERLength(b, sanSeq)
-	for _, name := range in.dnsNames {
-		b = append(b, 0x82)
-		b = appendDERLength(b, len(name))
-		b = append(b, name...)
-	}
-	b = append(b, 0x86)
-	b = appendDERLength(b, len(in.uri))
-	b = append(b, in.uri...)
-
-	if len(b) != certHeadroom+tbsLen {
-		// A sizing bug; never sign something we did not mean to write.
-		return nil, fmt.Errorf("internal error: TBSCertificate is %d bytes, sized %d", len(b)-certHeadroom, tbsLen)
-	}
-	return b, nil
+	return tbs, nil
 }
 
-// marshalSPKI is x509.MarshalPKIXPublicKey, without the reflection-based
-// encoder for the key types that have a fixed layout.
+// SubjectPublicKeyInfo up to and including the BIT STRING's unused-bits
+// octet, for the key types with a fixed layout; the key bytes follow. The
+// same as x509.MarshalPKIXPublicKey writes (TestMarshalSPKI), without its
+// reflection-based encoder, which costs as much as the rest of the TBS.
+var (
+	spkiPrefixP256 = []byte{ // id-ecPublicKey, prime256v1, 65-byte point
+		0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+		0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+	}
+	spkiPrefixP384 = []byte{ // id-ecPublicKey, secp384r1, 97-byte point
+		0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+		0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+	}
+	spkiPrefixEd25519 = []byte{ // id-Ed25519, no parameters, 32-byte key
+		0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+	}
+)
+
+// marshalSPKI is x509.MarshalPKIXPublicKey, with the fixed layouts above
+// for P-256, P-384 and Ed25519 keys.
 func marshalSPKI(pub crypto.PublicKey) ([]byte, error) {
 	var prefix, key []byte
 	switch k := pub.(type) {
@@ -439,91 +405,51 @@ func marshalSPKI(pub crypto.PublicKey) ([]byte, error) {
 		}
 		return der, nil
 	}
+	// The prefix ends with the BIT STRING's length (unused-bits octet
+	// included) and the unused-bits octet.
 	if want := int(prefix[len(prefix)-2]) - 1; len(key) != want {
 		return nil, fmt.Errorf("public key is %d bytes, want %d", len(key), want)
 	}
-	out := make([]byte, 0, len(prefix)+len(key))
-	return append(append(out, prefix...), key...), nil
+	return append(append(make([]byte, 0, len(prefix)+len(key)), prefix...), key...), nil
 }
 
-// derLengthLen is how many octets appendDERLength writes for n.
-func derLengthLen(n int) int {
-	if n < 0x80 {
-		return 1
+func dnsLen(names []string) int {
+	n := 0
+	for _, s := range names {
+		n += len(s) + 4
 	}
-	l := 1
-	for ; n > 0; n >>= 8 {
-		l++
-	}
-	return l
+	return n
 }
 
-// derTLVLen is the size of a tag-length-value with a one-octet tag and n
-// content octets.
-func derTLVLen(n int) int { return 1 + derLengthLen(n) + n }
-
-func appendDERLength(b []byte, n int) []byte {
-	if n < 0x80 {
-		return append(b, byte(n))
-	}
-	l := derLengthLen(n) - 1
-	b = append(b, 0x80|byte(l))
-	for i := l - 1; i >= 0; i-- {
-		b = append(b, byte(n>>(8*i)))
-	}
-	return b
-}
-
-// derIntegerLen is the content length of a non-negative INTEGER: minimal
-// big-endian two's complement, so a leading 0x00 when the top bit is set.
-func derIntegerLen(n *big.Int) int {
-	bl := n.BitLen()
-	if bl == 0 {
-		return 1
-	}
-	return bl/8 + 1 // (bl+7)/8 octets, plus one when bl%8 == 0
-}
-
-func appendDERInteger(b []byte, n *big.Int, l int) []byte {
-	start := len(b)
-	b = append(b, make([]byte, l)...) // zeroes; appended in place, no alloc
-	n.FillBytes(b[start:])
-	return b
-}
-
-// derTimeLen is the content length encoding/asn1 uses for t (already UTC):
-// UTCTime YYMMDDHHMMSSZ for 1950..2049, GeneralizedTime YYYYMMDDHHMMSSZ
-// otherwise.
-func derTimeLen(t time.Time) (int, error) {
-	switch y := t.Year(); {
-	case 1950 <= y && y < 2050:
-		return 13, nil
-	case 0 <= y && y <= 9999:
-		return 15, nil
-	default:
-		return 0, fmt.Errorf("cannot encode year %d", y)
-	}
-}
-
-func appendDERTime(b []byte, t time.Time) []byte {
-	y := t.Year()
-	if 1950 <= y && y < 2050 {
-		b = append(b, 0x17, 13) // UTCTime
-		b = append2(b, y%100)
+// addTime writes t the way encoding/asn1 does for crypto/x509: in UTC, as
+// UTCTime for 1950..2049 and GeneralizedTime otherwise.
+func addTime(b *cryptobyte.Builder, t time.Time) {
+	t = t.UTC()
+	if y := t.Year(); 1950 <= y && y < 2050 {
+		b.AddASN1UTCTime(t)
 	} else {
-		b = append(b, 0x18, 15) // GeneralizedTime
-		b = append2(append2(b, y/100), y%100)
+		b.AddASN1GeneralizedTime(t)
 	}
-	_, mo, d := t.Date()
-	h, mi, s := t.Clock()
-	b = append2(b, int(mo))
-	b = append2(b, d)
-	b = append2(b, h)
-	b = append2(b, mi)
-	b = append2(b, s)
-	return append(b, 'Z')
 }
 
-func append2(b []byte, v int) []byte {
-	return append(b, byte('0'+v/10), byte('0'+v%10))
+// errFastSignCheck marks a failed canary or sampled post-sign check.
+var errFastSignCheck = errors.New("fast-path signature check failed")
+
+// checkFastSVID is the post-sign check: der must parse, carry exactly the
+// requested URI and public key, and verify under the CA certificate.
+func checkFastSVID(der []byte, caCert *x509.Certificate, uri string, pub crypto.PublicKey) error {
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return fmt.Errorf("%w: parse: %w", errFastSignCheck, err)
+	}
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != uri {
+		return fmt.Errorf("%w: URI SANs %v, want %s", errFastSignCheck, leaf.URIs, uri)
+	}
+	if p, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !p.Equal(leaf.PublicKey) {
+		return fmt.Errorf("%w: subject public key differs from the request's", errFastSignCheck)
+	}
+	if err := leaf.CheckSignatureFrom(caCert); err != nil {
+		return fmt.Errorf("%w: signature: %w", errFastSignCheck, err)
+	}
+	return nil
 }

@@ -6,11 +6,12 @@ import (
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/x509"
-	"encoding/asn1"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
-	mrand "math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -21,9 +22,10 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-// The tests in this file hold the ECDSA fast path (fastsign.go) to
+// The tests in this file hold the opt-in ECDSA fast path (fastsign.go) to
 // x509.CreateCertificate: for the same template, serial, times and keys the
-// TBSCertificate must be byte-identical.
+// TBSCertificate must be byte-identical. FuzzFastSignEqualsStdlib is in
+// fastsign_fuzz_test.go.
 
 var (
 	subjectKeysOnce sync.Once
@@ -50,7 +52,7 @@ func testSubjectKeys(t testing.TB) map[KeyType]crypto.Signer {
 // referenceTBS is what CreateCertificate produces for the SVID template.
 func referenceTBS(t testing.TB, a *Authority, c *signCache, in *svidFields, id spiffeid.ID) []byte {
 	t.Helper()
-	tmpl := svidTemplate(c, in.serial, in.notBefore, in.notAfter, in.skid, in.keyUsage, id, in.dnsNames)
+	tmpl := svidTemplate(c.leafSubject, in.serial, in.notBefore, in.notAfter, in.skid, in.keyUsage, id, in.dnsNames)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, in.pub, a.Key)
 	if err != nil {
 		t.Fatalf("CreateCertificate: %v", err)
@@ -79,8 +81,13 @@ func svidInputs(t testing.TB, pub crypto.PublicKey, serial *big.Int, nb, na time
 	}
 }
 
+// fastPathOf turns fast signing on for a, which must not be shared with
+// other tests (so not one from testRoot), and returns its state.
 func fastPathOf(t testing.TB, a *Authority) (*signCache, *ecFastPath) {
 	t.Helper()
+	if err := a.EnableFastSign(FastSignOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	c, err := a.prepare()
 	if err != nil {
 		t.Fatal(err)
@@ -173,162 +180,80 @@ func TestFastPathMatchesCreateCertificate(t *testing.T) {
 	}
 }
 
-// TestFastPathRandomized compares the fast path with CreateCertificate over
-// random serials, validity periods, SPIFFE IDs and DNS name lists.
-func TestFastPathRandomized(t *testing.T) {
-	keys := testSubjectKeys(t)
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
-	rng := mrand.New(mrand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-
-	caAt := time.Date(2040, 1, 1, 0, 0, 0, 0, time.UTC)
-	var cas []*Authority
-	for _, kt := range []KeyType{KeyP256, KeyP384} {
-		a, err := NewRoot(testTD, kt, 30*365*24*time.Hour, caAt)
+// TestFastSignOffByDefault: a new or loaded Authority signs with
+// x509.CreateCertificate until EnableFastSign is called.
+func TestFastSignOffByDefault(t *testing.T) {
+	a, err := NewRoot(testTD, KeyP256, time.Hour, testNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadAuthority(a.Cert.Raw, nil, a.Key, testTD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, x := range map[string]*Authority{"NewRoot": a, "LoadAuthority": loaded} {
+		c, err := x.prepare()
 		if err != nil {
 			t.Fatal(err)
 		}
-		cas = append(cas, a)
+		if c.fast != nil || x.FastSignActive() {
+			t.Errorf("%s: fast path built without EnableFastSign", name)
+		}
+		s, err := x.MintX509SVID(testID, KeyP256, nil, time.Minute, testNow)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkSVID(t, x, s, testID, s.Key.Public(), nil, testNow, time.Minute)
 	}
-	const alnum = "abcdefghijklmnopqrstuvwxyz0123456789"
-	label := func(maxLen int) string {
-		n := 1 + rng.IntN(maxLen)
-		var b strings.Builder
-		for i := range n {
-			ch := alnum[rng.IntN(len(alnum))]
-			if i > 0 && i < n-1 && rng.IntN(6) == 0 {
-				ch = '-'
-			}
-			b.WriteByte(ch)
-		}
-		return b.String()
+	if err := loaded.EnableFastSign(FastSignOptions{}); err != nil {
+		t.Fatal(err)
 	}
-	const pathChars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_"
-
-	for iter := range 200 {
-		a := cas[rng.IntN(len(cas))]
-		c, f := fastPathOf(t, a)
-		kt := allKeyTypes[rng.IntN(len(allKeyTypes))]
-		pub := keys[kt].Public()
-
-		// Serial: 1..160 bits, including all-ones (top bit set, needs a
-		// leading zero octet) and single-bit values.
-		bits := 1 + rng.IntN(160)
-		serial := new(big.Int)
-		switch rng.IntN(4) {
-		case 0:
-			serial.Lsh(big.NewInt(1), uint(bits-1))
-		case 1:
-			serial.Sub(serial.Lsh(big.NewInt(1), uint(bits)), big.NewInt(1))
-		default:
-			b := make([]byte, (bits+7)/8)
-			for i := range b {
-				b[i] = byte(rng.Uint32())
-			}
-			serial.SetBytes(b)
-			serial.SetBit(serial, bits-1, 1)
-			serial.Rsh(serial, uint(len(b)*8-bits))
-			serial.SetBit(serial, bits-1, 1)
-		}
-
-		// Times: anywhere in 2040..2060 so that about half cross 2050.
-		now := caAt.Add(time.Duration(rng.Int64N(int64(20 * 365 * 24 * time.Hour)))).Add(time.Duration(rng.IntN(1e9)))
-		if rng.IntN(4) == 0 {
-			now = time.Date(2049, 12, 31, 23, 0, 0, 0, time.UTC).Add(time.Duration(rng.Int64N(int64(2 * time.Hour))))
-		}
-		if rng.IntN(3) == 0 {
-			now = now.In(time.FixedZone("random", (rng.IntN(27)-12)*3600+rng.IntN(2)*1800))
-		}
-		ttl := time.Duration(1 + rng.Int64N(int64(3*24*time.Hour)))
-		if rng.IntN(3) == 0 {
-			ttl = time.Duration(1+rng.IntN(3600)) * time.Second
-		}
-		nb := now.Add(-svidClockSkew).Truncate(time.Second)
-		na := now.Add(ttl).Truncate(time.Second)
-
-		// SPIFFE ID with 1..4 random segments.
-		var p strings.Builder
-		for range 1 + rng.IntN(4) {
-			p.WriteByte('/')
-			n := 1 + rng.IntN(20)
-			for range n {
-				p.WriteByte(pathChars[rng.IntN(len(pathChars))])
-			}
-			if seg := p.String(); strings.HasSuffix(seg, "/.") || strings.HasSuffix(seg, "/..") {
-				p.WriteByte('x')
-			}
-		}
-		id, err := spiffeid.FromPath(testTD, p.String())
-		if err != nil {
-			t.Fatalf("iteration %d: ID path %q: %v", iter, p.String(), err)
-		}
-
-		// 0..6 DNS names, occasionally many long ones so lengths need two
-		// and three octets.
-		var dns []string
-		nNames := rng.IntN(7)
-		if rng.IntN(10) == 0 {
-			nNames = 20 + rng.IntN(300)
-		}
-		for range nNames {
-			var name strings.Builder
-			if rng.IntN(5) == 0 {
-				name.WriteString("*.")
-			}
-			name.WriteString(label(63))
-			for range 1 + rng.IntN(3) {
-				name.WriteByte('.')
-				name.WriteString(label(40))
-			}
-			if err := CheckDNSName(name.String()); err != nil {
-				t.Fatalf("iteration %d: generated bad name: %v", iter, err)
-			}
-			dns = append(dns, name.String())
-		}
-
-		in := svidInputs(t, pub, serial, nb, na, id, dns)
-		want := referenceTBS(t, a, c, in, id)
-		got, err := f.tbsCertificate(in)
-		if err != nil {
-			t.Fatalf("iteration %d: %v", iter, err)
-		}
-		requireSameDER(t, fmt.Sprintf("iteration %d (ca %s, svid %s, serial %x, %s..%s, %s, %d names)", iter, curveName(a.Cert.PublicKey.(*ecdsa.PublicKey).Curve), kt, serial, nb, na, id, len(dns)), got, want)
-
-		// And the signed certificate around it.
-		der, err := f.sign(rand.Reader, in)
-		if err != nil {
-			t.Fatalf("iteration %d: sign: %v", iter, err)
-		}
-		leaf, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatalf("iteration %d: parse: %v", iter, err)
-		}
-		requireSameDER(t, fmt.Sprintf("iteration %d signed certificate's TBS", iter), leaf.RawTBSCertificate, want)
-		if err := leaf.CheckSignatureFrom(a.Cert); err != nil {
-			t.Fatalf("iteration %d: signature: %v", iter, err)
-		}
+	if !loaded.FastSignActive() {
+		t.Fatal("EnableFastSign succeeded but the fast path is not active")
 	}
+	s, err := loaded.MintX509SVID(testID, KeyP256, []string{"a.example"}, time.Minute, testNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSVID(t, loaded, s, testID, s.Key.Public(), []string{"a.example"}, testNow, time.Minute)
 }
 
 // TestFastPathScope checks which CA keys take the fast path, and that state
 // cached for one key is never used to sign with another.
 func TestFastPathScope(t *testing.T) {
 	for _, kt := range []KeyType{KeyP256, KeyP384} {
-		fastPathOf(t, testRoot(t, kt))
+		a, err := NewRoot(testTD, kt, time.Hour, testNow)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fastPathOf(t, a)
 	}
-	rsaCA := testRoot(t, KeyRSA3072)
-	if c, err := rsaCA.prepare(); err != nil || c.fast != nil {
-		t.Errorf("RSA CA: fast path state %v (err %v), want none", c.fast, err)
+	rsaCA, err := NewRoot(testTD, KeyRSA3072, time.Hour, testNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rsaCA.EnableFastSign(FastSignOptions{}); err == nil || rsaCA.FastSignActive() {
+		t.Errorf("RSA CA: EnableFastSign = %v, active %v; want an error and CreateCertificate", err, rsaCA.FastSignActive())
 	}
 	// An opaque signer with an ECDSA key (HSM/KMS) keeps CreateCertificate.
-	p256 := testRoot(t, KeyP256)
-	if f := newECFastPath(p256.Cert, struct{ crypto.Signer }{p256.Key}, []byte{0x30, 0}); f != nil {
-		t.Error("fast path built for a wrapped signer")
+	p256, err := NewRoot(testTD, KeyP256, time.Hour, testNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapped := &Authority{Cert: p256.Cert, Key: struct{ crypto.Signer }{p256.Key}, TrustDomain: testTD}
+	if err := wrapped.EnableFastSign(FastSignOptions{}); err == nil {
+		t.Error("fast path enabled for a wrapped signer")
+	}
+	if s, err := wrapped.MintX509SVID(testID, KeyP256, nil, time.Minute, testNow); err != nil {
+		t.Fatal(err)
+	} else {
+		checkSVID(t, p256, s, testID, s.Key.Public(), nil, testNow, time.Minute)
 	}
 
 	// Swapping only the key must not sign with the old state: here the new
 	// key does not match the certificate, which CreateCertificate refuses.
 	a := &Authority{Cert: p256.Cert, Key: p256.Key, TrustDomain: testTD}
+	fastPathOf(t, a)
 	if _, err := a.MintX509SVID(testID, KeyP256, nil, time.Minute, testNow); err != nil {
 		t.Fatal(err)
 	}
@@ -339,9 +264,8 @@ func TestFastPathScope(t *testing.T) {
 	}
 	// Swapping to an RSA key with its certificate leaves the fast path.
 	a.Cert, a.Key = rsaCA.Cert, rsaCA.Key
-	c, err := a.prepare()
-	if err != nil || c.fast.usable(a.Key) {
-		t.Fatalf("fast path usable after switching to an RSA CA (err %v)", err)
+	if a.FastSignActive() {
+		t.Fatal("fast path active after switching to an RSA CA")
 	}
 	s, err := a.MintX509SVID(testID, KeyP256, nil, time.Minute, testNow)
 	if err != nil {
@@ -350,26 +274,158 @@ func TestFastPathScope(t *testing.T) {
 	checkSVID(t, rsaCA, s, testID, s.Key.Public(), nil, testNow, time.Minute)
 }
 
-// TestDERLength checks the length helpers against encoding/asn1 across the
-// short/long form boundaries.
-func TestDERLength(t *testing.T) {
-	for _, n := range []int{0, 1, 127, 128, 129, 255, 256, 257, 65535, 65536, 1 << 20} {
-		want, err := asn1.Marshal(asn1.RawValue{Tag: asn1.TagOctetString, Bytes: make([]byte, n)})
+// failureRecorder collects what FastSignOptions reports.
+type failureRecorder struct {
+	mu   sync.Mutex
+	errs []error
+	log  strings.Builder
+}
+
+func (r *failureRecorder) options() FastSignOptions {
+	return FastSignOptions{
+		Logger: slog.New(slog.NewTextHandler(lockedWriter{r}, nil)),
+		OnCheckFailure: func(err error) {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			r.errs = append(r.errs, err)
+		},
+	}
+}
+
+func (r *failureRecorder) failures() ([]error, string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]error(nil), r.errs...), r.log.String()
+}
+
+type lockedWriter struct{ r *failureRecorder }
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.r.mu.Lock()
+	defer w.r.mu.Unlock()
+	return w.r.log.Write(p)
+}
+
+// TestFastSignCanary: a fast path whose output differs from
+// CreateCertificate's, or whose signature does not verify, is refused at
+// EnableFastSign, reported, and signing stays on CreateCertificate.
+func TestFastSignCanary(t *testing.T) {
+	other := mustKey(t, KeyP256).(*ecdsa.PrivateKey)
+	cases := map[string]struct {
+		mutate  func(*ecFastPath)
+		wantErr string
+	}{
+		// basicConstraints without critical: a different encoding.
+		"encoding differs": {func(f *ecFastPath) {
+			f.bcExt = extension(oidExtBasicConstraints, false, []byte{0x30, 0x00})
+		}, "differs from x509.CreateCertificate"},
+		// ECDSA over a SHA-384 digest while the certificate says SHA-256:
+		// a signature that does not verify.
+		"bad signature": {func(f *ecFastPath) { f.hash = crypto.SHA384 }, "signature"},
+		// Signing with a key that is not the CA's.
+		"wrong key": {func(f *ecFastPath) { f.key = other }, "signature"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			a, err := NewRoot(testTD, KeyP256, time.Hour, testNow)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var rec failureRecorder
+			opts := rec.options()
+			opts.mutate = tc.mutate
+			err = a.EnableFastSign(opts)
+			if !errors.Is(err, errFastSignCheck) || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("EnableFastSign = %v, want a check failure mentioning %q", err, tc.wantErr)
+			}
+			errs, log := rec.failures()
+			if len(errs) != 1 || !strings.Contains(log, "level=ERROR") || !strings.Contains(log, "fast SVID signing turned off") {
+				t.Errorf("reported %d failures, log %q; want one failure and an error log", len(errs), log)
+			}
+			if a.FastSignActive() {
+				t.Error("fast path active after a failed canary")
+			}
+			s, err := a.MintX509SVID(testID, KeyP256, nil, time.Minute, testNow)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkSVID(t, a, s, testID, s.Key.Public(), nil, testNow, time.Minute)
+		})
+	}
+}
+
+// TestFastSignSampledCheck: when a sampled fast-path SVID fails the post-sign
+// check, that certificate is not returned; the SVID is signed with
+// CreateCertificate, the failure reported once, and the fast path is off from
+// then on.
+func TestFastSignSampledCheck(t *testing.T) {
+	a, err := NewRoot(testTD, KeyP256, time.Hour, testNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec failureRecorder
+	if err := a.EnableFastSign(rec.options()); err != nil {
+		t.Fatal(err)
+	}
+	c, f := fastPathOf2(t, a)
+	// The canary passed; now the signer goes bad (digest of the wrong hash,
+	// so every signature fails to verify).
+	f.hash = crypto.SHA384
+	for i := range 3 {
+		s, err := a.MintX509SVID(testID, KeyP256, nil, time.Minute, testNow)
+		if err != nil {
+			t.Fatalf("SVID %d: %v", i, err)
+		}
+		checkSVID(t, a, s, testID, s.Key.Public(), nil, testNow, time.Minute)
+	}
+	errs, log := rec.failures()
+	if len(errs) != 1 || !errors.Is(errs[0], errFastSignCheck) || !strings.Contains(log, "level=ERROR") {
+		t.Errorf("reported %v, log %q; want one check failure and an error log", errs, log)
+	}
+	if a.FastSignActive() || c.fast.usable(a.Key) {
+		t.Error("fast path still active after a failed sampled check")
+	}
+	if n := f.signed.Load(); n != 1 {
+		t.Errorf("fast path signed %d SVIDs, want 1 (the one that failed the check)", n)
+	}
+}
+
+// fastPathOf2 returns the fast-path state EnableFastSign built.
+func fastPathOf2(t *testing.T, a *Authority) (*signCache, *ecFastPath) {
+	t.Helper()
+	c, err := a.prepare()
+	if err != nil || c.fast == nil {
+		t.Fatalf("no fast path (err %v)", err)
+	}
+	return c, c.fast
+}
+
+// TestFastSampled pins the sampling: the first fast-path SVID and one in
+// fastVerifyEvery after it.
+func TestFastSampled(t *testing.T) {
+	var got []uint64
+	for n := uint64(1); n <= 3*fastVerifyEvery; n++ {
+		if fastSampled(n) {
+			got = append(got, n)
+		}
+	}
+	if want := []uint64{1, fastVerifyEvery + 1, 2*fastVerifyEvery + 1}; !slices.Equal(got, want) {
+		t.Errorf("sampled %v, want %v", got, want)
+	}
+}
+
+// TestMarshalSPKI: the fixed SPKI layouts are what x509 writes, for every
+// subject key type.
+func TestMarshalSPKI(t *testing.T) {
+	for kt, k := range testSubjectKeys(t) {
+		want, err := x509.MarshalPKIXPublicKey(k.Public())
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := appendDERLength([]byte{asn1.TagOctetString}, n)
-		if !bytes.Equal(got, want[:len(want)-n]) || derTLVLen(n) != len(want) {
-			t.Errorf("length %d: header %x (TLV %d), want %x (TLV %d)", n, got, derTLVLen(n), want[:len(want)-n], len(want))
+		got, err := marshalSPKI(k.Public())
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	for _, v := range []int64{0, 1, 127, 128, 255, 256, 32767, 32768} {
-		n := big.NewInt(v)
-		want, _ := asn1.Marshal(n)
-		l := derIntegerLen(n)
-		got := appendDERInteger(appendDERLength([]byte{asn1.TagInteger}, l), n, l)
-		if !bytes.Equal(got, want) {
-			t.Errorf("INTEGER %d: %x, want %x", v, got, want)
-		}
+		requireSameDER(t, string(kt)+" SPKI", got, want)
 	}
 }

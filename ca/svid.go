@@ -91,28 +91,7 @@ func (a *Authority) SignX509SVID(req SVIDRequest) (*X509SVID, error) {
 	if _, ok := req.PublicKey.(*rsa.PublicKey); ok {
 		ku |= x509.KeyUsageKeyEncipherment
 	}
-	var der []byte
-	if c.fast.usable(a.Key) {
-		// In-process ECDSA CA key: hand-built DER, no self-verification (see
-		// fastsign.go for why that is only done for ECDSA).
-		der, err = c.fast.sign(rand.Reader, &svidFields{
-			serial:    serial,
-			notBefore: notBefore,
-			notAfter:  notAfter,
-			pub:       req.PublicKey,
-			skid:      skid,
-			keyUsage:  ku,
-			// Equal to req.ID.URL().String(): SPIFFE IDs only contain
-			// characters that url.URL does not escape.
-			uri:      req.ID.String(),
-			dnsNames: req.DNSNames,
-		})
-	} else {
-		// RSA (and opaque) CA keys: CreateCertificate verifies the signature
-		// it made before returning it, which keeps an RSA-CRT fault from
-		// publishing a signature that reveals the CA key.
-		der, err = x509.CreateCertificate(rand.Reader, svidTemplate(c, serial, notBefore, notAfter, skid, ku, req.ID, req.DNSNames), a.Cert, req.PublicKey, a.Key)
-	}
+	der, err := a.signSVID(c, req, serial, notBefore, notAfter, skid, ku)
 	if err != nil {
 		return nil, fmt.Errorf("sign X509-SVID for %s: %w", req.ID, err)
 	}
@@ -128,13 +107,52 @@ func (a *Authority) SignX509SVID(req SVIDRequest) (*X509SVID, error) {
 	}, nil
 }
 
+// signSVID makes the certificate DER. By default that is
+// x509.CreateCertificate, which verifies the signature it made before
+// returning it (for RSA keys that also keeps an RSA-CRT fault from publishing
+// a signature that reveals the CA key). With EnableFastSign, in-process ECDSA
+// CA keys take the hand-built path in fastsign.go, and a sample of its output
+// is checked here; a failed check discards that certificate, turns the fast
+// path off and signs with CreateCertificate instead.
+func (a *Authority) signSVID(c *signCache, req SVIDRequest, serial *big.Int, notBefore, notAfter time.Time, skid []byte, ku x509.KeyUsage) ([]byte, error) {
+	if f := c.fast; f.usable(a.Key) {
+		// Equal to req.ID.URL().String(): SPIFFE IDs only contain characters
+		// that url.URL does not escape.
+		uri := req.ID.String()
+		der, err := f.sign(rand.Reader, &svidFields{
+			serial:    serial,
+			notBefore: notBefore,
+			notAfter:  notAfter,
+			pub:       req.PublicKey,
+			skid:      skid,
+			keyUsage:  ku,
+			uri:       uri,
+			dnsNames:  req.DNSNames,
+		})
+		if err == nil && fastSampled(f.signed.Add(1)) {
+			err = checkFastSVID(der, a.Cert, uri, req.PublicKey)
+		}
+		if err == nil {
+			return der, nil
+		}
+		if f.off.CompareAndSwap(false, true) {
+			c.fastOpts.report(a.Cert, err)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, svidTemplate(c.leafSubject, serial, notBefore, notAfter, skid, ku, req.ID, req.DNSNames), a.Cert, req.PublicKey, a.Key)
+	if err != nil {
+		return nil, fmt.Errorf("create certificate: %w", err)
+	}
+	return der, nil
+}
+
 // svidTemplate is the CreateCertificate template for an SVID. The ECDSA fast
 // path in fastsign.go must produce exactly what CreateCertificate makes of
-// it; the tests check that byte for byte.
-func svidTemplate(c *signCache, serial *big.Int, notBefore, notAfter time.Time, skid []byte, ku x509.KeyUsage, id spiffeid.ID, dnsNames []string) *x509.Certificate {
+// it; the canary and FuzzFastSignEqualsStdlib check that byte for byte.
+func svidTemplate(leafSubject []byte, serial *big.Int, notBefore, notAfter time.Time, skid []byte, ku x509.KeyUsage, id spiffeid.ID, dnsNames []string) *x509.Certificate {
 	return &x509.Certificate{
 		SerialNumber:          serial,
-		RawSubject:            c.leafSubject,
+		RawSubject:            leafSubject,
 		NotBefore:             notBefore,
 		NotAfter:              notAfter,
 		BasicConstraintsValid: true,

@@ -66,6 +66,7 @@ func (s *Server) unsealAuthority(k *kek.KEK, rec store.CARecord) (*ca.Authority,
 	if a.TrustDomain != s.td {
 		return nil, fmt.Errorf("data dir holds a CA for trust domain %s, not %s", a.TrustDomain, s.td)
 	}
+	s.applyFastSign(a)
 	return a, nil
 }
 
@@ -194,6 +195,7 @@ func (s *Server) newCA(k *kek.KEK, state store.CAState) (*ca.Authority, store.CA
 	if err != nil {
 		return nil, store.CARecord{}, fmt.Errorf("create CA: %w", err)
 	}
+	s.applyFastSign(a)
 	var chain [][]byte
 	for _, c := range a.Chain {
 		chain = append(chain, c.Raw)

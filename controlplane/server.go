@@ -96,6 +96,11 @@ type Config struct {
 	AfterFunc func(d time.Duration, f func()) (stop func() bool)
 	// Store replaces the bbolt store in DataDir (tests, etcd later).
 	Store store.Store
+	// FastSign turns on ca.Authority.EnableFastSign for every X.509 CA this
+	// server loads or makes: SVIDs skip x509.CreateCertificate's post-sign
+	// self-verification (a canary at load, then 1 in 64 checked). Off by
+	// default.
+	FastSign bool
 }
 
 // Server holds the live state of a meshid server. Its methods are safe for
