@@ -116,7 +116,10 @@ func (m *matcher) Match(c identity.Caller) []svidcache.Entry {
 	m.mu.Lock()
 	for _, id := range c.IDs {
 		if !m.banned[id.String()] {
-			out = append(out, svidcache.Entry{ID: svidcache.DirectKey(id.String(), normSerial(c.Serial)), SpiffeID: id.String()})
+			key := svidcache.DirectKey(id.String(), normSerial(c.Serial))
+			// The hint is the slot key, as entryHint gives an entry
+			// without one its ID.
+			out = append(out, svidcache.Entry{ID: key, SpiffeID: id.String(), Hint: key})
 		}
 	}
 	m.mu.Unlock()
