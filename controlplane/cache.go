@@ -50,10 +50,16 @@ type localSigner struct{ s *Server }
 
 func (l localSigner) SignX509SVID(ctx context.Context, e svidcache.Entry, csr []byte) ([][]byte, error) {
 	s := l.s
+	// The CSR comes from the cache in this process: parsed for its key,
+	// its self-signature not re-checked (see MintRequest.publicKey).
+	req, err := x509.ParseCertificateRequest(csr)
+	if err != nil {
+		return nil, fmt.Errorf("parse the cache's CSR: %w", err)
+	}
 	entryID := s.entryIDForInventory(e)
 	svid, err := s.MintX509SVID(ctx, MintRequest{
 		SpiffeID:  e.SpiffeID,
-		CSR:       csr,
+		publicKey: req.PublicKey,
 		TTL:       e.TTL, // 0: the server default; mint clamps either to the CA's life
 		ClampTTL:  true,
 		DNSNames:  e.DNSNames,
