@@ -323,7 +323,7 @@ func (a *AdminService) ListCAs(ctx context.Context, _ *adminv1.ListCAsRequest) (
 // rotation's progress.
 func (a *AdminService) caWithServed(v *caView) *adminv1.CA {
 	c := caToProto(v)
-	c.ServedSvids = uint64(a.srv.ids.servedBy(v.cert))
+	c.ServedSvids = uint64(a.srv.servedBy(v.cert))
 	return c
 }
 

@@ -381,7 +381,7 @@ func (s *Server) activateLocked(ctx context.Context, actor string, force bool) (
 	}
 	s.log.Info("activated CA", "id", next.ID, "retired", retired.ID, "actor", actor)
 	if s.cfg.RotateSVIDsOnActivation {
-		s.ids.renewAll()
+		s.ids.RenewAll()
 	}
 	s.scheduleRotation()
 	return next, nil

@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/store"
+	"github.com/meshid/meshid/svidcache"
 )
 
 // EmergencyRotation says what RotateCANow did.
@@ -73,7 +74,7 @@ func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (E
 	// count that would drop it from the bundle before its SVIDs are
 	// re-issued.
 	if v := s.caByID(oldID); v != nil {
-		v.dependents.Store(int64(s.ids.servedBy(v.cert)))
+		v.dependents.Store(int64(s.servedBy(v.cert)))
 	}
 	if err := s.setCAStateLocked(ctx, oldID, state, store.AuditEvent{Time: now, Actor: actor, Action: action, Target: oldID, Detail: detail}); err != nil {
 		return EmergencyRotation{}, err
@@ -87,7 +88,7 @@ func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (E
 		}
 	}
 	step := s.reissueStep()
-	n := s.ids.reissue(func(*slotView) bool { return true }, step)
+	n := s.ids.Reissue(func(svidcache.SlotView) bool { return true }, step)
 	s.maint.reissueUntil = now.Add(time.Duration(n) * step)
 	if err := s.publishBundles(); err != nil {
 		return EmergencyRotation{}, err
@@ -179,11 +180,13 @@ func (s *Server) progressEmergency() error {
 	s.mu.RUnlock()
 	now := s.now()
 	for _, v := range tainted {
-		n := s.ids.servedBy(v.cert)
+		n := s.servedBy(v.cert)
 		if n > 0 {
 			v.dependents.Store(int64(n))
 			until := s.maint.reissueUntil
-			s.ids.reissue(func(sl *slotView) bool { return signedBy(sl.leaf, v.cert) && sl.renewAt.After(until.Add(time.Second)) }, s.reissueStep())
+			s.ids.Reissue(func(sl svidcache.SlotView) bool {
+				return signedBy(sl.Leaf, v.cert) && sl.RenewAt.After(until.Add(time.Second))
+			}, s.reissueStep())
 			continue
 		}
 		if err := s.setCAStateLocked(context.Background(), v.rec.ID, store.CARevoked, store.AuditEvent{Time: now, Actor: "server", Action: "ca.revoke",
@@ -245,7 +248,7 @@ func (s *Server) servedOnRetired() int {
 	s.mu.RUnlock()
 	n := 0
 	for _, c := range retired {
-		n += s.ids.servedBy(c)
+		n += s.servedBy(c)
 	}
 	return n
 }

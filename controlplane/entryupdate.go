@@ -78,29 +78,8 @@ func (s *Server) UpdateEntry(ctx context.Context, id string, u EntryUpdate, acto
 	}
 	s.entries.remove(old.ID)
 	s.entries.put(e)
-	s.ids.entryUpdated(e)
-	s.ids.entriesChanged(ctx)
+	s.ids.EntryUpdated(cacheEntry(e))
+	s.ids.EntriesChanged(ctx)
 	s.log.Info("entry updated", "id", e.ID, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil
-}
-
-// entryUpdated puts the new version of an entry into its slot: a held slot
-// is re-issued now (new DNS names, ttl or hint), an idle one is dropped so
-// its next holder gets a fresh SVID.
-func (ids *identities) entryUpdated(e store.Entry) {
-	ids.mu.Lock()
-	defer ids.mu.Unlock()
-	sl, ok := ids.slots[e.ID]
-	if !ok {
-		return
-	}
-	if sl.refs == 0 {
-		if sl.stop != nil {
-			sl.stop()
-		}
-		delete(ids.slots, e.ID)
-		return
-	}
-	sl.entry = e
-	ids.scheduleLocked(sl, 0)
 }

@@ -217,7 +217,7 @@ func (s *Server) MintJWTSVID(ctx context.Context, caller identity.Caller, audien
 	if len(audience) == 0 {
 		return nil, invalidf("audience is required")
 	}
-	entries := s.ids.entitlements(&Subscription{caller: caller})
+	entries := s.match.Match(caller)
 	s.mu.RLock()
 	j := s.jwt
 	s.mu.RUnlock()
@@ -236,7 +236,7 @@ func (s *Server) MintJWTSVID(ctx context.Context, caller identity.Caller, audien
 			var exp time.Time
 			if tok, exp, err = j.MintJWTSVID(sid, audience, s.cfg.JWTTTL, now); err == nil {
 				s.metrics.Issued.WithLabelValues("jwt").Inc()
-				out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: entryHint(e), ExpiresAt: exp})
+				out = append(out, &identity.JWTSVID{ID: sid, Token: tok, Hint: e.Hint, ExpiresAt: exp})
 				continue
 			}
 		}

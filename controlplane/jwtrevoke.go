@@ -30,7 +30,7 @@ type jwtRevocations struct {
 
 // revokeJWTs refuses, from now on, JWT-SVIDs of id issued until at.
 func (s *Server) revokeJWTs(id string, at time.Time) {
-	r := &s.ids.jwtRev
+	r := &s.jwtRev
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.cutoff == nil {
@@ -55,7 +55,7 @@ func (s *Server) CheckJWTSVID(ctx context.Context, id spiffeid.ID, issuedAt time
 		return err
 	}
 	now := s.now()
-	r := &s.ids.jwtRev
+	r := &s.jwtRev
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for k, t := range r.cutoff {
@@ -74,7 +74,7 @@ func (s *Server) CheckJWTSVID(ctx context.Context, id spiffeid.ID, issuedAt time
 // loadJWTRevocations reads, once, the cut-offs recent enough to matter from
 // the audit log.
 func (s *Server) loadJWTRevocations(ctx context.Context) error {
-	r := &s.ids.jwtRev
+	r := &s.jwtRev
 	r.mu.Lock()
 	loaded := r.loaded
 	r.mu.Unlock()

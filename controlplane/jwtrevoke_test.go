@@ -55,9 +55,9 @@ func TestJWTRevocationSurvivesRestartAndExpires(t *testing.T) {
 	}
 	offset.Add(int64(cfg.JWTTTL + 2*time.Minute))
 	_ = ts.srv.CheckJWTSVID(ctx, svid.ID, iat)
-	ts.srv.ids.jwtRev.mu.Lock()
-	left := len(ts.srv.ids.jwtRev.cutoff)
-	ts.srv.ids.jwtRev.mu.Unlock()
+	ts.srv.jwtRev.mu.Lock()
+	left := len(ts.srv.jwtRev.cutoff)
+	ts.srv.jwtRev.mu.Unlock()
 	if left != 0 {
 		t.Fatalf("%d revocation cut-offs kept after every token they refuse has expired", left)
 	}

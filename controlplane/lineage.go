@@ -34,24 +34,6 @@ const requesterViaToken = "workload via token"
 // leading zeros (big.Int.Text(16)), whatever the source.
 func normSerial(s string) string { return strings.TrimLeft(strings.ToLower(s), "0") }
 
-// directKey is the slot key of a directly held ID: one slot per
-// authenticating certificate, one shared by token callers.
-func directKey(id, serial string) string {
-	if serial == "" {
-		return "id:" + id
-	}
-	return "id:" + id + "#" + serial
-}
-
-// directSerial is the authenticating serial in a direct slot key, if any.
-func directSerial(key string) string {
-	if !strings.HasPrefix(key, "id:") {
-		return ""
-	}
-	_, serial, _ := strings.Cut(key, "#")
-	return serial
-}
-
 // lineage caches, for live certificates, the entry each was issued under,
 // so that authenticating a remote caller does not read the inventory.
 // Every SVID the server mints for workloads is noted as it is minted;
@@ -101,7 +83,7 @@ func (l *lineage) cached(serial string) (string, bool) {
 // entryOfSerial is the entry the live certificate serial was issued under
 // ("" for none, or if the inventory does not know it).
 func (s *Server) entryOfSerial(ctx context.Context, serial string) (string, error) {
-	l := &s.ids.lin
+	l := &s.lin
 	if e, ok := l.cached(serial); ok {
 		return e, nil
 	}

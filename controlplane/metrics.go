@@ -134,7 +134,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	revoked := s.revokedCount
 	s.mu.RUnlock()
 	ch <- prometheus.MustNewConstMetric(c.revoked, prometheus.GaugeValue, float64(revoked))
-	earliest, overdue, served := s.ids.stats(now)
+	earliest, overdue, served := s.ids.Stats(now)
 	e := 0.0
 	if !earliest.IsZero() {
 		e = float64(earliest.Unix())

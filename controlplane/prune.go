@@ -22,7 +22,7 @@ func (s *Server) schedulePrune() {
 	}
 	s.pruneStop = s.afterFunc(pruneInterval, func() {
 		s.pruneInventory(context.Background())
-		s.ids.sweepIdle(s.now())
+		s.ids.SweepIdle(s.now())
 		s.schedulePrune()
 	})
 }

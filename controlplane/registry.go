@@ -158,7 +158,7 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 		return store.Entry{}, fmt.Errorf("create entry: %w", err)
 	}
 	s.entries.put(e)
-	s.ids.entriesChanged(ctx)
+	s.ids.EntriesChanged(ctx)
 	s.log.Info("entry created", "id", e.ID, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil
 }
@@ -202,7 +202,7 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 	}
 	s.entries.remove(id)
 	s.revokeJWTs(e.SpiffeID, ev.Time)
-	s.ids.entriesChanged(ctx)
+	s.ids.EntriesChanged(ctx)
 	s.log.Info("entry deleted", "id", id, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil
 }

@@ -44,9 +44,9 @@ func (s *Server) newServerTLS(ctx context.Context, dnsNames []string) (*serverTL
 	if err := validateDNSNames(dnsNames); err != nil {
 		return nil, fmt.Errorf("--server-dns: %w", err)
 	}
-	sub, err := s.ids.subscribe(ctx, identity.Caller{Label: "meshid server"}, []store.Entry{{
+	sub, err := s.ids.SubscribeWith(ctx, identity.Caller{Label: "meshid server"}, cacheEntry(store.Entry{
 		ID: "meshid-server", SpiffeID: s.ServerID().String(), DNSNames: dnsNames,
-	}})
+	}))
 	if err != nil {
 		return nil, fmt.Errorf("server certificate: %w", err)
 	}

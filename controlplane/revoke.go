@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/store"
+	"github.com/meshid/meshid/svidcache"
 )
 
 // RevokeResult says what a revocation did.
@@ -75,9 +76,9 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 			return res, fmt.Errorf("delete join tokens: %w", err)
 		}
 		s.tokens.forget(spiffeID)
-		s.ids.ban(spiffeID)
-		s.ids.endDirect(spiffeID)
-		s.ids.dropDirect(spiffeID)
+		s.match.ban(spiffeID)
+		s.endDirect(spiffeID)
+		s.ids.Drop(func(key string) bool { return svidcache.DirectKeyOf(key, spiffeID) })
 		s.revokeJWTs(spiffeID, now) // its entries' deletions did too; this covers an ID without any
 	}
 	target := spiffeID
@@ -123,7 +124,7 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 	}
 	s.endRevokedStreams(serials)
 	for _, r := range serials {
-		s.ids.renewSerial(r.Serial)
+		s.ids.RenewSerial(r.Serial)
 	}
 	s.log.Warn("revoked", "target", target, "serials", len(serials), "entries_deleted", deletedEntries, "actor", actor)
 	s.scheduleRotation() // the CRL shrinks when the first revoked serial expires
@@ -286,7 +287,7 @@ func (s *Server) endRevokedStreams(serials []store.RevokedSerial) {
 	for _, r := range serials {
 		set[normSerial(r.Serial)] = true
 	}
-	if n := s.ids.endSerials(set); n > 0 {
+	if n := s.endSerials(set); n > 0 {
 		s.log.Warn("ended streams authenticated by revoked certificates", "streams", n)
 	}
 }

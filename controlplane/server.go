@@ -26,6 +26,7 @@ import (
 	"github.com/meshid/meshid/sds"
 	"github.com/meshid/meshid/store"
 	"github.com/meshid/meshid/store/boltstore"
+	"github.com/meshid/meshid/svidcache"
 )
 
 // Defaults a user gets without flags.
@@ -116,7 +117,7 @@ type Server struct {
 	metrics     *Metrics
 	sdsMetrics  *sds.Metrics
 	grpcMetrics *grpcMetrics
-	ids         *identities
+	ids         *svidcache.Cache
 	limiter     *signLimiter
 	afterFunc   func(time.Duration, func()) func() bool
 
@@ -143,6 +144,13 @@ type Server struct {
 	maint maintenance
 	// ready is true while Run serves; /readyz reports it.
 	ready atomic.Bool
+
+	// match says what callers may hold (cache.go); lin knows the entry
+	// behind each live certificate (lineage.go); jwtRev refuses JWT-SVIDs
+	// of revoked identities (jwtrevoke.go).
+	match  matcher
+	lin    lineage
+	jwtRev jwtRevocations
 
 	mu      sync.RWMutex
 	active  *ca.Authority
@@ -243,7 +251,8 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		afterFunc: cfg.AfterFunc,
 		limiter:   newSignLimiter(cfg.SignConcurrency, cfg.SignRate, cfg.SignQueueTimeout),
 	}
-	s.ids = newIdentities(s)
+	s.match.srv = s
+	s.ids = s.newCache()
 	s.tokens.conns = map[string]tokenBinding{}
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
 	s.grpcMetrics = newGRPCMetrics(s.metrics.Registry)
@@ -334,7 +343,7 @@ func (s *Server) Close() error {
 	}
 	s.stopMaintenanceLocked()
 	s.rotTimerMu.Unlock()
-	s.ids.close()
+	s.ids.Close()
 	return s.store.Close()
 }
 
@@ -342,11 +351,7 @@ func (s *Server) Close() error {
 // made here, never stored) for each entry its selectors match and each ID
 // it holds directly, renewed at half-life and pushed on every change.
 func (s *Server) Subscribe(ctx context.Context, caller identity.Caller) (identity.Subscription, error) {
-	sub, err := s.ids.Subscribe(ctx, caller)
-	if err != nil {
-		return nil, err
-	}
-	return sub, nil
+	return s.ids.Subscribe(ctx, caller)
 }
 
 // TrustDomain is the server's trust domain.
@@ -396,6 +401,6 @@ func (s *Server) publishBundles() error {
 	// With an upstream CA that has CAs above it, we cannot sign CRLs for
 	// those: peers must check the leaf only, or every chain would fail.
 	leafOnly := s.cfg.Upstream != nil && len(s.cfg.Upstream.Chain) > 0
-	s.ids.setBundles(s.td, s.BundleCerts(), crls, leafOnly, jb)
+	s.ids.SetBundles(svidcache.X509Bundle(s.td, s.BundleCerts(), crls, leafOnly), jb)
 	return nil
 }

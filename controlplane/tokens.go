@@ -55,7 +55,7 @@ func (s *Server) CreateJoinToken(ctx context.Context, spiffeID string, ttl time.
 	}
 	// A new token is the administrator's word that the identity may be
 	// served to remote callers again after a revocation.
-	defer s.ids.unban(spiffeID)
+	defer s.match.unban(spiffeID)
 	if err := s.store.CreateToken(ctx, t, store.AuditEvent{
 		Time: now, Actor: actor, Action: "token.create", Target: t.Hash[:16],
 		Detail: fmt.Sprintf("%s %s until %s", use, spiffeID, t.ExpiresAt.UTC().Format(time.RFC3339)),

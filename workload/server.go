@@ -248,7 +248,7 @@ func x509SVIDResponse(snap *identity.Snapshot) (*pb.X509SVIDResponse, error) {
 // by trust domain (its SPIFFE ID, "spiffe://td"), pushed when they change.
 func (s *Server) FetchX509Bundles(_ *pb.X509BundlesRequest, stream grpc.ServerStreamingServer[pb.X509BundlesResponse]) error {
 	ctx := stream.Context()
-	caller, sub, err := s.subscribe(ctx)
+	caller, sub, err := s.subscribeBundles(ctx)
 	if err != nil {
 		return err
 	}
@@ -274,7 +274,7 @@ func (s *Server) FetchX509Bundles(_ *pb.X509BundlesRequest, stream grpc.ServerSt
 // keyed by trust domain, pushed when they change.
 func (s *Server) FetchJWTBundles(_ *pb.JWTBundlesRequest, stream grpc.ServerStreamingServer[pb.JWTBundlesResponse]) error {
 	ctx := stream.Context()
-	caller, sub, err := s.subscribe(ctx)
+	caller, sub, err := s.subscribeBundles(ctx)
 	if err != nil {
 		return err
 	}
@@ -367,7 +367,7 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *pb.ValidateJWTSVIDReq
 	if req.GetSvid() == "" {
 		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
 	}
-	caller, sub, err := s.subscribe(ctx)
+	caller, sub, err := s.subscribeBundles(ctx)
 	if err != nil {
 		return nil, err
 	}
