@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshid/meshid/internal/fakeclock"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/sds"
 	"github.com/meshid/meshid/store"
@@ -205,7 +206,7 @@ func parseCRLs(t *testing.T, ders [][]byte) []*x509.RevocationList {
 // clock a freshly signed CRL reaches the SDS and Workload API clients
 // before the first one's nextUpdate passes, every time.
 func TestCRLNextUpdateBoundedAndRefreshed(t *testing.T) {
-	fc := newFakeClock(time.Now())
+	fc := fakeclock.New(time.Now())
 	const svidTTL = time.Hour
 	ts := startWorkloadServer(t, Config{SVIDTTL: svidTTL, Now: fc.Now, AfterFunc: fc.AfterFunc})
 	entryForMe(t, ts.srv, "spiffe://cluster.local/ns/crl/sa/me")
@@ -267,7 +268,7 @@ func TestCRLNextUpdateBoundedAndRefreshed(t *testing.T) {
 // TestCRLThisUpdateNotBeforeNewestRevocation: the CRL pushed after a
 // revocation does not claim to predate it.
 func TestCRLThisUpdateNotBeforeNewestRevocation(t *testing.T) {
-	fc := newFakeClock(time.Now().Truncate(time.Second).Add(400 * time.Millisecond))
+	fc := fakeclock.New(time.Now().Truncate(time.Second).Add(400 * time.Millisecond))
 	ts := startWorkloadServer(t, Config{SVIDTTL: time.Hour, Now: fc.Now, AfterFunc: fc.AfterFunc})
 	ctx := context.Background()
 	entryForMe(t, ts.srv, "spiffe://cluster.local/ns/crl/sa/me")

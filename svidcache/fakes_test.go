@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/internal/fakeclock"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
@@ -150,7 +151,7 @@ type failure struct {
 
 type harness struct {
 	t       *testing.T
-	clock   *fakeClock
+	clock   *fakeclock.Clock
 	signer  *caSigner
 	matcher *selMatcher
 	cache   *Cache
@@ -161,7 +162,7 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	h := &harness{t: t, clock: newFakeClock(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)), matcher: &selMatcher{entries: map[string][]Entry{}}}
+	h := &harness{t: t, clock: fakeclock.New(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)), matcher: &selMatcher{entries: map[string][]Entry{}}}
 	h.signer = newCASigner(t, h.clock)
 	h.cache = New(Config{Signer: h.signer, Matcher: h.matcher, Clock: h.clock, MintFailed: func(err error, renewal bool) {
 		h.mu.Lock()

@@ -1,4 +1,7 @@
-package svidcache
+// Package fakeclock is a clock for tests that cross hours of expiry and
+// rotation logic in milliseconds: Now and AfterFunc, the two methods the
+// server and the SVID cache take, driven by Advance.
+package fakeclock
 
 import (
 	"slices"
@@ -6,33 +9,36 @@ import (
 	"time"
 )
 
-// fakeClock is Config.Now and Config.AfterFunc for tests that cross hours
-// of expiry logic in milliseconds. Advance fires due timers in time order,
-// each with the clock set to its due time, as a real clock would.
-type fakeClock struct {
+// Clock is a fake clock. Advance fires due timers in time order, each with
+// the clock set to its due time, as a real clock would.
+type Clock struct {
 	mu     sync.Mutex
 	now    time.Time
-	timers []*fakeTimer
+	timers []*timer
 }
 
-type fakeTimer struct {
+type timer struct {
 	at   time.Time
 	f    func()
 	done bool // fired or stopped
 }
 
-func newFakeClock(start time.Time) *fakeClock { return &fakeClock{now: start} }
+// New returns a clock reading start.
+func New(start time.Time) *Clock { return &Clock{now: start} }
 
-func (c *fakeClock) Now() time.Time {
+// Now returns the clock's time.
+func (c *Clock) Now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.now
 }
 
-func (c *fakeClock) AfterFunc(d time.Duration, f func()) func() bool {
+// AfterFunc runs f once the clock reaches now+d and returns its stop
+// function, which reports whether it stopped f from running.
+func (c *Clock) AfterFunc(d time.Duration, f func()) func() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	t := &fakeTimer{at: c.now.Add(d), f: f}
+	t := &timer{at: c.now.Add(d), f: f}
 	if d <= 0 {
 		// Due now: run it as a timer would, on its own goroutine.
 		t.done = true
@@ -51,14 +57,14 @@ func (c *fakeClock) AfterFunc(d time.Duration, f func()) func() bool {
 
 // Advance moves the clock forward by d, running every timer that falls due
 // on the way (including timers those arm) synchronously.
-func (c *fakeClock) Advance(d time.Duration) {
+func (c *Clock) Advance(d time.Duration) {
 	c.mu.Lock()
 	target := c.now.Add(d)
 	c.mu.Unlock()
 	for {
 		c.mu.Lock()
-		c.timers = slices.DeleteFunc(c.timers, func(t *fakeTimer) bool { return t.done })
-		var next *fakeTimer
+		c.timers = slices.DeleteFunc(c.timers, func(t *timer) bool { return t.done })
+		var next *timer
 		for _, t := range c.timers {
 			if !t.at.After(target) && (next == nil || t.at.Before(next.at)) {
 				next = t
