@@ -11,6 +11,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/kek"
+	"github.com/meshid/meshid/lifecycle"
 	"github.com/meshid/meshid/store"
 )
 
@@ -25,30 +26,29 @@ type caView struct {
 	auth *ca.Authority
 	// lastNotAfter is the latest NotAfter (unix nanos) of any SVID this CA
 	// signed: a retired CA leaves the bundle once that has passed.
-	lastNotAfter atomic.Int64
 	// dependents counts, for a CA tainted by an emergency rotation, the
-	// served SVIDs it still signs for: it leaves the bundle at zero.
-	dependents atomic.Int64
+	// served SVIDs it still signs for: it leaves the bundle at zero. Both
+	// are shared by every view of one CA (views are replaced, not
+	// mutated, when its record changes), so a mint finishing on an older
+	// view is not lost.
+	lastNotAfter, dependents *atomic.Int64
 	// stateAt is when this server moved the CA to its state (zero if
 	// loaded so): a revoked intermediate's revocation time.
 	stateAt time.Time
 }
 
-// inBundle says whether peers must still trust v at now.
-func (v *caView) inBundle(now time.Time) bool {
-	if now.After(v.cert.NotAfter) {
-		return false
+// lc is v as the lifecycle policy sees it.
+func (v *caView) lc() lifecycle.CA {
+	c := lifecycle.CA{ID: v.rec.ID, State: v.rec.State, CreatedAt: v.rec.CreatedAt, NotAfter: v.cert.NotAfter,
+		Dependents: v.dependents.Load()}
+	if n := v.lastNotAfter.Load(); n != 0 {
+		c.LastNotAfter = time.Unix(0, n)
 	}
-	switch v.rec.State {
-	case store.CARevoked:
-		return false
-	case store.CATainted:
-		return v.dependents.Load() > 0 && now.UnixNano() < v.lastNotAfter.Load()
-	case store.CARetired:
-		return now.UnixNano() < v.lastNotAfter.Load()
-	}
-	return true
+	return c
 }
+
+// inBundle says whether peers must still trust v at now.
+func (v *caView) inBundle(now time.Time) bool { return lifecycle.InBundle(now, v.lc()) }
 
 func (s *Server) unsealAuthority(k *kek.KEK, rec store.CARecord) (*ca.Authority, error) {
 	der, err := k.Open(rec.SealedKey, []byte(rec.ID))
@@ -70,61 +70,75 @@ func (s *Server) unsealAuthority(k *kek.KEK, rec store.CARecord) (*ca.Authority,
 	return a, nil
 }
 
-// loadCA loads every X.509 CA, repairs a rotation a crash interrupted, and
-// makes the first CA on first start.
-func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
+// bootstrap makes what a store without state needs, the first CA and JWT
+// key, and finishes a rotation a crash interrupted (two active CAs: the
+// newer won). It writes only as the leader, so replicas starting together
+// on an empty store do not each make a CA; it returns the leadership it
+// took, if it needed one.
+func (s *Server) bootstrap(ctx context.Context) (store.Leadership, error) {
+	needs := func(recs []store.CARecord) bool {
+		var x, j int
+		for _, r := range recs {
+			if r.State != store.CAActive {
+				continue
+			}
+			switch r.Kind {
+			case "x509":
+				x++
+			case "jwt":
+				j++
+			}
+		}
+		return x != 1 || j == 0
+	}
 	recs, err := s.store.ListCAs(ctx)
 	if err != nil {
-		return fmt.Errorf("load CAs: %w", err)
+		return nil, fmt.Errorf("load CAs: %w", err)
 	}
-	var views []*caView
-	for _, rec := range recs {
-		if rec.Kind != "x509" {
+	if !needs(recs) {
+		return nil, nil
+	}
+	lead, err := s.store.Campaign(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("campaign to make the first CA: %w", err)
+	}
+	if recs, err = s.store.ListCAs(ctx); err != nil {
+		lead.Resign(context.Background())
+		return nil, fmt.Errorf("load CAs: %w", err)
+	}
+	if err := s.bootstrapLocked(ctx, recs); err != nil {
+		lead.Resign(context.Background())
+		return nil, err
+	}
+	return lead, nil
+}
+
+func (s *Server) bootstrapLocked(ctx context.Context, recs []store.CARecord) error {
+	var active *store.CARecord
+	hasJWT := false
+	for i, r := range recs {
+		if r.State != store.CAActive {
 			continue
 		}
-		cert, err := x509.ParseCertificate(rec.CertDER)
-		if err != nil {
-			return fmt.Errorf("CA %s: parse certificate: %w", rec.ID, err)
+		if r.Kind == "jwt" {
+			hasJWT = true
 		}
-		v := &caView{rec: rec, cert: cert, root: cert}
-		if rec.State == store.CATainted {
-			// Nothing is served yet after a restart: keep it published
-			// until the first recount, when reconnected callers have
-			// their SVIDs from the new CA.
-			v.dependents.Store(1)
-		}
-		if n := len(rec.ChainDER); n > 0 {
-			if v.root, err = x509.ParseCertificate(rec.ChainDER[n-1]); err != nil {
-				return fmt.Errorf("CA %s: parse chain: %w", rec.ID, err)
-			}
-		}
-		// Retired CAs keep their key in memory too: they still sign the
-		// CRLs of the certificates they issued.
-		if v.auth, err = s.unsealAuthority(k, rec); err != nil {
-			return err
-		}
-		views = append(views, v)
-	}
-	// Activation writes the new CA as active before retiring the old one,
-	// so a crash in between leaves two active CAs: the newer one won.
-	var active *caView
-	for _, v := range views {
-		if v.rec.State == store.CAActive && (active == nil || v.rec.CreatedAt.After(active.rec.CreatedAt)) {
-			active = v
+		if r.Kind == "x509" && (active == nil || !r.CreatedAt.Before(active.CreatedAt)) {
+			active = &recs[i]
 		}
 	}
-	for _, v := range views {
-		if v.rec.State == store.CAActive && v != active {
-			v.rec.State = store.CARetired
-			if err := s.store.PutCA(ctx, v.rec, &store.AuditEvent{Time: s.now(), Actor: "server", Action: "ca.retire",
-				Target: v.rec.ID, Detail: "repair: a rotation was interrupted after activating its successor"}); err != nil {
-				return fmt.Errorf("repair CA %s: %w", v.rec.ID, err)
+	for _, r := range recs {
+		if r.Kind == "x509" && r.State == store.CAActive && r.ID != active.ID {
+			r.State = store.CARetired
+			if err := s.store.PutCA(ctx, r, &store.AuditEvent{Time: s.now(), Actor: "server", Action: "ca.retire",
+				Target: r.ID, Detail: "repair: a rotation was interrupted after activating its successor"}); err != nil {
+				return fmt.Errorf("repair CA %s: %w", r.ID, err)
 			}
-			s.log.Warn("finished an interrupted CA rotation", "retired", v.rec.ID, "active", active.rec.ID)
+			s.log.Warn("finished an interrupted CA rotation", "retired", r.ID, "active", active.ID)
 		}
 	}
 	if active == nil {
-		a, rec, err := s.newCA(k, store.CAActive)
+		_, rec, err := s.newCA(s.kek, store.CAActive)
 		if err != nil {
 			return err
 		}
@@ -135,21 +149,27 @@ func (s *Server) loadCA(ctx context.Context, k *kek.KEK) error {
 			return fmt.Errorf("store new CA: %w", err)
 		}
 		s.log.Info("created CA", "id", rec.ID, "trust_domain", s.td.String(), "not_after", rec.NotAfter)
-		active = &caView{rec: rec, cert: a.Cert, auth: a, root: a.Root()}
-		views = append(views, active)
 	}
-	if err := s.loadLastNotAfter(ctx, views); err != nil {
-		return err
+	if !hasJWT {
+		j, rec, err := s.newJWTKey(s.kek, store.CAActive)
+		if err != nil {
+			return err
+		}
+		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: rec.CreatedAt, Actor: "server", Action: "jwt.create", Target: rec.ID,
+			Detail: fmt.Sprintf("ES256 kid %s valid until %s", j.KeyID, j.NotAfter.UTC().Format(time.RFC3339))}); err != nil {
+			return fmt.Errorf("store JWT key: %w", err)
+		}
+		s.log.Info("created JWT signing key", "kid", j.KeyID, "not_after", j.NotAfter)
 	}
-	s.mu.Lock()
-	s.active, s.activeID, s.cas = active.auth, active.rec.ID, views
-	s.mu.Unlock()
 	return nil
 }
 
 // loadLastNotAfter finds, from the inventory, how long each CA's SVIDs
 // live, so retired CAs leave the bundle exactly when they may.
 func (s *Server) loadLastNotAfter(ctx context.Context, views []*caView) error {
+	if len(views) == 0 {
+		return nil
+	}
 	rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: s.now()})
 	if err != nil {
 		return fmt.Errorf("read inventory: %w", err)
@@ -269,6 +289,9 @@ func (e *FailedPreconditionError) Error() string { return e.msg }
 // bundle, pushed to every subscriber, without signing with it yet: peers
 // learn to trust it before any SVID it signs reaches them.
 func (s *Server) PrepareCA(ctx context.Context, actor string) (store.CARecord, error) {
+	if err := s.requireLeader(ctx); err != nil {
+		return store.CARecord{}, err
+	}
 	s.rotMu.Lock()
 	defer s.rotMu.Unlock()
 	return s.prepareLocked(ctx, actor)
@@ -283,7 +306,7 @@ func (s *Server) prepareLocked(ctx context.Context, actor string) (store.CARecor
 	if err := s.prepareJWT(ctx, actor); err != nil {
 		return store.CARecord{}, err
 	}
-	a, rec, err := s.newCA(s.kek, store.CAPrepared)
+	_, rec, err := s.newCA(s.kek, store.CAPrepared)
 	if err != nil {
 		return store.CARecord{}, err
 	}
@@ -293,21 +316,18 @@ func (s *Server) prepareLocked(ctx context.Context, actor string) (store.CARecor
 	}); err != nil {
 		return store.CARecord{}, fmt.Errorf("store prepared CA: %w", err)
 	}
-	s.mu.Lock()
-	s.cas = append(s.cas, &caView{rec: rec, cert: a.Cert, auth: a, root: a.Root()})
-	s.mu.Unlock()
-	if err := s.publishBundles(); err != nil {
+	// The projection publishes it in the bundle and re-plans the lifecycle.
+	if err := s.synced(ctx); err != nil {
 		return store.CARecord{}, err
 	}
 	s.log.Info("prepared CA: published in the trust bundle", "id", rec.ID, "not_after", rec.NotAfter, "actor", actor)
-	s.scheduleRotation()
 	return rec, nil
 }
 
 // activationSafeAt is when the prepared CA has been in the bundle long
 // enough that every renewed peer holds it.
 func (s *Server) activationSafeAt(p *caView) time.Time {
-	return p.rec.CreatedAt.Add(s.prepareWindow())
+	return s.policy().SafeAt(p.lc())
 }
 
 func (s *Server) prepareWindow() time.Duration {
@@ -326,6 +346,9 @@ func (s *Server) prepareWindow() time.Duration {
 // force, it refuses while the prepared CA is younger than the publication
 // window: peers may not hold it yet.
 func (s *Server) ActivateCA(ctx context.Context, actor string, force bool) (store.CARecord, error) {
+	if err := s.requireLeader(ctx); err != nil {
+		return store.CARecord{}, err
+	}
 	s.rotMu.Lock()
 	defer s.rotMu.Unlock()
 	return s.activateLocked(ctx, actor, force)
@@ -367,147 +390,106 @@ func (s *Server) activateLocked(ctx context.Context, actor string, force bool) (
 	if err := s.activateJWT(ctx, actor); err != nil {
 		return store.CARecord{}, err
 	}
-	s.mu.Lock()
-	nv := &caView{rec: next, cert: p.cert, auth: p.auth, root: p.root}
-	rv := &caView{rec: retired, cert: old.cert, root: old.root, auth: old.auth}
-	rv.lastNotAfter.Store(old.lastNotAfter.Load())
-	s.cas = slices.DeleteFunc(slices.Clone(s.cas), func(v *caView) bool { return v == p || v == old })
-	s.cas = append(s.cas, rv, nv)
-	slices.SortFunc(s.cas, func(a, b *caView) int { return a.rec.CreatedAt.Compare(b.rec.CreatedAt) })
-	s.active, s.activeID = p.auth, next.ID
-	s.mu.Unlock()
-	if err := s.publishBundles(); err != nil {
+	// The projection makes it the signing CA, publishes the bundle and,
+	// with RotateSVIDsOnActivation, re-issues every served SVID.
+	if err := s.synced(ctx); err != nil {
 		return store.CARecord{}, err
 	}
 	s.log.Info("activated CA", "id", next.ID, "retired", retired.ID, "actor", actor)
-	if s.cfg.RotateSVIDsOnActivation {
-		s.ids.RenewAll()
-	}
-	s.scheduleRotation()
 	return next, nil
 }
 
-// scheduleRotation arms one timer for the next lifecycle event: preparing
-// the next CA at CAPrepareAt of the active CA's life, activating it at
-// CAActivateAt (never before the publication window has passed), and a
-// retired CA leaving the bundle.
+// policy is the configured lifecycle policy.
+func (s *Server) policy() lifecycle.Policy {
+	return lifecycle.Policy{PrepareAt: s.cfg.CAPrepareAt, ActivateAt: s.cfg.CAActivateAt, PrepareWindow: s.prepareWindow()}
+}
+
+// scheduleRotation arms the lifecycle timer for the next lifecycle event
+// (lifecycle.Policy.Next): the next CA prepared or activated, a retired CA
+// leaving the bundle, a revoked serial leaving its CRL, a JWT key leaving
+// the JWKS.
 func (s *Server) scheduleRotation() {
-	s.rotTimerMu.Lock()
-	defer s.rotTimerMu.Unlock()
-	if s.rotStop != nil {
-		s.rotStop()
-		s.rotStop = nil
-	}
-	if s.closed.Load() || s.cfg.DisableAutoRotate {
+	if s.cfg.DisableAutoRotate {
 		return
 	}
 	next, ok := s.nextRotationEvent()
 	if !ok {
+		s.rotTimer.cancel()
 		return
 	}
-	s.rotStop = s.afterFunc(max(next.Sub(s.now()), 0), s.rotationTick)
-}
-
-func (s *Server) lifeFraction(v *caView, f float64) time.Time {
-	life := v.cert.NotAfter.Sub(v.rec.CreatedAt)
-	return v.rec.CreatedAt.Add(time.Duration(float64(life) * f))
+	s.rotTimer.reset(next.Sub(s.now()))
 }
 
 func (s *Server) nextRotationEvent() (time.Time, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	var active, prepared *caView
-	var next time.Time
-	consider := func(t time.Time) {
-		if next.IsZero() || t.Before(next) {
-			next = t
-		}
-	}
 	now := s.now()
+	cas := make([]lifecycle.CA, 0, len(s.cas))
 	for _, v := range s.cas {
-		switch v.rec.State {
-		case store.CAActive:
-			active = v
-		case store.CAPrepared:
-			prepared = v
-		case store.CARetired:
-			if v.inBundle(now) {
-				// Leaves the bundle when its last SVID expires: push then.
-				consider(time.Unix(0, v.lastNotAfter.Load()).Add(time.Millisecond))
-			}
-		}
+		cas = append(cas, v.lc())
 	}
+	var also []time.Time
 	if t, ok := s.nextRevokedExpiry(); ok {
-		consider(t.Add(time.Millisecond))
+		also = append(also, t.Add(time.Millisecond))
 	}
 	for _, v := range s.jwtKeys {
 		if v.rec.State == store.CARetired && now.Before(v.rec.NotAfter) {
-			consider(v.rec.NotAfter.Add(time.Millisecond))
+			also = append(also, v.rec.NotAfter.Add(time.Millisecond))
 		}
 	}
-	if active == nil {
-		return time.Time{}, false
-	}
-	if prepared == nil {
-		consider(s.lifeFraction(active, s.cfg.CAPrepareAt))
-	} else {
-		at := s.lifeFraction(active, s.cfg.CAActivateAt)
-		if safe := prepared.rec.CreatedAt.Add(s.prepareWindow()); safe.After(at) {
-			at = safe
-		}
-		consider(at)
-	}
-	return next, !next.IsZero()
+	return s.policy().Next(now, cas, also...)
 }
 
-// rotationTick runs whatever lifecycle step is due, then re-arms.
-func (s *Server) rotationTick() {
+// rotationTick runs whatever lifecycle step is due, then re-arms. Steps
+// run only on the leader; every replica re-publishes its bundle, since a
+// CA or a revoked serial leaving it is a matter of time.
+func (s *Server) rotationTick(ctx context.Context) {
 	s.rotMu.Lock()
 	defer s.rotMu.Unlock()
-	if s.closed.Load() {
-		return
-	}
-	ctx := context.Background()
-	now := s.now()
-	s.mu.RLock()
-	var active *caView
-	for _, v := range s.cas {
-		if v.rec.State == store.CAActive {
-			active = v
+	if s.Leading() {
+		var active, prepared *lifecycle.CA
+		s.mu.RLock()
+		for _, v := range s.cas {
+			c := v.lc()
+			switch {
+			case v.rec.ID == s.activeID:
+				active = &c
+			case v.rec.State == store.CAPrepared:
+				prepared = &c
+			}
+		}
+		s.mu.RUnlock()
+		switch step := s.policy().Due(s.now(), active, prepared); step {
+		case lifecycle.Prepare:
+			if _, err := s.prepareLocked(ctx, "server"); err != nil {
+				s.rotationFailed(ctx, "prepare", err)
+				return
+			}
+		case lifecycle.Activate:
+			if _, err := s.activateLocked(ctx, "server", false); err != nil {
+				s.rotationFailed(ctx, "activate", err)
+				return
+			}
+		}
+		// A revoked serial whose certificate expired leaves its CRL.
+		if _, err := s.store.PruneRevoked(ctx, s.now()); err != nil {
+			s.log.Error("prune revoked serials", "err", err)
 		}
 	}
-	s.mu.RUnlock()
-	prepared := s.preparedCA()
-	switch {
-	case prepared == nil && active != nil && !now.Before(s.lifeFraction(active, s.cfg.CAPrepareAt)):
-		if _, err := s.prepareLocked(ctx, "server"); err != nil {
-			s.rotationFailed("prepare", err)
-			return
-		}
-	case prepared != nil && active != nil && !now.Before(s.lifeFraction(active, s.cfg.CAActivateAt)) && !now.Before(s.activationSafeAt(prepared)):
-		if _, err := s.activateLocked(ctx, "server", false); err != nil {
-			s.rotationFailed("activate", err)
-			return
-		}
-	}
-	// A retired CA may have just left the bundle, a revoked serial its CRL.
-	if err := s.loadRevoked(ctx); err != nil {
-		s.log.Error("reload revoked serials", "err", err)
-	}
+	// A retired CA may have just left the bundle.
 	if err := s.publishBundles(); err != nil {
 		s.log.Error("publish bundles", "err", err)
 	}
 	s.scheduleRotation()
 }
 
-func (s *Server) rotationFailed(step string, err error) {
+func (s *Server) rotationFailed(ctx context.Context, step string, err error) {
+	if ctx.Err() != nil {
+		return // closing
+	}
 	s.log.Error("CA rotation step failed; retrying in a minute", "step", step, "err", err)
 	s.metrics.RotationFailures.Inc()
-	s.rotTimerMu.Lock()
-	defer s.rotTimerMu.Unlock()
-	if !s.closed.Load() {
-		s.rotStop = s.afterFunc(time.Minute, s.rotationTick)
-	}
+	s.rotTimer.reset(time.Minute)
 }
 
 func (s *Server) caByID(id string) *caView {

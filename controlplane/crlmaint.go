@@ -23,13 +23,11 @@ const (
 // nextUpdate, and emergency rotations finished.
 type maintenance struct {
 	// crlRefreshAt is when the current CRLs are re-signed (half their
-	// validity); guarded by Server.mu.
+	// validity); guarded by Server.pubMu.
 	crlRefreshAt time.Time
 	// reissueUntil is when the last re-issue an emergency rotation
 	// scheduled is due; guarded by Server.rotMu.
 	reissueUntil time.Time
-	// stop cancels the armed timer; guarded by Server.rotTimerMu.
-	stop func() bool
 }
 
 // crlValidity is how long a CRL stays fresh: never less than two SVID
@@ -71,21 +69,14 @@ func (s *Server) startMaintenance() {
 	s.armMaintenance()
 }
 
-// stopMaintenanceLocked cancels the maintenance timer; the caller holds
-// rotTimerMu.
-func (s *Server) stopMaintenanceLocked() {
-	if s.maint.stop != nil {
-		s.maint.stop()
-		s.maint.stop = nil
-	}
-}
-
 // armMaintenance arms the timer for the next CRL refresh or, during an
 // emergency rotation, the next recount, whichever is first.
 func (s *Server) armMaintenance() {
 	now := s.now()
-	s.mu.RLock()
+	s.pubMu.Lock()
 	due := s.maint.crlRefreshAt
+	s.pubMu.Unlock()
+	s.mu.RLock()
 	tainting := s.taintedLocked() != nil
 	s.mu.RUnlock()
 	if !due.After(now) {
@@ -95,26 +86,19 @@ func (s *Server) armMaintenance() {
 	if check := now.Add(taintCheckInterval); tainting && check.Before(due) {
 		due = check
 	}
-	s.rotTimerMu.Lock()
-	defer s.rotTimerMu.Unlock()
-	s.stopMaintenanceLocked()
-	if s.closed.Load() {
-		return
-	}
-	s.maint.stop = s.afterFunc(due.Sub(now), s.maintenanceTick)
+	s.maintTimer.reset(due.Sub(now))
 }
 
 // maintenanceTick advances an emergency rotation and re-signs and pushes
 // the CRLs if they are due, then re-arms.
-func (s *Server) maintenanceTick() {
-	if s.closed.Load() {
-		return
+func (s *Server) maintenanceTick(ctx context.Context) {
+	if s.Leading() {
+		s.rotMu.Lock()
+		if err := s.progressEmergency(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("emergency CA rotation: recount failed; retrying", "err", err)
+		}
+		s.rotMu.Unlock()
 	}
-	s.rotMu.Lock()
-	if err := s.progressEmergency(); err != nil {
-		s.log.Error("emergency CA rotation: recount failed; retrying", "err", err)
-	}
-	s.rotMu.Unlock()
 	// publishBundles re-signs the CRLs once crlRefreshAt has passed; the
 	// new bytes change the bundle's version, so every peer gets them.
 	if err := s.publishBundles(); err != nil {

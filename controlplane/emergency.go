@@ -37,6 +37,9 @@ type EmergencyRotation struct {
 // SVIDs the server does not serve (minted with the admin API, pod
 // certificates) die with the old CA.
 func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (EmergencyRotation, error) {
+	if err := s.requireLeader(ctx); err != nil {
+		return EmergencyRotation{}, err
+	}
 	s.rotMu.Lock()
 	defer s.rotMu.Unlock()
 	if s.cfg.Upstream != nil && len(s.cfg.Upstream.Chain) > 0 {
@@ -70,12 +73,8 @@ func (s *Server) RotateCANow(ctx context.Context, actor string, dropOld bool) (E
 	if dropOld {
 		state, action, detail = store.CARevoked, "ca.revoke", "emergency rotation with --drop-old: removed from the trust bundle at once"
 	}
-	// Count first: the tainted view must never be published with a zero
-	// count that would drop it from the bundle before its SVIDs are
-	// re-issued.
-	if v := s.caByID(oldID); v != nil {
-		v.dependents.Store(int64(s.servedBy(v.cert)))
-	}
+	// The projection counts the served SVIDs that depend on it before it
+	// publishes the tainted view (refreshCAs).
 	if err := s.setCAStateLocked(ctx, oldID, state, store.AuditEvent{Time: now, Actor: actor, Action: action, Target: oldID, Detail: detail}); err != nil {
 		return EmergencyRotation{}, err
 	}
@@ -117,10 +116,7 @@ func (s *Server) dropJWTLocked(ctx context.Context, actor string, now time.Time,
 			return fmt.Errorf("revoke JWT key %s: %w", views[i].rec.ID, err)
 		}
 	}
-	s.mu.Lock()
-	s.jwtKeys = views
-	s.mu.Unlock()
-	return nil
+	return s.synced(ctx)
 }
 
 // reissueStep spaces re-issues so that a fleet-wide one queues inside the
@@ -133,9 +129,8 @@ func (s *Server) reissueStep() time.Duration {
 	return time.Millisecond / time.Duration(max(s.cfg.SignConcurrency, 1))
 }
 
-// setCAStateLocked records a CA's new state and swaps in a view with it
-// (views are read without locks once taken from s.cas, so never mutated).
-// The caller holds rotMu.
+// setCAStateLocked records a CA's new state and waits for the projection
+// to hold it. The caller holds rotMu.
 func (s *Server) setCAStateLocked(ctx context.Context, id string, state store.CAState, ev store.AuditEvent) error {
 	v := s.caByID(id)
 	if v == nil {
@@ -146,16 +141,7 @@ func (s *Server) setCAStateLocked(ctx context.Context, id string, state store.CA
 	if err := s.store.PutCA(ctx, rec, &ev); err != nil {
 		return fmt.Errorf("record CA %s as %s: %w", id, state, err)
 	}
-	nv := &caView{rec: rec, cert: v.cert, root: v.root, auth: v.auth, stateAt: ev.Time}
-	nv.lastNotAfter.Store(v.lastNotAfter.Load())
-	nv.dependents.Store(v.dependents.Load())
-	s.mu.Lock()
-	if i := slices.Index(s.cas, v); i >= 0 {
-		s.cas = slices.Clone(s.cas)
-		s.cas[i] = nv
-	}
-	s.mu.Unlock()
-	return nil
+	return s.synced(ctx)
 }
 
 // taintedLocked returns the CAs an emergency rotation is retiring; the
@@ -174,7 +160,7 @@ func (s *Server) taintedLocked() []*caView {
 // any that the rotation's first pass missed (minted by the old CA while it
 // ran), and revokes a tainted CA nothing served depends on any more. The
 // caller holds rotMu.
-func (s *Server) progressEmergency() error {
+func (s *Server) progressEmergency(ctx context.Context) error {
 	s.mu.RLock()
 	tainted := s.taintedLocked()
 	s.mu.RUnlock()
@@ -189,7 +175,7 @@ func (s *Server) progressEmergency() error {
 			}, s.reissueStep())
 			continue
 		}
-		if err := s.setCAStateLocked(context.Background(), v.rec.ID, store.CARevoked, store.AuditEvent{Time: now, Actor: "server", Action: "ca.revoke",
+		if err := s.setCAStateLocked(ctx, v.rec.ID, store.CARevoked, store.AuditEvent{Time: now, Actor: "server", Action: "ca.revoke",
 			Target: v.rec.ID, Detail: "emergency rotation finished: no served SVID depends on it; removed from the trust bundle"}); err != nil {
 			return err
 		}

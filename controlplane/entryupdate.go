@@ -66,7 +66,7 @@ func (s *Server) UpdateEntry(ctx context.Context, id string, u EntryUpdate, acto
 	if len(e.DNSNames) == 0 {
 		e.DNSNames = nil
 	}
-	old, err := s.store.UpdateEntry(ctx, e, store.AuditEvent{
+	_, err = s.store.UpdateEntry(ctx, e, store.AuditEvent{
 		Time: s.now(), Actor: actor, Action: "entry.update", Target: e.ID,
 		Detail: fmt.Sprintf("%s selectors=%v dns=%v ttl=%s hint=%q", e.SpiffeID, selectorStrings(e.Selectors), e.DNSNames, e.TTL, e.Hint),
 	})
@@ -76,10 +76,12 @@ func (s *Server) UpdateEntry(ctx context.Context, id string, u EntryUpdate, acto
 		}
 		return store.Entry{}, fmt.Errorf("update entry %s: %w", id, err)
 	}
-	s.entries.remove(old.ID)
-	s.entries.put(e)
-	s.ids.EntryUpdated(cacheEntry(e))
-	s.ids.EntriesChanged(ctx)
+
+	// The projection re-indexes it, re-issues its SVIDs and re-matches
+	// the callers.
+	if err := s.synced(ctx); err != nil {
+		return store.Entry{}, err
+	}
 	s.log.Info("entry updated", "id", e.ID, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil
 }

@@ -25,52 +25,6 @@ type jwtKeyView struct {
 	pub any
 }
 
-// loadJWT loads the JWT signing keys, or makes one (with the same life as
-// the X.509 CA) on first start. JWT keys rotate in step with the X.509 CA.
-func (s *Server) loadJWT(ctx context.Context, k *kek.KEK) error {
-	recs, err := s.store.ListCAs(ctx)
-	if err != nil {
-		return fmt.Errorf("load JWT keys: %w", err)
-	}
-	var views []jwtKeyView
-	var active *ca.JWTAuthority
-	var activeAt time.Time
-	for _, rec := range recs {
-		if rec.Kind != "jwt" {
-			continue
-		}
-		pub, err := x509.ParsePKIXPublicKey(rec.PublicKey)
-		if err != nil {
-			return fmt.Errorf("JWT key %s: %w", rec.ID, err)
-		}
-		views = append(views, jwtKeyView{rec: rec, pub: pub})
-		if rec.State != store.CAActive || (active != nil && rec.CreatedAt.Before(activeAt)) {
-			continue
-		}
-		if active, err = s.unsealJWT(k, rec); err != nil {
-			return err
-		}
-		activeAt = rec.CreatedAt
-	}
-	if active == nil {
-		j, rec, err := s.newJWTKey(k, store.CAActive)
-		if err != nil {
-			return err
-		}
-		if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: rec.CreatedAt, Actor: "server", Action: "jwt.create", Target: rec.ID,
-			Detail: fmt.Sprintf("ES256 kid %s valid until %s", j.KeyID, j.NotAfter.UTC().Format(time.RFC3339))}); err != nil {
-			return fmt.Errorf("store JWT key: %w", err)
-		}
-		s.log.Info("created JWT signing key", "kid", j.KeyID, "not_after", j.NotAfter)
-		views = append(views, jwtKeyView{rec: rec, pub: j.Key.Public()})
-		active = j
-	}
-	s.mu.Lock()
-	s.jwt, s.jwtKeys = active, views
-	s.mu.Unlock()
-	return nil
-}
-
 func (s *Server) unsealJWT(k *kek.KEK, rec store.CARecord) (*ca.JWTAuthority, error) {
 	der, err := k.Open(rec.SealedKey, []byte(rec.ID))
 	if err != nil {
@@ -120,17 +74,14 @@ func (s *Server) prepareJWT(ctx context.Context, actor string) error {
 		}
 	}
 	s.mu.RUnlock()
-	j, rec, err := s.newJWTKey(s.kek, store.CAPrepared)
+	_, rec, err := s.newJWTKey(s.kek, store.CAPrepared)
 	if err != nil {
 		return err
 	}
 	if err := s.store.PutCA(ctx, rec, &store.AuditEvent{Time: rec.CreatedAt, Actor: actor, Action: "jwt.prepare", Target: rec.ID}); err != nil {
 		return fmt.Errorf("store prepared JWT key: %w", err)
 	}
-	s.mu.Lock()
-	s.jwtKeys = append(s.jwtKeys, jwtKeyView{rec: rec, pub: j.Key.Public()})
-	s.mu.Unlock()
-	return nil
+	return s.synced(ctx)
 }
 
 // activateJWT signs with the prepared JWT key from now on. The old key
@@ -155,8 +106,8 @@ func (s *Server) activateJWT(ctx context.Context, actor string) error {
 		pi = slices.IndexFunc(views, func(v jwtKeyView) bool { return v.rec.State == store.CAPrepared })
 	}
 	now := s.now()
-	next, err := s.unsealJWT(s.kek, views[pi].rec)
-	if err != nil {
+	// Unsealed here only to fail before any write if the key is unusable.
+	if _, err := s.unsealJWT(s.kek, views[pi].rec); err != nil {
 		return err
 	}
 	views[pi].rec.State = store.CAActive
@@ -173,9 +124,6 @@ func (s *Server) activateJWT(ctx context.Context, actor string) error {
 			return fmt.Errorf("retire JWT key: %w", err)
 		}
 	}
-	s.mu.Lock()
-	s.jwt, s.jwtKeys = next, views
-	s.mu.Unlock()
 	return nil
 }
 

@@ -12,19 +12,12 @@ const DefaultInventoryRetention = 7 * 24 * time.Hour
 // pruneInterval is how often expired inventory rows are pruned.
 const pruneInterval = time.Hour
 
-// schedulePrune prunes the inventory now and then every pruneInterval, on
-// the injected clock, until Close.
-func (s *Server) schedulePrune() {
-	s.rotTimerMu.Lock()
-	defer s.rotTimerMu.Unlock()
-	if s.closed.Load() {
-		return
-	}
-	s.pruneStop = s.afterFunc(pruneInterval, func() {
-		s.pruneInventory(context.Background())
-		s.ids.SweepIdle(s.now())
-		s.schedulePrune()
-	})
+// pruneTick prunes the inventory and sweeps idle SVIDs every
+// pruneInterval, on the injected clock, until Close.
+func (s *Server) pruneTick(ctx context.Context) {
+	s.pruneInventory(ctx)
+	s.ids.SweepIdle(s.now())
+	s.pruneTim.reset(pruneInterval)
 }
 
 // pruneInventory drops rows that expired more than the retention ago.

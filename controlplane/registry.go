@@ -157,8 +157,10 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 		}
 		return store.Entry{}, fmt.Errorf("create entry: %w", err)
 	}
-	s.entries.put(e)
-	s.ids.EntriesChanged(ctx)
+	// The projection indexes it and serves it to callers it matches.
+	if err := s.synced(ctx); err != nil {
+		return store.Entry{}, err
+	}
 	s.log.Info("entry created", "id", e.ID, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil
 }
@@ -200,9 +202,12 @@ func (s *Server) deleteEntry(ctx context.Context, id, actor string) (store.Entry
 		}
 		return store.Entry{}, fmt.Errorf("delete entry %s: %w", id, err)
 	}
-	s.entries.remove(id)
+	// The projection drops it, stops its renewals and refuses its
+	// JWT-SVIDs.
 	s.revokeJWTs(e.SpiffeID, ev.Time)
-	s.ids.EntriesChanged(ctx)
+	if err := s.synced(ctx); err != nil {
+		return store.Entry{}, err
+	}
 	s.log.Info("entry deleted", "id", id, "spiffe_id", e.SpiffeID, "actor", actor)
 	return e, nil
 }

@@ -116,18 +116,13 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 		Detail: fmt.Sprintf("%d live serial(s) put on the CRL, %d entries deleted", len(serials), deletedEntries)}); err != nil {
 		return nil, fmt.Errorf("record revocation: %w", err)
 	}
-	if err := s.loadRevoked(ctx); err != nil {
+	// The projection re-signs and pushes the CRLs, ends the streams the
+	// revoked certificates authenticated and re-issues served SVIDs among
+	// them, on every replica.
+	if err := s.synced(ctx); err != nil {
 		return serials, err
-	}
-	if err := s.publishBundles(); err != nil {
-		return serials, err
-	}
-	s.endRevokedStreams(serials)
-	for _, r := range serials {
-		s.ids.RenewSerial(r.Serial)
 	}
 	s.log.Warn("revoked", "target", target, "serials", len(serials), "entries_deleted", deletedEntries, "actor", actor)
-	s.scheduleRotation() // the CRL shrinks when the first revoked serial expires
 	return serials, nil
 }
 
@@ -144,35 +139,13 @@ func (s *Server) entriesFor(spiffeID string) []store.Entry {
 	return out
 }
 
-// loadRevoked prunes serials whose certificates have expired and loads
-// the rest, grouped by CA.
-func (s *Server) loadRevoked(ctx context.Context) error {
-	now := s.now()
-	if _, err := s.store.PruneRevoked(ctx, now); err != nil {
-		return fmt.Errorf("prune revoked serials: %w", err)
-	}
-	list, err := s.store.ListRevoked(ctx)
-	if err != nil {
-		return fmt.Errorf("load revoked serials: %w", err)
-	}
-	byCA := map[string][]store.RevokedSerial{}
-	for _, r := range list {
-		byCA[r.CAID] = append(byCA[r.CAID], r)
-	}
-	s.mu.Lock()
-	s.revoked = byCA
-	s.revokedCount = len(list)
-	s.mu.Unlock()
-	return nil
-}
-
 // crls signs one CRL per CA peers may meet in a chain: every meshid CA in
 // the bundle and, with an upstream CA, the upstream certificate. Envoy
 // demands a CRL for every CA of a chain once it is given any, so CAs with
-// nothing revoked get an empty one.
+// nothing revoked get an empty one. The caller holds pubMu; what is signed
+// is gathered under mu, and signed after it is released, so a re-sign
+// never stalls mints or matching.
 func (s *Server) crls() ([][]byte, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	now := s.now()
 	type crlJob struct {
 		v       *caView
@@ -180,6 +153,8 @@ func (s *Server) crls() ([][]byte, error) {
 	}
 	var jobs []crlJob
 	var key strings.Builder
+	var upRevoked []ca.RevokedCert
+	s.mu.RLock()
 	for _, v := range s.cas {
 		if !v.inBundle(now) || v.auth == nil {
 			continue
@@ -200,14 +175,19 @@ func (s *Server) crls() ([][]byte, error) {
 		key.WriteString(";")
 		jobs = append(jobs, crlJob{v, entries})
 	}
+	if s.cfg.Upstream != nil {
+		upRevoked = s.revokedIntermediatesLocked(now)
+		for _, r := range upRevoked {
+			key.WriteString("^" + r.Serial.Text(16))
+		}
+	}
+	s.mu.RUnlock()
 	// Same CAs, same revocations: same CRLs. Re-signing would change the
 	// bundle's bytes and push it to every peer for nothing.
 	if key.String() == s.crlKey && now.Before(s.maint.crlRefreshAt) {
 		return s.crlCache, nil
 	}
-	// CRL numbers must grow: milliseconds, bumped if two come in one ms.
-	number := max(now.UnixMilli(), s.crlNumber+1)
-	s.crlNumber = number
+	number := s.nextCRLNumber(now)
 	var out [][]byte
 	for _, j := range jobs {
 		v, entries := j.v, j.entries
@@ -218,7 +198,7 @@ func (s *Server) crls() ([][]byte, error) {
 		out = append(out, der)
 	}
 	if up := s.cfg.Upstream; up != nil {
-		der, err := ca.SignCRL(up.Cert, up.Key, s.revokedIntermediatesLocked(now), number, now, s.crlNextUpdate(now, up.Cert.NotAfter))
+		der, err := ca.SignCRL(up.Cert, up.Key, upRevoked, number, now, s.crlNextUpdate(now, up.Cert.NotAfter))
 		if err != nil {
 			return nil, err
 		}
@@ -227,6 +207,29 @@ func (s *Server) crls() ([][]byte, error) {
 	s.crlKey, s.crlCache = key.String(), out
 	s.maint.crlRefreshAt = now.Add(s.cfg.crlValidity() / 2)
 	return out, nil
+}
+
+// crlCounter is the store counter CRL numbers come from: one for every
+// issuer, so each issuer's numbers grow too (RFC 5280 5.2.3), across
+// restarts and across replicas.
+const crlCounter = "crl"
+
+// nextCRLNumber is the number for the CRLs signed now. The store's counter
+// keeps numbers growing across restarts and replicas; milliseconds are its
+// floor, which keeps them growing after a store was wiped. If the store
+// cannot count (a full disk), the CRLs are still re-signed, numbered
+// locally, rather than left to go stale.
+func (s *Server) nextCRLNumber(now time.Time) int64 {
+	floor := max(now.UnixMilli(), s.crlNumber+1)
+	ctx, cancel := context.WithTimeout(s.tasks.ctx, 5*time.Second)
+	defer cancel()
+	n, err := s.store.NextCRLNumber(ctx, crlCounter, floor)
+	if err != nil {
+		s.log.Warn("CRL number from the store failed; numbering locally", "err", err)
+		n = floor
+	}
+	s.crlNumber = max(n, floor)
+	return s.crlNumber
 }
 
 // nextRevokedExpiry is when the soonest revoked certificate expires: its

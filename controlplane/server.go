@@ -124,21 +124,27 @@ type Server struct {
 	kek    *kek.KEK
 	tokens tokenBindings
 
-	// rotMu serialises CA lifecycle steps (manual and automatic);
-	// rotTimerMu guards the one lifecycle timer.
-	rotMu      sync.Mutex
-	rotTimerMu sync.Mutex
-	rotStop    func() bool
-	pruneStop  func() bool
-	closed     atomic.Bool
-	// revMu serialises revocations; revoked (by CA ID) and crlNumber are
-	// guarded by mu.
+	// tasks owns the watch, the campaign and the timers (tasks.go); proj
+	// says how far the watch has been applied (projection.go); leading is
+	// true while this server holds the store's leadership, the only time
+	// it takes CA lifecycle steps.
+	tasks                          *tasks
+	proj                           projection
+	leader                         leaderState
+	rotTimer, maintTimer, pruneTim *timer
+
+	// rotMu serialises CA lifecycle steps (manual and automatic).
+	rotMu sync.Mutex
+	// revMu serialises revocations; revoked (by CA ID) is guarded by mu.
 	revMu        sync.Mutex
 	revoked      map[string][]store.RevokedSerial
 	revokedCount int
-	crlNumber    int64
-	crlKey       string
-	crlCache     [][]byte
+	// pubMu serialises publishing bundles; it guards the CRL cache and
+	// the last CRL number, so CRLs are signed outside mu.
+	pubMu     sync.Mutex
+	crlNumber int64
+	crlKey    string
+	crlCache  [][]byte
 	// maint re-signs CRLs before their nextUpdate and finishes emergency
 	// rotations (crlmaint.go).
 	maint maintenance
@@ -155,6 +161,7 @@ type Server struct {
 	mu      sync.RWMutex
 	active  *ca.Authority
 	jwt     *ca.JWTAuthority
+	jwtID   string
 	jwtKeys []jwtKeyView
 	// activeID is the store ID of the active CA, recorded in the inventory.
 	activeID string
@@ -252,6 +259,10 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		limiter:   newSignLimiter(cfg.SignConcurrency, cfg.SignRate, cfg.SignQueueTimeout),
 	}
 	s.match.srv = s
+	s.tasks = newTasks(cfg.AfterFunc)
+	s.rotTimer = s.tasks.newTimer(s.rotationTick)
+	s.maintTimer = s.tasks.newTimer(s.maintenanceTick)
+	s.pruneTim = s.tasks.newTimer(s.pruneTick)
 	s.ids = s.newCache()
 	s.tokens.conns = map[string]tokenBinding{}
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
@@ -289,31 +300,46 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		s.log.Info("created key-encryption key", "path", cfg.KEKFile)
 	}
 	s.kek = k
-	if err := s.loadCA(ctx, k); err != nil {
+	if err := s.start(ctx); err != nil {
+		s.tasks.close()
 		s.store.Close()
 		return nil, err
 	}
-	if err := s.loadRevoked(ctx); err != nil {
-		s.store.Close()
-		return nil, err
+	return s, nil
+}
+
+// start makes the store ready (bootstrap), builds the projection from it
+// and starts what runs in the background: the watch that keeps the
+// projection current, the campaign for leadership, and the timers.
+func (s *Server) start(ctx context.Context) error {
+	lead, err := s.bootstrap(ctx)
+	if err != nil {
+		return err
 	}
-	if err := s.loadJWT(ctx, k); err != nil {
-		s.store.Close()
-		return nil, err
+	// Serials whose certificates have expired leave the revocation list.
+	if _, err := s.store.PruneRevoked(ctx, s.now()); err != nil {
+		s.log.Warn("prune revoked serials", "err", err)
 	}
-	if err := s.loadEntries(ctx); err != nil {
-		s.store.Close()
-		return nil, err
+	// The revision is read before listing, so that nothing committed
+	// between the listing and the watch is missed.
+	rev, err := s.store.Revision(ctx)
+	if err != nil {
+		return fmt.Errorf("read store revision: %w", err)
 	}
+	if err := s.load(ctx, true); err != nil {
+		return err
+	}
+	s.proj.init(rev)
 	if err := s.publishBundles(); err != nil {
-		s.store.Close()
-		return nil, err
+		return err
 	}
+	s.tasks.goFn(func(ctx context.Context) { s.watch(ctx, rev) })
+	s.tasks.goFn(func(ctx context.Context) { s.lead(ctx, lead) })
 	s.scheduleRotation()
 	s.startMaintenance()
 	s.pruneInventory(ctx)
-	s.schedulePrune()
-	return s, nil
+	s.pruneTim.reset(pruneInterval)
+	return nil
 }
 
 // storeHasSealedKeys reports whether any CA record holds a sealed key.
@@ -333,16 +359,12 @@ func (s *Server) storeHasSealedKeys(ctx context.Context) (bool, error) {
 // Close stops renewals and releases the store. Pending inventory writes are
 // committed first.
 func (s *Server) Close() error {
-	s.closed.Store(true)
-	s.rotTimerMu.Lock()
-	if s.rotStop != nil {
-		s.rotStop()
+	// Cancel and wait for the background work first: none of it may
+	// touch the cache or the store after they are closed.
+	s.tasks.close()
+	for _, t := range []*timer{s.rotTimer, s.maintTimer, s.pruneTim} {
+		t.cancel()
 	}
-	if s.pruneStop != nil {
-		s.pruneStop()
-	}
-	s.stopMaintenanceLocked()
-	s.rotTimerMu.Unlock()
 	s.ids.Close()
 	return s.store.Close()
 }
@@ -375,21 +397,11 @@ func parseSigner(der []byte) (crypto.Signer, error) {
 	return signer, nil
 }
 
-func (s *Server) loadEntries(ctx context.Context) error {
-	entries, _, err := s.store.ListEntries(ctx, store.EntryQuery{})
-	if err != nil {
-		return fmt.Errorf("load entries: %w", err)
-	}
-	for _, e := range entries {
-		s.entries.put(e)
-	}
-	s.log.Debug("loaded entries", "count", len(entries))
-	return nil
-}
-
 // publishBundles pushes the current X.509 and JWT bundles to every
 // subscriber.
 func (s *Server) publishBundles() error {
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
 	jb, err := s.jwtBundle()
 	if err != nil {
 		return err
