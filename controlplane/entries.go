@@ -1,113 +1,33 @@
 package controlplane
 
 import (
-	"cmp"
-	"slices"
 	"strings"
 	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshid/meshid/entry"
 	"github.com/meshid/meshid/store"
 )
 
-// entryIndex is the in-memory view of registration entries used to match a
-// caller's selectors without touching the store on every request.
+// entryIndex is the server's entry.Index and the lock that orders writes
+// to it.
 type entryIndex struct {
 	// updateMu orders entry updates and deletions (store, then index), so
 	// the index never keeps a version the store no longer has.
-	updateMu   sync.Mutex
-	mu         sync.RWMutex
-	byID       map[string]store.Entry
-	bySelector map[string][]string // selector string -> entry IDs
+	updateMu sync.Mutex
+	idx      *entry.Index
 }
 
-func newEntryIndex() *entryIndex {
-	return &entryIndex{byID: map[string]store.Entry{}, bySelector: map[string][]string{}}
-}
+func newEntryIndex() *entryIndex { return &entryIndex{idx: entry.NewIndex()} }
 
-func (x *entryIndex) put(e store.Entry) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	x.byID[e.ID] = e
-	for _, s := range e.Selectors {
-		k := SelectorString(s)
-		x.bySelector[k] = append(x.bySelector[k], e.ID)
-	}
-}
-
-func (x *entryIndex) remove(id string) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	e, ok := x.byID[id]
-	if !ok {
-		return
-	}
-	delete(x.byID, id)
-	for _, s := range e.Selectors {
-		k := SelectorString(s)
-		ids := x.bySelector[k]
-		for i, other := range ids {
-			if other == id {
-				ids = append(ids[:i], ids[i+1:]...)
-				break
-			}
-		}
-		if len(ids) == 0 {
-			delete(x.bySelector, k)
-		} else {
-			x.bySelector[k] = ids
-		}
-	}
-}
-
-func (x *entryIndex) get(id string) (store.Entry, bool) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	e, ok := x.byID[id]
-	return e, ok
-}
-
-func (x *entryIndex) len() int {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	return len(x.byID)
-}
-
-// match returns the entries all of whose selectors the caller has.
+func (x *entryIndex) put(e store.Entry)                  { x.idx.Put(e) }
+func (x *entryIndex) remove(id string)                   { x.idx.Remove(id) }
+func (x *entryIndex) get(id string) (store.Entry, bool)  { return x.idx.Get(id) }
+func (x *entryIndex) len() int                           { return x.idx.Len() }
+func (x *entryIndex) bySpiffeID(id string) []store.Entry { return x.idx.BySpiffeID(id) }
 func (x *entryIndex) match(callerSelectors []string) []store.Entry {
-	have := make(map[string]bool, len(callerSelectors))
-	for _, s := range callerSelectors {
-		have[s] = true
-	}
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	seen := map[string]bool{}
-	var out []store.Entry
-	for _, s := range callerSelectors {
-		for _, id := range x.bySelector[s] {
-			if seen[id] {
-				continue
-			}
-			seen[id] = true
-			e := x.byID[id]
-			all := true
-			for _, es := range e.Selectors {
-				if !have[SelectorString(es)] {
-					all = false
-					break
-				}
-			}
-			if all {
-				out = append(out, e)
-			}
-		}
-	}
-	// Deterministic order: the first match is the caller's "default" SVID.
-	slices.SortFunc(out, func(a, b store.Entry) int {
-		return cmp.Or(cmp.Compare(a.SpiffeID, b.SpiffeID), cmp.Compare(a.ID, b.ID))
-	})
-	return out
+	return x.idx.Match(callerSelectors)
 }
 
 // reservedPath is the path prefix meshid keeps for its own identities (its

@@ -5,12 +5,12 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/entry"
 	"github.com/meshid/meshid/store"
 )
 
@@ -55,16 +55,11 @@ func (s *Server) parseWorkloadID(id string) (spiffeid.ID, error) {
 	return sid, nil
 }
 
-// validateDNSNames applies the CA's own rule (ca.CheckDNSName), so a name
-// accepted here is one the CA will sign, and the per-entry count limit.
+// validateDNSNames is entry.ValidateDNSNames as an InvalidArgument, for
+// mints and entries alike.
 func validateDNSNames(names []string) error {
-	if len(names) > MaxDNSNamesPerEntry {
-		return invalidf("%d dns names, more than the %d allowed", len(names), MaxDNSNamesPerEntry)
-	}
-	for _, n := range names {
-		if err := ca.CheckDNSName(n); err != nil {
-			return invalidf("%v", err)
-		}
+	if err := entry.ValidateDNSNames(names); err != nil {
+		return invalidf("%v", err)
 	}
 	return nil
 }
@@ -87,37 +82,8 @@ func (s *Server) validateEntry(e *store.Entry) error {
 	if err := s.checkNotReserved(e.SpiffeID); err != nil {
 		return err
 	}
-	if len(e.Selectors) == 0 {
-		return invalidf("at least one selector is required, e.g. --selector unix:uid:1000")
-	}
-	if len(e.Selectors) > MaxSelectorsPerEntry {
-		return invalidf("%d selectors, more than the %d allowed per entry", len(e.Selectors), MaxSelectorsPerEntry)
-	}
-	for _, sel := range e.Selectors {
-		if err := ValidateSelector(sel); err != nil {
-			return &InvalidArgumentError{msg: err.Error()}
-		}
-	}
-	if err := checkPIDPinned(e.Selectors); err != nil {
-		return err
-	}
-	e.Selectors = normalizeSelectors(e.Selectors)
-	if e.TTL < 0 {
-		return invalidf("ttl %s must not be negative", e.TTL)
-	}
-	if e.TTL > 0 {
-		if err := s.validateX509TTL(e.TTL); err != nil {
-			return err
-		}
-	}
-	if err := validateDNSNames(e.DNSNames); err != nil {
-		return err
-	}
-	if len(e.Hint) > MaxHintLen {
-		return invalidf("hint is %d bytes, more than the %d allowed", len(e.Hint), MaxHintLen)
-	}
-	if err := checkPrintable(e.Hint); err != nil {
-		return invalidf("hint: %v", err)
+	if err := entry.Validate(e, attestors, s.validateX509TTL); err != nil {
+		return &InvalidArgumentError{msg: err.Error()}
 	}
 	return nil
 }
@@ -222,13 +188,7 @@ func (s *Server) MatchEntries(callerSelectors []string) []store.Entry {
 	return s.entries.match(callerSelectors)
 }
 
-func selectorStrings(sels []store.Selector) []string {
-	out := make([]string, len(sels))
-	for i, s := range sels {
-		out[i] = SelectorString(s)
-	}
-	return out
-}
+func selectorStrings(sels []store.Selector) []string { return entry.Strings(sels) }
 
 // newID returns a random UUIDv4, the form SPIRE users already know.
 func newID() string {
@@ -237,24 +197,4 @@ func newID() string {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
-}
-
-// checkPIDPinned refuses a unix:pid selector without a unix:uid one. The
-// server binds a connection to the process that opened it (start time and
-// pidfd), but an entry names only a number: once the process exits, another
-// user's process that is handed the same pid would match. Pinning the uid
-// leaves that to processes of the same user, who hold its identity anyway.
-func checkPIDPinned(sels []store.Selector) error {
-	var pid, uid bool
-	for _, sel := range sels {
-		if sel.Type != "unix" {
-			continue
-		}
-		pid = pid || strings.HasPrefix(sel.Value, "pid:")
-		uid = uid || strings.HasPrefix(sel.Value, "uid:")
-	}
-	if pid && !uid {
-		return invalidf("a unix:pid selector needs a unix:uid selector beside it: pids are reused, so another user's process could be given the same pid")
-	}
-	return nil
 }

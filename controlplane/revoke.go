@@ -128,15 +128,7 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 
 // entriesFor lists the registration entries for a SPIFFE ID.
 func (s *Server) entriesFor(spiffeID string) []store.Entry {
-	s.entries.mu.RLock()
-	defer s.entries.mu.RUnlock()
-	var out []store.Entry
-	for _, e := range s.entries.byID {
-		if e.SpiffeID == spiffeID {
-			out = append(out, e)
-		}
-	}
-	return out
+	return s.entries.bySpiffeID(spiffeID)
 }
 
 // crls signs one CRL per CA peers may meet in a chain: every meshid CA in

@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/meshid/meshid/entry"
 )
 
 // Errors returned by every Store implementation. Callers match them with
@@ -71,25 +73,15 @@ type CARecord struct {
 	CreatedAt time.Time
 }
 
-// Selector is one attestable property of a caller, e.g. unix:uid:1000 is
-// {Type: "unix", Value: "uid:1000"}.
-type Selector struct {
-	Type  string
-	Value string
-}
-
-// Entry is a registration entry: callers whose selectors include all of
-// Selectors are entitled to SpiffeID.
-type Entry struct {
-	ID        string
-	SpiffeID  string
-	Selectors []Selector // sorted by the caller; the store does not reorder
-	TTL       time.Duration
-	DNSNames  []string
-	CreatedAt time.Time
-	// Hint is sent as the Workload API SVID hint; empty means the ID.
-	Hint string
-}
+// Entry and Selector are declared in package entry, which the CLI and the
+// node agent share without importing the store; these aliases are kept so
+// that backends and the Store API read naturally (store.Entry).
+type (
+	// Entry is a registration entry (see entry.Entry).
+	Entry = entry.Entry
+	// Selector is one attestable property of a caller (see entry.Selector).
+	Selector = entry.Selector
+)
 
 // IssuedSVID is one row of the inventory of issued certificates.
 type IssuedSVID struct {

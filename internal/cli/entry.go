@@ -13,7 +13,8 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/attest"
+	"github.com/meshid/meshid/entry"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 )
 
@@ -23,7 +24,7 @@ var entryLimits = fmt.Sprintf(`Limits (refused with InvalidArgument beyond them)
   (type:key:value) of printable characters; at most %d DNS names, each a
   host name the CA signs (no IP addresses, no "*.com"); hint at most %d bytes;
   --ttl at least 1m and at most the CA's remaining life.`,
-	controlplane.MaxSelectorsPerEntry, controlplane.MaxSelectorLen, controlplane.MaxDNSNamesPerEntry, controlplane.MaxHintLen)
+	entry.MaxSelectorsPerEntry, entry.MaxSelectorLen, entry.MaxDNSNamesPerEntry, entry.MaxHintLen)
 
 const selectorHelp = `Selectors, by the attestor that produces them (a kind no attestor of the
 server produces is refused: such an entry could never match):
@@ -55,10 +56,21 @@ func safe(s string) string {
 	return s
 }
 
+// parseSelector parses a --selector and refuses, before any call to the
+// server, one that the server would: the CLI is built with the server's
+// attestors, so the kinds it accepts are the same.
+func parseSelector(s string) (entry.Selector, error) {
+	sel, err := entry.Parse(s)
+	if err != nil {
+		return entry.Selector{}, err
+	}
+	return sel, sel.Validate(attest.Builtin())
+}
+
 func parseSelectors(in []string) ([]*adminv1.Selector, error) {
 	var out []*adminv1.Selector
 	for _, s := range in {
-		sel, err := controlplane.ParseSelector(s)
+		sel, err := parseSelector(s)
 		if err != nil {
 			return nil, err
 		}

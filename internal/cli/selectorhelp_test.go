@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/meshid/meshid/attest"
-	"github.com/meshid/meshid/controlplane"
 )
 
 // listedKind is a selector in the help: type:key:VALUE.
@@ -40,7 +39,7 @@ func TestSelectorHelpMatchesAttestors(t *testing.T) {
 	}
 	for kind, h := range section {
 		attestor, _, _ := strings.Cut(h, " (")
-		_, err := controlplane.ParseSelector(kind + ":x:y")
+		_, err := parseSelector(kind + ":x:y")
 		if err == nil || !strings.Contains(err.Error(), "produced by the "+attestor+", which this server does not run") {
 			t.Errorf("%s, listed under %q: %v; want it refused naming the %s", kind, h, err, attestor)
 		}
