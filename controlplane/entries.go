@@ -57,12 +57,4 @@ func entryHint(e store.Entry) string {
 }
 
 // ids lists the IDs of the indexed entries.
-func (x *entryIndex) ids() []string {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	out := make([]string, 0, len(x.byID))
-	for id := range x.byID {
-		out = append(out, id)
-	}
-	return out
-}
+func (x *entryIndex) ids() []string { return x.idx.IDs() }

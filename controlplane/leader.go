@@ -105,8 +105,7 @@ func (s *Server) requireLeader(ctx context.Context) error {
 	case <-up:
 		return nil
 	case <-ctx.Done():
-		return ctx.Err()
 	case <-t.C:
-		return &FailedPreconditionError{msg: "this server is not the leader: another replica runs the CA lifecycle; send CA requests to it"}
 	}
+	return &FailedPreconditionError{msg: "this server is not the leader: another replica runs the CA lifecycle; send CA requests to it"}
 }

@@ -70,6 +70,17 @@ func (x *Index) Get(id string) (Entry, bool) {
 	return e, ok
 }
 
+// IDs lists the IDs of the indexed entries, in no order.
+func (x *Index) IDs() []string {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	out := make([]string, 0, len(x.byID))
+	for id := range x.byID {
+		out = append(out, id)
+	}
+	return out
+}
+
 // Len is the number of entries.
 func (x *Index) Len() int {
 	x.mu.RLock()
