@@ -2,10 +2,11 @@ package controlplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"strings"
 	"time"
 
+	"github.com/meshid/meshid/revocation"
 	"github.com/meshid/meshid/store"
 )
 
@@ -120,31 +121,25 @@ func (s *Server) checkCRLRoom(ctx context.Context, match func(store.IssuedSVID) 
 		return fmt.Errorf("read inventory: %w", err)
 	}
 	s.mu.RLock()
-	listed := map[string]bool{}
+	published := map[string]bool{}
 	for _, v := range s.cas {
 		if v.inBundle(now) {
-			listed[v.rec.ID] = true
+			published[v.rec.ID] = true
 		}
 	}
-	revoked := map[string]bool{}
-	for caID, list := range s.revoked {
-		for _, r := range list {
-			if listed[caID] && r.NotAfter.After(now) {
-				revoked[strings.TrimLeft(r.Serial, "0")] = true
-			}
-		}
-	}
+	revoked := s.revoked.Listed(now, func(caID string) bool { return published[caID] })
 	s.mu.RUnlock()
 	add := 0
 	for _, r := range rows {
-		if listed[r.CAID] && match(r) && !revoked[strings.TrimLeft(r.Serial, "0")] {
+		if published[r.CAID] && match(r) && !revoked[revocation.Norm(r.Serial)] {
 			add++
 		}
 	}
-	if add == 0 || len(revoked)+add <= limit {
-		return nil
+	var room *revocation.RoomError
+	if err := revocation.CheckRoom(len(revoked), add, limit); errors.As(err, &room) {
+		return &FailedPreconditionError{msg: fmt.Sprintf(
+			"%s (--max-crl-serials); at that scale replace the CA instead: 'meshid ca rotate --now' re-issues every served SVID from a new CA and drops the old one with its revocations",
+			room)}
 	}
-	return &FailedPreconditionError{msg: fmt.Sprintf(
-		"revoking %d more serial(s) would list %d on the CRLs, over the limit of %d (--max-crl-serials); at that scale replace the CA instead: 'meshid ca rotate --now' re-issues every served SVID from a new CA and drops the old one with its revocations",
-		add, len(revoked)+add, limit)}
+	return nil
 }

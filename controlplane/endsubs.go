@@ -40,15 +40,7 @@ func (s *Server) endDirect(id string) int {
 
 // serialRevoked reports whether serial (hex) is on a CRL.
 func (s *Server) serialRevoked(serial string) bool {
-	serial = normSerial(serial)
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	for _, list := range s.revoked {
-		for _, r := range list {
-			if normSerial(r.Serial) == serial {
-				return true
-			}
-		}
-	}
-	return false
+	return s.revoked.Contains(serial)
 }

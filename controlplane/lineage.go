@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/meshid/meshid/revocation"
 	"github.com/meshid/meshid/store"
 )
 
@@ -32,7 +33,7 @@ const requesterViaToken = "workload via token"
 
 // normSerial is the form serials are compared in: lowercase hex without
 // leading zeros (big.Int.Text(16)), whatever the source.
-func normSerial(s string) string { return strings.TrimLeft(strings.ToLower(s), "0") }
+func normSerial(s string) string { return revocation.Norm(s) }
 
 // lineage caches, for live certificates, the entry each was issued under,
 // so that authenticating a remote caller does not read the inventory.

@@ -131,7 +131,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.caExpiry, prometheus.GaugeValue, float64(v.rec.NotAfter.Unix()), v.rec.ID, "jwt", string(v.rec.State))
 		}
 	}
-	revoked := s.revokedCount
+	revoked := s.revoked.Len()
 	s.mu.RUnlock()
 	ch <- prometheus.MustNewConstMetric(c.revoked, prometheus.GaugeValue, float64(revoked))
 	earliest, overdue, served := s.ids.Stats(now)

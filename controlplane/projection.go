@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshid/meshid/revocation"
 	"github.com/meshid/meshid/store"
 )
 
@@ -90,12 +91,8 @@ func (s *Server) load(ctx context.Context, initial bool) error {
 	if err != nil {
 		return fmt.Errorf("load revoked serials: %w", err)
 	}
-	byCA := map[string][]store.RevokedSerial{}
-	for _, r := range list {
-		byCA[r.CAID] = append(byCA[r.CAID], r)
-	}
 	s.mu.Lock()
-	s.revoked, s.revokedCount = byCA, len(list)
+	s.revoked = revocation.New(list)
 	s.mu.Unlock()
 	entries, _, err := s.store.ListEntries(ctx, store.EntryQuery{})
 	if err != nil {
@@ -247,39 +244,15 @@ func (s *Server) applyEntry(ev store.Event) {
 
 // applyRevoked reports whether the event changed the list.
 func (s *Server) applyRevoked(ev store.Event) bool {
-	r := *ev.Revoked
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	list := s.revoked[r.CAID]
-	i := slices.IndexFunc(list, func(x store.RevokedSerial) bool { return x.Serial == r.Serial })
-	switch ev.Op {
-	case store.OpPut:
-		if i >= 0 {
-			return false
-		}
-		m := make(map[string][]store.RevokedSerial, len(s.revoked)+1)
-		for k, v := range s.revoked {
-			m[k] = v
-		}
-		m[r.CAID] = append(slices.Clone(list), r)
-		s.revoked = m
-		s.revokedCount++
-	case store.OpDelete:
-		if i < 0 {
-			return false
-		}
-		m := make(map[string][]store.RevokedSerial, len(s.revoked))
-		for k, v := range s.revoked {
-			m[k] = v
-		}
-		m[r.CAID] = slices.Delete(slices.Clone(list), i, i+1)
-		if len(m[r.CAID]) == 0 {
-			delete(m, r.CAID)
-		}
-		s.revoked = m
-		s.revokedCount--
+	var changed bool
+	if ev.Op == store.OpPut {
+		s.revoked, changed = s.revoked.Put(*ev.Revoked)
+	} else {
+		s.revoked, changed = s.revoked.Delete(*ev.Revoked)
 	}
-	return true
+	return changed
 }
 
 // applyToken follows join tokens: a new one is the administrator's word

@@ -152,17 +152,13 @@ func (s *Server) crls() ([][]byte, error) {
 			continue
 		}
 		key.WriteString(v.rec.ID)
-		var entries []ca.RevokedCert
-		for _, r := range s.revoked[v.rec.ID] {
-			if !r.NotAfter.After(now) {
-				continue
-			}
-			n, ok := new(big.Int).SetString(r.Serial, 16)
-			if !ok {
-				continue
-			}
-			entries = append(entries, ca.RevokedCert{Serial: n, RevokedAt: r.RevokedAt})
-			key.WriteString("," + r.Serial)
+		entries, err := s.revoked.CRLEntries(v.rec.ID, now)
+		if err != nil {
+			s.mu.RUnlock()
+			return nil, err
+		}
+		for _, e := range entries {
+			key.WriteString("," + e.Serial.Text(16))
 		}
 		key.WriteString(";")
 		jobs = append(jobs, crlJob{v, entries})
@@ -225,18 +221,8 @@ func (s *Server) nextCRLNumber(now time.Time) int64 {
 }
 
 // nextRevokedExpiry is when the soonest revoked certificate expires: its
-// entry then leaves the CRL.
-func (s *Server) nextRevokedExpiry() (time.Time, bool) {
-	var next time.Time
-	for _, list := range s.revoked {
-		for _, r := range list {
-			if next.IsZero() || r.NotAfter.Before(next) {
-				next = r.NotAfter
-			}
-		}
-	}
-	return next, !next.IsZero()
-}
+// entry then leaves the CRL. The caller holds mu.
+func (s *Server) nextRevokedExpiry() (time.Time, bool) { return s.revoked.NextExpiry() }
 
 // CheckCRLs reports whether cert (issued by issuer) is revoked by any of
 // crls. Peers that apply meshid's CRLs do exactly this; tests and tools use
@@ -261,17 +247,9 @@ func CheckCRLs(cert, issuer *x509.Certificate, crls [][]byte) (bool, error) {
 
 // isRevoked reports whether one of our certificates is on a CRL.
 func (s *Server) isRevoked(c *x509.Certificate) bool {
-	serial := c.SerialNumber.Text(16)
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	for _, list := range s.revoked {
-		for _, r := range list {
-			if strings.TrimLeft(r.Serial, "0") == serial {
-				return true
-			}
-		}
-	}
-	return false
+	return s.revoked.Contains(c.SerialNumber.Text(16))
 }
 
 // endRevokedStreams ends the streams of remote callers that authenticated

@@ -23,6 +23,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/identity"
 	"github.com/meshid/meshid/kek"
+	"github.com/meshid/meshid/revocation"
 	"github.com/meshid/meshid/sds"
 	"github.com/meshid/meshid/store"
 	"github.com/meshid/meshid/store/boltstore"
@@ -135,10 +136,10 @@ type Server struct {
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
 	rotMu sync.Mutex
-	// revMu serialises revocations; revoked (by CA ID) is guarded by mu.
-	revMu        sync.Mutex
-	revoked      map[string][]store.RevokedSerial
-	revokedCount int
+	// revMu serialises revocations; revoked is guarded by mu (a value:
+	// replaced, never changed in place).
+	revMu   sync.Mutex
+	revoked revocation.List
 	// pubMu serialises publishing bundles; it guards the CRL cache and
 	// the last CRL number, so CRLs are signed outside mu.
 	pubMu     sync.Mutex
