@@ -86,7 +86,8 @@ type pushJob interface {
 func pushers() int { return max(32, 4*runtime.GOMAXPROCS(0)) }
 
 // pushQueue is the server's FIFO of streams to push to and the pool that
-// drains it. The pool starts with the first stream and stops at Shutdown.
+// drains it. The pool starts with the first stream and stops at Shutdown,
+// which waits for it (workers counts the pushers running).
 type pushQueue struct {
 	mu      sync.Mutex
 	cond    sync.Cond
@@ -94,6 +95,7 @@ type pushQueue struct {
 	head    int
 	started bool
 	closed  bool
+	workers sync.WaitGroup
 }
 
 // enqueue queues j unless it is queued already. After Shutdown it does
@@ -113,7 +115,7 @@ func (p *pushQueue) enqueue(j pushJob) {
 		p.started = true
 		p.cond.L = &p.mu
 		for range pushers() {
-			go p.work()
+			p.workers.Go(p.work)
 		}
 	}
 	p.q = append(p.q, j)
@@ -121,7 +123,8 @@ func (p *pushQueue) enqueue(j pushJob) {
 }
 
 // close stops the pool: each pusher returns once its current push (if
-// any) is done. Queued jobs are dropped; their streams are ending.
+// any) is done; wait waits for that. Queued jobs are dropped; their
+// streams are ending.
 func (p *pushQueue) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -132,6 +135,11 @@ func (p *pushQueue) close() {
 		p.cond.Broadcast()
 	}
 }
+
+// wait returns once every pusher has returned; call it after close. A
+// pusher's push never waits for a client (see writeBudget), so this is
+// bounded by one push.
+func (p *pushQueue) wait() { p.workers.Wait() }
 
 func (p *pushQueue) work() {
 	for {

@@ -114,12 +114,14 @@ func (s *Server) Register(g grpc.ServiceRegistrar) {
 
 // Shutdown ends every open stream cleanly (status OK), so a draining gRPC
 // server does not wait on them forever.
-// The pusher goroutines stop too, each once its current Send is done.
+// The pusher goroutines stop too, and Shutdown waits for them: each
+// finishes its current Send, which never waits for a client.
 func (s *Server) Shutdown() {
 	s.stop.Do(func() {
 		close(s.done)
 		s.pq.close()
 	})
+	s.pq.wait()
 }
 
 const maxEncoded = 4096
