@@ -1,6 +1,21 @@
-// Package controlplane is the meshid server: who is entitled to which
-// identity (registration entries), issuance policy, the admin API, and the
-// wiring of the CA and the store.
+// Package controlplane is the meshid server, a composition of the parts
+// below it: registration entries (entry), the live SVIDs of connected
+// callers (svidcache), the CA lifecycle policy (lifecycle), the revocation
+// list (revocation), signing (ca) and the store. It adds issuance policy,
+// the admin API and the serving of every endpoint.
+//
+// Its memory is a projection of the store (projection.go): the entry
+// index, CA views, JWT keys and revocation list change only as the store's
+// watch reports commits, so replicas sharing a store see each other's
+// writes, and a write returns once it is applied, so its caller reads it.
+// Lifecycle steps run only while the server holds the store's leadership
+// (leader.go). Everything it runs outside an RPC belongs to one task group
+// (tasks.go) that Close cancels and waits for.
+//
+// Lock order, outermost first: rotMu (lifecycle steps), revMu
+// (revocations), entries.updateMu, pubMu (publishing bundles), mu (CA
+// views, JWT keys, revocation list). The projection's watch goroutine
+// takes only pubMu and mu, so a step holding rotMu may wait for it.
 package controlplane
 
 import (
