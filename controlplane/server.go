@@ -15,7 +15,8 @@
 // Lock order, outermost first: rotMu (lifecycle steps), revMu
 // (revocations), entries.updateMu, pubMu (publishing bundles), mu (CA
 // views, JWT keys, revocation list). The projection's watch goroutine
-// takes only pubMu and mu, so a step holding rotMu may wait for it.
+// never takes rotMu, revMu or updateMu, so a write holding one of them may
+// wait for the projection (synced).
 package controlplane
 
 import (
