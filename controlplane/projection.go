@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshid/meshid/revocation"
 	"github.com/meshid/meshid/store"
+	"github.com/meshid/meshid/svidcache"
 )
 
 // The server's memory is a projection of the store. The entry index, the
@@ -265,7 +266,13 @@ func (s *Server) applyToken(ev store.Event) {
 	case ev.Op == store.OpPut && t.UsedAt.IsZero():
 		s.match.unban(t.SpiffeID)
 	case ev.Op == store.OpDelete:
+		// As Revoke does on the replica it ran on: the identity is not
+		// served again to callers holding it directly until a new token
+		// is made, and what they hold now ends.
 		s.tokens.forget(t.SpiffeID)
+		s.match.ban(t.SpiffeID)
+		s.endDirect(t.SpiffeID)
+		s.ids.Drop(func(key string) bool { return svidcache.DirectKeyOf(key, t.SpiffeID) })
 	}
 }
 
