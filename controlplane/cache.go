@@ -130,6 +130,9 @@ func (m *matcher) Match(c identity.Caller) []svidcache.Entry {
 	}
 	m.mu.Unlock()
 	for _, e := range m.srv.entries.match(c.Selectors) {
+		if e.ParentID != "" {
+			continue // one agent's to serve, not the server's own socket's
+		}
 		if !slices.ContainsFunc(out, func(o svidcache.Entry) bool { return o.SpiffeID == e.SpiffeID && svidcache.IsDirect(o.ID) }) {
 			out = append(out, cacheEntry(e))
 		}

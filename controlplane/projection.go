@@ -214,6 +214,7 @@ func (s *Server) afterChange(ctx context.Context, cs changeSet) {
 		}
 	}
 	if cs.entries {
+		s.agents.wake()
 		s.ids.EntriesChanged(ctx)
 	}
 }

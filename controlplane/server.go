@@ -148,6 +148,8 @@ type Server struct {
 	tasks                          *tasks
 	proj                           projection
 	leader                         leaderState
+	// agents are the node agents' open Sync streams (agentapi.go).
+	agents agentHub
 	rotTimer, maintTimer, pruneTim *timer
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
@@ -159,6 +161,8 @@ type Server struct {
 	// pubMu serialises publishing bundles; it guards the CRL cache and
 	// the last CRL number, so CRLs are signed outside mu.
 	pubMu     sync.Mutex
+	lastX509  *identity.Bundle
+	lastJWT   *identity.JWTBundle
 	crlNumber int64
 	crlKey    string
 	crlCache  [][]byte
@@ -430,6 +434,11 @@ func (s *Server) publishBundles() error {
 	// With an upstream CA that has CAs above it, we cannot sign CRLs for
 	// those: peers must check the leaf only, or every chain would fail.
 	leafOnly := s.cfg.Upstream != nil && len(s.cfg.Upstream.Chain) > 0
-	s.ids.SetBundles(svidcache.X509Bundle(s.td, s.BundleCerts(), crls, leafOnly), jb)
+	xb := svidcache.X509Bundle(s.td, s.BundleCerts(), crls, leafOnly)
+	s.ids.SetBundles(xb, jb)
+	if s.lastX509 == nil || xb.Version != s.lastX509.Version || s.lastJWT == nil || jb.Version != s.lastJWT.Version {
+		s.lastX509, s.lastJWT = xb, jb
+		s.agents.wake()
+	}
 	return nil
 }

@@ -18,8 +18,13 @@ import (
 )
 
 // tokenPrefix marks meshid join tokens so they are recognisable in logs
-// and secret scanners.
-const tokenPrefix = "mjt_"
+// and secret scanners; agentTokenPrefix marks those that attest a node
+// agent, so that each kind is refused where the other belongs without
+// being spent.
+const (
+	tokenPrefix      = "mjt_"
+	agentTokenPrefix = "mat_"
+)
 
 // MaxTokenTTL bounds a join token's life: it is a bearer credential.
 const MaxTokenTTL = 30 * 24 * time.Hour
@@ -39,6 +44,14 @@ func (s *Server) CreateJoinToken(ctx context.Context, spiffeID string, ttl time.
 	if err := s.checkNotReserved(spiffeID); err != nil {
 		return "", store.JoinToken{}, err
 	}
+	// A new token is the administrator's word that the identity may be
+	// served to remote callers again after a revocation.
+	defer s.match.unban(spiffeID)
+	return s.createToken(ctx, tokenPrefix, spiffeID, ttl, singleUse, actor)
+}
+
+// createToken stores a new token for spiffeID (checked by the caller).
+func (s *Server) createToken(ctx context.Context, prefix, spiffeID string, ttl time.Duration, singleUse bool, actor string) (string, store.JoinToken, error) {
 	if ttl <= 0 || ttl > MaxTokenTTL {
 		return "", store.JoinToken{}, invalidf("token ttl %s must be between 1s and %s", ttl, MaxTokenTTL)
 	}
@@ -46,16 +59,13 @@ func (s *Server) CreateJoinToken(ctx context.Context, spiffeID string, ttl time.
 	if _, err := rand.Read(b[:]); err != nil {
 		return "", store.JoinToken{}, fmt.Errorf("token secret: %w", err)
 	}
-	secret := tokenPrefix + base64.RawURLEncoding.EncodeToString(b[:])
+	secret := prefix + base64.RawURLEncoding.EncodeToString(b[:])
 	now := s.now()
 	t := store.JoinToken{Hash: hashToken(secret), SpiffeID: spiffeID, ExpiresAt: now.Add(ttl), SingleUse: singleUse, CreatedAt: now}
 	use := "reusable"
 	if singleUse {
 		use = "single-use"
 	}
-	// A new token is the administrator's word that the identity may be
-	// served to remote callers again after a revocation.
-	defer s.match.unban(spiffeID)
 	if err := s.store.CreateToken(ctx, t, store.AuditEvent{
 		Time: now, Actor: actor, Action: "token.create", Target: t.Hash[:16],
 		Detail: fmt.Sprintf("%s %s until %s", use, spiffeID, t.ExpiresAt.UTC().Format(time.RFC3339)),
@@ -110,6 +120,7 @@ func (s *Server) RedeemJoinToken(ctx context.Context, secret, conn string) (spif
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("token names invalid spiffe id: %w", err)
 	}
+
 	if t.SingleUse {
 		s.tokens.mu.Lock()
 		for k, b := range s.tokens.conns {

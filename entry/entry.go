@@ -32,4 +32,8 @@ type Entry struct {
 	CreatedAt time.Time
 	// Hint is sent as the Workload API SVID hint; empty means the ID.
 	Hint string
+	// ParentID, if set, is the SPIFFE ID of the one node agent that may
+	// serve the entry; empty means every agent and the server's own
+	// workload socket.
+	ParentID string
 }

@@ -24,6 +24,9 @@ const (
 	// entryV2 appends the hint; entries without one are still written as
 	// v1, so a store without hints stays readable by older versions.
 	entryV2 = 2
+	// entryV3 appends the parent after the hint; only entries with a
+	// parent are written so.
+	entryV3 = 3
 	caV1    = 1
 	auditV1 = 1
 )
@@ -207,10 +210,13 @@ func encodeEntry(en *store.Entry) []byte {
 	for _, dns := range en.DNSNames {
 		n += 2 + len(dns)
 	}
-	e := enc{b: make([]byte, 0, n+len(en.Hint))}
-	if en.Hint != "" {
+	e := enc{b: make([]byte, 0, n+len(en.Hint)+len(en.ParentID))}
+	switch {
+	case en.ParentID != "":
+		e.byte1(entryV3)
+	case en.Hint != "":
 		e.byte1(entryV2)
-	} else {
+	default:
 		e.byte1(entryV1)
 	}
 	e.str(en.ID)
@@ -226,8 +232,11 @@ func encodeEntry(en *store.Entry) []byte {
 		e.str(dns)
 	}
 	e.time(en.CreatedAt)
-	if en.Hint != "" {
+	if en.Hint != "" || en.ParentID != "" {
 		e.str(en.Hint)
+	}
+	if en.ParentID != "" {
+		e.str(en.ParentID)
 	}
 	return e.b
 }
@@ -235,8 +244,8 @@ func encodeEntry(en *store.Entry) []byte {
 func decodeEntry(v []byte) (store.Entry, error) {
 	d := dec{s: string(v)}
 	ver := entryV1
-	if len(v) > 0 && v[0] == entryV2 {
-		ver = entryV2
+	if len(v) > 0 && (v[0] == entryV2 || v[0] == entryV3) {
+		ver = int(v[0])
 	}
 	if err := d.version("entry", byte(ver)); err != nil {
 		return store.Entry{}, err
@@ -258,8 +267,11 @@ func decodeEntry(v []byte) (store.Entry, error) {
 		}
 	}
 	en.CreatedAt = d.time()
-	if ver == entryV2 {
+	if ver >= entryV2 {
 		en.Hint = d.str()
+	}
+	if ver == entryV3 {
+		en.ParentID = d.str()
 	}
 	return en, d.finish("entry")
 }

@@ -1,0 +1,467 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/meshid/meshid/ca"
+	agentv1 "github.com/meshid/meshid/proto/meshid/agent/v1"
+	"github.com/meshid/meshid/store"
+)
+
+// Node agents (`meshid agent`) prove which node they are with a join
+// token made for them (`meshid token create --agent`), get a node SVID
+// spiffe://<td>/meshid/agent/join/<node>, and from then on talk mTLS with
+// it: one Sync stream on which the server pushes the entries the node may
+// serve and the bundle, and batches of CSRs for keys the agent made.
+
+// agentPath is the path prefix of node agents' SPIFFE IDs, inside the
+// reserved prefix no entry or workload token may grant.
+const agentPath = reservedPath + "agent/"
+
+// Attestation methods.
+const methodJoinToken = "join_token"
+
+// MaxSignBatch bounds the CSRs of one SignX509SVIDs call: a node with more
+// entries sends several.
+const MaxSignBatch = 1000
+
+var nodeIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// methodSegments names each attestation method in agent IDs.
+var methodSegments = map[string]string{methodJoinToken: "join"}
+
+// AgentID is the SPIFFE ID of the agent on node, attested by method:
+// spiffe://<td>/meshid/agent/<method>/<node>.
+func (s *Server) AgentID(method, node string) (spiffeid.ID, error) {
+	seg, ok := methodSegments[method]
+	if !ok {
+		return spiffeid.ID{}, fmt.Errorf("unknown attestation method %q", method)
+	}
+	return spiffeid.FromSegments(s.td, "meshid", "agent", seg, node)
+}
+
+// isAgentID reports whether id names a node agent of this trust domain.
+func (s *Server) isAgentID(id spiffeid.ID) bool {
+	return id.TrustDomain() == s.td && strings.HasPrefix(id.Path(), agentPath)
+}
+
+// CreateAgentToken makes a single-use join token with which the agent on
+// node attests once; it then renews its node SVID itself. An empty node
+// gets a random name.
+func (s *Server) CreateAgentToken(ctx context.Context, node string, ttl time.Duration, actor string) (string, store.JoinToken, error) {
+	if node == "" {
+		var b [6]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return "", store.JoinToken{}, err
+		}
+		node = "node-" + hex.EncodeToString(b[:])
+	}
+	if !nodeIDPattern.MatchString(node) {
+		return "", store.JoinToken{}, invalidf("node id %q: use 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit", node)
+	}
+	id, err := s.AgentID(methodJoinToken, node)
+	if err != nil {
+		return "", store.JoinToken{}, invalidf("node id %q: %v", node, err)
+	}
+	return s.createToken(ctx, agentTokenPrefix, id.String(), ttl, true, actor)
+}
+
+// redeemAgentToken spends an agent join token and returns the agent ID it
+// grants. A workload token is refused here, as an agent token is refused
+// on the workload endpoints (RedeemJoinToken).
+func (s *Server) redeemAgentToken(ctx context.Context, secret string) (spiffeid.ID, error) {
+	if !strings.HasPrefix(secret, agentTokenPrefix) {
+		return spiffeid.ID{}, ErrBadToken
+	}
+	t, err := s.store.UseToken(ctx, hashToken(secret), s.now())
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return spiffeid.ID{}, ErrBadToken
+		}
+		return spiffeid.ID{}, fmt.Errorf("redeem token: %w", err)
+	}
+	id, err := spiffeid.FromString(t.SpiffeID)
+	if err != nil || !s.isAgentID(id) {
+		return spiffeid.ID{}, ErrBadToken
+	}
+	return id, nil
+}
+
+// agentHub wakes every Sync stream when what agents may see changes.
+type agentHub struct {
+	mu      sync.Mutex
+	streams map[*agentStream]struct{}
+}
+
+type agentStream struct {
+	id     spiffeid.ID
+	notify chan struct{} // buffered 1: changes coalesce
+	report struct {
+		sync.Mutex
+		r *agentv1.BundleReport
+	}
+}
+
+func (h *agentHub) add(st *agentStream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.streams == nil {
+		h.streams = map[*agentStream]struct{}{}
+	}
+	h.streams[st] = struct{}{}
+}
+
+func (h *agentHub) remove(st *agentStream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.streams, st)
+}
+
+// wake tells every stream to compare what it sent with what is now.
+func (h *agentHub) wake() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for st := range h.streams {
+		select {
+		case st.notify <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// connected is how many Sync streams are open.
+func (h *agentHub) connected() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.streams)
+}
+
+// AgentService is the agent API over gRPC.
+type AgentService struct {
+	agentv1.UnimplementedAgentServiceServer
+	srv *Server
+}
+
+// NewAgentService returns the agent API of s.
+func NewAgentService(s *Server) *AgentService { return &AgentService{srv: s} }
+
+// agentCaller is the agent a call comes from: the node SVID it presented
+// (verified against the bundle in the handshake), not revoked since.
+func (a *AgentService) agentCaller(ctx context.Context) (spiffeid.ID, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "no peer")
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.PeerCertificates) == 0 {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "present the node SVID as TLS client certificate (attest first)")
+	}
+	leaf := info.State.PeerCertificates[0]
+	if a.srv.isRevoked(leaf) {
+		return spiffeid.ID{}, status.Errorf(codes.PermissionDenied, "node SVID %x is revoked", leaf.SerialNumber)
+	}
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil || !a.srv.isAgentID(id) {
+		return spiffeid.ID{}, status.Error(codes.PermissionDenied, "the client certificate is not a node agent's SVID")
+	}
+	return id, nil
+}
+
+// Attest implements agentv1.AgentServiceServer.
+func (a *AgentService) Attest(ctx context.Context, req *agentv1.AttestRequest) (*agentv1.AttestResponse, error) {
+	if req.GetMethod() != methodJoinToken {
+		return nil, status.Errorf(codes.InvalidArgument, "attestation method %q is not offered; this server takes %q", req.GetMethod(), methodJoinToken)
+	}
+	// The CSR first: a malformed one must not spend the token.
+	if _, err := ca.ParseCSR(req.GetCsr()); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "csr: %v", err)
+	}
+	id, err := a.srv.redeemAgentToken(ctx, string(req.GetPayload()))
+	if errors.Is(err, ErrBadToken) {
+		return nil, status.Error(codes.PermissionDenied, "agent join token is unknown, expired, already used or not made for an agent")
+	}
+	if err != nil {
+		return nil, a.srv.agentStatus("attest", err)
+	}
+	chain, err := a.srv.signNodeSVID(ctx, id, req.GetCsr(), "agent attestation "+methodJoinToken)
+	if err != nil {
+		return nil, a.srv.agentStatus("attest", err)
+	}
+	a.srv.log.Info("agent attested", "agent", id.String(), "method", methodJoinToken)
+	return &agentv1.AttestResponse{SvidChain: chain, SpiffeId: id.String(), AgentId: id.String(), Bundle: a.srv.agentBundle()}, nil
+}
+
+// Renew implements agentv1.AgentServiceServer.
+func (a *AgentService) Renew(ctx context.Context, req *agentv1.RenewRequest) (*agentv1.RenewResponse, error) {
+	id, err := a.agentCaller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := ca.ParseCSR(req.GetCsr()); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "csr: %v", err)
+	}
+	chain, err := a.srv.signNodeSVID(ctx, id, req.GetCsr(), "agent renewal")
+	if err != nil {
+		return nil, a.srv.agentStatus("renew", err)
+	}
+	return &agentv1.RenewResponse{SvidChain: chain}, nil
+}
+
+// signNodeSVID signs an agent's node SVID for the key in csr.
+func (s *Server) signNodeSVID(ctx context.Context, id spiffeid.ID, csr []byte, requester string) ([][]byte, error) {
+	svid, err := s.MintX509SVID(ctx, MintRequest{SpiffeID: id.String(), CSR: csr, Requester: requester})
+	if err != nil {
+		return nil, err
+	}
+	return append([][]byte{svid.CertDER}, svid.ChainDER...), nil
+}
+
+// agentStatus maps a server error to the gRPC status an agent gets.
+func (s *Server) agentStatus(op string, err error) error {
+	var inv *InvalidArgumentError
+	var fp *FailedPreconditionError
+	switch {
+	case errors.As(err, &inv):
+		return status.Error(codes.InvalidArgument, inv.Error())
+	case errors.As(err, &fp):
+		return status.Error(codes.FailedPrecondition, fp.Error())
+	case errors.Is(err, store.ErrUnavailable):
+		return status.Errorf(codes.Unavailable, "%s: %v", op, err)
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return status.FromContextError(err).Err()
+	}
+	if st, ok := status.FromError(err); ok && st.Code() != codes.Unknown {
+		return err
+	}
+	s.log.Error("agent api", "op", op, "err", err)
+	return status.Errorf(codes.Internal, "%s failed", op)
+}
+
+// mayServe says whether the agent id may serve entry e: an entry without a
+// parent may be served by every agent.
+func mayServe(e store.Entry, id spiffeid.ID) bool {
+	return e.ParentID == "" || e.ParentID == id.String()
+}
+
+// entriesFor lists, by ID, the entries agent id may serve.
+func (s *Server) agentEntries(id spiffeid.ID) []store.Entry {
+	var out []store.Entry
+	for _, eid := range s.entries.ids() {
+		if e, ok := s.entries.get(eid); ok && mayServe(e, id) {
+			out = append(out, e)
+		}
+	}
+	slices.SortFunc(out, func(a, b store.Entry) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// agentBundle is the bundle last published, as the agent API carries it.
+func (s *Server) agentBundle() *agentv1.Bundle {
+	s.pubMu.Lock()
+	xb, jb := s.lastX509, s.lastJWT
+	s.pubMu.Unlock()
+	b := &agentv1.Bundle{TrustDomain: s.td.String()}
+	if xb != nil {
+		for _, c := range xb.X509Authorities {
+			b.X509Authorities = append(b.X509Authorities, c.Raw)
+		}
+		b.Crls, b.CrlLeafOnly, b.Version = xb.CRLs, xb.CRLLeafOnly, xb.Version
+	}
+	if jb != nil {
+		b.Jwks, b.JwtVersion = jb.JWKS, jb.Version
+	}
+	return b
+}
+
+func agentEntryProto(e store.Entry) *agentv1.Entry {
+	p := &agentv1.Entry{Id: e.ID, SpiffeId: e.SpiffeID, TtlSeconds: int64(e.TTL / time.Second), DnsNames: e.DNSNames, Hint: e.Hint, ParentId: e.ParentID}
+	for _, sel := range e.Selectors {
+		p.Selectors = append(p.Selectors, &agentv1.Selector{Type: sel.Type, Value: sel.Value})
+	}
+	return p
+}
+
+// Sync implements agentv1.AgentServiceServer: a full snapshot, then every
+// change, each computed as the difference between what this stream sent
+// and what the agent may see now, so changes that come faster than the
+// agent reads coalesce instead of queueing.
+func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
+	ctx := stream.Context()
+	id, err := a.agentCaller(ctx)
+	if err != nil {
+		return err
+	}
+	st := &agentStream{id: id, notify: make(chan struct{}, 1)}
+	a.srv.agents.add(st)
+	defer a.srv.agents.remove(st)
+	a.srv.log.Info("agent connected", "agent", id.String())
+	defer a.srv.log.Info("agent disconnected", "agent", id.String())
+
+	recvErr := make(chan error, 1)
+	go func() { // ends when the stream does: Recv fails once the handler returns
+		for {
+			req, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			if r := req.GetReport(); r != nil {
+				st.report.Lock()
+				st.report.r = r
+				st.report.Unlock()
+			}
+		}
+	}()
+
+	sent := map[string]*agentv1.Entry{}
+	bundleVersion, jwtVersion := "", ""
+	full := true
+	for {
+		resp := &agentv1.SyncResponse{Full: full}
+		now := map[string]*agentv1.Entry{}
+		for _, e := range a.srv.agentEntries(id) {
+			p := agentEntryProto(e)
+			now[e.ID] = p
+			if old, ok := sent[e.ID]; full || !ok || !proto.Equal(old, p) {
+				resp.Entries = append(resp.Entries, p)
+			}
+		}
+		if !full {
+			for eid := range sent {
+				if _, ok := now[eid]; !ok {
+					resp.DeletedEntryIds = append(resp.DeletedEntryIds, eid)
+				}
+			}
+			slices.Sort(resp.DeletedEntryIds)
+		}
+		if b := a.srv.agentBundle(); full || b.Version != bundleVersion || b.JwtVersion != jwtVersion {
+			resp.Bundle = b
+			bundleVersion, jwtVersion = b.Version, b.JwtVersion
+		}
+		a.srv.proj.mu.Lock()
+		resp.Revision = a.srv.proj.applied
+		a.srv.proj.mu.Unlock()
+		if full || len(resp.Entries) > 0 || len(resp.DeletedEntryIds) > 0 || resp.Bundle != nil {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+		}
+		sent, full = now, false
+		select {
+		case <-st.notify:
+		case err := <-recvErr:
+			if status.Code(err) == codes.Canceled || errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		case <-ctx.Done():
+			return nil
+		case <-a.srv.tasks.ctx.Done():
+			return status.Error(codes.Unavailable, "server shutting down")
+		}
+	}
+}
+
+// SignX509SVIDs implements agentv1.AgentServiceServer. Items are signed
+// concurrently, so their inventory rows share commits (group commit).
+func (a *AgentService) SignX509SVIDs(ctx context.Context, req *agentv1.SignX509SVIDsRequest) (*agentv1.SignX509SVIDsResponse, error) {
+	id, err := a.agentCaller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if n := len(req.GetCsrs()); n == 0 || n > MaxSignBatch {
+		return nil, status.Errorf(codes.InvalidArgument, "send 1 to %d CSRs per call, not %d", MaxSignBatch, n)
+	}
+	out := make([]*agentv1.SignedX509SVID, len(req.GetCsrs()))
+	sem := make(chan struct{}, max(a.srv.cfg.SignConcurrency, 1))
+	var wg sync.WaitGroup
+	for i, item := range req.GetCsrs() {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			out[i] = a.signOne(ctx, id, item)
+		})
+	}
+	wg.Wait()
+	return &agentv1.SignX509SVIDsResponse{Svids: out}, nil
+}
+
+func (a *AgentService) signOne(ctx context.Context, agent spiffeid.ID, item *agentv1.CSRForEntry) *agentv1.SignedX509SVID {
+	res := &agentv1.SignedX509SVID{EntryId: item.GetEntryId()}
+	fail := func(err error) *agentv1.SignedX509SVID {
+		st := status.Convert(err)
+		res.Code, res.Message = int32(st.Code()), st.Message()
+		return res
+	}
+	e, ok := a.srv.entries.get(item.GetEntryId())
+	if !ok {
+		return fail(status.Errorf(codes.NotFound, "no entry %q", item.GetEntryId()))
+	}
+	if !mayServe(e, agent) {
+		return fail(status.Errorf(codes.PermissionDenied, "agent %s may not serve entry %s (its parent is %s)", agent, e.ID, e.ParentID))
+	}
+	if _, err := ca.ParseCSR(item.GetCsr()); err != nil {
+		return fail(status.Errorf(codes.InvalidArgument, "csr for entry %s: %v", e.ID, err))
+	}
+	// The SAN is the entry's, whatever the CSR asks for.
+	svid, err := a.srv.MintX509SVID(ctx, MintRequest{SpiffeID: e.SpiffeID, CSR: item.GetCsr(), DNSNames: e.DNSNames, TTL: e.TTL,
+		EntryID: e.ID, Requester: "workload via agent " + agent.String(), ClampTTL: true})
+	if err != nil {
+		return fail(a.srv.agentStatus("sign", err))
+	}
+	res.SvidChain = append([][]byte{svid.CertDER}, svid.ChainDER...)
+	return res
+}
+
+// SignJWTSVID implements agentv1.AgentServiceServer.
+func (a *AgentService) SignJWTSVID(ctx context.Context, req *agentv1.SignJWTSVIDRequest) (*agentv1.SignJWTSVIDResponse, error) {
+	agent, err := a.agentCaller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	e, ok := a.srv.entries.get(req.GetEntryId())
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "no entry %q", req.GetEntryId())
+	}
+	if !mayServe(e, agent) {
+		return nil, status.Errorf(codes.PermissionDenied, "agent %s may not serve entry %s", agent, e.ID)
+	}
+	if len(req.GetAudience()) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "audience is required")
+	}
+	sid, err := spiffeid.FromString(e.SpiffeID)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "entry %s names an invalid spiffe id", e.ID)
+	}
+	a.srv.mu.RLock()
+	j := a.srv.jwt
+	a.srv.mu.RUnlock()
+	tok, exp, err := j.MintJWTSVID(sid, req.GetAudience(), a.srv.cfg.JWTTTL, a.srv.now())
+	if err != nil {
+		a.srv.metrics.IssueErrors.Inc()
+		if errors.Is(err, ca.ErrInvalidJWTRequest) {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return nil, a.srv.agentStatus("sign jwt", err)
+	}
+	a.srv.metrics.Issued.WithLabelValues("jwt").Inc()
+	return &agentv1.SignJWTSVIDResponse{Token: tok, ExpiresAt: timestamppb.New(exp)}, nil
+}
