@@ -145,11 +145,11 @@ type Server struct {
 	// says how far the watch has been applied (projection.go); leading is
 	// true while this server holds the store's leadership, the only time
 	// it takes CA lifecycle steps.
-	tasks                          *tasks
-	proj                           projection
-	leader                         leaderState
+	tasks  *tasks
+	proj   projection
+	leader leaderState
 	// agents are the node agents' open Sync streams (agentapi.go).
-	agents agentHub
+	agents                         agentHub
 	rotTimer, maintTimer, pruneTim *timer
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
