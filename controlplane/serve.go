@@ -291,11 +291,10 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	// turn first, as for every other endpoint.
 	wlCtx, wlCancel := context.WithCancel(context.Background())
 	defer wlCancel()
-	wlDone := make(chan error, 1)
+	var wlDone chan error // nil without a workload socket: never ready in the select
 	if wl != nil {
+		wlDone = make(chan error, 1)
 		go func() { wlDone <- wl.Serve(wlCtx) }()
-	} else {
-		close(wlDone)
 	}
 	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
 	hs.serving()
@@ -329,7 +328,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			cancel()
 		}
 	}
-	if !wlReturned {
+	if wl != nil && !wlReturned {
 		if err := <-wlDone; err != nil && runErr == nil {
 			runErr = err
 		}
