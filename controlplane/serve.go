@@ -262,6 +262,9 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	if ep.MetricsListen != "" {
 		ml, err := net.Listen("tcp", ep.MetricsListen)
 		if err != nil {
+			if restSrv != nil {
+				restSrv.Close()
+			}
 			return fail(fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err), remote)
 		}
 		got.MetricsAddr = ml.Addr().String()
