@@ -18,10 +18,8 @@ import (
 
 	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/endpoint"
-	"github.com/meshid/meshid/identity"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/sds"
-	"github.com/meshid/meshid/workload"
 )
 
 // Endpoints says where a running server listens.
@@ -177,29 +175,36 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	go func() { errc <- gs.Serve(adminLis) }()
 
 	got := Listening{AdminSocket: ep.AdminSocket}
-	var ws *grpc.Server
-	var sdsSrv *sds.Server
-	var wlSrv *workload.Server
+	var wl *endpoint.WorkloadServer
 	if ep.Socket != "" {
-		wlRaw, err := endpoint.ListenUnix(ep.Socket, endpoint.PublicSocketPerm, endpoint.PublicDirPerm)
+		wl, err = endpoint.ListenWorkload(endpoint.WorkloadOptions{
+			Socket:               ep.Socket,
+			Source:               s,
+			Attestors:            attestors,
+			Logger:               s.log,
+			SDSMetrics:           s.sdsMetrics,
+			Conns:                s.metrics.Conns,
+			StreamsGauge:         s.metrics.WorkloadStreams,
+			GRPCOptions:          s.grpcMetrics.options(),
+			MaxConnections:       wlCap,
+			MaxConnectionsPerUID: perUID,
+			HandshakeTimeout:     ep.HandshakeTimeout,
+			IdleTimeout:          ep.IdleTimeout,
+			DrainTimeout:         ep.DrainTimeout,
+		})
 		if err != nil {
 			gs.Stop()
-			return fmt.Errorf("workload socket: %w", err)
+			return err
 		}
-		defer os.Remove(ep.Socket)
-		if d := endpoint.Unreachable(ep.Socket); d != "" {
-			s.log.Warn("workload socket is not reachable by every local user: a directory above it is not searchable by others", "socket", ep.Socket, "directory", d)
+		got.Socket = wl.Socket()
+	}
+	// fail undoes what listens so far when a later endpoint cannot.
+	fail := func(err error, servers ...*grpc.Server) error {
+		stopAll(append(servers, gs)...)
+		if wl != nil {
+			wl.Close()
 		}
-		wl := endpoint.Limit(wlRaw, endpoint.Limits{Name: "workload", Max: wlCap, MaxPerUID: perUID}, s.metrics.Conns, s.log)
-		got.Socket = ep.Socket
-		ws = grpc.NewServer(append(append(s.grpcMetrics.options(), connOpts...), grpc.Creds(endpoint.Credentials(attest.UnixCredentials())))...)
-		sdsSrv = sds.New(s, unixCaller, s.log, s.sdsMetrics)
-		sdsSrv.Register(ws)
-		wlSrv = workload.New(s, unixCaller, s.log)
-		wlSrv.SetStreamsGauge(s.metrics.WorkloadStreams)
-		wlSrv.Register(ws)
-		hs.register(ws)
-		go func() { errc <- ws.Serve(wl) }()
+		return err
 	}
 
 	var remote *grpc.Server
@@ -212,16 +217,14 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		}
 		st, err := s.newServerTLS(ctx, dns)
 		if err != nil {
-			stopAll(gs, ws)
-			return err
+			return fail(err)
 		}
 		defer st.close()
 		remoteSDS = sds.New(s, s.grpcRemoteCaller, s.log, s.sdsMetrics)
 		if ep.SDSListen != "" {
 			tl, err := net.Listen("tcp", ep.SDSListen)
 			if err != nil {
-				stopAll(gs, ws)
-				return fmt.Errorf("sds listen %s: %w", ep.SDSListen, err)
+				return fail(fmt.Errorf("sds listen %s: %w", ep.SDSListen, err))
 			}
 			got.SDSAddr = tl.Addr().String()
 			l := endpoint.Limit(tl, endpoint.Limits{Name: "sds_tcp", Max: sdsCap}, s.metrics.Conns, s.log)
@@ -233,8 +236,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		if ep.SDSRESTListen != "" {
 			tl, err := net.Listen("tcp", ep.SDSRESTListen)
 			if err != nil {
-				stopAll(gs, ws, remote)
-				return fmt.Errorf("sds rest listen %s: %w", ep.SDSRESTListen, err)
+				return fail(fmt.Errorf("sds rest listen %s: %w", ep.SDSRESTListen, err), remote)
 			}
 			got.SDSRESTAddr = tl.Addr().String()
 			l := endpoint.Limit(tl, endpoint.Limits{Name: "sds_rest", Max: restCap}, s.metrics.Conns, s.log)
@@ -260,8 +262,10 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	if ep.MetricsListen != "" {
 		ml, err := net.Listen("tcp", ep.MetricsListen)
 		if err != nil {
-			stopAll(gs, ws, remote)
-			return fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err)
+			if restSrv != nil {
+				restSrv.Close()
+			}
+			return fail(fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err), remote)
 		}
 		got.MetricsAddr = ml.Addr().String()
 		mux := http.NewServeMux()
@@ -285,6 +289,16 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			}
 		}()
 	}
+	// The workload socket drains on its own context, cancelled by Run
+	// once it starts the drain, so that readiness and the admin health
+	// turn first, as for every other endpoint.
+	wlCtx, wlCancel := context.WithCancel(context.Background())
+	defer wlCancel()
+	var wlDone chan error // nil without a workload socket: never ready in the select
+	if wl != nil {
+		wlDone = make(chan error, 1)
+		go func() { wlDone <- wl.Serve(wlCtx) }()
+	}
 	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
 	hs.serving()
 	s.ready.Store(true)
@@ -293,39 +307,33 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	}
 
 	var runErr error
+	wlReturned := false
 	select {
 	case <-ctx.Done():
 	case runErr = <-errc:
+	case runErr = <-wlDone:
+		wlReturned = true
 	}
 	s.ready.Store(false)
 	s.log.Info("shutting down: draining in-flight requests")
 	hs.shutdown()
-	for _, x := range []*sds.Server{sdsSrv, remoteSDS} {
-		if x != nil {
-			x.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
-		}
+	wlCancel()
+	if remoteSDS != nil {
+		remoteSDS.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
 	}
-	if wlSrv != nil {
-		wlSrv.Shutdown()
-	}
-	for _, g := range []*grpc.Server{gs, ws, remote} {
-		if g == nil {
-			continue
-		}
-		stopped := make(chan struct{})
-		go func() { g.GracefulStop(); close(stopped) }()
-		select {
-		case <-stopped:
-		case <-time.After(ep.DrainTimeout):
-			g.Stop()
-			<-stopped
-		}
+	for _, g := range []*grpc.Server{gs, remote} {
+		endpoint.Drain(g, ep.DrainTimeout)
 	}
 	for _, h := range []*http.Server{httpSrv, restSrv} {
 		if h != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), ep.DrainTimeout)
 			_ = h.Shutdown(sctx)
 			cancel()
+		}
+	}
+	if wl != nil && !wlReturned {
+		if err := <-wlDone; err != nil && runErr == nil {
+			runErr = err
 		}
 	}
 	return runErr
@@ -339,16 +347,6 @@ func stopAll(servers ...*grpc.Server) {
 	}
 }
 
-// unixCaller identifies a workload-socket caller with the server's
-// attestors, the same set that decides which selector kinds entries may
-// name: kernel-verified peer credentials and, for the pid-derived
-// selectors (pid, executable path and hash), the process tracked since it
-// connected. The Caller's Check is re-run before every send, so a process
-// that exited, or a pid given to another process, is served nothing more.
-func unixCaller(ctx context.Context) (identity.Caller, error) {
-	return attestors.Caller(ctx)
-}
-
 // ListenUnix listens on a unix socket with the given permissions; see
 // endpoint.ListenUnix for the checks of the directories on the way.
 func ListenUnix(path string, perm, dirPerm os.FileMode) (net.Listener, error) {
@@ -358,13 +356,3 @@ func ListenUnix(path string, perm, dirPerm os.FileMode) (net.Listener, error) {
 	}
 	return l, nil
 }
-
-// Default socket paths (endpoint.DefaultLayout), the same layout as
-// SPIRE's: the admin socket in a private (0700) directory, the workload
-// socket in a public (0755) one, both under /run/meshid as root, else under
-// $XDG_RUNTIME_DIR/meshid or /tmp/meshid-<uid>. Client commands use the
-// same defaults, so they find a server run by the same user.
-var (
-	DefaultAdminSocket = endpoint.DefaultLayout().AdminSocket
-	DefaultSocket      = endpoint.DefaultLayout().Socket
-)

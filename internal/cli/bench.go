@@ -6,7 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/internal/bench"
 )
 
@@ -68,7 +68,7 @@ received is looked up in the server's inventory.`,
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&cfg.AdminSocket, "admin-socket", controlplane.DefaultAdminSocket, "admin API socket of the server under test")
+	fs.StringVar(&cfg.AdminSocket, "admin-socket", endpoint.DefaultLayout().AdminSocket, "admin API socket of the server under test")
 	fs.StringVar(&cfg.SpiffeID, "spiffe-id", "spiffe://cluster.local/ns/bench/sa/load", "SPIFFE ID to mint")
 	fs.IntVarP(&cfg.Concurrency, "concurrency", "c", 8, "concurrent clients")
 	fs.IntVarP(&cfg.Requests, "requests", "n", 10000, "SVIDs to mint")

@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/internal/bench"
 )
 
@@ -89,14 +89,14 @@ file descriptor on both sides.`,
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&cfg.Socket, "socket", controlplane.DefaultSocket, "workload socket of the server under test")
+	fs.StringVar(&cfg.Socket, "socket", endpoint.DefaultLayout().Socket, "workload socket of the server under test")
 	fs.IntVar(&cfg.Streams, "streams", 100, "StreamSecrets streams to open and hold")
 	fs.IntVar(&cfg.Conns, "conns", 0, "gRPC connections carrying them (0: one per stream)")
 	fs.StringSliceVar(&cfg.Names, "names", []string{"default", "ROOTCA"}, "secret names, one per stream, in turn")
 	durationFlag(fs, &cfg.Duration, "duration", 30*time.Second, "length of the run: streams are held open until it ends; the connect loop runs for it")
 	fs.IntVar(&cfg.Ramp, "ramp", 200, "streams opening (waiting for their first secret) at once")
 	fs.BoolVar(&cfg.Push, "push", false, "once all streams are up, PrepareCA and time the new bundle to every bundle stream's ACK")
-	fs.StringVar(&cfg.AdminSocket, "admin-socket", controlplane.DefaultAdminSocket, "admin API socket (for --push)")
+	fs.StringVar(&cfg.AdminSocket, "admin-socket", endpoint.DefaultLayout().AdminSocket, "admin API socket (for --push)")
 	fs.StringVar(&cfg.MetricsURL, "metrics-url", "", "the server's /metrics, to report RSS, heap and goroutines per stream")
 	fs.BoolVar(&cfg.ConnectLoop, "connect-loop", false, "loop {connect, first secret of default, close} with --clients clients")
 	fs.IntVar(&cfg.Clients, "clients", 500, "clients of --connect-loop")

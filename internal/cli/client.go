@@ -18,13 +18,13 @@ import (
 	"google.golang.org/protobuf/proto"
 	"sigs.k8s.io/yaml"
 
-	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/endpoint"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 )
 
 // adminFlag adds --admin-socket to a client command.
 func adminFlag(cmd *cobra.Command, p *string) {
-	cmd.Flags().StringVar(p, "admin-socket", controlplane.DefaultAdminSocket, "admin API socket of the server to talk to")
+	cmd.Flags().StringVar(p, "admin-socket", endpoint.DefaultLayout().AdminSocket, "admin API socket of the server to talk to")
 }
 
 // dialAdmin connects to the admin API. It checks the socket exists first,

@@ -3,7 +3,7 @@ package cli
 import (
 	"github.com/spf13/cobra"
 
-	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/envoyconfig"
 )
 
@@ -58,7 +58,7 @@ is printed.`,
 			return err
 		},
 	}
-	o.AddFlags(cmd.Flags(), controlplane.DefaultSocket)
+	o.AddFlags(cmd.Flags(), endpoint.DefaultLayout().Socket)
 	_ = cmd.MarkFlagRequired("spiffe-id")
 	return cmd
 }

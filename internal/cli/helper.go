@@ -3,7 +3,7 @@ package cli
 import (
 	"github.com/spf13/cobra"
 
-	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/helper"
 )
 
@@ -59,7 +59,7 @@ registration entry names.`,
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&c.Socket, "socket", controlplane.DefaultSocket, "the SPIFFE Workload API socket (path or unix:// address; default $SPIFFE_ENDPOINT_SOCKET when set)")
+	fs.StringVar(&c.Socket, "socket", endpoint.DefaultLayout().Socket, "the SPIFFE Workload API socket (path or unix:// address; default $SPIFFE_ENDPOINT_SOCKET when set)")
 	fs.StringVar(&c.Dir, "dir", "", "directory to write the files into; created if absent (required)")
 	fs.StringVar(&c.CertName, "cert-name", helper.DefaultCertName, "file name of the SVID chain in --dir")
 	fs.StringVar(&c.KeyName, "key-name", helper.DefaultKeyName, "file name of the private key in --dir")

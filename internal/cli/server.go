@@ -67,8 +67,8 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.String("config", "", "YAML file of settings, keyed by flag name (flags and MESHID_* variables win)")
 	fs.StringVar(&f.dataDir, "data-dir", dataDirDefault, dataDirHelp)
 	fs.StringVar(&f.trustDomain, "trust-domain", controlplane.DefaultTrustDomain, "SPIFFE trust domain this server is the authority for")
-	fs.StringVar(&f.adminSocket, "admin-socket", controlplane.DefaultAdminSocket, "unix socket of the admin API, made 0600 in a 0700 directory (whoever can open it is an administrator); default under /run/meshid as root, else $XDG_RUNTIME_DIR/meshid or /tmp/meshid-<uid>")
-	fs.StringVar(&f.socket, "socket", controlplane.DefaultSocket, "workload socket for SDS and the SPIFFE Workload API, made 0666 in a 0755 directory (open to every local user); existing directories on either path must be owned by root or this user and not writable by others")
+	fs.StringVar(&f.adminSocket, "admin-socket", endpoint.DefaultLayout().AdminSocket, "unix socket of the admin API, made 0600 in a 0700 directory (whoever can open it is an administrator); default under /run/meshid as root, else $XDG_RUNTIME_DIR/meshid or /tmp/meshid-<uid>")
+	fs.StringVar(&f.socket, "socket", endpoint.DefaultLayout().Socket, "workload socket for SDS and the SPIFFE Workload API, made 0666 in a 0755 directory (open to every local user); existing directories on either path must be owned by root or this user and not writable by others")
 	durationFlag(fs, &f.svidTTL, "svid-ttl", controlplane.DefaultSVIDTTL, "lifetime of issued X.509-SVIDs (e.g. 1h, 24h)")
 	durationFlag(fs, &f.caTTL, "ca-ttl", controlplane.DefaultCATTL, "lifetime of the CA made on first start (e.g. 365d)")
 	fs.StringVar(&f.caKeyType, "ca-key-type", string(controlplane.DefaultCAKeyType), "key type of a new CA: ec-p256, ec-p384 or rsa-3072")
@@ -251,7 +251,7 @@ func printBanner(w io.Writer, srv *controlplane.Server, f serverFlags, l control
 		who = u.Username + ", " + who
 	}
 	admin := ""
-	if f.adminSocket != controlplane.DefaultAdminSocket {
+	if f.adminSocket != endpoint.DefaultLayout().AdminSocket {
 		admin = " --admin-socket " + f.adminSocket
 	}
 	var b strings.Builder
@@ -276,7 +276,7 @@ func printBanner(w io.Writer, srv *controlplane.Server, f serverFlags, l control
 	fmt.Fprintf(&b, "  meshid certs list%s\n", admin)
 	if l.Socket != "" {
 		sock := ""
-		if l.Socket != controlplane.DefaultSocket {
+		if l.Socket != endpoint.DefaultLayout().Socket {
 			sock = " --socket " + l.Socket
 		}
 		fmt.Fprintf(&b, "  meshid helper%s --dir ./me --once        # your own SVID, from the Workload API\n", sock)
