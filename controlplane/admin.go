@@ -414,7 +414,21 @@ func (a *AdminService) CreateJoinToken(ctx context.Context, req *adminv1.CreateJ
 	if req.GetTtl() == nil {
 		return nil, status.Error(codes.InvalidArgument, "ttl is required")
 	}
-	secret, t, err := a.srv.CreateJoinToken(ctx, req.GetSpiffeId(), req.GetTtl().AsDuration(), req.GetSingleUse(), actor(ctx))
+	var (
+		secret string
+		t      store.JoinToken
+		err    error
+	)
+	switch {
+	case req.GetAgent() && req.GetSpiffeId() != "":
+		return nil, status.Error(codes.InvalidArgument, "an agent token grants the agent's own ID: give --node-id, not --spiffe-id")
+	case req.GetAgent():
+		secret, t, err = a.srv.CreateAgentToken(ctx, req.GetNodeId(), req.GetTtl().AsDuration(), actor(ctx))
+	case req.GetNodeId() != "":
+		return nil, status.Error(codes.InvalidArgument, "--node-id is for agent tokens (--agent)")
+	default:
+		secret, t, err = a.srv.CreateJoinToken(ctx, req.GetSpiffeId(), req.GetTtl().AsDuration(), req.GetSingleUse(), actor(ctx))
+	}
 	if err != nil {
 		return nil, a.toStatus("create join token", err)
 	}

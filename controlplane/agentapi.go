@@ -157,11 +157,17 @@ func (h *agentHub) connected() int {
 // AgentService is the agent API over gRPC.
 type AgentService struct {
 	agentv1.UnimplementedAgentServiceServer
-	srv *Server
+	srv  *Server
+	done chan struct{}
+	once sync.Once
 }
 
 // NewAgentService returns the agent API of s.
-func NewAgentService(s *Server) *AgentService { return &AgentService{srv: s} }
+func NewAgentService(s *Server) *AgentService { return &AgentService{srv: s, done: make(chan struct{})} }
+
+// Shutdown ends every Sync stream (Unavailable: the agent reconnects), so
+// a draining gRPC server does not wait on them.
+func (a *AgentService) Shutdown() { a.once.Do(func() { close(a.done) }) }
 
 // agentCaller is the agent a call comes from: the node SVID it presented
 // (verified against the bundle in the handshake), not revoked since.
@@ -374,6 +380,8 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 			return err
 		case <-ctx.Done():
 			return nil
+		case <-a.done:
+			return status.Error(codes.Unavailable, "server shutting down")
 		case <-a.srv.tasks.ctx.Done():
 			return status.Error(codes.Unavailable, "server shutting down")
 		}

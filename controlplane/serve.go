@@ -19,6 +19,7 @@ import (
 	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/endpoint"
 	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
+	agentv1 "github.com/meshid/meshid/proto/meshid/agent/v1"
 	"github.com/meshid/meshid/sds"
 )
 
@@ -41,6 +42,9 @@ type Endpoints struct {
 	// ServerDNS are DNS SANs of the server's own certificate on the TCP
 	// endpoints (default: localhost).
 	ServerDNS []string
+	// AgentListen is host:port for the agent API (TLS with the server's
+	// SVID; agents then present their node SVIDs). Empty turns it off.
+	AgentListen string
 	// MetricsListen is host:port for /metrics, /healthz and /readyz; empty
 	// turns it off.
 	MetricsListen string
@@ -137,6 +141,7 @@ type Listening struct {
 	Socket      string
 	SDSAddr     string
 	SDSRESTAddr string
+	AgentAddr   string
 	MetricsAddr string // the bound address, useful when the port was 0
 }
 
@@ -207,10 +212,11 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		return err
 	}
 
-	var remote *grpc.Server
+	var remote, agentSrv *grpc.Server
+	var agentSvc *AgentService
 	var remoteSDS *sds.Server
 	var restSrv *http.Server
-	if ep.SDSListen != "" || ep.SDSRESTListen != "" {
+	if ep.SDSListen != "" || ep.SDSRESTListen != "" || ep.AgentListen != "" {
 		dns := ep.ServerDNS
 		if len(dns) == 0 {
 			dns = []string{"localhost"}
@@ -233,10 +239,25 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			hs.register(remote)
 			go func() { errc <- remote.Serve(l) }()
 		}
+		if ep.AgentListen != "" {
+			tl, err := net.Listen("tcp", ep.AgentListen)
+			if err != nil {
+				return fail(fmt.Errorf("agent listen %s: %w", ep.AgentListen, err), remote)
+			}
+			got.AgentAddr = tl.Addr().String()
+			l := endpoint.Limit(tl, endpoint.Limits{Name: "agent", Max: sdsCap}, s.metrics.Conns, s.log)
+			// No idle timeout: an agent's one Sync stream is open for
+			// as long as it runs.
+			agentSrv = grpc.NewServer(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout), grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
+			agentSvc = NewAgentService(s)
+			agentv1.RegisterAgentServiceServer(agentSrv, agentSvc)
+			hs.register(agentSrv)
+			go func() { errc <- agentSrv.Serve(l) }()
+		}
 		if ep.SDSRESTListen != "" {
 			tl, err := net.Listen("tcp", ep.SDSRESTListen)
 			if err != nil {
-				return fail(fmt.Errorf("sds rest listen %s: %w", ep.SDSRESTListen, err), remote)
+				return fail(fmt.Errorf("sds rest listen %s: %w", ep.SDSRESTListen, err), remote, agentSrv)
 			}
 			got.SDSRESTAddr = tl.Addr().String()
 			l := endpoint.Limit(tl, endpoint.Limits{Name: "sds_rest", Max: restCap}, s.metrics.Conns, s.log)
@@ -265,7 +286,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			if restSrv != nil {
 				restSrv.Close()
 			}
-			return fail(fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err), remote)
+			return fail(fmt.Errorf("metrics listen %s: %w", ep.MetricsListen, err), remote, agentSrv)
 		}
 		got.MetricsAddr = ml.Addr().String()
 		mux := http.NewServeMux()
@@ -299,7 +320,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 		wlDone = make(chan error, 1)
 		go func() { wlDone <- wl.Serve(wlCtx) }()
 	}
-	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
+	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "agent_api", got.AgentAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
 	hs.serving()
 	s.ready.Store(true)
 	if ready != nil {
@@ -321,7 +342,10 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	if remoteSDS != nil {
 		remoteSDS.Shutdown() // streams end cleanly; GracefulStop would wait on them forever
 	}
-	for _, g := range []*grpc.Server{gs, remote} {
+	if agentSvc != nil {
+		agentSvc.Shutdown() // Sync streams end: agents reconnect, to another replica if there is one
+	}
+	for _, g := range []*grpc.Server{gs, remote, agentSrv} {
 		endpoint.Drain(g, ep.DrainTimeout)
 	}
 	for _, h := range []*http.Server{httpSrv, restSrv} {

@@ -86,7 +86,7 @@ wins over the environment, which wins over the file.`,
 	root.AddCommand(
 		newServerCmd(), newDevCmd(),
 		newEntryCmd(), newX509Cmd(), newBundleCmd(), newCACmd(), newCertsCmd(),
-		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newRevokeCmd(), newHelperCmd(),
+		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newRevokeCmd(), newHelperCmd(), newAgentCmd(),
 	)
 	refuseUnknownSubcommands(root)
 	return root

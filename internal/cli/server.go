@@ -44,6 +44,7 @@ type serverFlags struct {
 	signConc      int
 	sdsListen     string
 	sdsREST       string
+	agentListen   string
 	serverDNS     []string
 	maxConns      int
 	maxConnsUID   int
@@ -86,6 +87,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	logFormatFlag(fs, &f.logFormat)
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
+	fs.StringVar(&f.agentListen, "agent-listen", "", "host:port for the agent API (node agents: meshid agent), TLS with the server's SVID; off when empty")
 	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
 	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
 	durationFlag(fs, &f.crlValidity, "crl-validity", controlplane.DefaultCRLValidity, "how far ahead a CRL's nextUpdate lies (never less than 2 x --svid-ttl); CRLs are re-signed and pushed at half of it")
@@ -185,7 +187,7 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	defer cancel()
 	err = srv.Run(runCtx, controlplane.Endpoints{
 		AdminSocket: f.adminSocket, Socket: f.socket, MetricsListen: f.metricsListen,
-		SDSListen: f.sdsListen, SDSRESTListen: f.sdsREST, ServerDNS: f.serverDNS,
+		SDSListen: f.sdsListen, SDSRESTListen: f.sdsREST, AgentListen: f.agentListen, ServerDNS: f.serverDNS,
 		MaxConnections: f.maxConns, MaxConnectionsPerUID: f.maxConnsUID,
 	}, func(l controlplane.Listening) {
 		if onReady != nil {
@@ -263,6 +265,9 @@ func printBanner(w io.Writer, srv *controlplane.Server, f serverFlags, l control
 	}
 	if l.SDSAddr != "" {
 		fmt.Fprintf(&b, "  SDS over TCP  %s\n", l.SDSAddr)
+	}
+	if l.AgentAddr != "" {
+		fmt.Fprintf(&b, "  agent API     %s\n", l.AgentAddr)
 	}
 	if l.MetricsAddr != "" {
 		fmt.Fprintf(&b, "  metrics       http://%s/metrics\n", l.MetricsAddr)

@@ -11,14 +11,14 @@ import (
 )
 
 func newTokenCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "token", Short: "Join tokens for proxies that reach SDS over TCP"}
+	cmd := &cobra.Command{Use: "token", Short: "Join tokens: for proxies that reach SDS over TCP, and for node agents"}
 	var (
-		admin, spiffeID, output string
-		ttl                     time.Duration
-		singleUse               bool
+		admin, spiffeID, output, nodeID string
+		ttl                             time.Duration
+		singleUse, agent                bool
 	)
 	create := &cobra.Command{
-		Use:   "create --spiffe-id ID --ttl 1h [--single-use]",
+		Use:   "create (--spiffe-id ID [--single-use] | --agent [--node-id NODE]) --ttl 1h",
 		Short: "Make a join token: a bearer credential for SDS over TCP (--sds-listen)",
 		Long: `Make a join token granting --spiffe-id to a proxy that connects to the
 server's TCP SDS endpoint (--sds-listen or --sds-rest-listen) without an SVID
@@ -30,13 +30,23 @@ yet. Envoy sends it as gRPC initial metadata:
     - {key: authorization, value: "Bearer <token>"}
 
 The secret is printed once; the server keeps only its hash. A single-use
-token is bound to the first connection that presents it.`,
+token is bound to the first connection that presents it.
+
+With --agent the token attests a node agent instead (meshid agent
+--join-token): it is single-use and makes the agent
+spiffe://<trust domain>/meshid/agent/join/<node-id>, which then renews its
+node SVID itself. An agent token is refused on SDS, and a workload token
+by the agent API, without being spent.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.CreateJoinToken, &adminv1.CreateJoinTokenRequest{SpiffeId: spiffeID, Ttl: durationpb.New(ttl), SingleUse: singleUse})
+			if agent == (spiffeID != "") {
+				return fmt.Errorf("give --spiffe-id (a workload token) or --agent (a node agent token)")
+			}
+			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.CreateJoinToken, &adminv1.CreateJoinTokenRequest{
+				SpiffeId: spiffeID, Ttl: durationpb.New(ttl), SingleUse: singleUse, Agent: agent, NodeId: nodeID})
 			if err != nil {
 				return err
 			}
@@ -50,11 +60,12 @@ token is bound to the first connection that presents it.`,
 	}
 	adminFlag(create, &admin)
 	fs := create.Flags()
-	fs.StringVar(&spiffeID, "spiffe-id", "", "identity the token grants (required)")
+	fs.StringVar(&spiffeID, "spiffe-id", "", "identity the token grants (a workload token)")
+	fs.BoolVar(&agent, "agent", false, "make a token that attests a node agent (single-use)")
+	fs.StringVar(&nodeID, "node-id", "", "with --agent: the node's name in its agent ID (default: random)")
 	durationFlag(fs, &ttl, "ttl", time.Hour, "how long the token can be redeemed (max 30d)")
 	fs.BoolVar(&singleUse, "single-use", false, "bind the token to the first connection that presents it")
 	outputFlag(fs, &output)
-	_ = create.MarkFlagRequired("spiffe-id")
 	cmd.AddCommand(create)
 	return cmd
 }

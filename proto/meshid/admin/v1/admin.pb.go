@@ -1803,7 +1803,13 @@ type CreateJoinTokenRequest struct {
 	SpiffeId string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
 	Ttl      *durationpb.Duration   `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// single_use tokens are redeemed by one connection only.
-	SingleUse     bool `protobuf:"varint,3,opt,name=single_use,json=singleUse,proto3" json:"single_use,omitempty"`
+	SingleUse bool `protobuf:"varint,3,opt,name=single_use,json=singleUse,proto3" json:"single_use,omitempty"`
+	// agent makes a token that attests a node agent (meshid agent
+	// --join-token) instead of granting spiffe_id: single-use, for the
+	// agent spiffe://<td>/meshid/agent/join/<node_id> (node_id: random if
+	// empty). spiffe_id must then be empty.
+	Agent         bool   `protobuf:"varint,4,opt,name=agent,proto3" json:"agent,omitempty"`
+	NodeId        string `protobuf:"bytes,5,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1857,6 +1863,20 @@ func (x *CreateJoinTokenRequest) GetSingleUse() bool {
 		return x.SingleUse
 	}
 	return false
+}
+
+func (x *CreateJoinTokenRequest) GetAgent() bool {
+	if x != nil {
+		return x.Agent
+	}
+	return false
+}
+
+func (x *CreateJoinTokenRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
 }
 
 // CreateJoinTokenResponse carries the secret, shown only this once.
@@ -2148,12 +2168,14 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"n\n" +
 	"\x11ListCertsResponse\x121\n" +
 	"\x05certs\x18\x01 \x03(\v2\x1b.meshid.admin.v1.IssuedCertR\x05certs\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x81\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb0\x01\n" +
 	"\x16CreateJoinTokenRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12+\n" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1d\n" +
 	"\n" +
-	"single_use\x18\x03 \x01(\bR\tsingleUse\"\xa6\x01\n" +
+	"single_use\x18\x03 \x01(\bR\tsingleUse\x12\x14\n" +
+	"\x05agent\x18\x04 \x01(\bR\x05agent\x12\x17\n" +
+	"\anode_id\x18\x05 \x01(\tR\x06nodeId\"\xa6\x01\n" +
 	"\x17CreateJoinTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x129\n" +

@@ -1,0 +1,469 @@
+// Package agent is the node agent (`meshid agent`): it proves to the
+// server which node it is, learns over one pushed stream which identities
+// the node may serve, makes every workload key on the node, has the server
+// sign CSRs for them, and serves SDS and the SPIFFE Workload API on the
+// node's own unix socket from its cache (svidcache, behind endpoint). When
+// the server is unreachable it keeps serving what it holds and reconnects
+// with capped, jittered backoff.
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/meshid/meshid/endpoint"
+	"github.com/meshid/meshid/entry"
+	"github.com/meshid/meshid/identity"
+	agentv1 "github.com/meshid/meshid/proto/meshid/agent/v1"
+	"github.com/meshid/meshid/svidcache"
+)
+
+// Config is what an agent needs. Zero values take the defaults.
+type Config struct {
+	// Server is the server's agent API, host:port.
+	Server string
+	// TrustDomain is the server's (default cluster.local).
+	TrustDomain string
+	// JoinToken attests the agent the first time; later starts use the
+	// node SVID kept in DataDir.
+	JoinToken string
+	// TrustBundle are the CAs the server's SVID must chain to on first
+	// contact (later, the bundle the server last sent, kept in DataDir).
+	// InsecureBootstrap instead trusts whatever server answers the first
+	// attestation, and pins the bundle it returns, as SPIRE's
+	// insecure_bootstrap does.
+	TrustBundle       []*x509.Certificate
+	InsecureBootstrap bool
+	// DataDir holds the node key and SVID (0600) and the last bundle.
+	DataDir string
+	// Socket is the node's workload socket.
+	Socket string
+	Logger *slog.Logger
+	// Now and AfterFunc are the clock renewals and backoff use.
+	Now       func() time.Time
+	AfterFunc func(d time.Duration, f func()) (stop func() bool)
+}
+
+// Agent is a running node agent.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	td       spiffeid.TrustDomain
+	serverID spiffeid.ID
+	dir      *dataDir
+	cache    *svidcache.Cache
+	index    *entry.Index
+	signer   *remoteSigner
+
+	mu     sync.Mutex
+	node   *nodeIdentity
+	trust  []*x509.Certificate
+	client agentv1.AgentServiceClient // nil while not connected
+
+	connected atomic.Bool
+	lastSync  atomic.Int64 // unix nanos
+}
+
+// Open locks the data dir and loads the node identity kept there.
+func Open(cfg Config) (*Agent, error) {
+	if cfg.Server == "" {
+		return nil, errors.New("server address is required")
+	}
+	if cfg.TrustDomain == "" {
+		cfg.TrustDomain = "cluster.local"
+	}
+	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("trust domain %q: %w", cfg.TrustDomain, err)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.AfterFunc == nil {
+		cfg.AfterFunc = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
+	}
+	dir, err := openDataDir(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	node, err := dir.loadNode()
+	if err != nil {
+		dir.close()
+		return nil, err
+	}
+	trust := cfg.TrustBundle
+	if saved, err := dir.loadBundle(); err != nil {
+		dir.close()
+		return nil, fmt.Errorf("saved bundle: %w", err)
+	} else if saved != nil && node != nil {
+		// The server's CAs rotate: what it last sent beats a file given
+		// at first contact.
+		trust = saved
+	}
+	switch {
+	case node == nil && cfg.JoinToken == "":
+		dir.close()
+		return nil, fmt.Errorf("data dir %s holds no node identity: give a join token (meshid token create --agent) to attest", dir.path)
+	case len(trust) == 0 && !cfg.InsecureBootstrap:
+		dir.close()
+		return nil, errors.New("no trust bundle to verify the server with: give --trust-bundle (the server's bundle.pem) or --insecure-bootstrap")
+	}
+	serverID, _ := spiffeid.FromSegments(td, "meshid", "server")
+	a := &Agent{cfg: cfg, log: cfg.Logger, td: td, serverID: serverID, dir: dir, index: entry.NewIndex(), node: node, trust: trust}
+	a.signer = &remoteSigner{a: a}
+	a.cache = svidcache.New(svidcache.Config{Signer: a.signer, Matcher: matcher{a}, Clock: clock{cfg}, Logger: a.log})
+	return a, nil
+}
+
+// Close releases the cache and the data dir.
+func (a *Agent) Close() {
+	a.cache.Close()
+	a.dir.close()
+}
+
+// ID is the agent's node SVID's ID (zero before the first attestation).
+func (a *Agent) ID() spiffeid.ID {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.node == nil {
+		return spiffeid.ID{}
+	}
+	return a.node.id
+}
+
+// Connected reports whether the agent holds a Sync stream to the server.
+func (a *Agent) Connected() bool { return a.connected.Load() }
+
+type clock struct{ cfg Config }
+
+func (c clock) Now() time.Time { return c.cfg.Now() }
+func (c clock) AfterFunc(d time.Duration, f func()) func() bool {
+	return c.cfg.AfterFunc(d, f)
+}
+
+// Run serves the workload socket and keeps a connection to the server,
+// until ctx is cancelled. ready, if not nil, is called once the socket
+// listens.
+func (a *Agent) Run(ctx context.Context, ready func(socket string)) error {
+	ws, err := endpoint.ListenWorkload(endpoint.WorkloadOptions{Socket: a.cfg.Socket, Source: source{a}, Logger: a.log})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Go(func() { a.connectLoop(ctx) })
+	if ready != nil {
+		ready(ws.Socket())
+	}
+	err = ws.Serve(ctx)
+	cancel()
+	wg.Wait()
+	return err
+}
+
+// Backoff of reconnection attempts.
+const (
+	minBackoff = 500 * time.Millisecond
+	maxBackoff = 30 * time.Second
+)
+
+func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
+	ch := make(chan struct{})
+	stop := a.cfg.AfterFunc(d, func() { close(ch) })
+	defer stop()
+	select {
+	case <-ch:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// connectLoop holds a session with the server, reconnecting with capped
+// exponential backoff and jitter; the cache serves meanwhile.
+func (a *Agent) connectLoop(ctx context.Context) {
+	backoff := time.Duration(0)
+	for ctx.Err() == nil {
+		synced, err := a.session(ctx)
+		a.connected.Store(false)
+		if ctx.Err() != nil {
+			return
+		}
+		if synced {
+			backoff = 0 // the server was there: start over
+		}
+		backoff = min(max(2*backoff, minBackoff), maxBackoff)
+		d := time.Duration(float64(backoff) * (0.8 + 0.4*rand.Float64()))
+		a.log.Warn("server unreachable: serving from cache, retrying", "server", a.cfg.Server, "retry_in", d.Truncate(time.Millisecond), "err", err)
+		if !a.sleep(ctx, d) {
+			return
+		}
+	}
+}
+
+// verifyServer checks the server's certificate: an SVID of the trust
+// domain, chaining to the bundle held, naming the server. (Its DNS name
+// is not what is checked: the server is known by its SPIFFE ID.)
+func (a *Agent) verifyServer(insecure bool) func([][]byte, [][]*x509.Certificate) error {
+	return func(raw [][]byte, _ [][]*x509.Certificate) error {
+		if insecure {
+			return nil
+		}
+		var certs []*x509.Certificate
+		for _, r := range raw {
+			c, err := x509.ParseCertificate(r)
+			if err != nil {
+				return fmt.Errorf("server certificate: %w", err)
+			}
+			certs = append(certs, c)
+		}
+		a.mu.Lock()
+		trust := a.trust
+		a.mu.Unlock()
+		id, _, err := x509svid.Verify(certs, x509bundle.FromX509Authorities(a.td, trust))
+		if err != nil {
+			return fmt.Errorf("server certificate is not an SVID of %s under the trust bundle: %w", a.td, err)
+		}
+		if id != a.serverID {
+			return fmt.Errorf("server certificate names %s, not %s", id, a.serverID)
+		}
+		return nil
+	}
+}
+
+func (a *Agent) dial(withNode, insecure bool) (*grpc.ClientConn, error) {
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// Verified by VerifyPeerCertificate, against the SPIFFE ID.
+		InsecureSkipVerify:    true, //nolint:gosec
+		VerifyPeerCertificate: a.verifyServer(insecure),
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			if !withNode || a.node == nil {
+				return &tls.Certificate{}, nil
+			}
+			return a.node.tlsCert(), nil
+		},
+	}
+	return grpc.NewClient(a.cfg.Server, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+}
+
+// attest spends the join token for a node SVID and keeps it.
+func (a *Agent) attest(ctx context.Context) error {
+	a.mu.Lock()
+	insecure := len(a.trust) == 0 && a.cfg.InsecureBootstrap
+	a.mu.Unlock()
+	cc, err := a.dial(false, insecure)
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	key, csr, err := newNodeKey()
+	if err != nil {
+		return err
+	}
+	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: "join_token", Payload: []byte(a.cfg.JoinToken), Csr: csr})
+	if err != nil {
+		return fmt.Errorf("attest: %w", err)
+	}
+	node, err := parseNode(key, resp.GetSvidChain())
+	if err != nil {
+		return err
+	}
+	if err := a.dir.saveNode(node); err != nil {
+		return fmt.Errorf("keep node identity: %w", err)
+	}
+	a.mu.Lock()
+	a.node = node
+	a.mu.Unlock()
+	if err := a.setTrust(resp.GetBundle()); err != nil {
+		return err
+	}
+	a.log.Info("attested", "node_id", node.id.String(), "not_after", node.chain[0].NotAfter)
+	return nil
+}
+
+// setTrust replaces the CAs the server is verified with by the bundle
+// the server sent, and keeps it for the next start.
+func (a *Agent) setTrust(b *agentv1.Bundle) error {
+	var certs []*x509.Certificate
+	for _, der := range b.GetX509Authorities() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return fmt.Errorf("bundle from the server: %w", err)
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) == 0 {
+		return errors.New("bundle from the server holds no CA")
+	}
+	bundle := svidcache.X509Bundle(a.td, certs, b.GetCrls(), b.GetCrlLeafOnly())
+	a.mu.Lock()
+	a.trust = certs
+	a.mu.Unlock()
+	if err := a.dir.saveBundle(bundle.PEM); err != nil {
+		a.log.Warn("could not keep the trust bundle", "err", err)
+	}
+	return nil
+}
+
+// session attests if it must, then holds one Sync stream until it fails.
+// synced says whether the server answered at all.
+func (a *Agent) session(ctx context.Context) (synced bool, err error) {
+	a.mu.Lock()
+	node := a.node
+	a.mu.Unlock()
+	if node == nil {
+		if err := a.attest(ctx); err != nil {
+			return false, err
+		}
+	}
+	cc, err := a.dial(true, false)
+	if err != nil {
+		return false, err
+	}
+	defer cc.Close()
+	client := agentv1.NewAgentServiceClient(cc)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := client.Sync(ctx)
+	if err != nil {
+		return false, fmt.Errorf("sync: %w", err)
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	first := true
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			return !first, fmt.Errorf("sync: %w", err)
+		}
+		if first {
+			a.mu.Lock()
+			a.client = client
+			a.mu.Unlock()
+			defer func() {
+				a.mu.Lock()
+				a.client = nil
+				a.mu.Unlock()
+			}()
+			a.connected.Store(true)
+			a.log.Info("connected to the server", "server", a.cfg.Server, "node_id", a.ID().String())
+			wg.Go(func() { a.renewNode(ctx, client) })
+			first = false
+		}
+		a.apply(ctx, resp)
+	}
+}
+
+// renewNode replaces the node SVID at half its life while the session
+// lasts.
+func (a *Agent) renewNode(ctx context.Context, client agentv1.AgentServiceClient) {
+	for {
+		a.mu.Lock()
+		leaf := a.node.chain[0]
+		a.mu.Unlock()
+		life := leaf.NotAfter.Sub(leaf.NotBefore)
+		at := leaf.NotBefore.Add(life / 2)
+		if !a.sleep(ctx, max(at.Sub(a.cfg.Now()), 0)) {
+			return
+		}
+		key, csr, err := newNodeKey()
+		if err != nil {
+			a.log.Error("node SVID renewal", "err", err)
+			continue
+		}
+		resp, err := client.Renew(ctx, &agentv1.RenewRequest{Csr: csr})
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			a.log.Error("node SVID renewal failed; retrying", "err", err)
+			if !a.sleep(ctx, minBackoff) {
+				return
+			}
+			continue
+		}
+		node, err := parseNode(key, resp.GetSvidChain())
+		if err == nil {
+			err = a.dir.saveNode(node)
+		}
+		if err != nil {
+			a.log.Error("node SVID renewal", "err", err)
+			continue
+		}
+		a.mu.Lock()
+		a.node = node
+		a.mu.Unlock()
+		a.log.Info("renewed the node SVID", "not_after", node.chain[0].NotAfter)
+	}
+}
+
+// apply brings the agent's entries and bundle to what the server sent.
+func (a *Agent) apply(ctx context.Context, resp *agentv1.SyncResponse) {
+	a.lastSync.Store(a.cfg.Now().UnixNano())
+	changed := false
+	if resp.GetFull() {
+		keep := map[string]bool{}
+		for _, p := range resp.GetEntries() {
+			keep[p.GetId()] = true
+		}
+		for _, id := range a.index.IDs() {
+			if !keep[id] {
+				a.index.Remove(id)
+				changed = true
+			}
+		}
+	}
+	for _, p := range resp.GetEntries() {
+		a.index.Put(entryFromProto(p))
+		changed = true
+	}
+	for _, id := range resp.GetDeletedEntryIds() {
+		a.index.Remove(id)
+		changed = true
+	}
+	if b := resp.GetBundle(); b != nil {
+		if err := a.setTrust(b); err != nil {
+			a.log.Error("bundle from the server", "err", err)
+		} else {
+			a.mu.Lock()
+			certs := a.trust
+			a.mu.Unlock()
+			a.cache.SetBundles(svidcache.X509Bundle(a.td, certs, b.GetCrls(), b.GetCrlLeafOnly()),
+				&identity.JWTBundle{TrustDomain: a.td, JWKS: b.GetJwks(), Version: b.GetJwtVersion()})
+		}
+	}
+	if changed {
+		a.cache.EntriesChanged(ctx)
+	}
+}
+
+func entryFromProto(p *agentv1.Entry) entry.Entry {
+	e := entry.Entry{ID: p.GetId(), SpiffeID: p.GetSpiffeId(), TTL: time.Duration(p.GetTtlSeconds()) * time.Second,
+		DNSNames: p.GetDnsNames(), Hint: p.GetHint(), ParentID: p.GetParentId()}
+	for _, s := range p.GetSelectors() {
+		e.Selectors = append(e.Selectors, entry.Selector{Type: s.GetType(), Value: s.GetValue()})
+	}
+	return e
+}

@@ -1,0 +1,224 @@
+package agent_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"go.uber.org/goleak"
+
+	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/store"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// plane is a real server with its agent API on loopback.
+type plane struct {
+	srv       *controlplane.Server
+	agentAddr string
+	bundle    string // PEM file of the trust bundle
+	stop      func()
+}
+
+func startPlane(t *testing.T, dataDir string) *plane {
+	t.Helper()
+	srv, err := controlplane.Open(context.Background(), controlplane.Config{DataDir: dataDir, SVIDTTL: time.Hour, CATTL: 48 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "meshid-agent-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan controlplane.Listening, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- srv.Run(ctx, controlplane.Endpoints{AdminSocket: filepath.Join(sockDir, "admin.sock"), AgentListen: "127.0.0.1:0"},
+			func(l controlplane.Listening) { ready <- l })
+	}()
+	var l controlplane.Listening
+	select {
+	case l = <-ready:
+	case err := <-done:
+		t.Fatalf("run: %v", err)
+	}
+	bundle := filepath.Join(sockDir, "bundle.pem")
+	b, err := x509bundle.FromX509Authorities(srv.TrustDomain(), srv.BundleCerts()).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bundle, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := &plane{srv: srv, agentAddr: l.AgentAddr, bundle: bundle}
+	stopped := false
+	p.stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("run: %v", err)
+		}
+		srv.Close()
+	}
+	t.Cleanup(func() { p.stop(); os.RemoveAll(sockDir) })
+	return p
+}
+
+// runAgent opens and runs an agent until the test ends (or stop is
+// called); it returns the agent and its socket.
+func runAgent(t *testing.T, cfg agent.Config) (*agent.Agent, string, func()) {
+	t.Helper()
+	a, err := agent.Open(cfg)
+	if err != nil {
+		t.Fatalf("open agent: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx, func(s string) { ready <- s }) }()
+	var sock string
+	select {
+	case sock = <-ready:
+	case err := <-done:
+		t.Fatalf("agent run: %v", err)
+	}
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("agent run: %v", err)
+		}
+		a.Close()
+	}
+	t.Cleanup(stop)
+	return a, sock, stop
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond) // polling a condition, with a deadline
+	}
+}
+
+// TestAgentServesFromTheServer: an agent attests with its token, serves a
+// go-spiffe client on its own socket an SVID for the entry its uid
+// matches (the key made on the node, signed by the server), restarts on
+// its data dir without a token, refuses a second agent on that dir, and
+// keeps serving while the server is down.
+func TestAgentServesFromTheServer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	p := startPlane(t, t.TempDir())
+	uid := strconv.Itoa(os.Getuid())
+	e, err := p.srv.CreateEntry(ctx, controlplane.EntrySpec{SpiffeID: "spiffe://cluster.local/ns/shop/sa/web",
+		Selectors: []store.Selector{{Type: "unix", Value: "uid:" + uid}}}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := p.srv.CreateAgentToken(ctx, "web-1", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "meshid-agent-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	dataDir := t.TempDir()
+	trust, err := os.ReadFile(p.bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs, err := agent.ParseBundlePEM(trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := agent.Config{Server: p.agentAddr, JoinToken: tok, TrustBundle: certs, DataDir: dataDir, Socket: filepath.Join(sockDir, "workload.sock")}
+	a, sock, stop := runAgent(t, cfg)
+	waitFor(t, "the agent to connect", a.Connected)
+	if got := a.ID().String(); got != "spiffe://cluster.local/meshid/agent/join/web-1" {
+		t.Fatalf("agent id %s", got)
+	}
+	fetch := func() *x509svid.SVID {
+		t.Helper()
+		svid, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+sock))
+		if err != nil {
+			t.Fatalf("fetch from the agent: %v", err)
+		}
+		return svid
+	}
+	svid := fetch()
+	if svid.ID.String() != e.SpiffeID {
+		t.Fatalf("served %s, want %s", svid.ID, e.SpiffeID)
+	}
+	if _, _, err := x509svid.Verify(svid.Certificates, x509bundle.FromX509Authorities(p.srv.TrustDomain(), p.srv.BundleCerts())); err != nil {
+		t.Fatalf("the agent's SVID does not verify under the server's bundle: %v", err)
+	}
+	// The server signed it and recorded it, under the entry, for this agent.
+	rows, _, err := p.srv.Store().ListSVIDs(ctx, store.SVIDQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, r := range rows {
+		if strings.EqualFold(strings.TrimLeft(r.Serial, "0"), svid.Certificates[0].SerialNumber.Text(16)) {
+			found = r.EntryID == e.ID && strings.Contains(r.Requester, "agent spiffe://cluster.local/meshid/agent/join/web-1")
+		}
+	}
+	if !found {
+		t.Fatal("the agent's SVID is not in the inventory under its entry and agent")
+	}
+
+	// A second agent on the same data dir exits at once.
+	if _, err := agent.Open(agent.Config{Server: p.agentAddr, DataDir: dataDir, TrustBundle: certs, Socket: filepath.Join(sockDir, "other.sock")}); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second agent on one data dir: %v", err)
+	}
+
+	// Restart without the token (spent): the node identity is on disk.
+	stop()
+	cfg.JoinToken = ""
+	a, sock, stop = runAgent(t, cfg)
+	waitFor(t, "the restarted agent to connect", a.Connected)
+	if a.ID().String() != "spiffe://cluster.local/meshid/agent/join/web-1" {
+		t.Fatalf("restarted as %s", a.ID())
+	}
+	// What the agent holds it keeps serving while the server is away.
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr("unix://"+sock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	held, err := client.FetchX509SVID(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.stop()
+	waitFor(t, "the agent to see the server gone", func() bool { return !a.Connected() })
+	again := fetch()
+	if again.Certificates[0].SerialNumber.Cmp(held.Certificates[0].SerialNumber) != 0 {
+		t.Fatalf("during the outage the agent served serial %x, want the cached %x", again.Certificates[0].SerialNumber, held.Certificates[0].SerialNumber)
+	}
+	stop()
+}

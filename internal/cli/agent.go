@@ -1,0 +1,86 @@
+package cli
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/endpoint"
+)
+
+func newAgentCmd() *cobra.Command {
+	var (
+		server, trustDomain, token, tokenFile, bundle, dataDir, socket, logLevel, logFormat string
+		insecure                                                                           bool
+	)
+	cmd := &cobra.Command{
+		Use:   "agent --server HOST:PORT (--join-token T | a data dir that holds a node identity) (--trust-bundle FILE | --insecure-bootstrap)",
+		Short: "Run a node agent: serve SDS and the SPIFFE Workload API on this node from SVIDs the server signs",
+		Long: `Run the meshid node agent. It proves to the server (meshid server
+--agent-listen) which node it is, the first time with a join token made by
+'meshid token create --agent', and keeps the node SVID it gets in --data-dir
+(0600), so a restart reconnects without a new token. It then holds one stream
+on which the server pushes the registration entries this node may serve and
+the trust bundle, makes every workload key on this node and has the server
+sign CSRs for them, and serves Envoy SDS v3 and the SPIFFE Workload API on
+--socket exactly as the server's own workload socket does.
+
+The server is verified by its SPIFFE ID (spiffe://<trust domain>/meshid/server)
+under --trust-bundle (the server's bundle, e.g. from 'meshid bundle show'),
+or, with --insecure-bootstrap, trusted on first contact and pinned from then
+on. While the server is unreachable the agent keeps serving what it holds and
+reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd.ErrOrStderr(), logLevel, logFormat)
+			if err != nil {
+				return err
+			}
+			if tokenFile != "" {
+				if token != "" {
+					return fmt.Errorf("give --join-token or --join-token-file, not both")
+				}
+				b, err := os.ReadFile(tokenFile)
+				if err != nil {
+					return fmt.Errorf("join token: %w", err)
+				}
+				token = string(bytes.TrimSpace(b))
+			}
+			cfg := agent.Config{Server: server, TrustDomain: trustDomain, JoinToken: token, InsecureBootstrap: insecure,
+				DataDir: dataDir, Socket: socket, Logger: log}
+			if bundle != "" {
+				b, err := os.ReadFile(bundle)
+				if err != nil {
+					return fmt.Errorf("trust bundle: %w", err)
+				}
+				if cfg.TrustBundle, err = agent.ParseBundlePEM(b); err != nil {
+					return fmt.Errorf("%s: %w", bundle, err)
+				}
+			}
+			a, err := agent.Open(cfg)
+			if err != nil {
+				return err
+			}
+			defer a.Close()
+			return a.Run(cmd.Context(), func(sock string) {
+				log.Info("agent serving", "socket", sock, "server", server)
+			})
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringVar(&server, "server", "", "the server's agent API, host:port (meshid server --agent-listen)")
+	fs.StringVar(&trustDomain, "trust-domain", "cluster.local", "the server's trust domain")
+	fs.StringVar(&token, "join-token", "", "agent join token for the first attestation (prefer --join-token-file: flags show in ps)")
+	fs.StringVar(&tokenFile, "join-token-file", "", "file holding the agent join token")
+	fs.StringVar(&bundle, "trust-bundle", "", "PEM file of the CAs the server's SVID chains to (first contact; later the bundle the server last sent, kept in --data-dir)")
+	fs.BoolVar(&insecure, "insecure-bootstrap", false, "trust the server on first contact without --trust-bundle, and pin the bundle it returns")
+	fs.StringVar(&dataDir, "data-dir", "/var/lib/meshid-agent", "directory for the node key and SVID (0700, one agent at a time)")
+	fs.StringVar(&socket, "socket", endpoint.DefaultLayout().Socket, "the node's workload socket (SDS and the SPIFFE Workload API), made 0666 in a 0755 directory")
+	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logFormatFlag(fs, &logFormat)
+	_ = cmd.MarkFlagRequired("server")
+	return cmd
+}
