@@ -163,7 +163,9 @@ type AgentService struct {
 }
 
 // NewAgentService returns the agent API of s.
-func NewAgentService(s *Server) *AgentService { return &AgentService{srv: s, done: make(chan struct{})} }
+func NewAgentService(s *Server) *AgentService {
+	return &AgentService{srv: s, done: make(chan struct{})}
+}
 
 // Shutdown ends every Sync stream (Unavailable: the agent reconnects), so
 // a draining gRPC server does not wait on them.

@@ -14,7 +14,7 @@ import (
 func newAgentCmd() *cobra.Command {
 	var (
 		server, trustDomain, token, tokenFile, bundle, dataDir, socket, logLevel, logFormat string
-		insecure                                                                           bool
+		insecure                                                                            bool
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --server HOST:PORT (--join-token T | a data dir that holds a node identity) (--trust-bundle FILE | --insecure-bootstrap)",
