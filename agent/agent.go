@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,7 +53,10 @@ type Config struct {
 	DataDir string
 	// Socket is the node's workload socket.
 	Socket string
-	Logger *slog.Logger
+	// MetricsListen is host:port for /metrics, /healthz and /readyz;
+	// empty turns it off.
+	MetricsListen string
+	Logger        *slog.Logger
 	// Now and AfterFunc are the clock renewals and backoff use.
 	Now       func() time.Time
 	AfterFunc func(d time.Duration, f func()) (stop func() bool)
@@ -158,24 +162,54 @@ func (c clock) AfterFunc(d time.Duration, f func()) func() bool {
 	return c.cfg.AfterFunc(d, f)
 }
 
-// Run serves the workload socket and keeps a connection to the server,
-// until ctx is cancelled. ready, if not nil, is called once the socket
-// listens.
-func (a *Agent) Run(ctx context.Context, ready func(socket string)) error {
+// Listening says where a running agent listens.
+type Listening struct {
+	Socket      string
+	MetricsAddr string
+}
+
+// Run serves the workload socket (and metrics) and keeps a connection to
+// the server, until ctx is cancelled. ready, if not nil, is called once
+// everything listens.
+func (a *Agent) Run(ctx context.Context, ready func(Listening)) error {
 	ws, err := endpoint.ListenWorkload(endpoint.WorkloadOptions{Socket: a.cfg.Socket, Source: source{a}, Logger: a.log})
 	if err != nil {
 		return err
+	}
+	got := Listening{Socket: ws.Socket()}
+	var ml net.Listener
+	if a.cfg.MetricsListen != "" {
+		if ml, err = net.Listen("tcp", a.cfg.MetricsListen); err != nil {
+			ws.Close()
+			return fmt.Errorf("metrics listen %s: %w", a.cfg.MetricsListen, err)
+		}
+		got.MetricsAddr = ml.Addr().String()
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
 	wg.Go(func() { a.connectLoop(ctx) })
+	errc := make(chan error, 1)
+	if ml != nil {
+		wg.Go(func() {
+			if err := a.serveMetrics(ctx, ml); err != nil {
+				errc <- err
+				cancel()
+			}
+		})
+	}
 	if ready != nil {
-		ready(ws.Socket())
+		ready(got)
 	}
 	err = ws.Serve(ctx)
 	cancel()
 	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errc:
+		default:
+		}
+	}
 	return err
 }
 

@@ -2,6 +2,8 @@ package agent_test
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -79,19 +81,19 @@ func startPlane(t *testing.T, dataDir string) *plane {
 
 // runAgent opens and runs an agent until the test ends (or stop is
 // called); it returns the agent and its socket.
-func runAgent(t *testing.T, cfg agent.Config) (*agent.Agent, string, func()) {
+func runAgent(t *testing.T, cfg agent.Config) (*agent.Agent, agent.Listening, func()) {
 	t.Helper()
 	a, err := agent.Open(cfg)
 	if err != nil {
 		t.Fatalf("open agent: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan string, 1)
+	ready := make(chan agent.Listening, 1)
 	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx, func(s string) { ready <- s }) }()
-	var sock string
+	go func() { done <- a.Run(ctx, func(l agent.Listening) { ready <- l }) }()
+	var l agent.Listening
 	select {
-	case sock = <-ready:
+	case l = <-ready:
 	case err := <-done:
 		t.Fatalf("agent run: %v", err)
 	}
@@ -108,7 +110,35 @@ func runAgent(t *testing.T, cfg agent.Config) (*agent.Agent, string, func()) {
 		a.Close()
 	}
 	t.Cleanup(stop)
-	return a, sock, stop
+	return a, l, stop
+}
+
+// scrape reads one metric of the agent's /metrics, and /readyz's status.
+func scrape(t *testing.T, addr, metric string) (float64, int) {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	val := -1.0
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, metric+" "); ok {
+			if val, err = strconv.ParseFloat(rest, 64); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if val < 0 {
+		t.Fatalf("no %s in /metrics", metric)
+	}
+	r, err := http.Get("http://" + addr + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	return val, r.StatusCode
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -156,7 +186,8 @@ func TestAgentServesFromTheServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := agent.Config{Server: p.agentAddr, JoinToken: tok, TrustBundle: certs, DataDir: dataDir, Socket: filepath.Join(sockDir, "workload.sock")}
-	a, sock, stop := runAgent(t, cfg)
+	a, l, stop := runAgent(t, cfg)
+	sock := l.Socket
 	waitFor(t, "the agent to connect", a.Connected)
 	if got := a.ID().String(); got != "spiffe://cluster.local/meshid/agent/join/web-1" {
 		t.Fatalf("agent id %s", got)
@@ -199,7 +230,9 @@ func TestAgentServesFromTheServer(t *testing.T) {
 	// Restart without the token (spent): the node identity is on disk.
 	stop()
 	cfg.JoinToken = ""
-	a, sock, stop = runAgent(t, cfg)
+	cfg.MetricsListen = "127.0.0.1:0"
+	a, l, stop = runAgent(t, cfg)
+	sock = l.Socket
 	waitFor(t, "the restarted agent to connect", a.Connected)
 	if a.ID().String() != "spiffe://cluster.local/meshid/agent/join/web-1" {
 		t.Fatalf("restarted as %s", a.ID())
@@ -214,11 +247,46 @@ func TestAgentServesFromTheServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A workload that keeps watching holds its SVID in the cache.
+	wctx, wcancel := context.WithCancel(ctx)
+	watching := make(chan error, 1)
+	updates := make(chan struct{}, 16)
+	go func() { watching <- client.WatchX509Context(wctx, watcher{updates}) }()
+	defer func() { wcancel(); <-watching }()
+	select {
+	case <-updates:
+	case <-ctx.Done():
+		t.Fatal("the watcher got no update")
+	}
+	if v, code := scrape(t, l.MetricsAddr, "meshid_agent_connected"); v != 1 || code != http.StatusOK {
+		t.Fatalf("connected agent: meshid_agent_connected %v, /readyz %d", v, code)
+	}
 	p.stop()
 	waitFor(t, "the agent to see the server gone", func() bool { return !a.Connected() })
 	again := fetch()
 	if again.Certificates[0].SerialNumber.Cmp(held.Certificates[0].SerialNumber) != 0 {
 		t.Fatalf("during the outage the agent served serial %x, want the cached %x", again.Certificates[0].SerialNumber, held.Certificates[0].SerialNumber)
 	}
+	// Still ready: every workload is served; the budget is what is left of
+	// the served SVID's life.
+	v, code := scrape(t, l.MetricsAddr, "meshid_agent_connected")
+	if v != 0 || code != http.StatusOK {
+		t.Fatalf("during the outage: meshid_agent_connected %v, /readyz %d (want 0, 200)", v, code)
+	}
+	budget, _ := scrape(t, l.MetricsAddr, "meshid_agent_outage_budget_seconds")
+	if left := time.Until(again.Certificates[0].NotAfter).Seconds(); budget <= 0 || budget > left+1 {
+		t.Fatalf("outage budget %vs, want about %vs", budget, left)
+	}
 	stop()
 }
+
+type watcher struct{ ch chan struct{} }
+
+func (w watcher) OnX509ContextUpdate(*workloadapi.X509Context) {
+	select {
+	case w.ch <- struct{}{}:
+	default:
+	}
+}
+
+func (watcher) OnX509ContextWatchError(error) {}

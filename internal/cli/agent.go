@@ -13,8 +13,8 @@ import (
 
 func newAgentCmd() *cobra.Command {
 	var (
-		server, trustDomain, token, tokenFile, bundle, dataDir, socket, logLevel, logFormat string
-		insecure                                                                            bool
+		server, trustDomain, token, tokenFile, bundle, dataDir, socket, logLevel, logFormat, metricsListen string
+		insecure                                                                                           bool
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --server HOST:PORT (--join-token T | a data dir that holds a node identity) (--trust-bundle FILE | --insecure-bootstrap)",
@@ -50,7 +50,7 @@ reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.`,
 				token = string(bytes.TrimSpace(b))
 			}
 			cfg := agent.Config{Server: server, TrustDomain: trustDomain, JoinToken: token, InsecureBootstrap: insecure,
-				DataDir: dataDir, Socket: socket, Logger: log}
+				DataDir: dataDir, Socket: socket, MetricsListen: metricsListen, Logger: log}
 			if bundle != "" {
 				b, err := os.ReadFile(bundle)
 				if err != nil {
@@ -65,8 +65,8 @@ reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.`,
 				return err
 			}
 			defer a.Close()
-			return a.Run(cmd.Context(), func(sock string) {
-				log.Info("agent serving", "socket", sock, "server", server)
+			return a.Run(cmd.Context(), func(l agent.Listening) {
+				log.Info("agent serving", "socket", l.Socket, "metrics", l.MetricsAddr, "server", server)
 			})
 		},
 	}
@@ -79,6 +79,7 @@ reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.`,
 	fs.BoolVar(&insecure, "insecure-bootstrap", false, "trust the server on first contact without --trust-bundle, and pin the bundle it returns")
 	fs.StringVar(&dataDir, "data-dir", "/var/lib/meshid-agent", "directory for the node key and SVID (0700, one agent at a time)")
 	fs.StringVar(&socket, "socket", endpoint.DefaultLayout().Socket, "the node's workload socket (SDS and the SPIFFE Workload API), made 0666 in a 0755 directory")
+	fs.StringVar(&metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics (meshid_agent_*), /healthz and /readyz (off when empty)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	logFormatFlag(fs, &logFormat)
 	_ = cmd.MarkFlagRequired("server")
