@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/peer"
 )
@@ -39,7 +40,9 @@ func TestMain(m *testing.M) {
 		c.Close()
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	// Children, their pipes and the handshakes' goroutines must all be
+	// gone by the end.
+	goleak.VerifyTestMain(m)
 }
 
 const waitLong = 20 * time.Second

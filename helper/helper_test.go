@@ -26,6 +26,7 @@ import (
 	"github.com/meshid/meshid/controlplane"
 	"github.com/meshid/meshid/helper"
 	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/internal/fakeclock"
 	"github.com/meshid/meshid/workload"
 )
 
@@ -50,7 +51,15 @@ func unixCaller(ctx context.Context) (identity.Caller, error) {
 // and, if entry, gives this process idA. It returns the socket path.
 func startServer(t *testing.T, svidTTL time.Duration, entry bool) (*controlplane.Server, string) {
 	t.Helper()
-	srv, err := controlplane.Open(context.Background(), controlplane.Config{DataDir: t.TempDir(), SVIDTTL: svidTTL, CATTL: 24 * time.Hour})
+	return startServerConfig(t, controlplane.Config{SVIDTTL: svidTTL}, entry)
+}
+
+// startServerConfig is startServer with a whole server config (a fake
+// clock, say); DataDir and a 24 h CA TTL are filled in.
+func startServerConfig(t *testing.T, cfg controlplane.Config, entry bool) (*controlplane.Server, string) {
+	t.Helper()
+	cfg.DataDir, cfg.CATTL = t.TempDir(), 24*time.Hour
+	srv, err := controlplane.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,6 +102,12 @@ func startServer(t *testing.T, svidTTL time.Duration, entry bool) (*controlplane
 // verifies the SVID against the bundle; it returns the leaf's serial.
 func checkFiles(t *testing.T, dir string) string {
 	t.Helper()
+	return checkFilesAt(t, time.Now(), dir)
+}
+
+// checkFilesAt is checkFiles at the time now (a fake clock's).
+func checkFilesAt(t *testing.T, now time.Time, dir string) string {
+	t.Helper()
 	svid, err := x509svid.Load(filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid.key"))
 	if err != nil {
 		t.Fatalf("load svid.pem + svid.key: %v", err)
@@ -101,7 +116,7 @@ func checkFiles(t *testing.T, dir string) string {
 	if err != nil {
 		t.Fatalf("load bundle.pem: %v", err)
 	}
-	id, _, err := x509svid.Verify(svid.Certificates, bundle)
+	id, _, err := x509svid.Verify(svid.Certificates, bundle, x509svid.WithTime(now))
 	if err != nil {
 		t.Fatalf("svid.pem does not verify against bundle.pem: %v", err)
 	}
@@ -172,11 +187,15 @@ func (e *events) Handle(_ context.Context, r slog.Record) error {
 func (e *events) WithAttrs([]slog.Attr) slog.Handler { return e }
 func (e *events) WithGroup(string) slog.Handler      { return e }
 
-// TestReloadOncePerRenewal: with 4 s SVIDs the helper rewrites the files
-// at each renewal and runs the reload command once per write; each run
-// sees a new certificate on disk.
+// TestReloadOncePerRenewal: the helper rewrites the files at each renewal
+// and runs the reload command once per write; each run sees a new
+// certificate on disk. The server runs on a fake clock: each Advance past
+// the latest renewal point (55% of the SVID's life) is one renewal, so one
+// write and one reload.
 func TestReloadOncePerRenewal(t *testing.T) {
-	_, socket := startServer(t, 4*time.Second, true)
+	const ttl = time.Hour
+	fc := fakeclock.New(time.Now())
+	_, socket := startServerConfig(t, controlplane.Config{SVIDTTL: ttl, Now: fc.Now, AfterFunc: fc.AfterFunc}, true)
 	dir := t.TempDir()
 	out := t.TempDir()
 	// The reload command snapshots the certificate it was called for and
@@ -190,14 +209,16 @@ func TestReloadOncePerRenewal(t *testing.T) {
 		done <- helper.Run(ctx, helper.Config{Socket: socket, Dir: dir, ReloadCmd: reload, Log: slog.New(ev)})
 	}()
 	const want = 3 // the first SVID and two renewals
-	deadline := time.After(waitLong)
 	for i := 0; i < want; i++ {
+		if i > 0 {
+			fc.Advance(ttl*55/100 + time.Second)
+		}
 		select {
 		case <-ev.ch:
-			checkFiles(t, dir)
+			checkFilesAt(t, fc.Now(), dir)
 		case err := <-done:
 			t.Fatalf("helper stopped: %v", err)
-		case <-deadline:
+		case <-time.After(waitLong):
 			t.Fatalf("%d reloads, want %d", i, want)
 		}
 	}
@@ -210,7 +231,11 @@ func TestReloadOncePerRenewal(t *testing.T) {
 	case <-time.After(waitLong):
 		t.Fatal("helper did not stop on cancel")
 	}
-	reloads := want + len(ev.ch) // any that finished before the cancel
+	// Nothing else changed, so nothing else was written or reloaded.
+	reloads := want + len(ev.ch)
+	if reloads != want {
+		t.Fatalf("%d reloads for %d SVIDs", reloads, want)
+	}
 
 	f, err := os.Open(filepath.Join(out, "count"))
 	if err != nil {

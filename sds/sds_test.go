@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/internal/fakeclock"
 	"github.com/meshid/meshid/sds"
 	"github.com/meshid/meshid/store"
 )
@@ -59,7 +60,18 @@ func startServer(t *testing.T, svidTTL time.Duration) *harness {
 // default).
 func startServerDrain(t *testing.T, svidTTL, drain time.Duration) *harness {
 	t.Helper()
-	srv, err := controlplane.Open(context.Background(), controlplane.Config{DataDir: t.TempDir(), SVIDTTL: svidTTL, CATTL: 24 * time.Hour})
+	return startServerConfig(t, controlplane.Config{SVIDTTL: svidTTL}, drain)
+}
+
+// startServerConfig is startServer with a whole server config (a fake
+// clock, say); DataDir and a 24 h CA TTL are filled in.
+func startServerConfig(t *testing.T, cfg controlplane.Config, drain time.Duration) *harness {
+	t.Helper()
+	cfg.DataDir = t.TempDir()
+	if cfg.CATTL == 0 {
+		cfg.CATTL = 24 * time.Hour
+	}
+	srv, err := controlplane.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,6 +145,12 @@ func trustedCA(t *testing.T, s *tlsv3.Secret) []*x509.Certificate {
 // leaf, and the chain verifies against the bundle as a SPIFFE X509-SVID.
 func verifySVID(t *testing.T, chain []*x509.Certificate, keyPEM []byte, roots []*x509.Certificate) spiffeid.ID {
 	t.Helper()
+	return verifySVIDAt(t, time.Now(), chain, keyPEM, roots)
+}
+
+// verifySVIDAt is verifySVID at the time now (a fake clock's).
+func verifySVIDAt(t *testing.T, now time.Time, chain []*x509.Certificate, keyPEM []byte, roots []*x509.Certificate) spiffeid.ID {
+	t.Helper()
 	chainPEM := make([]byte, 0)
 	for _, c := range chain {
 		chainPEM = append(chainPEM, pemCert(c)...)
@@ -144,7 +162,7 @@ func verifySVID(t *testing.T, chain []*x509.Certificate, keyPEM []byte, roots []
 	for _, r := range roots {
 		b.AddX509Authority(r)
 	}
-	id, _, err := x509svid.Verify(chain, b)
+	id, _, err := x509svid.Verify(chain, b, x509svid.WithTime(now))
 	if err != nil {
 		t.Fatalf("SVID does not verify against the bundle it came with: %v", err)
 	}
@@ -209,36 +227,38 @@ func TestBothNamingConventions(t *testing.T) {
 	}
 }
 
+// TestRenewalIsPushedBeforeExpiry: on the fake clock, the renewal is
+// pushed on the open stream when the clock reaches the renewal point (half
+// the SVID's life, ±10%), not before and not after.
 func TestRenewalIsPushedBeforeExpiry(t *testing.T) {
-	const ttl = 4 * time.Second
-	h := startServer(t, ttl)
+	const ttl = time.Hour
+	fc := fakeclock.New(time.Now())
+	h := startServerConfig(t, controlplane.Config{SVIDTTL: ttl, Now: fc.Now, AfterFunc: fc.AfterFunc}, 0)
 	c := dialSDS(t, h.socket)
 	s := openSotW(t, c, "n", "default")
 	first := s.recv()
-	firstArrived := time.Now()
+	issued := fc.Now()
 	s.ack(first)
 	chain1, _ := tlsCert(t, secrets(t, first, "default")["default"])
-	// The next response on the open stream is the renewal (nothing else
-	// changes), and it comes before the first SVID expires.
+	life := chain1[0].NotAfter.Sub(issued)
+	// By the latest renewal point it has renewed; the next response on the
+	// open stream is the renewal (nothing else changes).
+	fc.Advance(life*55/100 + time.Second)
 	second := s.recv()
-	arrived := time.Now()
 	s.ack(second)
 	chain2, key2 := tlsCert(t, secrets(t, second, "default")["default"])
 	if chain2[0].SerialNumber.Cmp(chain1[0].SerialNumber) == 0 {
 		t.Fatal("renewal pushed the same certificate")
 	}
-	// Renewal is at half-life (±10%), never at once: a lower bound that
-	// only an early (or looping) renewal can break.
-	if gap := arrived.Sub(firstArrived); gap < ttl*3/10 {
-		t.Fatalf("renewal came %s after the first SVID: far before half-life of a %s SVID", gap, ttl)
-	}
-	if !arrived.Before(chain1[0].NotAfter) {
-		t.Fatalf("renewal arrived at %s, after the old SVID expired at %s", arrived, chain1[0].NotAfter)
+	// The renewed SVID was signed at the fake time of the renewal.
+	renewedAt := chain2[0].NotAfter.Add(-ttl)
+	if lo, hi := issued.Add(life*45/100-time.Second), issued.Add(life*55/100+time.Second); renewedAt.Before(lo) || renewedAt.After(hi) {
+		t.Fatalf("renewed at +%s of a %s life, want between 45%% and 55%%", renewedAt.Sub(issued), life)
 	}
 	if second.GetVersionInfo() == first.GetVersionInfo() || second.GetNonce() == first.GetNonce() {
 		t.Fatal("renewal reused version_info or nonce")
 	}
-	verifySVID(t, chain2, key2, h.srv.BundleCerts())
+	verifySVIDAt(t, fc.Now(), chain2, key2, h.srv.BundleCerts())
 }
 
 func TestBundleChangeIsPushedAndNACKDoesNotLoop(t *testing.T) {

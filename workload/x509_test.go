@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/internal/fakeclock"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -259,7 +260,8 @@ func TestSeveralSVIDsWithHints(t *testing.T) {
 // renewal; the bundles stream is not (nothing in it changed) and gets the
 // next real bundle change.
 func TestPushesAreCompleteAndNotRepeated(t *testing.T) {
-	h := startServer(t, controlplane.Config{SVIDTTL: 4 * time.Second})
+	fc := fakeclock.New(time.Now())
+	h := startServer(t, controlplane.Config{SVIDTTL: time.Hour, Now: fc.Now, AfterFunc: fc.AfterFunc})
 	h.entry(t, idA, pidSelector(os.Getpid()))
 	ctx := withHeader(testCtx(t))
 	raw := h.raw(t)
@@ -282,6 +284,9 @@ func TestPushesAreCompleteAndNotRepeated(t *testing.T) {
 	if n := len(b1.GetBundles()); n != 1 || b1.GetBundles()[td.IDString()] == nil {
 		t.Fatalf("bundles keyed %v, want only %s", keys(b1.GetBundles()), td.IDString())
 	}
+	// Past the latest renewal point (55% of the life): the renewal is the
+	// next push.
+	fc.Advance(time.Hour*55/100 + time.Second)
 	second, err := svids.Recv() // the renewal
 	if err != nil {
 		t.Fatal(err)
