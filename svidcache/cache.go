@@ -6,14 +6,16 @@
 // holds it.
 //
 // It implements sds.Source and workload.Source's Subscribe and depends only
-// on what it declares: a Signer (a CSR in, a certificate chain out: the
-// server signs locally, a node agent would ask a remote server), a Matcher
+// on what it declares: a Signer (a CSR in, a certificate chain out: a node
+// agent asks a remote server; the server's own signer is a KeySigner, given
+// the public key directly), a Matcher
 // (which entries a caller may hold) and a Clock. Private keys never leave
 // the process that serves them.
 package svidcache
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"log/slog"
@@ -53,6 +55,19 @@ type Entry struct {
 // leaf first, then intermediates. It must be safe for concurrent use.
 type Signer interface {
 	SignX509SVID(ctx context.Context, e Entry, csrDER []byte) ([][]byte, error)
+}
+
+// KeySigner is a Signer that can also certify a public key handed over in
+// process, without a CSR. The cache checks for it and skips making and
+// parsing a CSR when its Signer has it: a CSR proves possession of the key
+// to a signer across a trust boundary (a node agent's remote server), which
+// a signer in the same process does not need, and making one costs an
+// ECDSA signature plus Go's check of it, about as much CPU as signing the
+// certificate itself. pub is always the public half of the key the cache
+// made; the returned chain is as for SignX509SVID.
+type KeySigner interface {
+	Signer
+	SignX509SVIDKey(ctx context.Context, e Entry, pub crypto.PublicKey) ([][]byte, error)
 }
 
 // Matcher says what a caller may hold.
