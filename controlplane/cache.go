@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"fmt"
 	"slices"
@@ -43,23 +44,33 @@ func (c serverClock) AfterFunc(d time.Duration, f func()) func() bool {
 	return c.s.afterFunc(d, f)
 }
 
-// localSigner signs the cache's CSRs with the active CA, through the
+// localSigner signs the cache's keys with the active CA, through the
 // signing limiter, recording each SVID in the inventory under the entry it
-// serves.
+// serves. It is a svidcache.KeySigner: the cache in this process hands it
+// the public key, so no CSR is made, signed, checked and parsed per SVID.
 type localSigner struct{ s *Server }
 
+var _ svidcache.KeySigner = localSigner{}
+
+// SignX509SVID certifies a CSR's key; the cache uses SignX509SVIDKey, this
+// keeps localSigner a complete Signer.
 func (l localSigner) SignX509SVID(ctx context.Context, e svidcache.Entry, csr []byte) ([][]byte, error) {
-	s := l.s
 	// The CSR comes from the cache in this process: parsed for its key,
 	// its self-signature not re-checked (see MintRequest.publicKey).
 	req, err := x509.ParseCertificateRequest(csr)
 	if err != nil {
 		return nil, fmt.Errorf("parse the cache's CSR: %w", err)
 	}
+	return l.SignX509SVIDKey(ctx, e, req.PublicKey)
+}
+
+// SignX509SVIDKey certifies pub, the public half of a key the cache made.
+func (l localSigner) SignX509SVIDKey(ctx context.Context, e svidcache.Entry, pub crypto.PublicKey) ([][]byte, error) {
+	s := l.s
 	entryID := s.entryIDForInventory(e)
 	svid, err := s.MintX509SVID(ctx, MintRequest{
 		SpiffeID:  e.SpiffeID,
-		publicKey: req.PublicKey,
+		publicKey: pub,
 		TTL:       e.TTL, // 0: the server default; mint clamps either to the CA's life
 		ClampTTL:  true,
 		DNSNames:  e.DNSNames,

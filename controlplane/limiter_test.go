@@ -112,12 +112,17 @@ func reissue(b *testing.B, n int, rate float64) {
 	defer srv.Close()
 	ctx := context.Background()
 	subs := make([]identity.Subscription, n)
+	sel := func(i int) store.Selector { return store.Selector{Type: "unix", Value: fmt.Sprintf("uid:%d", 10000+i)} }
+	// All entries first, then the subscribers: each CreateEntry re-matches
+	// every subscriber, so interleaving them made the (untimed) set-up
+	// quadratic, minutes of CPU that drowned the timed part in a profile.
 	for i := range n {
-		sel := store.Selector{Type: "unix", Value: fmt.Sprintf("uid:%d", 10000+i)}
-		if _, err := srv.CreateEntry(ctx, EntrySpec{SpiffeID: fmt.Sprintf("spiffe://cluster.local/w/%d", i), Selectors: []store.Selector{sel}}, "bench"); err != nil {
+		if _, err := srv.CreateEntry(ctx, EntrySpec{SpiffeID: fmt.Sprintf("spiffe://cluster.local/w/%d", i), Selectors: []store.Selector{sel(i)}}, "bench"); err != nil {
 			b.Fatal(err)
 		}
-		if subs[i], err = srv.Subscribe(ctx, identity.Caller{Selectors: []string{SelectorString(sel)}}); err != nil {
+	}
+	for i := range n {
+		if subs[i], err = srv.Subscribe(ctx, identity.Caller{Selectors: []string{SelectorString(sel(i))}}); err != nil {
 			b.Fatal(err)
 		}
 	}

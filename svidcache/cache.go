@@ -6,18 +6,19 @@
 // holds it.
 //
 // It implements sds.Source and workload.Source's Subscribe and depends only
-// on what it declares: a Signer (a CSR in, a certificate chain out: the
-// server signs locally, a node agent would ask a remote server), a Matcher
+// on what it declares: a Signer (a CSR in, a certificate chain out: a node
+// agent asks a remote server; the server's own signer is a KeySigner, given
+// the public key directly), a Matcher
 // (which entries a caller may hold) and a Clock. Private keys never leave
 // the process that serves them.
 package svidcache
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"log/slog"
-	"slices"
 	"sync"
 	"time"
 
@@ -53,6 +54,19 @@ type Entry struct {
 // leaf first, then intermediates. It must be safe for concurrent use.
 type Signer interface {
 	SignX509SVID(ctx context.Context, e Entry, csrDER []byte) ([][]byte, error)
+}
+
+// KeySigner is a Signer that can also certify a public key handed over in
+// process, without a CSR. The cache checks for it and skips making and
+// parsing a CSR when its Signer has it: a CSR proves possession of the key
+// to a signer across a trust boundary (a node agent's remote server), which
+// a signer in the same process does not need, and making one costs an
+// ECDSA signature plus Go's check of it, about as much CPU as signing the
+// certificate itself. pub is always the public half of the key the cache
+// made; the returned chain is as for SignX509SVID.
+type KeySigner interface {
+	Signer
+	SignX509SVIDKey(ctx context.Context, e Entry, pub crypto.PublicKey) ([][]byte, error)
 }
 
 // Matcher says what a caller may hold.
@@ -144,323 +158,6 @@ func New(cfg Config) *Cache {
 		ctx: ctx, cancel: cancel, slots: map[string]*slot{}, subs: map[*Subscription]struct{}{}}
 }
 
-// Subscription is one caller's live view of its identities. Changed is
-// signalled (coalesced: one pending signal at most) whenever Snapshot has
-// something new. It implements identity.Subscription.
-type Subscription struct {
-	c       *Cache
-	caller  identity.Caller
-	extra   []Entry
-	bundles bool     // bundles only: holds no slot, never re-matched
-	entries []string // slot keys, in snapshot order
-	snap    *identity.Snapshot
-	ch      chan struct{}
-	once    sync.Once
-	// err, once set, ends the subscription for its holder (endLocked).
-	err error
-}
-
-// Snapshot returns the caller's current identities and bundles.
-func (s *Subscription) Snapshot() *identity.Snapshot {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	return s.snap
-}
-
-// Changed is signalled whenever Snapshot changes.
-func (s *Subscription) Changed() <-chan struct{} { return s.ch }
-
-// Err is non-nil once the subscription has been ended by EndCallers: the
-// credential the caller authenticated with, or the identity it held, was
-// revoked. Changed is signalled when that happens.
-func (s *Subscription) Err() error {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	return s.err
-}
-
-// Close ends the subscription; SVIDs nobody holds stop being renewed.
-func (s *Subscription) Close() {
-	s.once.Do(func() {
-		c := s.c
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		delete(c.subs, s)
-		for _, k := range s.entries {
-			c.release(k, s)
-		}
-	})
-}
-
-// Subscribe returns the caller's live identities: an SVID for every entry
-// the Matcher gives it, and the bundles. A caller entitled to nothing
-// still gets the bundles. One identity that cannot be minted does not fail
-// the subscription: it is retried on its own with backoff.
-func (c *Cache) Subscribe(ctx context.Context, caller identity.Caller) (identity.Subscription, error) {
-	sub, err := c.SubscribeWith(ctx, caller)
-	if err != nil {
-		return nil, err
-	}
-	return sub, nil
-}
-
-// SubscribeWith is Subscribe with extra entries ahead of the caller's own
-// (the server's serving certificate). Unlike the caller's own, an extra
-// entry that cannot be minted fails the subscription.
-func (c *Cache) SubscribeWith(ctx context.Context, caller identity.Caller, extra ...Entry) (*Subscription, error) {
-	sub := &Subscription{c: c, caller: caller, extra: extra, ch: make(chan struct{}, 1)}
-	c.entMu.Lock()
-	wanted := c.entitlements(sub)
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		c.entMu.Unlock()
-		return nil, ErrClosed
-	}
-	var missing []*slot
-	for _, e := range wanted {
-		sl := c.acquire(e, sub)
-		sub.entries = append(sub.entries, e.ID)
-		if sl.svid == nil {
-			missing = append(missing, sl)
-		}
-	}
-	c.subs[sub] = struct{}{}
-	c.mu.Unlock()
-	c.entMu.Unlock()
-
-	// Mint outside the lock: signing must not stall other callers. One
-	// identity that cannot be minted (an entry stored by an older version
-	// with a SAN the CA refuses, a busy signer) must not take away the
-	// caller's others or its bundle: it is retried on its own.
-	for _, sl := range missing {
-		if err := c.ensure(ctx, sl); err != nil {
-			if ctx.Err() != nil || slices.ContainsFunc(extra, func(e Entry) bool { return e.ID == sl.entry.ID }) {
-				sub.Close()
-				return nil, err
-			}
-			c.mintFailedOnce(sl, err)
-		}
-	}
-	return c.admit(sub)
-}
-
-// SubscribeBundles subscribes caller to the trust bundles only: it holds
-// no SVID and nothing is minted for it. The verifier RPCs (FetchX509Bundles,
-// FetchJWTBundles, ValidateJWTSVID) use it.
-func (c *Cache) SubscribeBundles(_ context.Context, caller identity.Caller) (identity.Subscription, error) {
-	sub := &Subscription{c: c, caller: caller, bundles: true, ch: make(chan struct{}, 1)}
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil, ErrClosed
-	}
-	c.subs[sub] = struct{}{}
-	c.mu.Unlock()
-	return c.admit(sub)
-}
-
-// admit finishes a registered subscription: the Matcher's last word, then
-// its first snapshot.
-func (c *Cache) admit(sub *Subscription) (*Subscription, error) {
-	if err := c.matcher.Admit(sub.caller); err != nil {
-		sub.Close()
-		return nil, err
-	}
-	c.mu.Lock()
-	sub.snap = c.snapshotLocked(sub)
-	err := sub.err
-	c.mu.Unlock()
-	if err != nil {
-		return nil, err // ended while it was being set up
-	}
-	return sub, nil
-}
-
-// entitlements lists the entries a subscription holds: its extra entries,
-// then the Matcher's.
-func (c *Cache) entitlements(sub *Subscription) []Entry {
-	if sub.bundles {
-		return nil
-	}
-	return append(slices.Clone(sub.extra), c.matcher.Match(sub.caller)...)
-}
-
-func (c *Cache) acquire(e Entry, sub *Subscription) *slot {
-	sl, ok := c.slots[e.ID]
-	if !ok {
-		sl = &slot{entry: e, subs: map[*Subscription]struct{}{}}
-		c.slots[e.ID] = sl
-	}
-	if sl.refs == 0 && sl.svid != nil {
-		// An idle slot: its SVID is reused until its renewal point, so a
-		// caller that polls (REST SDS, FetchSecrets) does not get a new
-		// key and certificate, and a new inventory row, on every call.
-		if now := c.clock.Now(); now.Before(sl.renewAt) {
-			c.scheduleLocked(sl, sl.renewAt.Sub(now))
-		} else {
-			sl.svid = nil
-		}
-	}
-	sl.refs++
-	sl.subs[sub] = struct{}{}
-	return sl
-}
-
-func (c *Cache) release(key string, sub *Subscription) {
-	sl, ok := c.slots[key]
-	if !ok {
-		return
-	}
-	// A slot replaced since (Drop, then a new holder) is not ours.
-	if _, held := sl.subs[sub]; !held {
-		return
-	}
-	delete(sl.subs, sub)
-	sl.refs--
-	if sl.refs > 0 {
-		return
-	}
-	// Nobody holds it: stop renewing, but keep the SVID until its renewal
-	// point for the next caller (SweepIdle drops it after that).
-	if sl.stop != nil {
-		sl.stop()
-		sl.stop = nil
-	}
-}
-
-// notifyLocked rebuilds the snapshot of every subscriber match selects and
-// signals it.
-func (c *Cache) notifyLocked(match func(*Subscription) bool) {
-	for s := range c.subs {
-		if match(s) {
-			c.notifySubLocked(s)
-		}
-	}
-}
-
-// notifySubLocked rebuilds one subscriber's snapshot and signals it.
-func (c *Cache) notifySubLocked(s *Subscription) {
-	if s.snap == nil {
-		return // still being built by Subscribe, which takes the latest state
-	}
-	if _, live := c.subs[s]; !live {
-		return
-	}
-	s.snap = c.snapshotLocked(s)
-	select {
-	case s.ch <- struct{}{}:
-	default:
-	}
-}
-
-func (c *Cache) snapshotLocked(s *Subscription) *identity.Snapshot {
-	snap := &identity.Snapshot{}
-	for _, k := range s.entries {
-		if sl := c.slots[k]; sl != nil && sl.svid != nil {
-			snap.SVIDs = append(snap.SVIDs, sl.svid)
-		}
-	}
-	if c.bundle != nil {
-		snap.Bundles = []*identity.Bundle{c.bundle}
-	}
-	if c.jwtBundle != nil {
-		snap.JWTBundles = []*identity.JWTBundle{c.jwtBundle}
-	}
-	return snap
-}
-
-// SetBundles publishes new trust bundles to every subscriber, if their
-// versions changed. A nil jb leaves the JWT bundle as it is.
-func (c *Cache) SetBundles(b *identity.Bundle, jb *identity.JWTBundle) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	changed := false
-	if b != nil && (c.bundle == nil || c.bundle.Version != b.Version) {
-		c.bundle, changed = b, true
-	}
-	if jb != nil && (c.jwtBundle == nil || c.jwtBundle.Version != jb.Version) {
-		c.jwtBundle, changed = jb, true
-	}
-	if changed {
-		c.notifyLocked(func(*Subscription) bool { return true })
-	}
-}
-
-// EntriesChanged re-matches every subscriber after entries were created,
-// changed or deleted: a new entry is served at once, a deleted one is
-// withdrawn and no longer renewed.
-func (c *Cache) EntriesChanged(ctx context.Context) {
-	c.entMu.Lock()
-	defer c.entMu.Unlock()
-	c.mu.Lock()
-	subs := make([]*Subscription, 0, len(c.subs))
-	for s := range c.subs {
-		if !s.bundles {
-			subs = append(subs, s)
-		}
-	}
-	c.mu.Unlock()
-	for _, s := range subs {
-		wanted := c.entitlements(s)
-		keys := make([]string, len(wanted))
-		for i, e := range wanted {
-			keys[i] = e.ID
-		}
-		c.mu.Lock()
-		if _, live := c.subs[s]; !live || slices.Equal(keys, s.entries) {
-			c.mu.Unlock()
-			continue
-		}
-		var missing []*slot
-		for _, e := range wanted {
-			if !slices.Contains(s.entries, e.ID) {
-				if sl := c.acquire(e, s); sl.svid == nil {
-					missing = append(missing, sl)
-				}
-			}
-		}
-		for _, k := range s.entries {
-			if !slices.Contains(keys, k) {
-				c.release(k, s)
-			}
-		}
-		s.entries = keys
-		c.mu.Unlock()
-		for _, sl := range missing {
-			if err := c.ensure(ctx, sl); err != nil {
-				c.mintFailedOnce(sl, err)
-			}
-		}
-		c.mu.Lock()
-		if _, live := c.subs[s]; live {
-			c.notifySubLocked(s)
-		}
-		c.mu.Unlock()
-	}
-}
-
-// EntryUpdated puts the new version of an entry into its slot: a held slot
-// is re-issued now (new DNS names, TTL or hint), an idle one is dropped so
-// its next holder gets a fresh SVID.
-func (c *Cache) EntryUpdated(e Entry) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	sl, ok := c.slots[e.ID]
-	if !ok {
-		return
-	}
-	if sl.refs == 0 {
-		if sl.stop != nil {
-			sl.stop()
-		}
-		delete(c.slots, e.ID)
-		return
-	}
-	sl.entry = e
-	c.scheduleLocked(sl, 0)
-}
-
 // Close stops every renewal, cancels those in flight and waits for them;
 // subscriptions see no further changes.
 func (c *Cache) Close() {
@@ -474,67 +171,6 @@ func (c *Cache) Close() {
 	c.mu.Unlock()
 	c.cancel()
 	c.wg.Wait()
-}
-
-// EndCallers ends every subscription whose caller match selects, with the
-// error why gives it, and reports how many: it gives up its slots (nothing
-// more is renewed for it), serves nothing from now on, and is told through
-// Changed. Slots only such a caller could hold (DirectKey with a serial)
-// are dropped rather than kept for reuse.
-func (c *Cache) EndCallers(match func(identity.Caller) bool, why func(identity.Caller) error) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	n := 0
-	for s := range c.subs {
-		if s.err == nil && match(s.caller) {
-			c.endLocked(s, why(s.caller))
-			n++
-		}
-	}
-	return n
-}
-
-func (c *Cache) endLocked(s *Subscription, err error) {
-	s.err = err
-	delete(c.subs, s)
-	for _, k := range s.entries {
-		c.release(k, s)
-		// A slot minted for this caller's own certificate serves nobody
-		// else; drop it rather than keep a revoked lineage for reuse.
-		if sl := c.slots[k]; sl != nil && sl.refs == 0 && DirectSerial(k) != "" {
-			delete(c.slots, k)
-		}
-	}
-	s.entries = nil
-	s.snap = &identity.Snapshot{}
-	select {
-	case s.ch <- struct{}{}:
-	default:
-	}
-}
-
-// Drop withdraws the slots whose key match selects from every subscriber
-// holding them (a revoked identity): they are not renewed.
-func (c *Cache) Drop(match func(key string) bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var keys []string
-	for key, sl := range c.slots {
-		if !match(key) {
-			continue
-		}
-		if sl.stop != nil {
-			sl.stop()
-		}
-		delete(c.slots, key)
-		keys = append(keys, key)
-	}
-	if len(keys) == 0 {
-		return
-	}
-	c.notifyLocked(func(s *Subscription) bool {
-		return slices.ContainsFunc(s.entries, func(k string) bool { return slices.Contains(keys, k) })
-	})
 }
 
 // RenewSerial re-issues the slot currently serving serial, at once (its

@@ -11,6 +11,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshid/meshid/identity"
+	"github.com/meshid/meshid/internal/fakeclock"
 )
 
 func TestRenewDelayIsHalfLifeWithinJitter(t *testing.T) {
@@ -321,6 +322,46 @@ func TestKeyIsMadeInTheCache(t *testing.T) {
 	h.matcher.set("w", entry("w"))
 	sub := h.subscribe(identity.Caller{Selectors: []string{"w"}})
 	if got := sub.Snapshot().SVIDs; len(got) != 0 {
+		t.Fatalf("served %d SVIDs certifying a key the cache did not make", len(got))
+	}
+}
+
+// A KeySigner is handed the public key of the cache's own key, no CSR; the
+// certificate it returns must be for that key, or nothing is served.
+func TestKeySignerGetsTheCacheKeyWithoutCSR(t *testing.T) {
+	clock := fakeclock.New(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))
+	signer := &keyCASigner{caSigner: newCASigner(t, clock)}
+	m := &selMatcher{entries: map[string][]Entry{}}
+	c := New(Config{Signer: signer, Matcher: m, Clock: clock})
+	t.Cleanup(c.Close)
+	m.set("s", entry("k"))
+	sub, err := c.Subscribe(context.Background(), identity.Caller{Selectors: []string{"s"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	svids := sub.Snapshot().SVIDs
+	if len(svids) != 1 {
+		t.Fatalf("served %d SVIDs, want 1", len(svids))
+	}
+	pub, ok := svids[0].Certs[0].PublicKey.(*ecdsa.PublicKey)
+	if !ok || !pub.Equal(svids[0].Key.Public()) {
+		t.Fatal("the served certificate is not for the key the cache holds")
+	}
+	signer.mu.Lock()
+	csrCalls, keyCalls := signer.csrCalls, signer.keyCalls
+	signer.wrongKey = true
+	signer.mu.Unlock()
+	if csrCalls != 0 || keyCalls != 1 {
+		t.Fatalf("signer asked %d times with a CSR and %d with the key, want 0 and 1", csrCalls, keyCalls)
+	}
+	m.set("w", entry("w"))
+	wrong, err := c.Subscribe(context.Background(), identity.Caller{Selectors: []string{"w"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wrong.Close()
+	if got := wrong.Snapshot().SVIDs; len(got) != 0 {
 		t.Fatalf("served %d SVIDs certifying a key the cache did not make", len(got))
 	}
 }

@@ -2,6 +2,7 @@ package svidcache
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"slices"
@@ -65,7 +66,11 @@ func (s *caSigner) SignX509SVID(ctx context.Context, e Entry, csrDER []byte) ([]
 	if err != nil {
 		return nil, err
 	}
-	pub := csr.PublicKey
+	return s.signPub(e, csr.PublicKey, now, wrongKey)
+}
+
+// signPub certifies pub (or, with wrongKey, a fresh key) for e.
+func (s *caSigner) signPub(e Entry, pub crypto.PublicKey, now time.Time, wrongKey bool) ([][]byte, error) {
 	if wrongKey {
 		k, err := ca.GenerateKey(ca.KeyP256)
 		if err != nil {
@@ -222,3 +227,31 @@ func drained(ch <-chan struct{}) bool {
 }
 
 var errSignerDown = errors.New("signer down")
+
+// keyCASigner is a caSigner that is also a KeySigner, as the server's
+// local signer is; it counts which of its two paths the cache took.
+type keyCASigner struct {
+	*caSigner
+	csrCalls, keyCalls int // under caSigner.mu
+}
+
+func (s *keyCASigner) SignX509SVID(ctx context.Context, e Entry, csrDER []byte) ([][]byte, error) {
+	s.mu.Lock()
+	s.csrCalls++
+	s.mu.Unlock()
+	return s.caSigner.SignX509SVID(ctx, e, csrDER)
+}
+
+func (s *keyCASigner) SignX509SVIDKey(_ context.Context, e Entry, pub crypto.PublicKey) ([][]byte, error) {
+	now := s.clock.Now()
+	s.mu.Lock()
+	s.keyCalls++
+	s.calls[e.ID] = append(s.calls[e.ID], now)
+	err := s.fail[e.ID]
+	wrongKey := s.wrongKey
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return s.signPub(e, pub, now, wrongKey)
+}

@@ -40,19 +40,14 @@ func (c *Cache) ensure(ctx context.Context, sl *slot) error {
 }
 
 // mint makes a key here, where it is used, and has the Signer certify it:
-// only the CSR leaves the cache.
+// only the public key leaves the cache, as a CSR unless the Signer is a
+// KeySigner in this process.
 func (c *Cache) mint(ctx context.Context, e Entry) (*identity.SVID, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("mint svid for %s: generate key: %w", e.SpiffeID, err)
 	}
-	// The subject is left empty: the signer takes the identity and SANs
-	// from the entry, never from the request.
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	if err != nil {
-		return nil, fmt.Errorf("mint svid for %s: make CSR: %w", e.SpiffeID, err)
-	}
-	chain, err := c.signer.SignX509SVID(ctx, e, csr)
+	chain, err := c.sign(ctx, e, key)
 	if err != nil {
 		return nil, fmt.Errorf("mint svid for %s: %w", e.SpiffeID, err)
 	}
@@ -61,6 +56,20 @@ func (c *Cache) mint(ctx context.Context, e Entry) (*identity.SVID, error) {
 		return nil, fmt.Errorf("mint svid for %s: %w", e.SpiffeID, err)
 	}
 	return svid, nil
+}
+
+// sign has the Signer certify key's public half for e.
+func (c *Cache) sign(ctx context.Context, e Entry, key *ecdsa.PrivateKey) ([][]byte, error) {
+	if ks, ok := c.signer.(KeySigner); ok {
+		return ks.SignX509SVIDKey(ctx, e, key.Public())
+	}
+	// The subject is left empty: the signer takes the identity and SANs
+	// from the entry, never from the request.
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return nil, fmt.Errorf("make CSR: %w", err)
+	}
+	return c.signer.SignX509SVID(ctx, e, csr)
 }
 
 // errWrongKey is a signer's answer that certifies another key than the
