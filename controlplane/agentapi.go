@@ -91,7 +91,12 @@ func (s *Server) redeemAgentToken(ctx context.Context, secret string) (spiffeid.
 	if !strings.HasPrefix(secret, agentTokenPrefix) {
 		return spiffeid.ID{}, ErrBadToken
 	}
-	t, err := s.store.UseToken(ctx, hashToken(secret), s.now())
+	// Bound to a fresh nonce: an agent token attests exactly once.
+	var nonce [16]byte
+	if _, err := rand.Read(nonce[:]); err != nil {
+		return spiffeid.ID{}, err
+	}
+	t, err := s.store.UseToken(ctx, hashToken(secret), s.now(), "attest "+hex.EncodeToString(nonce[:]))
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return spiffeid.ID{}, ErrBadToken

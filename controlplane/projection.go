@@ -270,7 +270,6 @@ func (s *Server) applyToken(ev store.Event) {
 		// As Revoke does on the replica it ran on: the identity is not
 		// served again to callers holding it directly until a new token
 		// is made, and what they hold now ends.
-		s.tokens.forget(t.SpiffeID)
 		s.match.ban(t.SpiffeID)
 		s.endDirect(t.SpiffeID)
 		s.ids.Drop(func(key string) bool { return svidcache.DirectKeyOf(key, t.SpiffeID) })

@@ -172,3 +172,40 @@ func TestReplicasShareOneStore(t *testing.T) {
 		t.Fatal("B does not lead after A closed")
 	}
 }
+
+// TestSingleUseTokenBindingIsInTheStore: the connection a single-use token
+// is bound to is recorded in the store, so the binding holds on another
+// replica (a proxy's connection may land on either) and across a restart,
+// and any other connection is still refused.
+func TestSingleUseTokenBindingIsInTheStore(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bs.Close()
+	kekFile := filepath.Join(dir, "kek")
+	a := openReplica(t, bs, kekFile)
+	defer a.Close()
+	b := openReplica(t, bs, kekFile)
+	secret, _, err := a.CreateJoinToken(ctx, "spiffe://cluster.local/ns/edge/sa/proxy", time.Hour, true, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.RedeemJoinToken(ctx, secret, "conn-1"); err != nil {
+		t.Fatal(err)
+	}
+	if id, err := b.RedeemJoinToken(ctx, secret, "conn-1"); err != nil || id.String() != "spiffe://cluster.local/ns/edge/sa/proxy" {
+		t.Fatalf("the bound connection on the other replica: %v %v", id, err)
+	}
+	if _, err := b.RedeemJoinToken(ctx, secret, "conn-2"); !errors.Is(err, ErrBadToken) {
+		t.Fatalf("another connection: %v, want ErrBadToken", err)
+	}
+	b.Close()
+	b = openReplica(t, bs, kekFile) // a restart
+	defer b.Close()
+	if _, err := b.RedeemJoinToken(ctx, secret, "conn-1"); err != nil {
+		t.Fatalf("the bound connection after a restart: %v", err)
+	}
+}

@@ -75,7 +75,6 @@ func (s *Server) Revoke(ctx context.Context, spiffeID, serial, actor string) (Re
 		if _, err := s.store.DeleteTokensFor(ctx, spiffeID); err != nil {
 			return res, fmt.Errorf("delete join tokens: %w", err)
 		}
-		s.tokens.forget(spiffeID)
 		s.match.ban(spiffeID)
 		s.endDirect(spiffeID)
 		s.ids.Drop(func(key string) bool { return svidcache.DirectKeyOf(key, spiffeID) })

@@ -138,8 +138,7 @@ type Server struct {
 	limiter     *signLimiter
 	afterFunc   func(time.Duration, func()) func() bool
 
-	kek    *kek.KEK
-	tokens tokenBindings
+	kek *kek.KEK
 
 	// tasks owns the watch, the campaign and the timers (tasks.go); proj
 	// says how far the watch has been applied (projection.go); leading is
@@ -285,7 +284,6 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	s.maintTimer = s.tasks.newTimer(s.maintenanceTick)
 	s.pruneTim = s.tasks.newTimer(s.pruneTick)
 	s.ids = s.newCache()
-	s.tokens.conns = map[string]tokenBinding{}
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
 	s.grpcMetrics = newGRPCMetrics(s.metrics.Registry)
 	s.metrics.Registry.MustRegister(newStateCollector(s))

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -75,41 +74,21 @@ func (s *Server) createToken(ctx context.Context, prefix, spiffeID string, ttl t
 	return secret, t, nil
 }
 
-// tokenBindings remembers, for single-use tokens, the connection that
-// redeemed them: Envoy opens one stream per secret name and sends the token
-// on each, so the streams of the redeeming connection all pass, and any
-// other connection is refused.
-type tokenBindings struct {
-	mu    sync.Mutex
-	conns map[string]tokenBinding // token hash -> binding
-}
-
-type tokenBinding struct {
-	conn    string
-	id      spiffeid.ID
-	expires time.Time
-}
-
 // ErrBadToken is returned for an unknown, expired or spent token; the
 // caller is not told which.
 var ErrBadToken = errors.New("join token is unknown, expired or already used")
 
 // RedeemJoinToken checks a bearer token presented on connection conn and
-// returns the identity it grants.
+// returns the identity it grants. A single-use token is bound, in the
+// store, to the connection that first presented it: Envoy opens one
+// stream per secret name and sends the token on each, so the streams of
+// that connection all pass (on any replica), and any other connection is
+// refused.
 func (s *Server) RedeemJoinToken(ctx context.Context, secret, conn string) (spiffeid.ID, error) {
 	if !strings.HasPrefix(secret, tokenPrefix) {
 		return spiffeid.ID{}, ErrBadToken
 	}
-	h := hashToken(secret)
-	now := s.now()
-	s.tokens.mu.Lock()
-	if b, ok := s.tokens.conns[h]; ok && b.conn == conn && now.Before(b.expires) {
-		s.tokens.mu.Unlock()
-		return b.id, nil
-	}
-	s.tokens.mu.Unlock()
-
-	t, err := s.store.UseToken(ctx, h, now)
+	t, err := s.store.UseToken(ctx, hashToken(secret), s.now(), bindingOf(conn))
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return spiffeid.ID{}, ErrBadToken
@@ -120,27 +99,16 @@ func (s *Server) RedeemJoinToken(ctx context.Context, secret, conn string) (spif
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("token names invalid spiffe id: %w", err)
 	}
-
-	if t.SingleUse {
-		s.tokens.mu.Lock()
-		for k, b := range s.tokens.conns {
-			if !now.Before(b.expires) {
-				delete(s.tokens.conns, k)
-			}
-		}
-		s.tokens.conns[h] = tokenBinding{conn: conn, id: id, expires: t.ExpiresAt}
-		s.tokens.mu.Unlock()
-	}
 	return id, nil
 }
 
-// forget drops single-use bindings for an identity being revoked.
-func (b *tokenBindings) forget(spiffeID string) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for k, v := range b.conns {
-		if v.id.String() == spiffeID {
-			delete(b.conns, k)
-		}
+// bindingOf is what the store keeps of a connection's ID (TLS exported
+// keying material, see connID): a digest, so the store holds nothing
+// derived from a live session's secrets.
+func bindingOf(conn string) string {
+	if conn == "" {
+		return ""
 	}
+	sum := sha256.Sum256([]byte("meshid token binding\x00" + conn))
+	return hex.EncodeToString(sum[:16])
 }

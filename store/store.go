@@ -114,6 +114,11 @@ type JoinToken struct {
 	// SingleUse tokens are consumed by their first use.
 	SingleUse bool
 	UsedAt    time.Time // zero until first used
+	// BoundTo is, for a single-use token, the connection that used it
+	// (an opaque ID the caller gives): that connection alone may present
+	// it again (Envoy sends the token on each of its streams). Empty
+	// until used.
+	BoundTo   string
 	CreatedAt time.Time
 }
 
@@ -191,11 +196,14 @@ type Store interface {
 	// CreateToken stores a join token and its audit event atomically;
 	// ErrAlreadyExists if the hash exists.
 	CreateToken(ctx context.Context, t JoinToken, audit AuditEvent) error
-	// UseToken redeems a token: ErrNotFound if there is no such token, it
-	// has expired at now, or it is single-use and already used. A
-	// single-use token is marked used in the same transaction, so two
-	// concurrent redemptions cannot both succeed.
-	UseToken(ctx context.Context, hash string, now time.Time) (JoinToken, error)
+	// UseToken redeems a token on connection conn: ErrNotFound if there
+	// is no such token, it has expired at now, or it is single-use and was
+	// used on another connection (or conn is empty). A single-use token's
+	// first use marks it used and binds it to conn in the same
+	// transaction, so two concurrent redemptions cannot both succeed;
+	// later uses on conn succeed without a write. The binding is in the
+	// store, so it holds across restarts and replicas.
+	UseToken(ctx context.Context, hash string, now time.Time, conn string) (JoinToken, error)
 	// DeleteTokensFor deletes every join token granting spiffeID (after a
 	// revocation of that identity) and returns how many.
 	DeleteTokensFor(ctx context.Context, spiffeID string) (int, error)

@@ -10,11 +10,19 @@ import (
 	"github.com/meshid/meshid/store"
 )
 
-const tokenV1 byte = 1
+const (
+	tokenV1 byte = 1
+	// tokenV2 appends the binding; tokens without one stay v1.
+	tokenV2 byte = 2
+)
 
 func encodeToken(t *store.JoinToken) []byte {
-	e := enc{b: make([]byte, 0, 64+len(t.Hash)+len(t.SpiffeID))}
-	e.byte1(tokenV1)
+	e := enc{b: make([]byte, 0, 64+len(t.Hash)+len(t.SpiffeID)+len(t.BoundTo))}
+	if t.BoundTo != "" {
+		e.byte1(tokenV2)
+	} else {
+		e.byte1(tokenV1)
+	}
 	e.str(t.Hash)
 	e.str(t.SpiffeID)
 	e.time(t.ExpiresAt)
@@ -25,13 +33,20 @@ func encodeToken(t *store.JoinToken) []byte {
 	}
 	e.time(t.UsedAt)
 	e.time(t.CreatedAt)
+	if t.BoundTo != "" {
+		e.str(t.BoundTo)
+	}
 	return e.b
 }
 
 func decodeToken(v []byte) (store.JoinToken, error) {
 	var t store.JoinToken
 	d := dec{s: string(v)}
-	if err := d.version("token", tokenV1); err != nil {
+	ver := tokenV1
+	if len(v) > 0 && v[0] == tokenV2 {
+		ver = tokenV2
+	}
+	if err := d.version("token", ver); err != nil {
 		return t, err
 	}
 	t.Hash = d.str()
@@ -40,6 +55,9 @@ func decodeToken(v []byte) (store.JoinToken, error) {
 	t.SingleUse = d.byte1() == 1
 	t.UsedAt = d.time()
 	t.CreatedAt = d.time()
+	if ver == tokenV2 {
+		t.BoundTo = d.str()
+	}
 	return t, d.finish("token")
 }
 
@@ -70,7 +88,7 @@ func (s *Store) CreateToken(ctx context.Context, t store.JoinToken, audit store.
 }
 
 // UseToken redeems a token; see store.Store.
-func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store.JoinToken, error) {
+func (s *Store) UseToken(ctx context.Context, hash string, now time.Time, conn string) (store.JoinToken, error) {
 	if err := ctx.Err(); err != nil {
 		return store.JoinToken{}, err
 	}
@@ -84,7 +102,7 @@ func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store
 		if err != nil {
 			return t, err
 		}
-		if !now.Before(t.ExpiresAt) || (t.SingleUse && !t.UsedAt.IsZero()) {
+		if !now.Before(t.ExpiresAt) || (t.SingleUse && (conn == "" || (!t.UsedAt.IsZero() && t.BoundTo != conn))) {
 			// Expired and spent tokens look like unknown ones: a caller
 			// learns nothing by probing.
 			return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
@@ -98,7 +116,8 @@ func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store
 		out = t
 		return err
 	})
-	if err != nil || !out.SingleUse {
+	if err != nil || !out.SingleUse || !out.UsedAt.IsZero() {
+		// Reusable, or used before on this connection: nothing to write.
 		return out, err
 	}
 	err = s.commitWatched("use token", true, func(tx *bolt.Tx, ch *changes) error {
@@ -106,7 +125,11 @@ func (s *Store) UseToken(ctx context.Context, hash string, now time.Time) (store
 		if err != nil {
 			return err
 		}
-		t.UsedAt = now
+		if !t.UsedAt.IsZero() {
+			out = t // this connection won a moment ago
+			return nil
+		}
+		t.UsedAt, t.BoundTo = now, conn
 		val := encodeToken(&t)
 		if out, err = decodeToken(val); err != nil {
 			return err

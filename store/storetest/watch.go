@@ -71,9 +71,9 @@ func script() []step {
 		{name: "create reusable token", do: func(s store.Store) error {
 			return s.CreateToken(bg, token("t2", "spiffe://example.org/p", false), nop)
 		}, want: []change{{store.KindToken, store.OpPut, "t2"}}},
-		{name: "use single-use token", do: func(s store.Store) error { _, err := s.UseToken(bg, "t1", t0); return err },
+		{name: "use single-use token", do: func(s store.Store) error { _, err := s.UseToken(bg, "t1", t0, "c1"); return err },
 			want: []change{{store.KindToken, store.OpPut, "t1"}}},
-		{name: "use reusable token (no change)", do: func(s store.Store) error { _, err := s.UseToken(bg, "t2", t0); return err }},
+		{name: "use reusable token (no change)", do: func(s store.Store) error { _, err := s.UseToken(bg, "t2", t0, "c1"); return err }},
 		{name: "delete tokens", do: func(s store.Store) error { _, err := s.DeleteTokensFor(bg, "spiffe://example.org/p"); return err },
 			want: []change{{store.KindToken, store.OpDelete, "t1"}, {store.KindToken, store.OpDelete, "t2"}}},
 		{name: "prune revoked", do: func(s store.Store) error { _, err := s.PruneRevoked(bg, t0.Add(90*time.Minute)); return err },
