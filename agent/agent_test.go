@@ -31,7 +31,7 @@ type plane struct {
 	stop      func()
 }
 
-func startPlane(t *testing.T, dataDir string) *plane {
+func startPlane(t testing.TB, dataDir string) *plane {
 	t.Helper()
 	srv, err := controlplane.Open(context.Background(), controlplane.Config{DataDir: dataDir, SVIDTTL: time.Hour, CATTL: 48 * time.Hour})
 	if err != nil {

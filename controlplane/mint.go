@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/meshid/meshid/ca"
@@ -92,7 +93,12 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 	if err != nil {
 		return nil, err
 	}
-	defer release()
+	// The slot bounds signatures (CPU), not the inventory write after
+	// them: released once signed, so that rows waiting for their commit
+	// do not hold signing slots, and a batch of them shares one fsync.
+	var once sync.Once
+	done := func() { once.Do(release) }
+	defer done()
 	s.metrics.SignWait.Observe(waited.Seconds())
 
 	var svid *ca.X509SVID
@@ -120,6 +126,7 @@ func (s *Server) mint(ctx context.Context, req MintRequest) (*ca.X509SVID, error
 			return nil, mintError(err)
 		}
 	}
+	done()
 	s.noteIssued(caID, svid.NotAfter)
 	if err := s.store.RecordSVID(ctx, store.IssuedSVID{
 		Serial:    svid.Serial,
