@@ -308,15 +308,17 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 		}
 	}
 
-	entry := func(name string, uid int, parent string) {
+	entry := func(name string, uid int, parent string) (id string) {
 		t.Helper()
-		args := []string{"entry", "create", adminFlag, "--spiffe-id", "spiffe://cluster.local/ns/e2e/sa/" + name, "--selector", "unix:uid:" + strconv.Itoa(uid)}
+		args := []string{"entry", "create", adminFlag, "--spiffe-id", "spiffe://cluster.local/ns/e2e/sa/" + name, "--selector", "unix:uid:" + strconv.Itoa(uid), "-o", "json"}
 		if parent != "" {
 			args = append(args, "--parent-id", parent)
 		}
-		if _, stderr, code := runCLI(t, args...); code != 0 {
+		stdout, stderr, code := runCLI(t, args...)
+		if code != 0 {
 			t.Fatalf("%v: %s", args, stderr)
 		}
+		return entryJSON(t, stdout).GetId()
 	}
 	entry("c-on-web1", uidC, agentWeb1)
 	entry("a-on-web1", uidA, agentWeb1)
@@ -357,13 +359,14 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 	if l := w.next(t); l != "ids=b" {
 		t.Fatalf("watcher on web-2 first got %s, want ids=b", l)
 	}
+	var moved string
 	for _, step := range []struct{ name, parent, want string }{
 		{"b-on-web1", agentWeb1, ""},
 		{"b2", "", "ids=b,b2"},
 		{"b-on-web2", agentWeb2, "ids=b,b-on-web2,b2"},
 	} {
 		created := time.Now()
-		entry(step.name, uidB, step.parent)
+		moved = entry(step.name, uidB, step.parent)
 		if step.want == "" {
 			continue // the next step's update shows it was not pushed here
 		}
@@ -371,6 +374,16 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 			t.Fatalf("after creating %s the watcher on web-2 got %s, want %s", step.name, l, step.want)
 		}
 		t.Logf("entry %s reached the watching workload %v after entry create returned", step.name, time.Since(created))
+	}
+	// Moving an entry to the other agent takes it from this one at once.
+	if _, stderr, code := runCLI(t, "entry", "update", adminFlag, moved, "--parent-id", agentWeb1); code != 0 {
+		t.Fatalf("entry update --parent-id: %s", stderr)
+	}
+	if l := w.next(t); l != "ids=b,b2" {
+		t.Fatalf("after moving b-on-web2 to web-1 the watcher on web-2 got %s, want ids=b,b2", l)
+	}
+	if got := fetchAs(t, bin, uidB, a1.socket, "ids=b,b-on-web1,b-on-web2,b2"); got != "ids=b,b-on-web1,b-on-web2,b2" {
+		t.Fatalf("uid %d on web-1 after the move: %s", uidB, got)
 	}
 
 	// kill -9 web-1 while a workload watches on it, restart it on the same
