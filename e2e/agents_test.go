@@ -231,9 +231,12 @@ type agentProc struct {
 
 func startAgent(t *testing.T, server, bundle, dataDir, socket, token string) agentProc {
 	t.Helper()
-	args := []string{"agent", "--server", server, "--trust-bundle", bundle, "--data-dir", dataDir, "--socket", socket, "--metrics-listen", "127.0.0.1:0"}
+	args := []string{"agent", "--server", server, "--data-dir", dataDir, "--socket", socket, "--metrics-listen", "127.0.0.1:0"}
 	if token != "" {
 		args = append(args, "--join-token", token)
+	}
+	if bundle != "" {
+		args = append(args, "--trust-bundle", bundle)
 	}
 	p := startMeshid(t, args...)
 	line := p.waitLine(t, "agent serving")
@@ -250,8 +253,9 @@ func startAgent(t *testing.T, server, bundle, dataDir, socket, token string) age
 // entry with --parent-id is served only by that agent (the other agent's
 // matching workload holds no identity, PermissionDenied) and never by the
 // server's own socket; an entry created while a workload watches is pushed
-// on the open stream; an agent killed with SIGKILL restarts from its data
-// dir without a token as the same node, and its workloads reconnect.
+// on the open stream, and moving its parent moves it; an agent killed with
+// SIGKILL restarts from its data dir without a token or bundle file as the
+// same node, and its workloads reconnect.
 func TestAgentsServeTheirEntries(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run workloads as other uids")
@@ -400,7 +404,8 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 	if l := wa.next(t); !strings.HasPrefix(l, "err=") {
 		t.Fatalf("watcher on the killed agent got %s, want an error", l)
 	}
-	a1 = startAgent(t, agentAPI, bundle, data1, a1.socket, "")
+	// Neither a token nor the bundle file: both first-contact only.
+	a1 = startAgent(t, agentAPI, "", data1, a1.socket, "")
 	if l := a1.waitLine(t, "connected to the server"); !strings.Contains(l, "node_id="+agentWeb1) {
 		t.Fatalf("restarted agent connected as %s, want %s", l, agentWeb1)
 	}
