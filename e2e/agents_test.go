@@ -167,6 +167,7 @@ func fetchAs(t *testing.T, bin string, uid int, socket, want string) string {
 // watcher is a watching workload; lines carries what it prints.
 type watcher struct {
 	lines chan string
+	last  string
 }
 
 func watchAs(t *testing.T, bin string, uid int, socket string) *watcher {
@@ -211,15 +212,22 @@ func watchAs(t *testing.T, bin string, uid int, socket string) *watcher {
 	return w
 }
 
-// next returns the watcher's next line.
+// next returns the watcher's next line that differs from the one before:
+// a bundle push repeats the same SVIDs, which says nothing here.
 func (w *watcher) next(t *testing.T) string {
 	t.Helper()
-	select {
-	case l := <-w.lines:
-		return l
-	case <-time.After(30 * time.Second):
-		t.Fatal("watcher printed nothing for 30s")
-		return ""
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case l := <-w.lines:
+			if l != w.last {
+				w.last = l
+				return l
+			}
+		case <-deadline:
+			t.Fatal("watcher printed nothing new for 30s")
+			return ""
+		}
 	}
 }
 
@@ -412,12 +420,14 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 	if strings.Contains(a1.output(), "attested") {
 		t.Fatalf("restarted agent attested again instead of using its data dir:\n%s", a1.output())
 	}
+	// Errors while go-spiffe re-dials, then perhaps one SVID before the
+	// other is signed again, then both.
 	for {
 		l := wa.next(t)
 		if l == "ids=a,a-on-web1" {
 			break
 		}
-		if !strings.HasPrefix(l, "err=") {
+		if !strings.HasPrefix(l, "err=") && l != "ids=a" && l != "ids=a-on-web1" {
 			t.Fatalf("watcher on the restarted agent got %s", l)
 		}
 	}
