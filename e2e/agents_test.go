@@ -309,8 +309,9 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 		return resp.Token
 	}
 	data1, data2 := filepath.Join(base, "agent1-data"), filepath.Join(base, "agent2-data")
+	tok2 := token("web-2")
 	a1 := startAgent(t, agentAPI, bundle, data1, filepath.Join(base, "agent1", "workload.sock"), token("web-1"))
-	a2 := startAgent(t, agentAPI, bundle, data2, filepath.Join(base, "agent2", "workload.sock"), token("web-2"))
+	a2 := startAgent(t, agentAPI, bundle, data2, filepath.Join(base, "agent2", "workload.sock"), tok2)
 	for _, a := range []struct {
 		p  agentProc
 		id string
@@ -318,6 +319,12 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 		if l := a.p.waitLine(t, "attested"); !strings.Contains(l, "node_id="+a.id) {
 			t.Fatalf("agent attested as %s, want %s", l, a.id)
 		}
+	}
+
+	// The spent token attests nobody else.
+	a3 := startAgent(t, agentAPI, bundle, filepath.Join(base, "agent3-data"), filepath.Join(base, "agent3", "workload.sock"), tok2)
+	if l := a3.waitLine(t, "attest:"); !strings.Contains(l, "PermissionDenied") || !strings.Contains(l, "already used") {
+		t.Fatalf("agent with a spent token: %s, want the server's PermissionDenied", l)
 	}
 
 	entry := func(name string, uid int, parent string) (id string) {
@@ -355,6 +362,7 @@ func TestAgentsServeTheirEntries(t *testing.T) {
 		{a2.socket, uidC, "err=PermissionDenied"},
 		{serverSock, uidA, "ids=a"},
 		{serverSock, uidC, "err=PermissionDenied"},
+		{a3.socket, uidB, "err=PermissionDenied"},
 	} {
 		if got := fetchAs(t, bin, c.uid, c.socket, c.want); got != c.want {
 			t.Errorf("uid %d on %s: %s, want %s", c.uid, c.socket, got, c.want)
