@@ -263,7 +263,8 @@ func startAgent(t *testing.T, server, bundle, dataDir, socket, token string) age
 // server's own socket; an entry created while a workload watches is pushed
 // on the open stream, and moving its parent moves it; an agent killed with
 // SIGKILL restarts from its data dir without a token or bundle file as the
-// same node, and its workloads reconnect.
+// same node, and its workloads reconnect. A third agent given a spent
+// token is refused and serves nothing.
 func TestAgentsServeTheirEntries(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run workloads as other uids")
