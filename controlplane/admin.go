@@ -105,6 +105,7 @@ func entryToProto(e store.Entry) *adminv1.Entry {
 		DnsNames:  e.DNSNames,
 		CreatedAt: timestamppb.New(e.CreatedAt),
 		Hint:      e.Hint,
+		ParentId:  e.ParentID,
 	}
 	if e.TTL > 0 {
 		pe.Ttl = durationpb.New(e.TTL)
@@ -124,7 +125,7 @@ func (a *AdminService) CreateEntry(ctx context.Context, req *adminv1.CreateEntry
 	if pe.GetId() != "" {
 		return nil, status.Error(codes.InvalidArgument, "entry id is assigned by the server; leave it empty")
 	}
-	spec := EntrySpec{SpiffeID: pe.GetSpiffeId(), DNSNames: pe.GetDnsNames(), Hint: pe.GetHint()}
+	spec := EntrySpec{SpiffeID: pe.GetSpiffeId(), DNSNames: pe.GetDnsNames(), Hint: pe.GetHint(), ParentID: pe.GetParentId()}
 	if pe.GetTtl() != nil {
 		spec.TTL = pe.GetTtl().AsDuration()
 	}
@@ -207,6 +208,9 @@ func (a *AdminService) UpdateEntry(ctx context.Context, req *adminv1.UpdateEntry
 	}
 	if req.Hint != nil {
 		u.Hint = req.Hint
+	}
+	if req.ParentId != nil {
+		u.ParentID = req.ParentId
 	}
 	e, err := a.srv.UpdateEntry(ctx, req.GetId(), u, actor(ctx))
 	if err != nil {

@@ -16,6 +16,8 @@ type EntryUpdate struct {
 	DNSNames  *[]string
 	TTL       *time.Duration // zero: the server default
 	Hint      *string
+	// ParentID replaces the parent when set; "" removes it.
+	ParentID *string
 }
 
 // GetEntry returns one entry; a missing one is store.ErrNotFound.
@@ -37,8 +39,8 @@ func (s *Server) UpdateEntry(ctx context.Context, id string, u EntryUpdate, acto
 	if id == "" {
 		return store.Entry{}, invalidf("entry id is required")
 	}
-	if len(u.Selectors) == 0 && u.DNSNames == nil && u.TTL == nil && u.Hint == nil {
-		return store.Entry{}, invalidf("nothing to update: give selectors, dns names, a ttl or a hint")
+	if len(u.Selectors) == 0 && u.DNSNames == nil && u.TTL == nil && u.Hint == nil && u.ParentID == nil {
+		return store.Entry{}, invalidf("nothing to update: give selectors, dns names, a ttl, a hint or a parent id")
 	}
 	// Serialized with every other update so that two concurrent updates of
 	// one entry cannot each start from the same old version.
@@ -60,6 +62,9 @@ func (s *Server) UpdateEntry(ctx context.Context, id string, u EntryUpdate, acto
 	if u.Hint != nil {
 		e.Hint = *u.Hint
 	}
+	if u.ParentID != nil {
+		e.ParentID = *u.ParentID
+	}
 	if err := s.validateEntry(&e); err != nil {
 		return store.Entry{}, err
 	}
@@ -68,11 +73,11 @@ func (s *Server) UpdateEntry(ctx context.Context, id string, u EntryUpdate, acto
 	}
 	_, err = s.store.UpdateEntry(ctx, e, store.AuditEvent{
 		Time: s.now(), Actor: actor, Action: "entry.update", Target: e.ID,
-		Detail: fmt.Sprintf("%s selectors=%v dns=%v ttl=%s hint=%q", e.SpiffeID, selectorStrings(e.Selectors), e.DNSNames, e.TTL, e.Hint),
+		Detail: fmt.Sprintf("%s selectors=%v dns=%v ttl=%s hint=%q parent=%q", e.SpiffeID, selectorStrings(e.Selectors), e.DNSNames, e.TTL, e.Hint, e.ParentID),
 	})
 	if err != nil {
 		if errors.Is(err, store.ErrAlreadyExists) {
-			return store.Entry{}, &alreadyExistsError{msg: fmt.Sprintf("an entry for %s with selectors %v already exists", e.SpiffeID, selectorStrings(e.Selectors))}
+			return store.Entry{}, duplicateEntry(e)
 		}
 		return store.Entry{}, fmt.Errorf("update entry %s: %w", id, err)
 	}

@@ -85,6 +85,26 @@ func (s *Server) validateEntry(e *store.Entry) error {
 	if err := entry.Validate(e, attestors, s.validateX509TTL); err != nil {
 		return &InvalidArgumentError{msg: err.Error()}
 	}
+	return s.validateParentID(e.ParentID)
+}
+
+// validateParentID checks an entry's parent: empty, or the SPIFFE ID of a
+// node agent of this trust domain. Anything else would be an entry no
+// agent is ever served, which is a typo rather than an intent.
+func (s *Server) validateParentID(parent string) error {
+	if parent == "" {
+		return nil
+	}
+	if err := ca.CheckSPIFFEID(parent); err != nil {
+		return invalidf("parent id %.64q...: %v", parent, err)
+	}
+	id, err := spiffeid.FromString(parent)
+	if err != nil {
+		return invalidf("invalid parent id %q: %v", parent, err)
+	}
+	if !s.isAgentID(id) {
+		return invalidf("parent id %s is not a node agent: use spiffe://%s%s<method>/<node>, e.g. spiffe://%s%sjoin/web-1", parent, s.td, agentPath, s.td, agentPath)
+	}
 	return nil
 }
 
@@ -96,6 +116,8 @@ type EntrySpec struct {
 	DNSNames  []string
 	// Hint is the Workload API hint; empty means the entry ID.
 	Hint string
+	// ParentID, if set, is the node agent that alone may serve the entry.
+	ParentID string
 }
 
 // CreateEntry validates and stores a registration entry. Validation errors
@@ -108,6 +130,7 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 		TTL:       spec.TTL,
 		DNSNames:  spec.DNSNames,
 		Hint:      spec.Hint,
+		ParentID:  spec.ParentID,
 		CreatedAt: s.now(),
 	}
 	if err := s.validateEntry(&e); err != nil {
@@ -115,11 +138,11 @@ func (s *Server) CreateEntry(ctx context.Context, spec EntrySpec, actor string) 
 	}
 	err := s.store.CreateEntry(ctx, e, store.AuditEvent{
 		Time: e.CreatedAt, Actor: actor, Action: "entry.create", Target: e.ID,
-		Detail: fmt.Sprintf("%s selectors=%v", e.SpiffeID, selectorStrings(e.Selectors)),
+		Detail: fmt.Sprintf("%s selectors=%v%s", e.SpiffeID, selectorStrings(e.Selectors), parentDetail(e.ParentID)),
 	})
 	if err != nil {
 		if errors.Is(err, store.ErrAlreadyExists) {
-			return store.Entry{}, &alreadyExistsError{msg: fmt.Sprintf("an entry for %s with selectors %v already exists", e.SpiffeID, selectorStrings(e.Selectors))}
+			return store.Entry{}, duplicateEntry(e)
 		}
 		return store.Entry{}, fmt.Errorf("create entry: %w", err)
 	}
@@ -186,6 +209,24 @@ func (s *Server) ListEntries(ctx context.Context, q store.EntryQuery) ([]store.E
 // MatchEntries returns the entries whose selectors the caller all has.
 func (s *Server) MatchEntries(callerSelectors []string) []store.Entry {
 	return s.entries.match(callerSelectors)
+}
+
+// duplicateEntry is the operator's message for an entry whose SPIFFE ID,
+// selectors and parent another entry already has (SPIRE's rule: the same
+// pair under two different parents is two entries).
+func duplicateEntry(e store.Entry) error {
+	msg := fmt.Sprintf("an entry for %s with selectors %v", e.SpiffeID, selectorStrings(e.Selectors))
+	if e.ParentID != "" {
+		msg += " and parent " + e.ParentID
+	}
+	return &alreadyExistsError{msg: msg + " already exists"}
+}
+
+func parentDetail(parent string) string {
+	if parent == "" {
+		return ""
+	}
+	return " parent=" + parent
 }
 
 func selectorStrings(sels []store.Selector) []string { return entry.Strings(sels) }

@@ -161,15 +161,15 @@ type Store interface {
 
 	// CreateEntry stores a new entry and its audit event atomically. It
 	// returns ErrAlreadyExists if the ID exists or another entry has the same
-	// SpiffeID and the same selector set.
+	// SpiffeID, the same selector set and the same ParentID.
 	CreateEntry(ctx context.Context, e Entry, audit AuditEvent) error
 	// DeleteEntry removes an entry and records the audit event atomically;
 	// ErrNotFound if there is no such entry.
 	DeleteEntry(ctx context.Context, id string, audit AuditEvent) (Entry, error)
 	// UpdateEntry replaces the entry with e.ID and records the audit event
 	// atomically, returning the entry as it was: ErrNotFound if there is
-	// none, ErrAlreadyExists if another entry has e's SpiffeID and selector
-	// set.
+	// none, ErrAlreadyExists if another entry has e's SpiffeID, selector
+	// set and ParentID.
 	UpdateEntry(ctx context.Context, e Entry, audit AuditEvent) (Entry, error)
 	// GetEntry returns one entry or ErrNotFound.
 	GetEntry(ctx context.Context, id string) (Entry, error)

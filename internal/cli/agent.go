@@ -17,7 +17,7 @@ func newAgentCmd() *cobra.Command {
 		insecure                                                                                           bool
 	)
 	cmd := &cobra.Command{
-		Use:   "agent --server HOST:PORT (--join-token T | a data dir that holds a node identity) (--trust-bundle FILE | --insecure-bootstrap)",
+		Use:   "agent --server HOST:PORT [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
 		Short: "Run a node agent: serve SDS and the SPIFFE Workload API on this node from SVIDs the server signs",
 		Long: `Run the meshid node agent. It proves to the server (meshid server
 --agent-listen) which node it is, the first time with a join token made by
@@ -32,7 +32,19 @@ The server is verified by its SPIFFE ID (spiffe://<trust domain>/meshid/server)
 under --trust-bundle (the server's bundle, e.g. from 'meshid bundle show'),
 or, with --insecure-bootstrap, trusted on first contact and pinned from then
 on. While the server is unreachable the agent keeps serving what it holds and
-reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.`,
+reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.
+
+The agent's own ID is spiffe://<trust domain>/meshid/agent/join/<node-id>
+(logged as node_id); entries made with 'meshid entry create --parent-id'
+that ID are served by this agent only, entries without a parent by every
+agent and by the server's own workload socket.`,
+		Example: `  # on the server's host
+  meshid server --agent-listen 0.0.0.0:8443 ...
+  meshid bundle show > bundle.pem
+  meshid token create --agent --node-id web-1 --ttl 1h > web-1.token
+  # on node web-1 (later restarts need only --server and --data-dir)
+  meshid agent --server meshid.example:8443 --join-token-file web-1.token --trust-bundle bundle.pem \
+      --data-dir /var/lib/meshid-agent --socket /run/meshid/workload/workload.sock`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), logLevel, logFormat)

@@ -81,26 +81,34 @@ func parseSelectors(in []string) ([]*adminv1.Selector, error) {
 
 func newEntryCreateCmd() *cobra.Command {
 	var (
-		admin, spiffeID, output, hint string
-		selectors, dns                []string
-		ttl                           time.Duration
+		admin, spiffeID, output, hint, parent string
+		selectors, dns                        []string
+		ttl                                   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "create --spiffe-id ID --selector TYPE:KEY:VALUE [--selector ...]",
 		Short: "Register a SPIFFE ID for callers that match all the selectors",
 		Long: `Register a SPIFFE ID for callers that match all the given selectors.
 
+Without --parent-id every node agent may serve the entry to its matching
+workloads, and so may the server's own workload socket. With --parent-id
+spiffe://<trust-domain>/meshid/agent/<method>/<node> only that agent may
+(the agent's ID is printed by meshid token create --agent and in its log).
+The same SPIFFE ID and selectors may be registered once without a parent
+and once under each agent.
+
 ` + selectorHelp + `
 
 ` + entryLimits,
 		Example: `  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/web --selector unix:uid:1000
-  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/db --selector unix:uid:1000 --selector unix:path:/usr/local/bin/db --ttl 1h --hint db`,
+  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/db --selector unix:uid:1000 --selector unix:path:/usr/local/bin/db --ttl 1h --hint db
+  meshid entry create --spiffe-id spiffe://cluster.local/ns/shop/sa/web --selector unix:uid:1000 --parent-id spiffe://cluster.local/meshid/agent/join/web-1`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			e := &adminv1.Entry{SpiffeId: spiffeID, DnsNames: dns, Hint: hint}
+			e := &adminv1.Entry{SpiffeId: spiffeID, DnsNames: dns, Hint: hint, ParentId: parent}
 			var err error
 			if e.Selectors, err = parseSelectors(selectors); err != nil {
 				return err
@@ -128,6 +136,7 @@ func newEntryCreateCmd() *cobra.Command {
 	fs.StringSliceVar(&dns, "dns", nil, "DNS SAN to add to the SVID (repeat or comma-separate)")
 	durationFlag(fs, &ttl, "ttl", 0, "SVID lifetime for this entry, at least 1m (default: the server's --svid-ttl)")
 	fs.StringVar(&hint, "hint", "", "Workload API hint sent with this entry's SVIDs, so a workload holding several can pick one (default: the entry ID)")
+	fs.StringVar(&parent, "parent-id", "", "SPIFFE ID of the one node agent that may serve this entry, spiffe://<td>/meshid/agent/<method>/<node> (default: every agent and the server's own socket)")
 	outputFlag(fs, &output)
 	_ = cmd.MarkFlagRequired("spiffe-id")
 	_ = cmd.MarkFlagRequired("selector")
@@ -136,23 +145,27 @@ func newEntryCreateCmd() *cobra.Command {
 
 func newEntryUpdateCmd() *cobra.Command {
 	var (
-		admin, output, hint string
-		selectors, dns      []string
-		ttl                 time.Duration
+		admin, output, hint, parent string
+		selectors, dns              []string
+		ttl                         time.Duration
 	)
 	cmd := &cobra.Command{
-		Use:   "update ID [--selector ...] [--dns ...] [--ttl ...] [--hint ...]",
-		Short: "Change an entry's selectors, DNS names, TTL or hint",
+		Use:   "update ID [--selector ...] [--dns ...] [--ttl ...] [--hint ...] [--parent-id ...]",
+		Short: "Change an entry's selectors, DNS names, TTL, hint or parent",
 		Long: `Change an entry. Only the flags given change: --selector replaces the whole
 selector set, --dns the DNS names (--dns "" removes them all), --ttl the SVID
 lifetime (--ttl 0 means the server default), --hint the Workload API hint
-(--hint "" means the entry ID). The update is validated as at creation; a
+(--hint "" means the entry ID), --parent-id the one agent that may serve it
+(--parent-id "" removes the parent: every agent and the server's own socket
+may serve it again). The update is validated as at creation; a
 refused update changes nothing. Callers holding the entry get a new SVID at
 once; callers that no longer match lose it.
 
 ` + entryLimits,
-		Example: `  meshid entry update 1b4e28ba-2fa1-41d2-883f-0016d3cca427 --dns web.shop.svc --ttl 2h`,
-		Args:    cobra.ExactArgs(1),
+		Example: `  meshid entry update 1b4e28ba-2fa1-41d2-883f-0016d3cca427 --dns web.shop.svc --ttl 2h
+  meshid entry update 1b4e28ba-2fa1-41d2-883f-0016d3cca427 --parent-id spiffe://cluster.local/meshid/agent/join/web-2
+  meshid entry update 1b4e28ba-2fa1-41d2-883f-0016d3cca427 --parent-id ""`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkOutput(output); err != nil {
 				return err
@@ -180,15 +193,18 @@ once; callers that no longer match lose it.
 			if fs.Changed("hint") {
 				req.Hint = &hint
 			}
-			if len(req.Selectors) == 0 && !req.UpdateDnsNames && req.Ttl == nil && req.Hint == nil {
-				return fmt.Errorf("nothing to update: give --selector, --dns, --ttl or --hint")
+			if fs.Changed("parent-id") {
+				req.ParentId = &parent
+			}
+			if len(req.Selectors) == 0 && !req.UpdateDnsNames && req.Ttl == nil && req.Hint == nil && req.ParentId == nil {
+				return fmt.Errorf("nothing to update: give --selector, --dns, --ttl, --hint or --parent-id")
 			}
 			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.UpdateEntry, req)
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), resp.GetEntry())
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, resp.GetEntry())
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "updated entry %s for %s\n", resp.GetEntry().GetId(), safe(resp.GetEntry().GetSpiffeId()))
 			return nil
@@ -200,6 +216,7 @@ once; callers that no longer match lose it.
 	fs.StringSliceVar(&dns, "dns", nil, "new DNS SANs (repeat or comma-separate; replaces all, \"\" for none)")
 	durationFlag(fs, &ttl, "ttl", 0, "new SVID lifetime, at least 1m (0: the server's --svid-ttl)")
 	fs.StringVar(&hint, "hint", "", "new Workload API hint (\"\": the entry ID)")
+	fs.StringVar(&parent, "parent-id", "", "new parent, the SPIFFE ID of the one node agent that may serve the entry (\"\": none, every agent and the server's own socket)")
 	outputFlag(fs, &output)
 	return cmd
 }
@@ -219,8 +236,8 @@ func newEntryShowCmd() *cobra.Command {
 				return err
 			}
 			e := resp.GetEntry()
-			if output == "json" {
-				return writeJSONMessage(cmd.OutOrStdout(), e)
+			if structured(output) {
+				return writeOutMessage(cmd.OutOrStdout(), output, e)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "ID\t%s\n", safe(e.GetId()))
@@ -229,6 +246,7 @@ func newEntryShowCmd() *cobra.Command {
 			fmt.Fprintf(tw, "TTL\t%s\n", ttlText(e))
 			fmt.Fprintf(tw, "DNS\t%s\n", dnsText(e))
 			fmt.Fprintf(tw, "HINT\t%s\n", hintText(e))
+			fmt.Fprintf(tw, "PARENT\t%s\n", parentText(e))
 			fmt.Fprintf(tw, "CREATED\t%s\n", e.GetCreatedAt().AsTime().Format(time.RFC3339))
 			return tw.Flush()
 		},
@@ -266,6 +284,13 @@ func hintText(e *adminv1.Entry) string {
 		return "(entry id)"
 	}
 	return safe(e.GetHint())
+}
+
+func parentText(e *adminv1.Entry) string {
+	if e.GetParentId() == "" {
+		return "(none: every agent and the server)"
+	}
+	return safe(e.GetParentId())
 }
 
 // pageSizeFlag adds --page-size to a listing command.
@@ -323,13 +348,13 @@ them together (-o json: one array).`,
 
 func writeEntryTable(w io.Writer, all []*adminv1.Entry) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSPIFFE ID\tSELECTORS\tTTL\tDNS\tHINT")
+	fmt.Fprintln(tw, "ID\tSPIFFE ID\tSELECTORS\tTTL\tDNS\tHINT\tPARENT")
 	for _, e := range all {
 		hint := ""
 		if e.GetHint() != "" {
 			hint = safe(e.GetHint())
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", safe(e.GetId()), safe(e.GetSpiffeId()), selectorsText(e), ttlText(e), dnsText(e), hint)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", safe(e.GetId()), safe(e.GetSpiffeId()), selectorsText(e), ttlText(e), dnsText(e), hint, safe(e.GetParentId()))
 	}
 	return tw.Flush()
 }

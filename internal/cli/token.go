@@ -19,7 +19,7 @@ func newTokenCmd() *cobra.Command {
 	)
 	create := &cobra.Command{
 		Use:   "create (--spiffe-id ID [--single-use] | --agent [--node-id NODE]) --ttl 1h",
-		Short: "Make a join token: a bearer credential for SDS over TCP (--sds-listen)",
+		Short: "Make a join token: for a proxy on SDS over TCP (--spiffe-id) or a node agent's first attestation (--agent)",
 		Long: `Make a join token granting --spiffe-id to a proxy that connects to the
 server's TCP SDS endpoint (--sds-listen or --sds-rest-listen) without an SVID
 yet. Envoy sends it as gRPC initial metadata:
@@ -35,8 +35,13 @@ token is bound to the first connection that presents it.
 With --agent the token attests a node agent instead (meshid agent
 --join-token): it is single-use and makes the agent
 spiffe://<trust domain>/meshid/agent/join/<node-id>, which then renews its
-node SVID itself. An agent token is refused on SDS, and a workload token
-by the agent API, without being spent.`,
+node SVID itself and restarts from its --data-dir without a new token. Pass
+that ID to 'meshid entry create --parent-id' to have only this agent serve
+an entry. An agent token is refused on SDS, and a workload token by the
+agent API, without being spent.`,
+		Example: `  meshid token create --spiffe-id spiffe://cluster.local/ns/shop/sa/web --single-use --ttl 1h
+  meshid token create --agent --node-id web-1 --ttl 1h > web-1.token
+  meshid agent --server meshid.example:8443 --join-token-file web-1.token --trust-bundle bundle.pem`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {

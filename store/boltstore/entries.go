@@ -11,10 +11,16 @@ import (
 	"github.com/meshid/meshid/store"
 )
 
-// uniqKey identifies an entry's (SpiffeID, selector set) pair. Fields are
-// length-prefixed before hashing so that no two different pairs serialise
-// alike ("a"+"bc" vs "ab"+"c"). Selectors are taken in the caller's order,
-// which the Store contract says is sorted.
+// uniqKey identifies an entry's (ParentID, SpiffeID, selector set), SPIRE's
+// rule: the same ID and selectors under two parents are two entries. Fields
+// are length-prefixed before hashing so that no two different triples
+// serialise alike ("a"+"bc" vs "ab"+"c"). Selectors are taken in the
+// caller's order, which the Store contract says is sorted.
+//
+// The parent is appended only when set, so an entry without one keeps the
+// key stores written before parents existed hold for it; and since the
+// selector count fixes where a parentless encoding ends, a parent's extra
+// bytes cannot make two triples collide.
 func uniqKey(e *store.Entry) []byte {
 	var b enc
 	b.str(e.SpiffeID)
@@ -22,6 +28,9 @@ func uniqKey(e *store.Entry) []byte {
 	for _, s := range e.Selectors {
 		b.str(s.Type)
 		b.str(s.Value)
+	}
+	if e.ParentID != "" {
+		b.str(e.ParentID)
 	}
 	sum := sha256.Sum256(b.b)
 	return sum[:]
@@ -48,7 +57,7 @@ func (s *Store) CreateEntry(ctx context.Context, e store.Entry, audit store.Audi
 			return fmt.Errorf("entry id %s: %w", e.ID, store.ErrAlreadyExists)
 		}
 		if other := uniq.Get(uk); other != nil {
-			return fmt.Errorf("entry %s has the same spiffe id %s and selectors: %w", other, e.SpiffeID, store.ErrAlreadyExists)
+			return fmt.Errorf("entry %s has the same spiffe id %s, selectors and parent: %w", other, e.SpiffeID, store.ErrAlreadyExists)
 		}
 		if err := entries.Put(id, val); err != nil {
 			return err

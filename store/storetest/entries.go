@@ -60,6 +60,50 @@ func testEntries(t *testing.T, s store.Store) {
 	if !slices.Contains(actions, "entry.create e1") || !slices.Contains(actions, "entry.delete e1") {
 		t.Fatalf("audit %v lacks the create and delete of e1", actions)
 	}
+	testEntryParents(t, s)
+}
+
+// testEntryParents checks SPIRE's uniqueness rule: parent, SPIFFE ID and
+// selectors together identify an entry, so the same pair may be registered
+// once without a parent and once under each agent.
+func testEntryParents(t *testing.T, s store.Store) {
+	const (
+		web1 = "spiffe://example.org/meshid/agent/join/web-1"
+		web2 = "spiffe://example.org/meshid/agent/join/web-2"
+	)
+	parented := func(id, parent string) store.Entry {
+		e := entry(id, "spiffe://example.org/p", "unix:uid:7")
+		e.ParentID = parent
+		return e
+	}
+	must(t, s.CreateEntry(bg, parented("p0", ""), nop))
+	p1 := parented("p1", web1)
+	must(t, s.CreateEntry(bg, p1, nop))
+	must(t, s.CreateEntry(bg, parented("p2", web2), nop))
+	got, err := s.GetEntry(bg, "p1")
+	must(t, err)
+	if !reflect.DeepEqual(got, p1) {
+		t.Fatalf("GetEntry = %+v, want %+v", got, p1)
+	}
+	unchanged(t, s, "CreateEntry same spiffe id, selectors and parent", store.ErrAlreadyExists, func() error {
+		return s.CreateEntry(bg, parented("p3", web1), nop)
+	})
+	unchanged(t, s, "UpdateEntry onto another parent's claim", store.ErrAlreadyExists, func() error {
+		_, err := s.UpdateEntry(bg, parented("p2", web1), nop)
+		return err
+	})
+	unchanged(t, s, "UpdateEntry dropping the parent onto a parentless claim", store.ErrAlreadyExists, func() error {
+		_, err := s.UpdateEntry(bg, parented("p2", ""), nop)
+		return err
+	})
+	// Moving p0 under an agent frees the parentless claim, and deleting p1
+	// frees web-1's.
+	_, err = s.UpdateEntry(bg, parented("p0", "spiffe://example.org/meshid/agent/join/web-3"), nop)
+	must(t, err)
+	_, err = s.DeleteEntry(bg, "p1", nop)
+	must(t, err)
+	must(t, s.CreateEntry(bg, parented("p4", ""), nop))
+	must(t, s.CreateEntry(bg, parented("p5", web1), nop))
 }
 
 func testEntryUpdate(t *testing.T, s store.Store) {

@@ -93,7 +93,11 @@ type Entry struct {
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// hint is the Workload API X509SVID/JWTSVID hint; empty means the entry
 	// id is sent.
-	Hint          string `protobuf:"bytes,7,opt,name=hint,proto3" json:"hint,omitempty"`
+	Hint string `protobuf:"bytes,7,opt,name=hint,proto3" json:"hint,omitempty"`
+	// parent_id, if set, is the SPIFFE ID of the one node agent
+	// (spiffe://<td>/meshid/agent/...) that may serve the entry; empty means
+	// every agent and the server's own workload socket.
+	ParentId      string `protobuf:"bytes,8,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -173,6 +177,13 @@ func (x *Entry) GetCreatedAt() *timestamppb.Timestamp {
 func (x *Entry) GetHint() string {
 	if x != nil {
 		return x.Hint
+	}
+	return ""
+}
+
+func (x *Entry) GetParentId() string {
+	if x != nil {
+		return x.ParentId
 	}
 	return ""
 }
@@ -578,7 +589,10 @@ type UpdateEntryRequest struct {
 	// replaces the ttl when set; a zero duration means the server default.
 	Ttl *durationpb.Duration `protobuf:"bytes,5,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// replaces the hint when set; empty means the entry id again.
-	Hint          *string `protobuf:"bytes,6,opt,name=hint,proto3,oneof" json:"hint,omitempty"`
+	Hint *string `protobuf:"bytes,6,opt,name=hint,proto3,oneof" json:"hint,omitempty"`
+	// replaces the parent when set; empty means no parent (every agent and
+	// the server's own workload socket may serve the entry).
+	ParentId      *string `protobuf:"bytes,7,opt,name=parent_id,json=parentId,proto3,oneof" json:"parent_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -651,6 +665,13 @@ func (x *UpdateEntryRequest) GetTtl() *durationpb.Duration {
 func (x *UpdateEntryRequest) GetHint() string {
 	if x != nil && x.Hint != nil {
 		return *x.Hint
+	}
+	return ""
+}
+
+func (x *UpdateEntryRequest) GetParentId() string {
+	if x != nil && x.ParentId != nil {
+		return *x.ParentId
 	}
 	return ""
 }
@@ -2053,7 +2074,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x1bmeshid/admin/v1/admin.proto\x12\x0fmeshid.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n" +
 	"\bSelector\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\x86\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\xa3\x02\n" +
 	"\x05Entry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x127\n" +
@@ -2062,7 +2083,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\tdns_names\x18\x05 \x03(\tR\bdnsNames\x129\n" +
 	"\n" +
 	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x12\n" +
-	"\x04hint\x18\a \x01(\tR\x04hint\"B\n" +
+	"\x04hint\x18\a \x01(\tR\x04hint\x12\x1b\n" +
+	"\tparent_id\x18\b \x01(\tR\bparentId\"B\n" +
 	"\x12CreateEntryRequest\x12,\n" +
 	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"C\n" +
 	"\x13CreateEntryResponse\x12,\n" +
@@ -2082,15 +2104,18 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x0fGetEntryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"@\n" +
 	"\x10GetEntryResponse\x12,\n" +
-	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"\xf3\x01\n" +
+	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"\xa3\x02\n" +
 	"\x12UpdateEntryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x127\n" +
 	"\tselectors\x18\x02 \x03(\v2\x19.meshid.admin.v1.SelectorR\tselectors\x12\x1b\n" +
 	"\tdns_names\x18\x03 \x03(\tR\bdnsNames\x12(\n" +
 	"\x10update_dns_names\x18\x04 \x01(\bR\x0eupdateDnsNames\x12+\n" +
 	"\x03ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x17\n" +
-	"\x04hint\x18\x06 \x01(\tH\x00R\x04hint\x88\x01\x01B\a\n" +
-	"\x05_hint\"C\n" +
+	"\x04hint\x18\x06 \x01(\tH\x00R\x04hint\x88\x01\x01\x12 \n" +
+	"\tparent_id\x18\a \x01(\tH\x01R\bparentId\x88\x01\x01B\a\n" +
+	"\x05_hintB\f\n" +
+	"\n" +
+	"_parent_id\"C\n" +
 	"\x13UpdateEntryResponse\x12,\n" +
 	"\x05entry\x18\x01 \x01(\v2\x16.meshid.admin.v1.EntryR\x05entry\"\xa9\x01\n" +
 	"\x13MintX509SVIDRequest\x12\x1b\n" +
