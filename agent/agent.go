@@ -24,7 +24,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/entry"
@@ -188,7 +190,13 @@ func (a *Agent) Run(ctx context.Context, ready func(Listening)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	wg.Go(func() { a.connectLoop(ctx) })
+	fatal := make(chan error, 1)
+	wg.Go(func() {
+		if err := a.connectLoop(ctx); err != nil {
+			fatal <- err
+			cancel()
+		}
+	})
 	errc := make(chan error, 1)
 	if ml != nil {
 		wg.Go(func() {
@@ -206,6 +214,7 @@ func (a *Agent) Run(ctx context.Context, ready func(Listening)) error {
 	wg.Wait()
 	if err == nil {
 		select {
+		case err = <-fatal:
 		case err = <-errc:
 		default:
 		}
@@ -232,14 +241,20 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 }
 
 // connectLoop holds a session with the server, reconnecting with capped
-// exponential backoff and jitter; the cache serves meanwhile.
-func (a *Agent) connectLoop(ctx context.Context) {
+// exponential backoff and jitter; the cache serves meanwhile. It returns
+// only when ctx ends (nil) or the server refuses the join token (the
+// agent cannot become anything without a new one: retrying would spin).
+func (a *Agent) connectLoop(ctx context.Context) error {
 	backoff := time.Duration(0)
 	for ctx.Err() == nil {
 		synced, err := a.session(ctx)
 		a.connected.Store(false)
 		if ctx.Err() != nil {
-			return
+			return nil
+		}
+		var refused *attestRefused
+		if errors.As(err, &refused) {
+			return err
 		}
 		if synced {
 			backoff = 0 // the server was there: start over
@@ -248,10 +263,20 @@ func (a *Agent) connectLoop(ctx context.Context) {
 		d := time.Duration(float64(backoff) * (0.8 + 0.4*rand.Float64()))
 		a.log.Warn("server unreachable: serving from cache, retrying", "server", a.cfg.Server, "retry_in", d.Truncate(time.Millisecond), "err", err)
 		if !a.sleep(ctx, d) {
-			return
+			return nil
 		}
 	}
+	return nil
 }
+
+// attestRefused is the server's no to a join token: spent, expired,
+// unknown, or not made for an agent.
+type attestRefused struct{ err error }
+
+func (e *attestRefused) Error() string {
+	return fmt.Sprintf("attestation refused: %v (make a new one with 'meshid token create --agent')", e.err)
+}
+func (e *attestRefused) Unwrap() error { return e.err }
 
 // verifyServer checks the server's certificate: an SVID of the trust
 // domain, chaining to the bundle held, naming the server. (Its DNS name
@@ -316,6 +341,9 @@ func (a *Agent) attest(ctx context.Context) error {
 		return err
 	}
 	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: "join_token", Payload: []byte(a.cfg.JoinToken), Csr: csr})
+	if c := status.Code(err); c == codes.PermissionDenied || c == codes.InvalidArgument {
+		return &attestRefused{err: status.Convert(err).Err()}
+	}
 	if err != nil {
 		return fmt.Errorf("attest: %w", err)
 	}
