@@ -279,7 +279,6 @@ func (g *gatePlane) checkHeld(t *testing.T, prepared, active string, holding, st
 	}
 }
 
-
 // preparedID is the prepared CA's ID ("" if none).
 func (g *gatePlane) preparedID() string {
 	if p := g.srv.preparedCA(); p != nil {
