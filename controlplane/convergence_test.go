@@ -279,14 +279,6 @@ func (g *gatePlane) checkHeld(t *testing.T, prepared, active string, holding, st
 	}
 }
 
-// preparedID is the prepared CA's ID ("" if none).
-func (g *gatePlane) preparedID() string {
-	if p := g.srv.preparedCA(); p != nil {
-		return p.rec.ID
-	}
-	return ""
-}
-
 // TestActivationWaitsForAgentConvergence: automatic activation of a
 // prepared CA waits while one of an agent's SDS streams has not ACKed the
 // bundle that contains it, says so in ca show, Status and the metrics,
