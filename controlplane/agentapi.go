@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -109,8 +110,11 @@ func (s *Server) redeemAgentToken(ctx context.Context, secret string) (spiffeid.
 type agentHub struct {
 	mu      sync.Mutex
 	streams map[*agentStream]struct{}
-	// versions are the CAs in each bundle version sent (convergence.go).
+	// versions are the CAs in each bundle version sent; gateHeld is set
+	// while the lifecycle holds an activation for convergence
+	// (convergence.go).
 	versions bundleCAs
+	gateHeld atomic.Bool
 }
 
 type agentStream struct {

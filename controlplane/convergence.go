@@ -222,6 +222,7 @@ func (s *Server) activationGate() gateState {
 // convergence changes re-run the tick (convergenceChanged).
 func (s *Server) gatedActivation() bool {
 	g := s.activationGate()
+	s.agents.gateHeld.Store(g.gate.Held())
 	switch {
 	case g.gate == lifecycle.GateForced:
 		s.log.Error("activating the prepared CA without bundle convergence: its last-resort time has passed and the active CA must not expire",
@@ -246,13 +247,14 @@ func (s *Server) activationHeld() bool {
 	return g.due && g.gate.Held()
 }
 
-// convergenceChanged re-runs the lifecycle tick at once if a held
-// activation may now proceed (an agent's report changed, or it left).
+// convergenceChanged re-runs the lifecycle tick at once if an activation
+// the tick held may now proceed (an agent's report changed, or it left).
+// Only a held one: a due activation that failed keeps its retry backoff.
 func (s *Server) convergenceChanged() {
-	if s.cfg.DisableAutoRotate || !s.Leading() {
+	if !s.agents.gateHeld.Load() || s.cfg.DisableAutoRotate || !s.Leading() {
 		return
 	}
-	if g := s.activationGate(); g.due && !g.gate.Held() {
+	if g := s.activationGate(); g.due && !g.gate.Held() && s.agents.gateHeld.CompareAndSwap(true, false) {
 		s.rotTimer.reset(0)
 	}
 }

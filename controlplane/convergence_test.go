@@ -286,6 +286,10 @@ func (g *gatePlane) checkHeld(t *testing.T, prepared, active string, holding, st
 // NACKing the bundle, once it closes; then once the agent disconnects.
 func TestActivationWaitsForAgentConvergence(t *testing.T) {
 	g := startGatePlane(t, 0)
+	// The agent reports at once, with no stream open yet.
+	g.waitStatus(t, "the agent's first report", func(r *adminv1.StatusResponse) bool {
+		return len(r.GetAgents()) == 1 && r.GetAgents()[0].GetReported() && r.GetStreams() == 0
+	})
 	good, lag := openProxy(t, g.agentSock), openProxy(t, g.agentSock)
 	newestAll := func(n int32) func(*adminv1.StatusResponse) bool {
 		return func(r *adminv1.StatusResponse) bool {
