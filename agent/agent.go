@@ -82,6 +82,8 @@ type Agent struct {
 
 	connected atomic.Bool
 	lastSync  atomic.Int64 // unix nanos
+	// ws is the workload socket while Run serves it (bundle reports).
+	ws atomic.Pointer[endpoint.WorkloadServer]
 }
 
 // Open locks the data dir and loads the node identity kept there.
@@ -178,6 +180,7 @@ func (a *Agent) Run(ctx context.Context, ready func(Listening)) error {
 	if err != nil {
 		return err
 	}
+	a.ws.Store(ws)
 	got := Listening{Socket: ws.Socket()}
 	var ml net.Listener
 	if a.cfg.MetricsListen != "" {
@@ -432,6 +435,7 @@ func (a *Agent) session(ctx context.Context) (synced bool, err error) {
 			a.connected.Store(true)
 			a.log.Info("connected to the server", "server", a.cfg.Server, "node_id", a.ID().String())
 			wg.Go(func() { a.renewNode(ctx, client) })
+			wg.Go(func() { a.reportLoop(ctx, stream) })
 			first = false
 		}
 		a.apply(ctx, resp)

@@ -317,7 +317,11 @@ func (a *AdminService) ListCAs(ctx context.Context, _ *adminv1.ListCAsRequest) (
 	now := a.srv.now()
 	for _, v := range views {
 		if v.inBundle(now) {
-			resp.Cas = append(resp.Cas, a.caWithServed(v))
+			c := a.caWithServed(v)
+			if v.rec.State == store.CAPrepared {
+				c.ActivationHeld = a.srv.heldReasonFor(v.rec.ID)
+			}
+			resp.Cas = append(resp.Cas, c)
 		}
 	}
 	return resp, nil

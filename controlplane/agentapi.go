@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -118,6 +119,11 @@ func (s *Server) redeemAgentToken(ctx context.Context, secret string) (spiffeid.
 type agentHub struct {
 	mu      sync.Mutex
 	streams map[*agentStream]struct{}
+	// versions are the CAs in each bundle version sent; gateHeld is set
+	// while the lifecycle holds an activation for convergence
+	// (convergence.go).
+	versions bundleCAs
+	gateHeld atomic.Bool
 }
 
 type agentStream struct {
@@ -328,7 +334,10 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 	}
 	st := &agentStream{id: id, notify: make(chan struct{}, 1)}
 	a.srv.agents.add(st)
-	defer a.srv.agents.remove(st)
+	defer func() {
+		a.srv.agents.remove(st)
+		a.srv.convergenceChanged() // its streams no longer hold activation back
+	}()
 	a.srv.log.Info("agent connected", "agent", id.String())
 	defer a.srv.log.Info("agent disconnected", "agent", id.String())
 
@@ -344,6 +353,7 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 				st.report.Lock()
 				st.report.r = r
 				st.report.Unlock()
+				a.srv.convergenceChanged()
 			}
 		}
 	}()
@@ -372,6 +382,7 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 		if b := a.srv.agentBundle(); full || b.Version != bundleVersion || b.JwtVersion != jwtVersion {
 			resp.Bundle = b
 			bundleVersion, jwtVersion = b.Version, b.JwtVersion
+			a.srv.agents.versions.note(b) // before the agent can report it
 		}
 		a.srv.proj.mu.Lock()
 		resp.Revision = a.srv.proj.applied

@@ -421,6 +421,7 @@ func (s *Server) scheduleRotation() {
 }
 
 func (s *Server) nextRotationEvent() (time.Time, bool) {
+	held := s.activationHeld() // before s.mu: it takes it
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	now := s.now()
@@ -436,6 +437,9 @@ func (s *Server) nextRotationEvent() (time.Time, bool) {
 		if v.rec.State == store.CARetired && now.Before(v.rec.NotAfter) {
 			also = append(also, v.rec.NotAfter.Add(time.Millisecond))
 		}
+	}
+	if held {
+		return s.policy().NextHeld(now, cas, also...)
 	}
 	return s.policy().Next(now, cas, also...)
 }
@@ -466,6 +470,9 @@ func (s *Server) rotationTick(ctx context.Context) {
 				return
 			}
 		case lifecycle.Activate:
+			if !s.gatedActivation() {
+				break // held for convergence: re-armed for the gate's next moment below
+			}
 			if _, err := s.activateLocked(ctx, "server", false); err != nil {
 				s.rotationFailed(ctx, "activate", err)
 				return

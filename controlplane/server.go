@@ -70,6 +70,11 @@ type Config struct {
 	// CAPrepareWindow is the least time a prepared CA is published before
 	// it signs; default 2 x SVIDTTL, never less than SVIDTTL.
 	CAPrepareWindow time.Duration
+	// CAActivateMinConvergence is the fraction of the connected agents'
+	// bundle-carrying streams that must hold the prepared CA before it is
+	// activated automatically (convergence.go): 0 means the default 1.0,
+	// a negative value turns the gate off.
+	CAActivateMinConvergence float64
 	// ShortPrepareWindow lifts the SVIDTTL floor of CAPrepareWindow. For
 	// meshid dev only: its peers all stream the bundle (none holds a file
 	// from a day ago), and a newcomer's "ca prepare" then "ca activate"
@@ -287,6 +292,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
 	s.grpcMetrics = newGRPCMetrics(s.metrics.Registry)
 	s.metrics.Registry.MustRegister(newStateCollector(s))
+	s.metrics.Registry.MustRegister(newConvergenceCollector(s))
 	s.startedAt = s.now()
 
 	if cfg.DataDir == "" && cfg.Store == nil {

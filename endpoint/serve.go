@@ -159,6 +159,18 @@ func ListenWorkload(opts WorkloadOptions) (*WorkloadServer, error) {
 // Socket is the socket's absolute path.
 func (w *WorkloadServer) Socket() string { return w.socket }
 
+// BundleVersions counts the open streams that carry the caller's own trust
+// bundle, SDS (by the version ACKed) and Workload API X.509 watchers (by
+// the version last sent) together; the key "" counts those holding none
+// yet. A node agent reports it to the server (convergence).
+func (w *WorkloadServer) BundleVersions() map[string]int {
+	out := w.sds.BundleVersions()
+	for v, n := range w.wl.BundleVersions() {
+		out[v] += n
+	}
+	return out
+}
+
 // Serve serves until ctx is cancelled or the gRPC server fails, then
 // drains (health NOT_SERVING, open streams ended cleanly, in-flight RPCs
 // given DrainTimeout) and removes the socket file. It returns nil after a

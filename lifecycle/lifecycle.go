@@ -117,6 +117,10 @@ func InBundle(now time.Time, c CA) bool {
 // timer (a revoked serial expiring off its CRL, a JWT key leaving the
 // JWKS). ok is false if nothing is ever due.
 func (p Policy) Next(now time.Time, cas []CA, also ...time.Time) (next time.Time, ok bool) {
+	return p.next(now, cas, false, also...)
+}
+
+func (p Policy) next(now time.Time, cas []CA, held bool, also ...time.Time) (next time.Time, ok bool) {
 	consider := func(t time.Time) {
 		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
 			next = t
@@ -146,6 +150,8 @@ func (p Policy) Next(now time.Time, cas []CA, also ...time.Time) (next time.Time
 	if active != nil {
 		if prepared == nil {
 			consider(p.PrepareTime(*active))
+		} else if held {
+			consider(p.NextGateTime(now, *active, *prepared))
 		} else {
 			consider(p.ActivateTime(*active, *prepared))
 		}

@@ -185,6 +185,7 @@ type streamBase struct {
 	sending      bool           // a Send runs apart (see send): no other until it returns
 	req          *emptypb.Empty // the request recvLoop left, undecoded
 	refusedN     map[string]bool
+	hold         bundleHold // which bundle the client holds (bundleversions.go)
 
 	// apart is the Send running on a goroutine of its own, if any; the
 	// handler waits for it before it returns.
@@ -195,6 +196,7 @@ func (b *streamBase) init(s *Server, caller identity.Caller, sub identity.Subscr
 	b.s, b.caller, b.sub = s, caller, sub
 	b.errc = make(chan error, 1)
 	b.taken = make(chan struct{}, 1)
+	s.tracked.add(&b.hold)
 }
 
 func (b *streamBase) queuedFlag() *bool { return &b.queued }
@@ -230,6 +232,7 @@ func (b *streamBase) close() {
 	b.closed = true
 	b.req = nil
 	b.mu.Unlock()
+	b.s.tracked.remove(&b.hold)
 	b.apart.Wait()
 }
 

@@ -94,6 +94,9 @@ type Server struct {
 	// clientLog carries the lines a client can provoke (NACKs, refused
 	// names), bounded per caller so a looping client cannot fill the disk.
 	clientLog *ratelog.Limiter
+
+	// tracked are the open streams, for BundleVersions.
+	tracked bundleStreams
 }
 
 // New returns an SDS server. metrics may be nil.
@@ -287,8 +290,11 @@ func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) {
 	if req.GetErrorDetail() != nil {
 		// NACK: Envoy keeps what it had. Re-sending the same content
 		// would loop; the next real change is the next push.
+		st.hold.nack()
 		st.s.metrics.NACKs.Inc()
 		st.s.logNACK(st.caller, req.GetNode().GetId(), req.GetResourceNames(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
+	} else {
+		st.hold.ack()
 	}
 	newNames := req.GetResourceNames()
 	if !slices.IsSorted(newNames) {
@@ -308,6 +314,8 @@ func (st *sotwStream) request(req *discoveryv3.DiscoveryRequest) {
 func (st *sotwStream) push(force bool) error {
 	s := st.s
 	snap := st.sub.Snapshot()
+	ownV, wantsOwn := ownBundle(st.names, snap)
+	st.hold.wants.Store(wantsOwn)
 	var resources []*anypb.Any
 	changed, refused := force, false
 	for i, n := range st.names {
@@ -350,6 +358,7 @@ func (st *sotwStream) push(force bool) error {
 			}
 		}
 	}
+	st.hold.sent(ownV)
 	return st.send(resp, func() error { return st.stream.Send(resp) }, st)
 }
 
@@ -435,6 +444,12 @@ func (st *deltaStream) request(req *discoveryv3.DeltaDiscoveryRequest) {
 	if st.lastNonce != "" && req.GetResponseNonce() == st.lastNonce {
 		st.answered()
 	}
+	if req.GetErrorDetail() != nil {
+		// Even a stale NACK: the bundle it rejected may be pending still.
+		st.hold.nack()
+	} else if st.lastNonce != "" && req.GetResponseNonce() == st.lastNonce {
+		st.hold.ack()
+	}
 	if req.GetErrorDetail() != nil && !stale {
 		st.s.metrics.NACKs.Inc()
 		st.s.logNACK(st.caller, req.GetNode().GetId(), nil, req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
@@ -455,7 +470,11 @@ func (st *deltaStream) push() error {
 	s := st.s
 	snap := st.sub.Snapshot()
 	resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: SecretTypeURL}
-	for _, n := range sortedKeys(st.subscribed) {
+	names := sortedKeys(st.subscribed)
+	_, wantsOwn := ownBundle(names, snap)
+	st.hold.wants.Store(wantsOwn)
+	sendsOwn := false
+	for _, n := range names {
 		r, ok := resolve(n, snap)
 		if !ok {
 			s.refused(st.caller, n, st.refusedNames())
@@ -476,6 +495,9 @@ func (st *deltaStream) push() error {
 			return status.Error(codes.Internal, "encode secret")
 		}
 		resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: n, Version: v, Resource: a})
+		if len(snap.Bundles) > 0 && ownBundleName(n, snap.Bundles[0]) {
+			sendsOwn = true
+		}
 		st.known[n] = v
 		delete(st.removed, n)
 	}
@@ -488,6 +510,11 @@ func (st *deltaStream) push() error {
 	st.lastNonce = s.next()
 	resp.SystemVersionInfo = st.lastNonce
 	resp.Nonce = st.lastNonce
+	if sendsOwn {
+		// Delta responses add to what the client holds: one without the
+		// bundle leaves a pending one as it is.
+		st.hold.sent(snap.Bundles[0].Version)
+	}
 	return st.send(resp, func() error { return st.stream.Send(resp) }, st)
 }
 

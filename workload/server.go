@@ -81,6 +81,8 @@ type Server struct {
 	// clientLog carries the refusals a client can provoke in a loop,
 	// bounded per caller so it cannot fill the disk.
 	clientLog *ratelog.Limiter
+	// watchers are the open X.509 streams, for BundleVersions.
+	watchers watchers
 }
 
 // SetStreamsGauge makes the server count its open streams in g.
@@ -164,10 +166,13 @@ func watch[R proto.Message](s *Server, ctx context.Context, caller identity.Call
 		s.streams.Inc()
 		defer s.streams.Dec()
 	}
+	w := s.track(rpc)
+	defer s.untrack(w)
 	var last R
 	sent := false
 	for {
-		resp, err := build(sub.Snapshot())
+		snap := sub.Snapshot()
+		resp, err := build(snap)
 		if err != nil {
 			return err
 		}
@@ -178,6 +183,7 @@ func watch[R proto.Message](s *Server, ctx context.Context, caller identity.Call
 			if err := send(resp); err != nil {
 				return err
 			}
+			w.sent(snap)
 			last, sent = resp, true
 		}
 		select {

@@ -80,6 +80,9 @@ func newCACmd() *cobra.Command {
 					fmt.Fprintf(cmd.OutOrStdout(), "emergency rotation in progress: %d served SVID(s) still on tainted CA %s; it leaves the trust bundle at 0\n",
 						x.GetServedSvids(), x.GetFingerprint())
 				}
+				if h := x.GetActivationHeld(); h != "" {
+					fmt.Fprintf(cmd.OutOrStdout(), "prepared CA %s: %s (see meshid status)\n", x.GetFingerprint(), h)
+				}
 			}
 			return nil
 		},
@@ -196,6 +199,12 @@ peer trusts it first; --force overrides that.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {
 				return err
+			}
+			// Not gated by convergence: this is the operator's decision, but
+			// one that should be made knowing which proxies lag.
+			if st, err := adminCall(cmd, admin, adminv1.AdminServiceClient.Status, &adminv1.StatusRequest{}); err == nil && st.GetPreparedCa() != "" && st.GetStreamsPrepared() < st.GetStreams() {
+				fmt.Fprintf(cmd.ErrOrStderr(), "warning: only %d of %d agent streams hold the prepared CA; the others will not trust SVIDs it signs until they do (meshid status)\n",
+					st.GetStreamsPrepared(), st.GetStreams())
 			}
 			resp, err := adminCall(cmd, admin, adminv1.AdminServiceClient.ActivateCA, &adminv1.ActivateCARequest{Force: force})
 			if err != nil {

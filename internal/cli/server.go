@@ -51,6 +51,7 @@ type serverFlags struct {
 	crlValidity   time.Duration
 	maxCRLSerials int
 	fastSign      bool
+	minConv       float64
 }
 
 func defaultDataDir() string {
@@ -76,6 +77,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.Float64Var(&f.prepareAt, "ca-prepare-at", 0.5, "fraction of the active CA's life at which its successor is prepared (published in the bundle)")
 	fs.Float64Var(&f.activateAt, "ca-activate-at", 2.0/3, "fraction of the active CA's life at which its successor is activated (signs)")
 	durationFlag(fs, &f.prepareWindow, "ca-prepare-window", 0, "least time a prepared CA is in the bundle before it signs (default 2 x --svid-ttl, never less than --svid-ttl)")
+	fs.Float64Var(&f.minConv, "ca-activate-min-convergence", 1, "fraction of the connected agents' bundle-carrying streams that must hold the prepared CA before it is activated automatically (see meshid status); 0 turns the gate off")
 	fs.BoolVar(&f.rotateOnAct, "rotate-svids-on-activation", false, "re-issue every served SVID as soon as a new CA is activated")
 	durationFlag(fs, &f.jwtTTL, "jwt-ttl", 5*time.Minute, "lifetime of JWT-SVIDs")
 	durationFlag(fs, &f.retention, "inventory-retention", 7*24*time.Hour, "how long expired SVIDs stay in the inventory before they are pruned")
@@ -118,6 +120,13 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 	if f.svidTTL < ca.MinX509SVIDTTL {
 		return controlplane.Config{}, fmt.Errorf("--svid-ttl %s is below the %s minimum", f.svidTTL, ca.MinX509SVIDTTL)
 	}
+	if !(f.minConv >= 0 && f.minConv <= 1) {
+		return controlplane.Config{}, fmt.Errorf("--ca-activate-min-convergence %g: want a fraction from 0 (no gate) to 1", f.minConv)
+	}
+	minConv := f.minConv
+	if minConv == 0 {
+		minConv = -1 // Config's "off"; its 0 is the default
+	}
 	if f.crlValidity <= 0 || f.maxCRLSerials <= 0 {
 		return controlplane.Config{}, errors.New("--crl-validity and --max-crl-serials must be positive")
 	}
@@ -137,8 +146,10 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		CRLValidity:        f.crlValidity,
 		MaxCRLSerials:      f.maxCRLSerials,
 		FastSign:           f.fastSign,
-		Version:            version(),
-		Logger:             log,
+
+		CAActivateMinConvergence: minConv,
+		Version:                  version(),
+		Logger:                   log,
 	}, nil
 }
 

@@ -1023,9 +1023,12 @@ type CA struct {
 	// served_svids counts the SVIDs this server serves that this CA signed:
 	// on a retired or tainted CA, what is left to re-issue. A tainted CA
 	// leaves the bundle when it reaches 0.
-	ServedSvids   uint64 `protobuf:"varint,9,opt,name=served_svids,json=servedSvids,proto3" json:"served_svids,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ServedSvids uint64 `protobuf:"varint,9,opt,name=served_svids,json=servedSvids,proto3" json:"served_svids,omitempty"`
+	// activation_held, on a prepared CA whose automatic activation is due
+	// but held back by bundle convergence, says why; empty otherwise.
+	ActivationHeld string `protobuf:"bytes,10,opt,name=activation_held,json=activationHeld,proto3" json:"activation_held,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CA) Reset() {
@@ -1119,6 +1122,13 @@ func (x *CA) GetServedSvids() uint64 {
 		return x.ServedSvids
 	}
 	return 0
+}
+
+func (x *CA) GetActivationHeld() string {
+	if x != nil {
+		return x.ActivationHeld
+	}
+	return ""
 }
 
 // ListCAsRequest asks for every CA.
@@ -2067,6 +2077,234 @@ func (x *GetServerInfoResponse) GetStartedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// StatusRequest asks for the bundle convergence of the node agents.
+type StatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatusRequest) Reset() {
+	*x = StatusRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatusRequest) ProtoMessage() {}
+
+func (x *StatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
+func (*StatusRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{34}
+}
+
+// AgentStatus is one connected node agent.
+type AgentStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the agent's SPIFFE ID.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// streams are the agent's callers' streams that carry the trust bundle
+	// (SDS streams asking for it, Workload API X.509 watchers).
+	Streams int32 `protobuf:"varint,2,opt,name=streams,proto3" json:"streams,omitempty"`
+	// streams_newest of them hold the newest bundle (SDS: have ACKed it).
+	StreamsNewest int32 `protobuf:"varint,3,opt,name=streams_newest,json=streamsNewest,proto3" json:"streams_newest,omitempty"`
+	// streams_prepared of them hold a bundle with the prepared CA, if any.
+	StreamsPrepared int32 `protobuf:"varint,4,opt,name=streams_prepared,json=streamsPrepared,proto3" json:"streams_prepared,omitempty"`
+	// reported is false until the agent has sent its first report.
+	Reported      bool `protobuf:"varint,5,opt,name=reported,proto3" json:"reported,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentStatus) Reset() {
+	*x = AgentStatus{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentStatus) ProtoMessage() {}
+
+func (x *AgentStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentStatus.ProtoReflect.Descriptor instead.
+func (*AgentStatus) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *AgentStatus) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AgentStatus) GetStreams() int32 {
+	if x != nil {
+		return x.Streams
+	}
+	return 0
+}
+
+func (x *AgentStatus) GetStreamsNewest() int32 {
+	if x != nil {
+		return x.StreamsNewest
+	}
+	return 0
+}
+
+func (x *AgentStatus) GetStreamsPrepared() int32 {
+	if x != nil {
+		return x.StreamsPrepared
+	}
+	return 0
+}
+
+func (x *AgentStatus) GetReported() bool {
+	if x != nil {
+		return x.Reported
+	}
+	return false
+}
+
+// StatusResponse is the convergence of every connected agent.
+type StatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// bundle_version is the newest bundle version the server publishes.
+	BundleVersion string         `protobuf:"bytes,1,opt,name=bundle_version,json=bundleVersion,proto3" json:"bundle_version,omitempty"`
+	Agents        []*AgentStatus `protobuf:"bytes,2,rep,name=agents,proto3" json:"agents,omitempty"`
+	Streams       int32          `protobuf:"varint,3,opt,name=streams,proto3" json:"streams,omitempty"`
+	StreamsNewest int32          `protobuf:"varint,4,opt,name=streams_newest,json=streamsNewest,proto3" json:"streams_newest,omitempty"`
+	// convergence_ratio is streams_newest / streams (1 with no streams),
+	// as meshid_bundle_convergence_ratio exports it.
+	ConvergenceRatio float64 `protobuf:"fixed64,5,opt,name=convergence_ratio,json=convergenceRatio,proto3" json:"convergence_ratio,omitempty"`
+	// prepared_ca is the prepared CA's ID, if there is one, and
+	// streams_prepared the streams holding a bundle with it.
+	PreparedCa      string `protobuf:"bytes,6,opt,name=prepared_ca,json=preparedCa,proto3" json:"prepared_ca,omitempty"`
+	StreamsPrepared int32  `protobuf:"varint,7,opt,name=streams_prepared,json=streamsPrepared,proto3" json:"streams_prepared,omitempty"`
+	// activation_held says why automatic activation of the prepared CA is
+	// held back; empty if it is not.
+	ActivationHeld string `protobuf:"bytes,8,opt,name=activation_held,json=activationHeld,proto3" json:"activation_held,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *StatusResponse) Reset() {
+	*x = StatusResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatusResponse) ProtoMessage() {}
+
+func (x *StatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
+func (*StatusResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *StatusResponse) GetBundleVersion() string {
+	if x != nil {
+		return x.BundleVersion
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetAgents() []*AgentStatus {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetStreams() int32 {
+	if x != nil {
+		return x.Streams
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetStreamsNewest() int32 {
+	if x != nil {
+		return x.StreamsNewest
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetConvergenceRatio() float64 {
+	if x != nil {
+		return x.ConvergenceRatio
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetPreparedCa() string {
+	if x != nil {
+		return x.PreparedCa
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetStreamsPrepared() int32 {
+	if x != nil {
+		return x.StreamsPrepared
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetActivationHeld() string {
+	if x != nil {
+		return x.ActivationHeld
+	}
+	return ""
+}
+
 var File_meshid_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_meshid_admin_v1_admin_proto_rawDesc = "" +
@@ -2140,7 +2378,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12,\n" +
 	"\x12spiffe_bundle_json\x18\x03 \x01(\fR\x10spiffeBundleJson\x12'\n" +
-	"\x0fsequence_number\x18\x04 \x01(\x04R\x0esequenceNumber\"\xb3\x02\n" +
+	"\x0fsequence_number\x18\x04 \x01(\x04R\x0esequenceNumber\"\xdc\x02\n" +
 	"\x02CA\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x18\n" +
@@ -2151,7 +2389,9 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\vfingerprint\x18\x06 \x01(\tR\vfingerprint\x12\x19\n" +
 	"\bkey_type\x18\a \x01(\tR\akeyType\x12\x19\n" +
 	"\bcert_der\x18\b \x01(\fR\acertDer\x12!\n" +
-	"\fserved_svids\x18\t \x01(\x04R\vservedSvids\"\x10\n" +
+	"\fserved_svids\x18\t \x01(\x04R\vservedSvids\x12'\n" +
+	"\x0factivation_held\x18\n" +
+	" \x01(\tR\x0eactivationHeld\"\x10\n" +
 	"\x0eListCAsRequest\"8\n" +
 	"\x0fListCAsResponse\x12%\n" +
 	"\x03cas\x18\x01 \x03(\v2\x13.meshid.admin.v1.CAR\x03cas\"\x12\n" +
@@ -2213,7 +2453,24 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
-	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt2\xa7\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\"\x0f\n" +
+	"\rStatusRequest\"\xa5\x01\n" +
+	"\vAgentStatus\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\astreams\x18\x02 \x01(\x05R\astreams\x12%\n" +
+	"\x0estreams_newest\x18\x03 \x01(\x05R\rstreamsNewest\x12)\n" +
+	"\x10streams_prepared\x18\x04 \x01(\x05R\x0fstreamsPrepared\x12\x1a\n" +
+	"\breported\x18\x05 \x01(\bR\breported\"\xd0\x02\n" +
+	"\x0eStatusResponse\x12%\n" +
+	"\x0ebundle_version\x18\x01 \x01(\tR\rbundleVersion\x124\n" +
+	"\x06agents\x18\x02 \x03(\v2\x1c.meshid.admin.v1.AgentStatusR\x06agents\x12\x18\n" +
+	"\astreams\x18\x03 \x01(\x05R\astreams\x12%\n" +
+	"\x0estreams_newest\x18\x04 \x01(\x05R\rstreamsNewest\x12+\n" +
+	"\x11convergence_ratio\x18\x05 \x01(\x01R\x10convergenceRatio\x12\x1f\n" +
+	"\vprepared_ca\x18\x06 \x01(\tR\n" +
+	"preparedCa\x12)\n" +
+	"\x10streams_prepared\x18\a \x01(\x05R\x0fstreamsPrepared\x12'\n" +
+	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld2\xf2\n" +
 	"\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
@@ -2231,7 +2488,8 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x06Revoke\x12\x1e.meshid.admin.v1.RevokeRequest\x1a\x1f.meshid.admin.v1.RevokeResponse\x12R\n" +
 	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12d\n" +
 	"\x0fCreateJoinToken\x12'.meshid.admin.v1.CreateJoinTokenRequest\x1a(.meshid.admin.v1.CreateJoinTokenResponse\x12^\n" +
-	"\rGetServerInfo\x12%.meshid.admin.v1.GetServerInfoRequest\x1a&.meshid.admin.v1.GetServerInfoResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
+	"\rGetServerInfo\x12%.meshid.admin.v1.GetServerInfoRequest\x1a&.meshid.admin.v1.GetServerInfoResponse\x12I\n" +
+	"\x06Status\x12\x1e.meshid.admin.v1.StatusRequest\x1a\x1f.meshid.admin.v1.StatusResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
 
 var (
 	file_meshid_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -2245,7 +2503,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -2281,74 +2539,80 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*CreateJoinTokenResponse)(nil), // 31: meshid.admin.v1.CreateJoinTokenResponse
 	(*GetServerInfoRequest)(nil),    // 32: meshid.admin.v1.GetServerInfoRequest
 	(*GetServerInfoResponse)(nil),   // 33: meshid.admin.v1.GetServerInfoResponse
-	(*durationpb.Duration)(nil),     // 34: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 35: google.protobuf.Timestamp
+	(*StatusRequest)(nil),           // 34: meshid.admin.v1.StatusRequest
+	(*AgentStatus)(nil),             // 35: meshid.admin.v1.AgentStatus
+	(*StatusResponse)(nil),          // 36: meshid.admin.v1.StatusResponse
+	(*durationpb.Duration)(nil),     // 37: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 38: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	34, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	35, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	37, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	38, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
 	1,  // 7: meshid.admin.v1.GetEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	0,  // 8: meshid.admin.v1.UpdateEntryRequest.selectors:type_name -> meshid.admin.v1.Selector
-	34, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
+	37, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
 	1,  // 10: meshid.admin.v1.UpdateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
-	34, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	35, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	35, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	35, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	35, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	37, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	38, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	38, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	38, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	16, // 16: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	16, // 17: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 18: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 19: meshid.admin.v1.RotateCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 20: meshid.admin.v1.RotateCAResponse.old:type_name -> meshid.admin.v1.CA
-	35, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	35, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	35, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	34, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	38, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	38, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	38, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	37, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
 	27, // 25: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	34, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	35, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	35, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
-	2,  // 29: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 30: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 31: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 32: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
-	10, // 33: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
-	12, // 34: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	14, // 35: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	17, // 36: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	19, // 37: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	21, // 38: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
-	23, // 39: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
-	25, // 40: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
-	28, // 41: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	30, // 42: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	32, // 43: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	3,  // 44: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 45: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 46: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 47: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
-	11, // 48: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
-	13, // 49: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	15, // 50: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	18, // 51: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	20, // 52: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	22, // 53: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
-	24, // 54: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
-	26, // 55: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
-	29, // 56: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	31, // 57: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	33, // 58: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	44, // [44:59] is the sub-list for method output_type
-	29, // [29:44] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	37, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	38, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	35, // 29: meshid.admin.v1.StatusResponse.agents:type_name -> meshid.admin.v1.AgentStatus
+	2,  // 30: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 31: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 32: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 33: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
+	10, // 34: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
+	12, // 35: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	14, // 36: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	17, // 37: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	19, // 38: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	21, // 39: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
+	23, // 40: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
+	25, // 41: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
+	28, // 42: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	30, // 43: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	32, // 44: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	34, // 45: meshid.admin.v1.AdminService.Status:input_type -> meshid.admin.v1.StatusRequest
+	3,  // 46: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 47: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 48: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 49: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
+	11, // 50: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
+	13, // 51: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	15, // 52: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	18, // 53: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	20, // 54: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	22, // 55: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	24, // 56: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
+	26, // 57: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
+	29, // 58: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	31, // 59: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	33, // 60: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	36, // 61: meshid.admin.v1.AdminService.Status:output_type -> meshid.admin.v1.StatusResponse
+	46, // [46:62] is the sub-list for method output_type
+	30, // [30:46] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -2363,7 +2627,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   34,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
