@@ -83,5 +83,6 @@ reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.`,
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	logFormatFlag(fs, &logFormat)
 	_ = cmd.MarkFlagRequired("server")
+	cmd.AddCommand(agentAdminCmds()...)
 	return cmd
 }
