@@ -118,6 +118,7 @@ type agentStream struct {
 	id     spiffeid.ID
 	notify chan struct{} // buffered 1: changes coalesce
 	kill   chan error    // buffered 1: why the stream must end now (ban, evict)
+	serial string        // of the node SVID it authenticated with; guarded by agentHub.mu
 	report struct {
 		sync.Mutex
 		r *agentv1.BundleReport

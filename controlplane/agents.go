@@ -13,6 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/store"
@@ -79,11 +81,18 @@ func (s *Server) admitAgent(leaf *x509.Certificate) error {
 	case rec.Banned:
 		return bannedStatus(id.String())
 	}
-	serial := leaf.SerialNumber.Text(16)
-	if !slices.ContainsFunc(rec.NodeSVIDs, func(n store.AgentSVID) bool { return n.Serial == serial }) {
-		return status.Errorf(codes.PermissionDenied, "evicted: attest again: node SVID %s of %s was issued before its last attestation", serial, id)
+	if serial := leaf.SerialNumber.Text(16); !listsSerial(rec, serial) {
+		return supersededStatus(id.String(), serial)
 	}
 	return nil
+}
+
+func listsSerial(rec store.AgentRecord, serial string) bool {
+	return slices.ContainsFunc(rec.NodeSVIDs, func(n store.AgentSVID) bool { return n.Serial == serial })
+}
+
+func supersededStatus(id, serial string) error {
+	return status.Errorf(codes.PermissionDenied, "evicted: attest again: node SVID %s of %s was issued before its last attestation, or has expired", serial, id)
 }
 
 // refuseBanned refuses the attestation of a banned agent's node before a
@@ -188,12 +197,23 @@ func (s *Server) touchAgent(ctx context.Context, id string) error {
 // the hub. It records the agent as seen.
 func (s *Server) agentConnected(ctx context.Context, st *agentStream) error {
 	id := st.id.String()
-	rec, ok := s.agentRecord(id)
+	serial := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
+			serial = info.State.PeerCertificates[0].SerialNumber.Text(16)
+		}
+	}
+	s.agents.mu.Lock()
+	st.serial = serial
+	rec, ok := s.agents.recs[id]
+	s.agents.mu.Unlock()
 	switch {
 	case !ok:
 		return evictedStatus(id)
 	case rec.Banned:
 		return bannedStatus(id)
+	case !listsSerial(rec, serial):
+		return supersededStatus(id, serial)
 	}
 	if err := s.touchAgent(ctx, id); errors.Is(err, errAgentEvicted) {
 		return evictedStatus(id)
@@ -216,14 +236,20 @@ func (s *Server) agentDisconnected(ctx context.Context, id spiffeid.ID) {
 // endAgentLocked ends every open stream of agent id with why; the caller
 // holds h.mu.
 func (h *agentHub) endAgentLocked(id string, why error) int {
+	return h.endLocked(func(st *agentStream) bool { return st.id.String() == id }, func(*agentStream) error { return why })
+}
+
+// endLocked ends the open streams end selects, each with why(st); the
+// caller holds h.mu.
+func (h *agentHub) endLocked(end func(*agentStream) bool, why func(*agentStream) error) int {
 	n := 0
 	for st := range h.streams {
-		if st.id.String() != id {
+		if !end(st) {
 			continue
 		}
 		n++
 		select {
-		case st.kill <- why:
+		case st.kill <- why(st):
 		default:
 		}
 	}
@@ -267,6 +293,14 @@ func (s *Server) applyAgent(ev store.Event) {
 		if n := h.endAgentLocked(ev.Key, why); n > 0 {
 			s.log.Warn("ended agent streams", "agent", ev.Key, "streams", n, "why", status.Convert(why).Message())
 		}
+		return
+	}
+	// A new attestation of the node: streams on the node SVIDs it
+	// superseded end (the agent holding them must attest again).
+	rec := *ev.Agent
+	if n := h.endLocked(func(st *agentStream) bool { return st.id.String() == ev.Key && st.serial != "" && !listsSerial(rec, st.serial) },
+		func(st *agentStream) error { return supersededStatus(ev.Key, st.serial) }); n > 0 {
+		s.log.Warn("ended agent streams on superseded node SVIDs", "agent", ev.Key, "streams", n)
 	}
 }
 

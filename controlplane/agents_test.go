@@ -379,3 +379,24 @@ func TestAgentBanReachesReplicas(t *testing.T) {
 		t.Fatal("replica B's CRLs do not list the banned agent's node SVID")
 	}
 }
+
+// TestAgentReattestSupersedes: a new attestation of a node (a new token,
+// e.g. the node was rebuilt) ends the streams of the node SVID it
+// replaces and refuses that SVID from then on.
+func TestAgentReattestSupersedes(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	a := startAgentAPI(t)
+	oldCert, _ := a.attest(t, agentToken(t, a.srv, "web-5"))
+	oldConn := a.dial(t, oldCert)
+	stream := openSync(t, ctx, oldConn)
+	newCert, _ := a.attest(t, agentToken(t, a.srv, "web-5"))
+	err := syncEnds(t, stream)
+	wantCode(t, "the stream of the superseded node SVID", err, codes.PermissionDenied)
+	if !strings.Contains(status.Convert(err).Message(), "before its last attestation") {
+		t.Fatalf("stream ended with %v", err)
+	}
+	_, err = signFor(t, ctx, oldConn, "any")
+	wantCode(t, "sign with the superseded node SVID", err, codes.PermissionDenied)
+	openSync(t, ctx, a.dial(t, newCert))
+}
