@@ -298,7 +298,9 @@ func (s *Server) applyAgent(ev store.Event) {
 	// A new attestation of the node: streams on the node SVIDs it
 	// superseded end (the agent holding them must attest again).
 	rec := *ev.Agent
-	if n := h.endLocked(func(st *agentStream) bool { return st.id.String() == ev.Key && st.serial != "" && !listsSerial(rec, st.serial) },
+	if n := h.endLocked(func(st *agentStream) bool {
+		return st.id.String() == ev.Key && st.serial != "" && !listsSerial(rec, st.serial)
+	},
 		func(st *agentStream) error { return supersededStatus(ev.Key, st.serial) }); n > 0 {
 		s.log.Warn("ended agent streams on superseded node SVIDs", "agent", ev.Key, "streams", n)
 	}
