@@ -91,6 +91,19 @@ func testAgents(t *testing.T, s store.Store) {
 		_, err := s.UpdateAgent(bg, a.ID, func(r *store.AgentRecord, _ bool) error { r.ID = "other"; return nil }, nil)
 		return err
 	})
+	cancelled, stop := context.WithCancel(bg)
+	stop()
+	agentsUnchanged(t, s, "PutAgent with a cancelled context", context.Canceled, func() error {
+		return s.PutAgent(cancelled, agentRec("spiffe://example.org/meshid/agent/join/z", "z"), nil)
+	})
+	agentsUnchanged(t, s, "UpdateAgent with a cancelled context", context.Canceled, func() error {
+		_, err := s.UpdateAgent(cancelled, a.ID, func(r *store.AgentRecord, _ bool) error { r.Banned = true; return nil }, nil)
+		return err
+	})
+	agentsUnchanged(t, s, "DeleteAgent with a cancelled context", context.Canceled, func() error {
+		_, err := s.DeleteAgent(cancelled, a.ID, nop)
+		return err
+	})
 	agentsUnchanged(t, s, "DeleteAgent unknown", store.ErrNotFound, func() error {
 		_, err := s.DeleteAgent(bg, "spiffe://example.org/meshid/agent/join/none", nop)
 		return err
