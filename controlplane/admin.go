@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -466,4 +467,71 @@ func (a *AdminService) GetServerInfo(context.Context, *adminv1.GetServerInfoRequ
 		TrustDomain: a.srv.td.Name(),
 		StartedAt:   timestamppb.New(a.srv.startedAt),
 	}, nil
+}
+
+// Node agents (agents.go).
+
+func agentToProto(a AgentInfo) *adminv1.Agent {
+	p := &adminv1.Agent{Id: a.ID, Method: a.Method, Node: a.Node, Banned: a.Banned, Streams: int32(a.Streams)}
+	ts := func(t time.Time) *timestamppb.Timestamp {
+		if t.IsZero() {
+			return nil
+		}
+		return timestamppb.New(t)
+	}
+	p.FirstSeen, p.LastSeen, p.SvidExpiresAt, p.BannedAt = ts(a.FirstSeen), ts(a.LastSeen), ts(a.SVIDExpiry()), ts(a.BannedAt)
+	return p
+}
+
+// ListAgents implements adminv1.AdminServiceServer.
+func (a *AdminService) ListAgents(ctx context.Context, _ *adminv1.ListAgentsRequest) (*adminv1.ListAgentsResponse, error) {
+	list, err := a.srv.ListAgents(ctx)
+	if err != nil {
+		return nil, a.toStatus("list agents", err)
+	}
+	resp := &adminv1.ListAgentsResponse{Agents: make([]*adminv1.Agent, 0, len(list))}
+	for _, ag := range list {
+		resp.Agents = append(resp.Agents, agentToProto(ag))
+	}
+	return resp, nil
+}
+
+// GetAgent implements adminv1.AdminServiceServer.
+func (a *AdminService) GetAgent(ctx context.Context, req *adminv1.GetAgentRequest) (*adminv1.GetAgentResponse, error) {
+	ag, err := a.srv.GetAgent(ctx, req.GetId())
+	if err != nil {
+		return nil, a.toStatus("get agent", err)
+	}
+	return &adminv1.GetAgentResponse{Agent: agentToProto(ag)}, nil
+}
+
+// EvictAgent implements adminv1.AdminServiceServer.
+func (a *AdminService) EvictAgent(ctx context.Context, req *adminv1.EvictAgentRequest) (*adminv1.EvictAgentResponse, error) {
+	old, err := a.srv.EvictAgent(ctx, req.GetId(), actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("evict agent", err)
+	}
+	return &adminv1.EvictAgentResponse{Agent: agentToProto(AgentInfo{AgentRecord: old})}, nil
+}
+
+// BanAgent implements adminv1.AdminServiceServer.
+func (a *AdminService) BanAgent(ctx context.Context, req *adminv1.BanAgentRequest) (*adminv1.BanAgentResponse, error) {
+	ag, serials, err := a.srv.BanAgent(ctx, req.GetId(), actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("ban agent", err)
+	}
+	resp := &adminv1.BanAgentResponse{Agent: agentToProto(ag)}
+	for _, r := range serials {
+		resp.RevokedSerials = append(resp.RevokedSerials, r.Serial)
+	}
+	return resp, nil
+}
+
+// UnbanAgent implements adminv1.AdminServiceServer.
+func (a *AdminService) UnbanAgent(ctx context.Context, req *adminv1.UnbanAgentRequest) (*adminv1.UnbanAgentResponse, error) {
+	ag, err := a.srv.UnbanAgent(ctx, req.GetId(), actor(ctx))
+	if err != nil {
+		return nil, a.toStatus("unban agent", err)
+	}
+	return &adminv1.UnbanAgentResponse{Agent: agentToProto(ag)}, nil
 }

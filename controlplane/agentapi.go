@@ -124,11 +124,16 @@ type agentHub struct {
 	// (convergence.go).
 	versions bundleCAs
 	gateHeld atomic.Bool
+	// recs are the agents' records as the store's watch last said
+	// (agents.go): an agent without one, or banned, is refused.
+	recs map[string]store.AgentRecord
 }
 
 type agentStream struct {
 	id     spiffeid.ID
 	notify chan struct{} // buffered 1: changes coalesce
+	kill   chan error    // buffered 1: why the stream must end now (ban, evict)
+	serial string        // of the node SVID it authenticated with; guarded by agentHub.mu
 	report struct {
 		sync.Mutex
 		r *agentv1.BundleReport
@@ -198,6 +203,9 @@ func (a *AgentService) agentCaller(ctx context.Context) (spiffeid.ID, error) {
 		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "present the node SVID as TLS client certificate (attest first)")
 	}
 	leaf := info.State.PeerCertificates[0]
+	if err := a.srv.admitAgent(leaf); err != nil {
+		return spiffeid.ID{}, err
+	}
 	if a.srv.isRevoked(leaf) {
 		return spiffeid.ID{}, status.Errorf(codes.PermissionDenied, "node SVID %x is revoked", leaf.SerialNumber)
 	}
@@ -224,8 +232,14 @@ func (a *AgentService) Attest(ctx context.Context, req *agentv1.AttestRequest) (
 	if err != nil {
 		return nil, a.srv.agentStatus("attest", err)
 	}
+	if err := a.srv.refuseBanned(id); err != nil {
+		return nil, err
+	}
 	chain, err := a.srv.signNodeSVID(ctx, id, req.GetCsr(), "agent attestation "+methodJoinToken)
 	if err != nil {
+		return nil, a.srv.agentStatus("attest", err)
+	}
+	if err := a.srv.recordAttested(ctx, id, methodJoinToken, chain); err != nil {
 		return nil, a.srv.agentStatus("attest", err)
 	}
 	a.srv.log.Info("agent attested", "agent", id.String(), "method", methodJoinToken)
@@ -243,6 +257,9 @@ func (a *AgentService) Renew(ctx context.Context, req *agentv1.RenewRequest) (*a
 	}
 	chain, err := a.srv.signNodeSVID(ctx, id, req.GetCsr(), "agent renewal")
 	if err != nil {
+		return nil, a.srv.agentStatus("renew", err)
+	}
+	if err := a.srv.recordRenewed(ctx, id, chain); err != nil {
 		return nil, a.srv.agentStatus("renew", err)
 	}
 	return &agentv1.RenewResponse{SvidChain: chain}, nil
@@ -332,12 +349,16 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 	if err != nil {
 		return err
 	}
-	st := &agentStream{id: id, notify: make(chan struct{}, 1)}
+	st := &agentStream{id: id, notify: make(chan struct{}, 1), kill: make(chan error, 1)}
 	a.srv.agents.add(st)
 	defer func() {
 		a.srv.agents.remove(st)
 		a.srv.convergenceChanged() // its streams no longer hold activation back
 	}()
+	if err := a.srv.agentConnected(ctx, st); err != nil {
+		return err
+	}
+	defer a.srv.agentDisconnected(ctx, id)
 	a.srv.log.Info("agent connected", "agent", id.String())
 	defer a.srv.log.Info("agent disconnected", "agent", id.String())
 
@@ -395,6 +416,8 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 		sent, full = now, false
 		select {
 		case <-st.notify:
+		case err := <-st.kill:
+			return err
 		case err := <-recvErr:
 			if status.Code(err) == codes.Canceled || errors.Is(err, context.Canceled) {
 				return nil
@@ -460,6 +483,12 @@ func (a *AgentService) signOne(ctx context.Context, agent spiffeid.ID, item *age
 		EntryID: e.ID, Requester: "workload via agent " + agent.String(), ClampTTL: true})
 	if err != nil {
 		return fail(a.srv.agentStatus("sign", err))
+	}
+	// Banned while this was signed: not handed out. BanAgent reads the
+	// inventory only once the ban is applied here, so what passes this
+	// check is on the CRL.
+	if err := a.srv.refuseBanned(agent); err != nil {
+		return fail(err)
 	}
 	res.SvidChain = append([][]byte{svid.CertDER}, svid.ChainDER...)
 	return res

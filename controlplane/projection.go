@@ -100,6 +100,9 @@ func (s *Server) load(ctx context.Context, initial bool) error {
 		return fmt.Errorf("load entries: %w", err)
 	}
 	s.replaceEntries(entries)
+	if err := s.loadAgents(ctx); err != nil {
+		return err
+	}
 	s.log.Debug("loaded state from the store", "entries", len(entries), "revoked", len(list))
 	return nil
 }
@@ -181,6 +184,8 @@ func (s *Server) apply(ctx context.Context, resp store.WatchResponse) {
 			cs.revoked = true
 		case store.KindToken:
 			s.applyToken(ev)
+		case store.KindAgent:
+			s.applyAgent(ev)
 		}
 	}
 	if cs.cas {

@@ -256,6 +256,9 @@ type Store interface {
 	// refused with it). Readiness reports it.
 	Health() error
 
+	// AgentStore keeps the node agents' records.
+	AgentStore
+
 	// Close releases the store; it waits for pending RecordSVID commits.
 	Close() error
 }
@@ -270,6 +273,11 @@ const (
 	KindRevoked Kind = "revoked" // Key is RevokedSerial.Serial
 	KindToken   Kind = "token"   // Key is JoinToken.Hash
 )
+
+// KindAgent is the watched kind of node agent records; Key is
+// AgentRecord.ID. It is watched so that a ban or an eviction on one
+// replica ends the agent's streams on every other.
+const KindAgent Kind = "agent"
 
 // Op is what happened to a key.
 type Op string
@@ -292,6 +300,7 @@ type Event struct {
 	CA      *CARecord
 	Revoked *RevokedSerial
 	Token   *JoinToken
+	Agent   *AgentRecord
 }
 
 // WatchResponse is one commit's changes, in the order the commit made them.
@@ -324,4 +333,57 @@ type Leadership interface {
 	// Resign gives the leadership up so that another campaigner can take
 	// it; it is idempotent.
 	Resign(ctx context.Context) error
+}
+
+// AgentRecord is a node agent the server attested (meshid agent list).
+type AgentRecord struct {
+	ID        string // the agent's SPIFFE ID
+	Method    string // how it attested, e.g. "join_token"
+	Node      string // the node name within the method
+	FirstSeen time.Time
+	LastSeen  time.Time
+	// NodeSVIDs are the node SVIDs issued since the agent last attested
+	// that may still be live, oldest first; the server accepts only these
+	// from the agent, so an eviction followed by a new attestation leaves
+	// the older ones useless.
+	NodeSVIDs []AgentSVID
+	Banned    bool
+	BannedAt  time.Time // zero unless Banned
+}
+
+// AgentSVID is one node SVID in an AgentRecord.
+type AgentSVID struct {
+	Serial   string // lowercase hex, as in the inventory
+	NotAfter time.Time
+}
+
+// SVIDExpiry is when the agent's newest node SVID expires (zero if none).
+func (r AgentRecord) SVIDExpiry() time.Time {
+	if len(r.NodeSVIDs) == 0 {
+		return time.Time{}
+	}
+	return r.NodeSVIDs[len(r.NodeSVIDs)-1].NotAfter
+}
+
+// AgentStore is the part of Store that keeps node agent records. Every
+// write is watched (KindAgent).
+type AgentStore interface {
+	// PutAgent inserts or replaces the record with rec.ID, with audit if
+	// it is not nil; ErrInvalid without an ID.
+	PutAgent(ctx context.Context, rec AgentRecord, audit *AuditEvent) error
+	// UpdateAgent changes the record with id in one transaction: fn gets
+	// the stored record (exists true) or a zero one with only ID set
+	// (exists false) and edits it in place; what it leaves is stored, with
+	// audit if not nil. An error from fn (return ErrNotFound to refuse
+	// creating a record) is returned and nothing changes. fn may run more
+	// than once (a backend retrying a conflict) and must not have other
+	// effects. It returns the record as stored.
+	UpdateAgent(ctx context.Context, id string, fn func(rec *AgentRecord, exists bool) error, audit *AuditEvent) (AgentRecord, error)
+	// GetAgent returns one record or ErrNotFound.
+	GetAgent(ctx context.Context, id string) (AgentRecord, error)
+	// ListAgents returns every record ordered by ID.
+	ListAgents(ctx context.Context) ([]AgentRecord, error)
+	// DeleteAgent removes a record and records the audit event atomically,
+	// returning the record as it was; ErrNotFound if there is none.
+	DeleteAgent(ctx context.Context, id string, audit AuditEvent) (AgentRecord, error)
 }

@@ -95,5 +95,6 @@ agent and by the server's own workload socket.`,
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	logFormatFlag(fs, &logFormat)
 	_ = cmd.MarkFlagRequired("server")
+	cmd.AddCommand(agentAdminCmds()...)
 	return cmd
 }

@@ -50,6 +50,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Audit", testAudit},
 		{"Tokens", testTokens},
 		{"TokenSingleUseRace", testTokenSingleUseRace},
+		{"Agents", testAgents},
 		{"Revocations", testRevocations},
 		{"CRLNumbers", testCRLNumbers},
 		{"CancelledContext", testCancelledContext},

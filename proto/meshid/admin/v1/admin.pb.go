@@ -2305,6 +2305,568 @@ func (x *StatusResponse) GetActivationHeld() string {
 	return ""
 }
 
+// Agent is a node agent the server attested.
+type Agent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the agent's SPIFFE ID, spiffe://<td>/meshid/agent/<method>/<node>.
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Method    string                 `protobuf:"bytes,2,opt,name=method,proto3" json:"method,omitempty"`
+	Node      string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	FirstSeen *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=first_seen,json=firstSeen,proto3" json:"first_seen,omitempty"`
+	LastSeen  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
+	// svid_expires_at is when its newest node SVID expires.
+	SvidExpiresAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=svid_expires_at,json=svidExpiresAt,proto3" json:"svid_expires_at,omitempty"`
+	Banned        bool                   `protobuf:"varint,7,opt,name=banned,proto3" json:"banned,omitempty"`
+	BannedAt      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=banned_at,json=bannedAt,proto3" json:"banned_at,omitempty"`
+	// streams is how many Sync streams it has open on the server answering.
+	Streams       int32 `protobuf:"varint,9,opt,name=streams,proto3" json:"streams,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Agent) Reset() {
+	*x = Agent{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Agent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Agent) ProtoMessage() {}
+
+func (x *Agent) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Agent.ProtoReflect.Descriptor instead.
+func (*Agent) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *Agent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Agent) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *Agent) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Agent) GetFirstSeen() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FirstSeen
+	}
+	return nil
+}
+
+func (x *Agent) GetLastSeen() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSeen
+	}
+	return nil
+}
+
+func (x *Agent) GetSvidExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SvidExpiresAt
+	}
+	return nil
+}
+
+func (x *Agent) GetBanned() bool {
+	if x != nil {
+		return x.Banned
+	}
+	return false
+}
+
+func (x *Agent) GetBannedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.BannedAt
+	}
+	return nil
+}
+
+func (x *Agent) GetStreams() int32 {
+	if x != nil {
+		return x.Streams
+	}
+	return 0
+}
+
+// ListAgentsRequest asks for every agent record.
+type ListAgentsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsRequest) Reset() {
+	*x = ListAgentsRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsRequest) ProtoMessage() {}
+
+func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsRequest.ProtoReflect.Descriptor instead.
+func (*ListAgentsRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{38}
+}
+
+// ListAgentsResponse lists the agents by id.
+type ListAgentsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agents        []*Agent               `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsResponse) Reset() {
+	*x = ListAgentsResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsResponse) ProtoMessage() {}
+
+func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsResponse.ProtoReflect.Descriptor instead.
+func (*ListAgentsResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *ListAgentsResponse) GetAgents() []*Agent {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+// GetAgentRequest names an agent by SPIFFE ID or node name.
+type GetAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAgentRequest) Reset() {
+	*x = GetAgentRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAgentRequest) ProtoMessage() {}
+
+func (x *GetAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAgentRequest.ProtoReflect.Descriptor instead.
+func (*GetAgentRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *GetAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// GetAgentResponse is the agent.
+type GetAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAgentResponse) Reset() {
+	*x = GetAgentResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAgentResponse) ProtoMessage() {}
+
+func (x *GetAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAgentResponse.ProtoReflect.Descriptor instead.
+func (*GetAgentResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *GetAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+// EvictAgentRequest names an agent by SPIFFE ID or node name.
+type EvictAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvictAgentRequest) Reset() {
+	*x = EvictAgentRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvictAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvictAgentRequest) ProtoMessage() {}
+
+func (x *EvictAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvictAgentRequest.ProtoReflect.Descriptor instead.
+func (*EvictAgentRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *EvictAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// EvictAgentResponse is the record as it was.
+type EvictAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvictAgentResponse) Reset() {
+	*x = EvictAgentResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvictAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvictAgentResponse) ProtoMessage() {}
+
+func (x *EvictAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvictAgentResponse.ProtoReflect.Descriptor instead.
+func (*EvictAgentResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *EvictAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+// BanAgentRequest names an agent by SPIFFE ID or node name.
+type BanAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BanAgentRequest) Reset() {
+	*x = BanAgentRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BanAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BanAgentRequest) ProtoMessage() {}
+
+func (x *BanAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BanAgentRequest.ProtoReflect.Descriptor instead.
+func (*BanAgentRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *BanAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// BanAgentResponse is the banned agent and the serials put on the CRLs.
+type BanAgentResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Agent          *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	RevokedSerials []string               `protobuf:"bytes,2,rep,name=revoked_serials,json=revokedSerials,proto3" json:"revoked_serials,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *BanAgentResponse) Reset() {
+	*x = BanAgentResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BanAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BanAgentResponse) ProtoMessage() {}
+
+func (x *BanAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BanAgentResponse.ProtoReflect.Descriptor instead.
+func (*BanAgentResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *BanAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+func (x *BanAgentResponse) GetRevokedSerials() []string {
+	if x != nil {
+		return x.RevokedSerials
+	}
+	return nil
+}
+
+// UnbanAgentRequest names an agent by SPIFFE ID or node name.
+type UnbanAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnbanAgentRequest) Reset() {
+	*x = UnbanAgentRequest{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnbanAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnbanAgentRequest) ProtoMessage() {}
+
+func (x *UnbanAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnbanAgentRequest.ProtoReflect.Descriptor instead.
+func (*UnbanAgentRequest) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *UnbanAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// UnbanAgentResponse is the agent as it is now.
+type UnbanAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnbanAgentResponse) Reset() {
+	*x = UnbanAgentResponse{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnbanAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnbanAgentResponse) ProtoMessage() {}
+
+func (x *UnbanAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnbanAgentResponse.ProtoReflect.Descriptor instead.
+func (*UnbanAgentResponse) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *UnbanAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
 var File_meshid_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_meshid_admin_v1_admin_proto_rawDesc = "" +
@@ -2470,8 +3032,38 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\vprepared_ca\x18\x06 \x01(\tR\n" +
 	"preparedCa\x12)\n" +
 	"\x10streams_prepared\x18\a \x01(\x05R\x0fstreamsPrepared\x12'\n" +
-	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld2\xf2\n" +
+	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld\"\xe6\x02\n" +
+	"\x05Agent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06method\x18\x02 \x01(\tR\x06method\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\x129\n" +
 	"\n" +
+	"first_seen\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tfirstSeen\x127\n" +
+	"\tlast_seen\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x12B\n" +
+	"\x0fsvid_expires_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\rsvidExpiresAt\x12\x16\n" +
+	"\x06banned\x18\a \x01(\bR\x06banned\x127\n" +
+	"\tbanned_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\bbannedAt\x12\x18\n" +
+	"\astreams\x18\t \x01(\x05R\astreams\"\x13\n" +
+	"\x11ListAgentsRequest\"D\n" +
+	"\x12ListAgentsResponse\x12.\n" +
+	"\x06agents\x18\x01 \x03(\v2\x16.meshid.admin.v1.AgentR\x06agents\"!\n" +
+	"\x0fGetAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"@\n" +
+	"\x10GetAgentResponse\x12,\n" +
+	"\x05agent\x18\x01 \x01(\v2\x16.meshid.admin.v1.AgentR\x05agent\"#\n" +
+	"\x11EvictAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"B\n" +
+	"\x12EvictAgentResponse\x12,\n" +
+	"\x05agent\x18\x01 \x01(\v2\x16.meshid.admin.v1.AgentR\x05agent\"!\n" +
+	"\x0fBanAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"i\n" +
+	"\x10BanAgentResponse\x12,\n" +
+	"\x05agent\x18\x01 \x01(\v2\x16.meshid.admin.v1.AgentR\x05agent\x12'\n" +
+	"\x0frevoked_serials\x18\x02 \x03(\tR\x0erevokedSerials\"#\n" +
+	"\x11UnbanAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"B\n" +
+	"\x12UnbanAgentResponse\x12,\n" +
+	"\x05agent\x18\x01 \x01(\v2\x16.meshid.admin.v1.AgentR\x05agent2\x99\x0e\n" +
 	"\fAdminService\x12X\n" +
 	"\vCreateEntry\x12#.meshid.admin.v1.CreateEntryRequest\x1a$.meshid.admin.v1.CreateEntryResponse\x12X\n" +
 	"\vDeleteEntry\x12#.meshid.admin.v1.DeleteEntryRequest\x1a$.meshid.admin.v1.DeleteEntryResponse\x12X\n" +
@@ -2489,7 +3081,15 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\tListCerts\x12!.meshid.admin.v1.ListCertsRequest\x1a\".meshid.admin.v1.ListCertsResponse\x12d\n" +
 	"\x0fCreateJoinToken\x12'.meshid.admin.v1.CreateJoinTokenRequest\x1a(.meshid.admin.v1.CreateJoinTokenResponse\x12^\n" +
 	"\rGetServerInfo\x12%.meshid.admin.v1.GetServerInfoRequest\x1a&.meshid.admin.v1.GetServerInfoResponse\x12I\n" +
-	"\x06Status\x12\x1e.meshid.admin.v1.StatusRequest\x1a\x1f.meshid.admin.v1.StatusResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
+	"\x06Status\x12\x1e.meshid.admin.v1.StatusRequest\x1a\x1f.meshid.admin.v1.StatusResponse\x12U\n" +
+	"\n" +
+	"ListAgents\x12\".meshid.admin.v1.ListAgentsRequest\x1a#.meshid.admin.v1.ListAgentsResponse\x12O\n" +
+	"\bGetAgent\x12 .meshid.admin.v1.GetAgentRequest\x1a!.meshid.admin.v1.GetAgentResponse\x12U\n" +
+	"\n" +
+	"EvictAgent\x12\".meshid.admin.v1.EvictAgentRequest\x1a#.meshid.admin.v1.EvictAgentResponse\x12O\n" +
+	"\bBanAgent\x12 .meshid.admin.v1.BanAgentRequest\x1a!.meshid.admin.v1.BanAgentResponse\x12U\n" +
+	"\n" +
+	"UnbanAgent\x12\".meshid.admin.v1.UnbanAgentRequest\x1a#.meshid.admin.v1.UnbanAgentResponseB8Z6github.com/meshid/meshid/proto/meshid/admin/v1;adminv1b\x06proto3"
 
 var (
 	file_meshid_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -2503,7 +3103,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -2542,77 +3142,107 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),           // 34: meshid.admin.v1.StatusRequest
 	(*AgentStatus)(nil),             // 35: meshid.admin.v1.AgentStatus
 	(*StatusResponse)(nil),          // 36: meshid.admin.v1.StatusResponse
-	(*durationpb.Duration)(nil),     // 37: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 38: google.protobuf.Timestamp
+	(*Agent)(nil),                   // 37: meshid.admin.v1.Agent
+	(*ListAgentsRequest)(nil),       // 38: meshid.admin.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),      // 39: meshid.admin.v1.ListAgentsResponse
+	(*GetAgentRequest)(nil),         // 40: meshid.admin.v1.GetAgentRequest
+	(*GetAgentResponse)(nil),        // 41: meshid.admin.v1.GetAgentResponse
+	(*EvictAgentRequest)(nil),       // 42: meshid.admin.v1.EvictAgentRequest
+	(*EvictAgentResponse)(nil),      // 43: meshid.admin.v1.EvictAgentResponse
+	(*BanAgentRequest)(nil),         // 44: meshid.admin.v1.BanAgentRequest
+	(*BanAgentResponse)(nil),        // 45: meshid.admin.v1.BanAgentResponse
+	(*UnbanAgentRequest)(nil),       // 46: meshid.admin.v1.UnbanAgentRequest
+	(*UnbanAgentResponse)(nil),      // 47: meshid.admin.v1.UnbanAgentResponse
+	(*durationpb.Duration)(nil),     // 48: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 49: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	37, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	38, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	48, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	49, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
 	1,  // 7: meshid.admin.v1.GetEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	0,  // 8: meshid.admin.v1.UpdateEntryRequest.selectors:type_name -> meshid.admin.v1.Selector
-	37, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
+	48, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
 	1,  // 10: meshid.admin.v1.UpdateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
-	37, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	38, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	38, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	38, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	38, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	48, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	49, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	49, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	49, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	49, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	16, // 16: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	16, // 17: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 18: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 19: meshid.admin.v1.RotateCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 20: meshid.admin.v1.RotateCAResponse.old:type_name -> meshid.admin.v1.CA
-	38, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	38, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	38, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	37, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	49, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	49, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	49, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	48, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
 	27, // 25: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	37, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	38, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	38, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	48, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	49, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	49, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
 	35, // 29: meshid.admin.v1.StatusResponse.agents:type_name -> meshid.admin.v1.AgentStatus
-	2,  // 30: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 31: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 32: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 33: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
-	10, // 34: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
-	12, // 35: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	14, // 36: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	17, // 37: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	19, // 38: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	21, // 39: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
-	23, // 40: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
-	25, // 41: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
-	28, // 42: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	30, // 43: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	32, // 44: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	34, // 45: meshid.admin.v1.AdminService.Status:input_type -> meshid.admin.v1.StatusRequest
-	3,  // 46: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 47: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 48: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 49: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
-	11, // 50: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
-	13, // 51: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	15, // 52: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	18, // 53: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	20, // 54: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	22, // 55: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
-	24, // 56: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
-	26, // 57: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
-	29, // 58: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	31, // 59: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	33, // 60: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	36, // 61: meshid.admin.v1.AdminService.Status:output_type -> meshid.admin.v1.StatusResponse
-	46, // [46:62] is the sub-list for method output_type
-	30, // [30:46] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	49, // 30: meshid.admin.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
+	49, // 31: meshid.admin.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
+	49, // 32: meshid.admin.v1.Agent.svid_expires_at:type_name -> google.protobuf.Timestamp
+	49, // 33: meshid.admin.v1.Agent.banned_at:type_name -> google.protobuf.Timestamp
+	37, // 34: meshid.admin.v1.ListAgentsResponse.agents:type_name -> meshid.admin.v1.Agent
+	37, // 35: meshid.admin.v1.GetAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	37, // 36: meshid.admin.v1.EvictAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	37, // 37: meshid.admin.v1.BanAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	37, // 38: meshid.admin.v1.UnbanAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	2,  // 39: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 40: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 41: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 42: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
+	10, // 43: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
+	12, // 44: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	14, // 45: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	17, // 46: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	19, // 47: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	21, // 48: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
+	23, // 49: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
+	25, // 50: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
+	28, // 51: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	30, // 52: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	32, // 53: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	34, // 54: meshid.admin.v1.AdminService.Status:input_type -> meshid.admin.v1.StatusRequest
+	38, // 55: meshid.admin.v1.AdminService.ListAgents:input_type -> meshid.admin.v1.ListAgentsRequest
+	40, // 56: meshid.admin.v1.AdminService.GetAgent:input_type -> meshid.admin.v1.GetAgentRequest
+	42, // 57: meshid.admin.v1.AdminService.EvictAgent:input_type -> meshid.admin.v1.EvictAgentRequest
+	44, // 58: meshid.admin.v1.AdminService.BanAgent:input_type -> meshid.admin.v1.BanAgentRequest
+	46, // 59: meshid.admin.v1.AdminService.UnbanAgent:input_type -> meshid.admin.v1.UnbanAgentRequest
+	3,  // 60: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 61: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 62: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 63: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
+	11, // 64: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
+	13, // 65: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	15, // 66: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	18, // 67: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	20, // 68: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	22, // 69: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	24, // 70: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
+	26, // 71: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
+	29, // 72: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	31, // 73: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	33, // 74: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	36, // 75: meshid.admin.v1.AdminService.Status:output_type -> meshid.admin.v1.StatusResponse
+	39, // 76: meshid.admin.v1.AdminService.ListAgents:output_type -> meshid.admin.v1.ListAgentsResponse
+	41, // 77: meshid.admin.v1.AdminService.GetAgent:output_type -> meshid.admin.v1.GetAgentResponse
+	43, // 78: meshid.admin.v1.AdminService.EvictAgent:output_type -> meshid.admin.v1.EvictAgentResponse
+	45, // 79: meshid.admin.v1.AdminService.BanAgent:output_type -> meshid.admin.v1.BanAgentResponse
+	47, // 80: meshid.admin.v1.AdminService.UnbanAgent:output_type -> meshid.admin.v1.UnbanAgentResponse
+	60, // [60:81] is the sub-list for method output_type
+	39, // [39:60] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -2627,7 +3257,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   37,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

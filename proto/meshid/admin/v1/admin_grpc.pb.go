@@ -39,6 +39,11 @@ const (
 	AdminService_CreateJoinToken_FullMethodName = "/meshid.admin.v1.AdminService/CreateJoinToken"
 	AdminService_GetServerInfo_FullMethodName   = "/meshid.admin.v1.AdminService/GetServerInfo"
 	AdminService_Status_FullMethodName          = "/meshid.admin.v1.AdminService/Status"
+	AdminService_ListAgents_FullMethodName      = "/meshid.admin.v1.AdminService/ListAgents"
+	AdminService_GetAgent_FullMethodName        = "/meshid.admin.v1.AdminService/GetAgent"
+	AdminService_EvictAgent_FullMethodName      = "/meshid.admin.v1.AdminService/EvictAgent"
+	AdminService_BanAgent_FullMethodName        = "/meshid.admin.v1.AdminService/BanAgent"
+	AdminService_UnbanAgent_FullMethodName      = "/meshid.admin.v1.AdminService/UnbanAgent"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -93,6 +98,18 @@ type AdminServiceClient interface {
 	// carry the trust bundle and how many hold the newest one (the bundle
 	// convergence that gates automatic CA activation).
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	// ListAgents lists the node agents the server has attested.
+	ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error)
+	// GetAgent shows one node agent.
+	GetAgent(ctx context.Context, in *GetAgentRequest, opts ...grpc.CallOption) (*GetAgentResponse, error)
+	// EvictAgent deletes an agent's record: its streams end and it must
+	// attest again with a new join token.
+	EvictAgent(ctx context.Context, in *EvictAgentRequest, opts ...grpc.CallOption) (*EvictAgentResponse, error)
+	// BanAgent refuses an agent until UnbanAgent and revokes its node SVIDs
+	// and every live SVID it had signed.
+	BanAgent(ctx context.Context, in *BanAgentRequest, opts ...grpc.CallOption) (*BanAgentResponse, error)
+	// UnbanAgent lets a banned agent attest again with a new join token.
+	UnbanAgent(ctx context.Context, in *UnbanAgentRequest, opts ...grpc.CallOption) (*UnbanAgentResponse, error)
 }
 
 type adminServiceClient struct {
@@ -263,6 +280,56 @@ func (c *adminServiceClient) Status(ctx context.Context, in *StatusRequest, opts
 	return out, nil
 }
 
+func (c *adminServiceClient) ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAgentsResponse)
+	err := c.cc.Invoke(ctx, AdminService_ListAgents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetAgent(ctx context.Context, in *GetAgentRequest, opts ...grpc.CallOption) (*GetAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAgentResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) EvictAgent(ctx context.Context, in *EvictAgentRequest, opts ...grpc.CallOption) (*EvictAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EvictAgentResponse)
+	err := c.cc.Invoke(ctx, AdminService_EvictAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) BanAgent(ctx context.Context, in *BanAgentRequest, opts ...grpc.CallOption) (*BanAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BanAgentResponse)
+	err := c.cc.Invoke(ctx, AdminService_BanAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) UnbanAgent(ctx context.Context, in *UnbanAgentRequest, opts ...grpc.CallOption) (*UnbanAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UnbanAgentResponse)
+	err := c.cc.Invoke(ctx, AdminService_UnbanAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -315,6 +382,18 @@ type AdminServiceServer interface {
 	// carry the trust bundle and how many hold the newest one (the bundle
 	// convergence that gates automatic CA activation).
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	// ListAgents lists the node agents the server has attested.
+	ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error)
+	// GetAgent shows one node agent.
+	GetAgent(context.Context, *GetAgentRequest) (*GetAgentResponse, error)
+	// EvictAgent deletes an agent's record: its streams end and it must
+	// attest again with a new join token.
+	EvictAgent(context.Context, *EvictAgentRequest) (*EvictAgentResponse, error)
+	// BanAgent refuses an agent until UnbanAgent and revokes its node SVIDs
+	// and every live SVID it had signed.
+	BanAgent(context.Context, *BanAgentRequest) (*BanAgentResponse, error)
+	// UnbanAgent lets a banned agent attest again with a new join token.
+	UnbanAgent(context.Context, *UnbanAgentRequest) (*UnbanAgentResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -372,6 +451,21 @@ func (UnimplementedAdminServiceServer) GetServerInfo(context.Context, *GetServer
 }
 func (UnimplementedAdminServiceServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedAdminServiceServer) ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAgents not implemented")
+}
+func (UnimplementedAdminServiceServer) GetAgent(context.Context, *GetAgentRequest) (*GetAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAgent not implemented")
+}
+func (UnimplementedAdminServiceServer) EvictAgent(context.Context, *EvictAgentRequest) (*EvictAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EvictAgent not implemented")
+}
+func (UnimplementedAdminServiceServer) BanAgent(context.Context, *BanAgentRequest) (*BanAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BanAgent not implemented")
+}
+func (UnimplementedAdminServiceServer) UnbanAgent(context.Context, *UnbanAgentRequest) (*UnbanAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UnbanAgent not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -682,6 +776,96 @@ func _AdminService_Status_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_ListAgents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAgentsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ListAgents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ListAgents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ListAgents(ctx, req.(*ListAgentsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetAgent(ctx, req.(*GetAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_EvictAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EvictAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).EvictAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_EvictAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).EvictAgent(ctx, req.(*EvictAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_BanAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BanAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).BanAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_BanAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).BanAgent(ctx, req.(*BanAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_UnbanAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnbanAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).UnbanAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_UnbanAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).UnbanAgent(ctx, req.(*UnbanAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -752,6 +936,26 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _AdminService_Status_Handler,
+		},
+		{
+			MethodName: "ListAgents",
+			Handler:    _AdminService_ListAgents_Handler,
+		},
+		{
+			MethodName: "GetAgent",
+			Handler:    _AdminService_GetAgent_Handler,
+		},
+		{
+			MethodName: "EvictAgent",
+			Handler:    _AdminService_EvictAgent_Handler,
+		},
+		{
+			MethodName: "BanAgent",
+			Handler:    _AdminService_BanAgent_Handler,
+		},
+		{
+			MethodName: "UnbanAgent",
+			Handler:    _AdminService_UnbanAgent_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

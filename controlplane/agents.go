@@ -1,0 +1,505 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"path"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/store"
+)
+
+// Agent management: the server keeps a record of every attested agent in
+// the store (method, node, first and last seen, its live node SVIDs,
+// banned). The records reach every replica through the watch (KindAgent),
+// so what one replica decides (a ban, an eviction) ends the agent's
+// streams and refuses its calls on all of them.
+//
+// An agent is admitted only while it has a record, is not banned, and
+// presents a node SVID listed in it. Evicting deletes the record: the agent
+// must attest again with a new token, and the node SVIDs it held before
+// stay refused after it has. Banning refuses it (and any new attestation of
+// its node) until it is unbanned, and revokes its node SVIDs and every
+// live SVID it had signed, so peers applying the pushed CRLs refuse them.
+
+// workloadViaAgent prefixes the inventory Requester of SVIDs an agent had
+// signed for its workloads (signOne).
+const workloadViaAgent = "workload via agent "
+
+// maxNodeSVIDs bounds the node SVIDs an agent record lists: renewal at
+// half-life keeps two or three live.
+const maxNodeSVIDs = 8
+
+// agentSeenTimeout bounds the last-seen write when a stream ends, whose
+// own context is already done.
+const agentSeenTimeout = 5 * time.Second
+
+var (
+	errAgentBanned  = errors.New("agent is banned")
+	errAgentEvicted = errors.New("agent has no record")
+)
+
+func bannedStatus(id string) error {
+	return status.Errorf(codes.PermissionDenied, "agent %s is banned: it is refused until 'meshid agent unban'", id)
+}
+
+func evictedStatus(id string) error {
+	return status.Errorf(codes.PermissionDenied, "evicted: attest again: agent %s has no record on this server; give it a new join token (meshid token create --agent)", id)
+}
+
+// agentRecord is the record the projection holds for id.
+func (s *Server) agentRecord(id string) (store.AgentRecord, bool) {
+	s.agents.mu.Lock()
+	defer s.agents.mu.Unlock()
+	r, ok := s.agents.recs[id]
+	return r, ok
+}
+
+// admitAgent refuses a node SVID whose agent was evicted, is banned, or
+// has attested again since the SVID was issued. Certificates that are no
+// agent's are left to the caller's checks.
+func (s *Server) admitAgent(leaf *x509.Certificate) error {
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil || !s.isAgentID(id) {
+		return nil
+	}
+	rec, ok := s.agentRecord(id.String())
+	switch {
+	case !ok:
+		return evictedStatus(id.String())
+	case rec.Banned:
+		return bannedStatus(id.String())
+	}
+	if serial := leaf.SerialNumber.Text(16); !listsSerial(rec, serial) {
+		return supersededStatus(id.String(), serial)
+	}
+	return nil
+}
+
+func listsSerial(rec store.AgentRecord, serial string) bool {
+	return slices.ContainsFunc(rec.NodeSVIDs, func(n store.AgentSVID) bool { return n.Serial == serial })
+}
+
+func supersededStatus(id, serial string) error {
+	return status.Errorf(codes.PermissionDenied, "evicted: attest again: node SVID %s of %s was issued before its last attestation, or has expired", serial, id)
+}
+
+// refuseBanned refuses the attestation of a banned agent's node before a
+// node SVID is signed for it.
+func (s *Server) refuseBanned(id spiffeid.ID) error {
+	if rec, ok := s.agentRecord(id.String()); ok && rec.Banned {
+		return bannedStatus(id.String())
+	}
+	return nil
+}
+
+func nodeSVID(chain [][]byte) (store.AgentSVID, error) {
+	if len(chain) == 0 {
+		return store.AgentSVID{}, errors.New("empty node SVID chain")
+	}
+	leaf, err := x509.ParseCertificate(chain[0])
+	if err != nil {
+		return store.AgentSVID{}, fmt.Errorf("parse node SVID: %w", err)
+	}
+	return store.AgentSVID{Serial: leaf.SerialNumber.Text(16), NotAfter: leaf.NotAfter}, nil
+}
+
+// recordAttested records an attestation before its node SVID is handed
+// out: the SVID becomes the only one the agent is admitted with. The ban
+// is checked again in the store's transaction, so a ban racing the
+// attestation wins.
+func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method string, chain [][]byte) error {
+	n, err := nodeSVID(chain)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	_, err = s.store.UpdateAgent(ctx, id.String(), func(r *store.AgentRecord, exists bool) error {
+		if exists && r.Banned {
+			return errAgentBanned
+		}
+		if !exists {
+			r.FirstSeen = now
+		}
+		r.Method, r.Node, r.LastSeen = method, path.Base(id.Path()), now
+		r.NodeSVIDs = []store.AgentSVID{n}
+		return nil
+	}, &store.AuditEvent{Time: now, Actor: id.String(), Action: "agent.attest", Target: id.String(), Detail: "method " + method + ", node SVID " + n.Serial})
+	if errors.Is(err, errAgentBanned) {
+		return bannedStatus(id.String())
+	}
+	if err != nil {
+		return fmt.Errorf("record agent %s: %w", id, err)
+	}
+	// The agent's next call may come at once: it must be admitted.
+	return s.synced(ctx)
+}
+
+// recordRenewed adds a renewed node SVID to the agent's record before it
+// is handed out, dropping the expired ones.
+func (s *Server) recordRenewed(ctx context.Context, id spiffeid.ID, chain [][]byte) error {
+	n, err := nodeSVID(chain)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	_, err = s.store.UpdateAgent(ctx, id.String(), func(r *store.AgentRecord, exists bool) error {
+		switch {
+		case !exists:
+			return errAgentEvicted
+		case r.Banned:
+			return errAgentBanned
+		}
+		live := slices.DeleteFunc(slices.Clone(r.NodeSVIDs), func(o store.AgentSVID) bool { return !now.Before(o.NotAfter) })
+		live = append(live, n)
+		r.NodeSVIDs = live[max(0, len(live)-maxNodeSVIDs):]
+		r.LastSeen = now
+		return nil
+	}, nil)
+	switch {
+	case errors.Is(err, errAgentBanned):
+		return bannedStatus(id.String())
+	case errors.Is(err, errAgentEvicted):
+		return evictedStatus(id.String())
+	case err != nil:
+		return fmt.Errorf("record agent %s: %w", id, err)
+	}
+	return s.synced(ctx)
+}
+
+// touchAgent sets the agent's last-seen time; errAgentEvicted if it has no
+// record (it is never re-created here).
+func (s *Server) touchAgent(ctx context.Context, id string) error {
+	now := s.now()
+	_, err := s.store.UpdateAgent(ctx, id, func(r *store.AgentRecord, exists bool) error {
+		if !exists {
+			return errAgentEvicted
+		}
+		r.LastSeen = now
+		return nil
+	}, nil)
+	return err
+}
+
+// agentConnected runs once st is in the hub: a ban or eviction applied
+// before it was added is caught here, one applied after ends it through
+// the hub. It records the agent as seen.
+func (s *Server) agentConnected(ctx context.Context, st *agentStream) error {
+	id := st.id.String()
+	serial := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
+			serial = info.State.PeerCertificates[0].SerialNumber.Text(16)
+		}
+	}
+	s.agents.mu.Lock()
+	st.serial = serial
+	rec, ok := s.agents.recs[id]
+	s.agents.mu.Unlock()
+	switch {
+	case !ok:
+		return evictedStatus(id)
+	case rec.Banned:
+		return bannedStatus(id)
+	case !listsSerial(rec, serial):
+		return supersededStatus(id, serial)
+	}
+	if err := s.touchAgent(ctx, id); errors.Is(err, errAgentEvicted) {
+		return evictedStatus(id)
+	} else if err != nil {
+		s.log.Warn("record agent last seen", "agent", id, "err", err)
+	}
+	return nil
+}
+
+// agentDisconnected records when the agent was last seen, on a context of
+// its own: the stream's is done.
+func (s *Server) agentDisconnected(ctx context.Context, id spiffeid.ID) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), agentSeenTimeout)
+	defer cancel()
+	if err := s.touchAgent(ctx, id.String()); err != nil && !errors.Is(err, errAgentEvicted) {
+		s.log.Debug("record agent last seen", "agent", id.String(), "err", err)
+	}
+}
+
+// endAgentLocked ends every open stream of agent id with why; the caller
+// holds h.mu.
+func (h *agentHub) endAgentLocked(id string, why error) int {
+	return h.endLocked(func(st *agentStream) bool { return st.id.String() == id }, func(*agentStream) error { return why })
+}
+
+// endLocked ends the open streams end selects, each with why(st); the
+// caller holds h.mu.
+func (h *agentHub) endLocked(end func(*agentStream) bool, why func(*agentStream) error) int {
+	n := 0
+	for st := range h.streams {
+		if !end(st) {
+			continue
+		}
+		n++
+		select {
+		case st.kill <- why(st):
+		default:
+		}
+	}
+	return n
+}
+
+// streamsOf counts the open Sync streams of agent id on this server.
+func (h *agentHub) streamsOf(id string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for st := range h.streams {
+		if st.id.String() == id {
+			n++
+		}
+	}
+	return n
+}
+
+// applyAgent follows one agent record change from the watch. The record
+// and the streams change under one lock, so a stream being opened either
+// sees the new record or is ended (agentConnected).
+func (s *Server) applyAgent(ev store.Event) {
+	h := &s.agents
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.recs == nil {
+		h.recs = map[string]store.AgentRecord{}
+	}
+	var why error
+	if ev.Op == store.OpDelete {
+		delete(h.recs, ev.Key)
+		why = evictedStatus(ev.Key)
+	} else {
+		h.recs[ev.Key] = *ev.Agent
+		if ev.Agent.Banned {
+			why = bannedStatus(ev.Key)
+		}
+	}
+	if why != nil {
+		if n := h.endAgentLocked(ev.Key, why); n > 0 {
+			s.log.Warn("ended agent streams", "agent", ev.Key, "streams", n, "why", status.Convert(why).Message())
+		}
+		return
+	}
+	// A new attestation of the node: streams on the node SVIDs it
+	// superseded end (the agent holding them must attest again).
+	rec := *ev.Agent
+	if n := h.endLocked(func(st *agentStream) bool {
+		return st.id.String() == ev.Key && st.serial != "" && !listsSerial(rec, st.serial)
+	},
+		func(st *agentStream) error { return supersededStatus(ev.Key, st.serial) }); n > 0 {
+		s.log.Warn("ended agent streams on superseded node SVIDs", "agent", ev.Key, "streams", n)
+	}
+}
+
+// loadAgents makes the projection's records those of the store, ending
+// the streams of agents that are gone or banned.
+func (s *Server) loadAgents(ctx context.Context) error {
+	list, err := s.store.ListAgents(ctx)
+	if err != nil {
+		return fmt.Errorf("load agents: %w", err)
+	}
+	recs := make(map[string]store.AgentRecord, len(list))
+	for _, r := range list {
+		recs[r.ID] = r
+	}
+	h := &s.agents
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.recs = recs
+	for st := range h.streams {
+		id := st.id.String()
+		if r, ok := recs[id]; !ok {
+			h.endAgentLocked(id, evictedStatus(id))
+		} else if r.Banned {
+			h.endAgentLocked(id, bannedStatus(id))
+		}
+	}
+	return nil
+}
+
+// AgentInfo is an agent's record with what this server sees of it now.
+type AgentInfo struct {
+	store.AgentRecord
+	// Streams is how many Sync streams the agent has open on this server.
+	Streams int
+}
+
+func (s *Server) agentInfo(r store.AgentRecord) AgentInfo {
+	return AgentInfo{AgentRecord: r, Streams: s.agents.streamsOf(r.ID)}
+}
+
+// resolveAgent turns what an administrator typed, the agent's SPIFFE ID or
+// its node name, into the agent's ID.
+func (s *Server) resolveAgent(ctx context.Context, ref string) (string, error) {
+	if ref == "" {
+		return "", invalidf("give the agent's SPIFFE ID or node name")
+	}
+	if strings.HasPrefix(ref, "spiffe://") {
+		id, err := spiffeid.FromString(ref)
+		if err != nil || !s.isAgentID(id) {
+			return "", invalidf("%q is not a node agent's SPIFFE ID (spiffe://%s%s<method>/<node>)", ref, s.td, agentPath)
+		}
+		return id.String(), nil
+	}
+	if !nodeIDPattern.MatchString(ref) {
+		return "", invalidf("%q is neither a node agent's SPIFFE ID nor a node name", ref)
+	}
+	list, err := s.store.ListAgents(ctx)
+	if err != nil {
+		return "", fmt.Errorf("list agents: %w", err)
+	}
+	var ids []string
+	for _, r := range list {
+		if r.Node == ref {
+			ids = append(ids, r.ID)
+		}
+	}
+	switch len(ids) {
+	case 0:
+		return "", fmt.Errorf("no agent on node %q: %w", ref, store.ErrNotFound)
+	case 1:
+		return ids[0], nil
+	}
+	return "", invalidf("node %q has several agents (%s): give the SPIFFE ID", ref, strings.Join(ids, ", "))
+}
+
+// ListAgents returns every agent record, by ID.
+func (s *Server) ListAgents(ctx context.Context) ([]AgentInfo, error) {
+	list, err := s.store.ListAgents(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list agents: %w", err)
+	}
+	out := make([]AgentInfo, 0, len(list))
+	for _, r := range list {
+		out = append(out, s.agentInfo(r))
+	}
+	return out, nil
+}
+
+// GetAgent returns one agent's record (by SPIFFE ID or node name).
+func (s *Server) GetAgent(ctx context.Context, ref string) (AgentInfo, error) {
+	id, err := s.resolveAgent(ctx, ref)
+	if err != nil {
+		return AgentInfo{}, err
+	}
+	r, err := s.store.GetAgent(ctx, id)
+	if err != nil {
+		return AgentInfo{}, fmt.Errorf("agent %s: %w", id, err)
+	}
+	return s.agentInfo(r), nil
+}
+
+// EvictAgent deletes an agent's record: its streams end and its node SVIDs
+// are refused on every replica until it attests again with a new join
+// token. A banned agent is not evicted (that would lift the ban).
+func (s *Server) EvictAgent(ctx context.Context, ref, actor string) (store.AgentRecord, error) {
+	id, err := s.resolveAgent(ctx, ref)
+	if err != nil {
+		return store.AgentRecord{}, err
+	}
+	r, err := s.store.GetAgent(ctx, id)
+	if err != nil {
+		return store.AgentRecord{}, fmt.Errorf("agent %s: %w", id, err)
+	}
+	if r.Banned {
+		return store.AgentRecord{}, &FailedPreconditionError{msg: fmt.Sprintf("agent %s is banned; evicting it would lift the ban: unban it first", id)}
+	}
+	old, err := s.store.DeleteAgent(ctx, id, store.AuditEvent{Time: s.now(), Actor: actor, Action: "agent.evict", Target: id})
+	if err != nil {
+		return store.AgentRecord{}, fmt.Errorf("evict agent %s: %w", id, err)
+	}
+	if err := s.synced(ctx); err != nil {
+		return old, err
+	}
+	s.log.Warn("agent evicted", "agent", id, "actor", actor)
+	return old, nil
+}
+
+// BanAgent refuses an agent until UnbanAgent and revokes its node SVIDs
+// and every live SVID it had signed; the CRLs are pushed to every peer.
+// Banning a banned agent revokes again what it may have missed (a ban
+// whose revocation failed is finished by repeating it).
+func (s *Server) BanAgent(ctx context.Context, ref, actor string) (AgentInfo, []store.RevokedSerial, error) {
+	id, err := s.resolveAgent(ctx, ref)
+	if err != nil {
+		return AgentInfo{}, nil, err
+	}
+	if _, err := s.store.GetAgent(ctx, id); err != nil {
+		return AgentInfo{}, nil, fmt.Errorf("agent %s: %w", id, err)
+	}
+	match := func(r store.IssuedSVID) bool { return r.SpiffeID == id || r.Requester == workloadViaAgent+id }
+	// Refused before anything changes if the CRLs cannot take them.
+	if err := s.checkCRLRoom(ctx, match); err != nil {
+		return AgentInfo{}, nil, err
+	}
+	now := s.now()
+	rec, err := s.store.UpdateAgent(ctx, id, func(r *store.AgentRecord, exists bool) error {
+		if !exists {
+			return fmt.Errorf("agent %s: %w", id, store.ErrNotFound)
+		}
+		if !r.Banned {
+			r.Banned, r.BannedAt = true, now
+		}
+		return nil
+	}, &store.AuditEvent{Time: now, Actor: actor, Action: "agent.ban", Target: id})
+	if err != nil {
+		return AgentInfo{}, nil, fmt.Errorf("ban agent %s: %w", id, err)
+	}
+	// Refused from here on (streams ended, no more signing) before the
+	// inventory is read, so nothing it gets signed escapes the revocation
+	// (signOne checks the ban again after signing).
+	if err := s.synced(ctx); err != nil {
+		return s.agentInfo(rec), nil, err
+	}
+	serials, err := s.revokeRows(ctx, match, id, actor, 0)
+	if err != nil {
+		return s.agentInfo(rec), serials, fmt.Errorf("ban agent %s: the agent is refused, but revoking its SVIDs failed (ban it again to retry): %w", id, err)
+	}
+	s.log.Warn("agent banned", "agent", id, "revoked", len(serials), "actor", actor)
+	return s.agentInfo(rec), serials, nil
+}
+
+// UnbanAgent lets a banned agent attest again (with a new join token: its
+// node SVIDs were revoked).
+func (s *Server) UnbanAgent(ctx context.Context, ref, actor string) (AgentInfo, error) {
+	id, err := s.resolveAgent(ctx, ref)
+	if err != nil {
+		return AgentInfo{}, err
+	}
+	rec, err := s.store.UpdateAgent(ctx, id, func(r *store.AgentRecord, exists bool) error {
+		if !exists {
+			return fmt.Errorf("agent %s: %w", id, store.ErrNotFound)
+		}
+		if !r.Banned {
+			return &FailedPreconditionError{msg: fmt.Sprintf("agent %s is not banned", id)}
+		}
+		r.Banned, r.BannedAt = false, time.Time{}
+		// Its node SVIDs were revoked with the ban: only a new
+		// attestation admits it.
+		r.NodeSVIDs = nil
+		return nil
+	}, &store.AuditEvent{Time: s.now(), Actor: actor, Action: "agent.unban", Target: id})
+	if err != nil {
+		return AgentInfo{}, fmt.Errorf("unban agent %s: %w", id, err)
+	}
+	if err := s.synced(ctx); err != nil {
+		return s.agentInfo(rec), err
+	}
+	s.log.Info("agent unbanned", "agent", id, "actor", actor)
+	return s.agentInfo(rec), nil
+}
