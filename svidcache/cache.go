@@ -98,6 +98,19 @@ type Config struct {
 	// when an SVID in service could not be replaced, false for a first
 	// issue.
 	MintFailed func(err error, renewal bool)
+	// AvailabilityTarget, if positive, is the renewal policy of a node
+	// agent that must ride out server outages: an SVID is renewed once
+	// less than AvailabilityTarget of its life is left, never later than
+	// half its life (and never earlier than a tenth of it, so a target at
+	// or beyond the SVID's life cannot make it renew in a loop), with
+	// jitter that only brings renewal earlier. Zero keeps the server's
+	// policy: half the life, ±10%.
+	AvailabilityTarget time.Duration
+	// OnChange, if set, is called whenever the SVIDs the cache holds
+	// change (one installed, expired or dropped), with the cache's lock
+	// held: it must not block or call the cache (a persister arms a
+	// timer and reads Held later).
+	OnChange func()
 }
 
 // ErrClosed is returned by Subscribe once the cache is shutting down.
@@ -110,6 +123,8 @@ type Cache struct {
 	clock      Clock
 	log        *slog.Logger
 	mintFailed func(err error, renewal bool)
+	target     time.Duration
+	onChange   func()
 
 	// ctx is what renewals run under; Close cancels it and waits for them
 	// (wg).
@@ -138,7 +153,18 @@ type slot struct {
 	renewAt time.Time
 	refs    int
 	stop    func() bool // cancels the renewal timer
-	retry   time.Duration
+	// expStop cancels the expiry timer, which withdraws svid at its
+	// NotAfter if it has not been replaced by then.
+	expStop func() bool
+	// seeded marks an SVID loaded from a previous run (Seed) that no
+	// renewal has replaced yet: a first holder is served it even past its
+	// renewal point (the signer may be unreachable), and it is renewed at
+	// once.
+	seeded bool
+	// renewing is set while renew signs for the slot (RenewDue does not
+	// start a second one).
+	renewing bool
+	retry    time.Duration
 	// subs are the subscriptions holding this slot, told when it changes.
 	subs map[*Subscription]struct{}
 }
@@ -153,8 +179,13 @@ func New(cfg Config) *Cache {
 	if mf == nil {
 		mf = func(error, bool) {}
 	}
+	oc := cfg.OnChange
+	if oc == nil {
+		oc = func() {}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Cache{signer: cfg.Signer, matcher: cfg.Matcher, clock: cfg.Clock, log: log, mintFailed: mf,
+		target: cfg.AvailabilityTarget, onChange: oc,
 		ctx: ctx, cancel: cancel, slots: map[string]*slot{}, subs: map[*Subscription]struct{}{}}
 }
 
@@ -166,6 +197,9 @@ func (c *Cache) Close() {
 	for _, sl := range c.slots {
 		if sl.stop != nil {
 			sl.stop()
+		}
+		if sl.expStop != nil {
+			sl.expStop()
 		}
 	}
 	c.mu.Unlock()

@@ -131,12 +131,16 @@ func (c *Cache) Drop(match func(key string) bool) {
 		if sl.stop != nil {
 			sl.stop()
 		}
+		if sl.expStop != nil {
+			sl.expStop()
+		}
 		delete(c.slots, key)
 		keys = append(keys, key)
 	}
 	if len(keys) == 0 {
 		return
 	}
+	c.onChange()
 	c.notifyLocked(func(s *Subscription) bool {
 		return slices.ContainsFunc(s.entries, func(k string) bool { return slices.Contains(keys, k) })
 	})
