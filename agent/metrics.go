@@ -50,7 +50,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		last = float64(time.Unix(0, n).Unix())
 	}
 	budget := 0.0
-	if !earliest.IsZero() {
+	// An identity already withdrawn at its expiry leaves no budget.
+	if !earliest.IsZero() && c.a.cache.Expired() == 0 {
 		budget = max(earliest.Sub(now).Seconds(), 0)
 	}
 	ch <- prometheus.MustNewConstMetric(c.connected, prometheus.GaugeValue, conn)
@@ -69,6 +70,9 @@ func (a *Agent) Ready() error {
 	earliest, _, served := a.cache.Stats(now)
 	if served > 0 && !now.Before(earliest) {
 		return fmt.Errorf("a served SVID expired at %s: the server has been unreachable too long", earliest.UTC().Format(time.RFC3339))
+	}
+	if n := a.cache.Expired(); n > 0 {
+		return fmt.Errorf("%d identities expired before they could be renewed and are withdrawn from their workloads: the server has been unreachable too long", n)
 	}
 	if served == 0 && a.lastSync.Load() == 0 {
 		return errors.New("not yet synced with the server")

@@ -161,6 +161,9 @@ type slot struct {
 	// renewal point (the signer may be unreachable), and it is renewed at
 	// once.
 	seeded bool
+	// expired is set once svid was withdrawn at its NotAfter, until a
+	// renewal succeeds (Expired counts the held ones).
+	expired bool
 	// renewing is set while renew signs for the slot (RenewDue does not
 	// start a second one).
 	renewing bool

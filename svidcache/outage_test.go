@@ -97,6 +97,10 @@ func TestExpiredSVIDIsWithdrawn(t *testing.T) {
 		t.Fatalf("Held lists %d SVIDs after web expired, want api's only", len(held))
 	}
 
+	if n := h.cache.Expired(); n != 1 {
+		t.Fatalf("Expired() = %d, want 1", n)
+	}
+
 	// Still retrying, at the capped backoff.
 	h.clock.Advance(maxRetry)
 	if n := len(h.signer.callTimes("web")); n <= before {
@@ -106,6 +110,9 @@ func TestExpiredSVIDIsWithdrawn(t *testing.T) {
 	h.clock.Advance(maxRetry)
 	if _, ok := serials(sub.Snapshot())["web"]; !ok {
 		t.Fatal("web not served again once the signer came back")
+	}
+	if n := h.cache.Expired(); n != 0 {
+		t.Fatalf("Expired() = %d after the renewal, want 0", n)
 	}
 }
 

@@ -124,6 +124,7 @@ func (c *Cache) installLocked(sl *slot, svid *identity.SVID) {
 	sl.svid = svid
 	sl.retry = 0
 	sl.seeded = false
+	sl.expired = false
 	// The life from now, not from NotBefore: NotBefore is back-dated for
 	// clock skew, which would make short-lived SVIDs renew at once,
 	// forever.
@@ -198,6 +199,7 @@ func (c *Cache) expire(sl *slot, svid *identity.SVID) {
 	}
 	sl.svid = nil
 	sl.seeded = false
+	sl.expired = true
 	if sl.refs == 0 {
 		delete(c.slots, sl.entry.ID)
 	} else {

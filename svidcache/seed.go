@@ -103,3 +103,17 @@ func (c *Cache) RenewDue() int {
 	}
 	return n
 }
+
+// Expired counts the held identities whose SVID expired before a renewal
+// could replace it: their workloads are served nothing for them now.
+func (c *Cache) Expired() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, sl := range c.slots {
+		if sl.refs > 0 && sl.svid == nil && sl.expired {
+			n++
+		}
+	}
+	return n
+}
