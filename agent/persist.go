@@ -180,6 +180,9 @@ func (p *persister) write() error {
 		pc.Bundle = raw
 	}
 	for _, h := range a.cache.Held() {
+		if _, ok := a.index.Get(h.Entry.ID); !ok {
+			continue // its entry is gone: no workload will hold it again
+		}
 		ps := persistedSVID{Entry: h.Entry, Key: h.SVID.KeyDER}
 		for _, c := range h.SVID.Certs {
 			ps.Chain = append(ps.Chain, c.Raw)

@@ -218,7 +218,7 @@ func (c *Cache) RenewSerial(serial string) bool {
 	for k, sl := range c.slots {
 		if sl.svid != nil && sl.svid.Serial == serial {
 			if sl.refs == 0 {
-				delete(c.slots, k) // idle: the next caller gets a fresh one
+				c.dropSlotLocked(k) // idle: the next caller gets a fresh one
 			} else {
 				c.scheduleLocked(sl, 0)
 			}
@@ -237,7 +237,7 @@ func (c *Cache) RenewAll() {
 	for k, sl := range c.slots {
 		switch {
 		case sl.refs == 0:
-			delete(c.slots, k) // idle: signed by the old CA; drop it
+			c.dropSlotLocked(k) // idle: signed by the old CA; drop it
 		case sl.svid != nil:
 			c.scheduleLocked(sl, 0)
 		}
@@ -265,7 +265,7 @@ func (c *Cache) Reissue(match func(SlotView) bool, step time.Duration) int {
 			continue
 		}
 		if sl.refs == 0 {
-			delete(c.slots, k)
+			c.dropSlotLocked(k)
 			continue
 		}
 		d := time.Duration(n) * step
@@ -319,7 +319,7 @@ func (c *Cache) SweepIdle(now time.Time) {
 	defer c.mu.Unlock()
 	for k, sl := range c.slots {
 		if sl.refs == 0 && !now.Before(sl.renewAt) {
-			delete(c.slots, k)
+			c.dropSlotLocked(k)
 		}
 	}
 }

@@ -74,7 +74,7 @@ func (c *Cache) EntryUpdated(e Entry) {
 		if sl.stop != nil {
 			sl.stop()
 		}
-		delete(c.slots, e.ID)
+		c.dropSlotLocked(e.ID)
 		return
 	}
 	sl.entry = e
@@ -107,7 +107,7 @@ func (c *Cache) endLocked(s *Subscription, err error) {
 		// A slot minted for this caller's own certificate serves nobody
 		// else; drop it rather than keep a revoked lineage for reuse.
 		if sl := c.slots[k]; sl != nil && sl.refs == 0 && DirectSerial(k) != "" {
-			delete(c.slots, k)
+			c.dropSlotLocked(k)
 		}
 	}
 	s.entries = nil

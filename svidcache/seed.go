@@ -117,3 +117,12 @@ func (c *Cache) Expired() int {
 	}
 	return n
 }
+
+// dropSlotLocked forgets a slot, with its expiry timer (which would
+// otherwise keep it in memory until its NotAfter).
+func (c *Cache) dropSlotLocked(key string) {
+	if sl := c.slots[key]; sl != nil && sl.expStop != nil {
+		sl.expStop()
+	}
+	delete(c.slots, key)
+}
