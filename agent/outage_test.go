@@ -451,3 +451,89 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestNoExpiredSVIDAfterLongOutage: an outage longer than the SVIDs live.
+// At its NotAfter the agent withdraws the SVID (the workload is refused,
+// never handed an expired certificate), /readyz says why and
+// meshid_agent_expired_svids counts it; once the server is back the
+// workload is served a fresh one.
+func TestNoExpiredSVIDAfterLongOutage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	fc := fakeclock.New(time.Now().Add(-30 * time.Minute))
+	scfg := controlplane.Config{DataDir: t.TempDir(), Now: fc.Now, AfterFunc: fc.AfterFunc}
+	p := startPlaneWith(t, scfg, "127.0.0.1:0")
+	cfg := nodeSetup(t, p, 1, 2*time.Minute)
+	cfg.Now, cfg.AfterFunc = fc.Now, fc.AfterFunc
+	cfg.MetricsListen = "127.0.0.1:0"
+	a, l, stop := runAgent(t, cfg)
+	defer stop()
+	waitFor(t, "the agent to connect", a.Connected)
+	first, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+l.Socket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A workload keeps holding it (a watch), as Envoy or a go-spiffe
+	// client would.
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr("unix://"+l.Socket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	w := &recorder{ch: make(chan struct{}, 1)}
+	wctx, wcancel := context.WithCancel(ctx)
+	watching := make(chan error, 1)
+	go func() { watching <- client.WatchX509Context(wctx, w) }()
+	defer func() { wcancel(); <-watching }()
+	waitFor(t, "the workload's SVID", func() bool { return len(w.latest()) == 1 })
+
+	addr := p.agentAddr
+	p.stop()
+	waitFor(t, "the agent to see the server gone", func() bool { return !a.Connected() })
+	notAfter := first.Certificates[0].NotAfter
+	for fc.Now().Before(notAfter.Add(time.Second)) {
+		fc.Advance(time.Second)
+	}
+	fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer fcancel()
+	if got, err := workloadapi.FetchX509SVID(fctx, workloadapi.WithAddr("unix://"+l.Socket)); err == nil {
+		t.Fatalf("after its NotAfter (%s, now %s) the agent served serial %x expiring %s", notAfter, fc.Now(), got.Certificates[0].SerialNumber, got.Certificates[0].NotAfter)
+	}
+	if err := a.Ready(); err == nil || !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("Ready() = %v after an identity expired, want an error saying so", err)
+	}
+	if v, code := scrape(t, l.MetricsAddr, "meshid_agent_expired_svids"); v != 1 || code != 503 {
+		t.Fatalf("meshid_agent_expired_svids %v, /readyz %d; want 1, 503", v, code)
+	}
+	if v, _ := scrape(t, l.MetricsAddr, "meshid_agent_outage_budget_seconds"); v != 0 {
+		t.Fatalf("outage budget %v with an identity expired, want 0", v)
+	}
+
+	p = startPlaneWith(t, scfg, addr)
+	for !a.Connected() {
+		fc.Advance(250 * time.Millisecond)
+		deadline := time.Now().Add(200 * time.Millisecond)
+		for !a.Connected() && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond) // polling a condition, with a deadline
+		}
+	}
+	// Its retry, on the fake clock, is at most the capped backoff away.
+	var again *x509.Certificate
+	deadline := time.Now().Add(20 * time.Second)
+	for again == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the workload was not served again once the server was back")
+		}
+		fc.Advance(time.Second)
+		for _, leaf := range w.latest() {
+			if leaf.SerialNumber.Cmp(first.Certificates[0].SerialNumber) != 0 {
+				again = leaf
+			}
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, with a deadline
+	}
+	if !fc.Now().Before(again.NotAfter) {
+		t.Fatalf("served an SVID expiring %s at %s", again.NotAfter, fc.Now())
+	}
+	waitFor(t, "ready again", func() bool { return a.Ready() == nil })
+}

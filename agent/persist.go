@@ -304,6 +304,11 @@ func (a *Agent) serveBundle(b *agentv1.Bundle) error {
 // out: with little SVID life left, the moment the server is back must not
 // be missed by a 30 s backoff step.
 func (a *Agent) boundBackoff(d time.Duration) time.Duration {
+	if a.cache.Expired() > 0 {
+		// Workloads are already without an identity: every second counts,
+		// but a fleet of agents must not hammer a recovering server.
+		return min(d, expiredBackoff)
+	}
 	now := a.cfg.Now()
 	earliest, _, served := a.cache.Stats(now)
 	if served == 0 {
@@ -311,3 +316,6 @@ func (a *Agent) boundBackoff(d time.Duration) time.Duration {
 	}
 	return min(d, max(earliest.Sub(now)/8, minBackoff))
 }
+
+// expiredBackoff bounds reconnection delays once an identity has expired.
+const expiredBackoff = 5 * time.Second

@@ -292,3 +292,30 @@ func TestRenewDueRenewsOverdueTogether(t *testing.T) {
 		t.Fatalf("RenewDue right after renewing scheduled %d, want 0", n)
 	}
 }
+
+// An identity that expired in a workload's hands still counts after the
+// workload lets go (a Workload API stream ends when nothing is left, and
+// its client retries), until RenewDue, with the signer back, finds nobody
+// holding it.
+func TestExpiredCountsUntilRenewDueForgetsIt(t *testing.T) {
+	h := newHarness(t)
+	h.matcher.set("s", entry("web"))
+	sub := h.subscribe(identity.Caller{Selectors: []string{"s"}})
+	notAfter := sub.Snapshot().SVIDs[0].NotAfter
+	h.signer.setFail("*", errSignerDown)
+	h.clock.Advance(notAfter.Sub(h.clock.Now()))
+	if n := h.cache.Expired(); n != 1 {
+		t.Fatalf("Expired() = %d at NotAfter, want 1", n)
+	}
+	sub.Close()
+	if n := h.cache.Expired(); n != 1 {
+		t.Fatalf("Expired() = %d once the workload let go, want 1", n)
+	}
+	h.signer.setFail("*", nil)
+	if n := h.cache.RenewDue(); n != 0 {
+		t.Fatalf("RenewDue scheduled %d renewals for nobody", n)
+	}
+	if n := h.cache.Expired(); n != 0 || h.slotCount() != 0 {
+		t.Fatalf("after RenewDue: Expired() = %d, %d slots; want 0, 0", n, h.slotCount())
+	}
+}

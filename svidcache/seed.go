@@ -82,8 +82,9 @@ func (c *Cache) Seed(e Entry, chain [][]byte, key *ecdsa.PrivateKey) error {
 }
 
 // RenewDue renews now every held SVID past its renewal point, and retries
-// now every held identity whose first mint failed, instead of at their
-// next backoff step: a node agent calls it when it reaches its server
+// now every held identity whose first mint failed (or whose SVID expired),
+// instead of at their next backoff step, and forgets expired identities
+// nobody holds any more: a node agent calls it when it reaches its server
 // again, so that what fell due during an outage is renewed together (its
 // signer batches them into few round trips) and at once. It returns how
 // many were scheduled.
@@ -92,7 +93,14 @@ func (c *Cache) RenewDue() int {
 	defer c.mu.Unlock()
 	now := c.clock.Now()
 	n := 0
-	for _, sl := range c.slots {
+	for k, sl := range c.slots {
+		if sl.refs == 0 && sl.svid == nil && sl.expired {
+			// Its workload lost it during the outage and has not come
+			// back since: nothing to renew, and no longer a loss to
+			// report (Expired).
+			c.dropSlotLocked(k)
+			continue
+		}
 		if sl.refs == 0 || sl.renewing {
 			continue
 		}
@@ -104,14 +112,18 @@ func (c *Cache) RenewDue() int {
 	return n
 }
 
-// Expired counts the held identities whose SVID expired before a renewal
-// could replace it: their workloads are served nothing for them now.
+// Expired counts the identities whose SVID expired in a workload's hands
+// before a renewal could replace it: those workloads are served nothing
+// for them now. A workload that lets go meanwhile (a Workload API stream
+// ends when the caller has no identity left, and its client retries)
+// still counts, until the SVID is renewed or RenewDue finds nobody holds
+// it after the signer is back.
 func (c *Cache) Expired() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for _, sl := range c.slots {
-		if sl.refs > 0 && sl.svid == nil && sl.expired {
+		if sl.svid == nil && sl.expired {
 			n++
 		}
 	}
