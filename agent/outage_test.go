@@ -182,11 +182,21 @@ func TestRestartDuringOutageServesPersistedSVIDs(t *testing.T) {
 	}
 	rows := rowCount(ctx, t, p)
 	addr := p.agentAddr
+	// What the timed write left, as a kill -9 would leave it (the clean
+	// stop below writes again; that write is undone).
+	cachePath := filepath.Join(cfg.DataDir, agent.CacheFile)
+	written, err := os.ReadFile(cachePath)
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	// Server down, then the agent restarts (its token spent).
 	p.stop()
 	waitFor(t, "the agent to see the server gone", func() bool { return !a.Connected() })
 	stop()
+	if err := os.WriteFile(cachePath, written, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	cfg.JoinToken = ""
 	a, l, stop = runAgent(t, cfg)
 	defer stop()
