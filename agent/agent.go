@@ -30,7 +30,6 @@ import (
 
 	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/entry"
-	"github.com/meshid/meshid/identity"
 	agentv1 "github.com/meshid/meshid/proto/meshid/agent/v1"
 	"github.com/meshid/meshid/svidcache"
 )
@@ -62,6 +61,18 @@ type Config struct {
 	// Now and AfterFunc are the clock renewals and backoff use.
 	Now       func() time.Time
 	AfterFunc func(d time.Duration, f func()) (stop func() bool)
+
+	// AvailabilityTarget is the outage budget renewals keep: an SVID is
+	// renewed once less than this of its life is left, never later than
+	// half its life (default DefaultAvailabilityTarget).
+	AvailabilityTarget time.Duration
+	// NoPersistCache turns off the sealed SVID cache in DataDir (a restart
+	// then serves nothing until the server is reached).
+	NoPersistCache bool
+	// CacheKeyFile is the AES-256 key (package kek's format) sealing the
+	// persisted cache; default DataDir/cache.kek, made on first use. Kept
+	// elsewhere, a copy of the data dir alone reveals no workload key.
+	CacheKeyFile string
 }
 
 // Agent is a running node agent.
@@ -74,11 +85,15 @@ type Agent struct {
 	cache    *svidcache.Cache
 	index    *entry.Index
 	signer   *remoteSigner
+	persist  *persister // nil with NoPersistCache
 
 	mu     sync.Mutex
 	node   *nodeIdentity
 	trust  []*x509.Certificate
 	client agentv1.AgentServiceClient // nil while not connected
+	// lastBundle is the bundle the server last sent (or the persisted
+	// one), kept for the persisted cache.
+	lastBundle *agentv1.Bundle
 
 	connected atomic.Bool
 	lastSync  atomic.Int64 // unix nanos
@@ -136,12 +151,28 @@ func Open(cfg Config) (*Agent, error) {
 	serverID, _ := spiffeid.FromSegments(td, "meshid", "server")
 	a := &Agent{cfg: cfg, log: cfg.Logger, td: td, serverID: serverID, dir: dir, index: entry.NewIndex(), node: node, trust: trust}
 	a.signer = &remoteSigner{a: a}
-	a.cache = svidcache.New(svidcache.Config{Signer: a.signer, Matcher: matcher{a}, Clock: clock{cfg}, Logger: a.log})
+	if cfg.AvailabilityTarget <= 0 {
+		cfg.AvailabilityTarget = DefaultAvailabilityTarget
+		a.cfg.AvailabilityTarget = cfg.AvailabilityTarget
+	}
+	if a.persist, err = openPersister(a); err != nil {
+		dir.close()
+		return nil, err
+	}
+	a.cache = svidcache.New(svidcache.Config{Signer: a.signer, Matcher: matcher{a}, Clock: clock{cfg}, Logger: a.log,
+		AvailabilityTarget: cfg.AvailabilityTarget, OnChange: a.persist.kick})
+	if a.persist != nil {
+		// Before the server is reached: a restart during an outage serves
+		// what the last run held.
+		a.restore()
+	}
 	return a, nil
 }
 
-// Close releases the cache and the data dir.
+// Close writes the persisted cache and releases the cache and the data
+// dir.
 func (a *Agent) Close() {
+	a.persist.close()
 	a.cache.Close()
 	a.dir.close()
 }
@@ -263,7 +294,7 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 			backoff = 0 // the server was there: start over
 		}
 		backoff = min(max(2*backoff, minBackoff), maxBackoff)
-		d := time.Duration(float64(backoff) * (0.8 + 0.4*rand.Float64()))
+		d := a.boundBackoff(time.Duration(float64(backoff) * (0.8 + 0.4*rand.Float64())))
 		a.log.Warn("server unreachable: serving from cache, retrying", "server", a.cfg.Server, "retry_in", d.Truncate(time.Millisecond), "err", err)
 		if !a.sleep(ctx, d) {
 			return nil
@@ -512,16 +543,23 @@ func (a *Agent) apply(ctx context.Context, resp *agentv1.SyncResponse) {
 	if b := resp.GetBundle(); b != nil {
 		if err := a.setTrust(b); err != nil {
 			a.log.Error("bundle from the server", "err", err)
-		} else {
-			a.mu.Lock()
-			certs := a.trust
-			a.mu.Unlock()
-			a.cache.SetBundles(svidcache.X509Bundle(a.td, certs, b.GetCrls(), b.GetCrlLeafOnly()),
-				&identity.JWTBundle{TrustDomain: a.td, JWKS: b.GetJwks(), Version: b.GetJwtVersion()})
+		} else if err := a.serveBundle(b); err != nil {
+			a.log.Error("bundle from the server", "err", err)
 		}
+		a.persist.kick()
 	}
 	if changed {
 		a.cache.EntriesChanged(ctx)
+		a.persist.kick()
+	}
+	if resp.GetFull() {
+		// Reached the server (again): what fell due while it was away is
+		// renewed now, together, so the remote signer sends it in one
+		// batch (or a few), not one round trip per workload at its own
+		// backoff step.
+		if n := a.cache.RenewDue(); n > 0 {
+			a.log.Info("renewing what fell due while the server was unreachable", "svids", n)
+		}
 	}
 }
 

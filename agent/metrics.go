@@ -19,6 +19,7 @@ import (
 type collector struct {
 	a                                        *Agent
 	connected, lastSync, served, overdue, ob *prometheus.Desc
+	expired                                  *prometheus.Desc
 }
 
 func newCollector(a *Agent) *collector {
@@ -28,12 +29,14 @@ func newCollector(a *Agent) *collector {
 		served:    prometheus.NewDesc("meshid_agent_served_svids", "X.509-SVIDs this agent serves to its workloads now.", nil, nil),
 		overdue:   prometheus.NewDesc("meshid_agent_overdue_svids", "Served X.509-SVIDs past their renewal time (the server is unreachable or refuses).", nil, nil),
 		ob: prometheus.NewDesc("meshid_agent_outage_budget_seconds",
-			"How long every workload on this node stays valid if the server vanished now: the earliest expiry among served SVIDs, from now (0 when nothing is served).", nil, nil),
+			"How long every workload on this node stays valid if the server vanished now: the earliest expiry among served SVIDs, from now (0 when nothing is served, or once one expired).", nil, nil),
+		expired: prometheus.NewDesc("meshid_agent_expired_svids",
+			"Identities workloads hold whose SVID expired before it could be renewed: withdrawn (never served expired), so those workloads have none now.", nil, nil),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.connected, c.lastSync, c.served, c.overdue, c.ob} {
+	for _, d := range []*prometheus.Desc{c.connected, c.lastSync, c.served, c.overdue, c.ob, c.expired} {
 		ch <- d
 	}
 }
@@ -50,7 +53,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		last = float64(time.Unix(0, n).Unix())
 	}
 	budget := 0.0
-	if !earliest.IsZero() {
+	expired := c.a.cache.Expired()
+	// An identity already withdrawn at its expiry leaves no budget.
+	if !earliest.IsZero() && expired == 0 {
 		budget = max(earliest.Sub(now).Seconds(), 0)
 	}
 	ch <- prometheus.MustNewConstMetric(c.connected, prometheus.GaugeValue, conn)
@@ -58,6 +63,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.served, prometheus.GaugeValue, float64(served))
 	ch <- prometheus.MustNewConstMetric(c.overdue, prometheus.GaugeValue, float64(overdue))
 	ch <- prometheus.MustNewConstMetric(c.ob, prometheus.GaugeValue, budget)
+	ch <- prometheus.MustNewConstMetric(c.expired, prometheus.GaugeValue, float64(expired))
 }
 
 // Ready is nil while the agent can serve its node: it has been in touch
@@ -69,6 +75,9 @@ func (a *Agent) Ready() error {
 	earliest, _, served := a.cache.Stats(now)
 	if served > 0 && !now.Before(earliest) {
 		return fmt.Errorf("a served SVID expired at %s: the server has been unreachable too long", earliest.UTC().Format(time.RFC3339))
+	}
+	if n := a.cache.Expired(); n > 0 {
+		return fmt.Errorf("%d identities expired before they could be renewed and are withdrawn from their workloads: the server has been unreachable too long", n)
 	}
 	if served == 0 && a.lastSync.Load() == 0 {
 		return errors.New("not yet synced with the server")

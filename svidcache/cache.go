@@ -98,6 +98,19 @@ type Config struct {
 	// when an SVID in service could not be replaced, false for a first
 	// issue.
 	MintFailed func(err error, renewal bool)
+	// AvailabilityTarget, if positive, is the renewal policy of a node
+	// agent that must ride out server outages: an SVID is renewed once
+	// less than AvailabilityTarget of its life is left, never later than
+	// half its life (and never earlier than a tenth of it, so a target at
+	// or beyond the SVID's life cannot make it renew in a loop), with
+	// jitter that only brings renewal earlier. Zero keeps the server's
+	// policy: half the life, ±10%.
+	AvailabilityTarget time.Duration
+	// OnChange, if set, is called whenever the SVIDs the cache holds
+	// change (one installed, expired or dropped), with the cache's lock
+	// held: it must not block or call the cache (a persister arms a
+	// timer and reads Held later).
+	OnChange func()
 }
 
 // ErrClosed is returned by Subscribe once the cache is shutting down.
@@ -110,6 +123,8 @@ type Cache struct {
 	clock      Clock
 	log        *slog.Logger
 	mintFailed func(err error, renewal bool)
+	target     time.Duration
+	onChange   func()
 
 	// ctx is what renewals run under; Close cancels it and waits for them
 	// (wg).
@@ -138,7 +153,21 @@ type slot struct {
 	renewAt time.Time
 	refs    int
 	stop    func() bool // cancels the renewal timer
-	retry   time.Duration
+	// expStop cancels the expiry timer, which withdraws svid at its
+	// NotAfter if it has not been replaced by then.
+	expStop func() bool
+	// seeded marks an SVID loaded from a previous run (Seed) that no
+	// renewal has replaced yet: a first holder is served it even past its
+	// renewal point (the signer may be unreachable), and it is renewed at
+	// once.
+	seeded bool
+	// expired is set once svid was withdrawn at its NotAfter, until a
+	// renewal succeeds (Expired counts the held ones).
+	expired bool
+	// renewing is set while renew signs for the slot (RenewDue does not
+	// start a second one).
+	renewing bool
+	retry    time.Duration
 	// subs are the subscriptions holding this slot, told when it changes.
 	subs map[*Subscription]struct{}
 }
@@ -153,8 +182,13 @@ func New(cfg Config) *Cache {
 	if mf == nil {
 		mf = func(error, bool) {}
 	}
+	oc := cfg.OnChange
+	if oc == nil {
+		oc = func() {}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Cache{signer: cfg.Signer, matcher: cfg.Matcher, clock: cfg.Clock, log: log, mintFailed: mf,
+		target: cfg.AvailabilityTarget, onChange: oc,
 		ctx: ctx, cancel: cancel, slots: map[string]*slot{}, subs: map[*Subscription]struct{}{}}
 }
 
@@ -166,6 +200,9 @@ func (c *Cache) Close() {
 	for _, sl := range c.slots {
 		if sl.stop != nil {
 			sl.stop()
+		}
+		if sl.expStop != nil {
+			sl.expStop()
 		}
 	}
 	c.mu.Unlock()
@@ -181,7 +218,7 @@ func (c *Cache) RenewSerial(serial string) bool {
 	for k, sl := range c.slots {
 		if sl.svid != nil && sl.svid.Serial == serial {
 			if sl.refs == 0 {
-				delete(c.slots, k) // idle: the next caller gets a fresh one
+				c.dropSlotLocked(k) // idle: the next caller gets a fresh one
 			} else {
 				c.scheduleLocked(sl, 0)
 			}
@@ -200,7 +237,7 @@ func (c *Cache) RenewAll() {
 	for k, sl := range c.slots {
 		switch {
 		case sl.refs == 0:
-			delete(c.slots, k) // idle: signed by the old CA; drop it
+			c.dropSlotLocked(k) // idle: signed by the old CA; drop it
 		case sl.svid != nil:
 			c.scheduleLocked(sl, 0)
 		}
@@ -228,7 +265,7 @@ func (c *Cache) Reissue(match func(SlotView) bool, step time.Duration) int {
 			continue
 		}
 		if sl.refs == 0 {
-			delete(c.slots, k)
+			c.dropSlotLocked(k)
 			continue
 		}
 		d := time.Duration(n) * step
@@ -282,7 +319,7 @@ func (c *Cache) SweepIdle(now time.Time) {
 	defer c.mu.Unlock()
 	for k, sl := range c.slots {
 		if sl.refs == 0 && !now.Before(sl.renewAt) {
-			delete(c.slots, k)
+			c.dropSlotLocked(k)
 		}
 	}
 }

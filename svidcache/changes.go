@@ -74,7 +74,7 @@ func (c *Cache) EntryUpdated(e Entry) {
 		if sl.stop != nil {
 			sl.stop()
 		}
-		delete(c.slots, e.ID)
+		c.dropSlotLocked(e.ID)
 		return
 	}
 	sl.entry = e
@@ -107,7 +107,7 @@ func (c *Cache) endLocked(s *Subscription, err error) {
 		// A slot minted for this caller's own certificate serves nobody
 		// else; drop it rather than keep a revoked lineage for reuse.
 		if sl := c.slots[k]; sl != nil && sl.refs == 0 && DirectSerial(k) != "" {
-			delete(c.slots, k)
+			c.dropSlotLocked(k)
 		}
 	}
 	s.entries = nil
@@ -131,12 +131,16 @@ func (c *Cache) Drop(match func(key string) bool) {
 		if sl.stop != nil {
 			sl.stop()
 		}
+		if sl.expStop != nil {
+			sl.expStop()
+		}
 		delete(c.slots, key)
 		keys = append(keys, key)
 	}
 	if len(keys) == 0 {
 		return
 	}
+	c.onChange()
 	c.notifyLocked(func(s *Subscription) bool {
 		return slices.ContainsFunc(s.entries, func(k string) bool { return slices.Contains(keys, k) })
 	})

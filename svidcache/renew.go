@@ -123,18 +123,30 @@ func newSVID(e Entry, chain [][]byte, key *ecdsa.PrivateKey) (*identity.SVID, er
 func (c *Cache) installLocked(sl *slot, svid *identity.SVID) {
 	sl.svid = svid
 	sl.retry = 0
-	// Half of the life from now, not from NotBefore: NotBefore is
-	// back-dated for clock skew, which would make short-lived SVIDs renew
-	// at once, forever.
+	sl.seeded = false
+	sl.expired = false
+	// The life from now, not from NotBefore: NotBefore is back-dated for
+	// clock skew, which would make short-lived SVIDs renew at once,
+	// forever.
 	now := c.clock.Now()
-	delay := renewDelay(svid.NotAfter.Sub(now), mrand.Float64())
+	delay := c.renewDelay(svid.NotAfter.Sub(now), mrand.Float64())
 	sl.renewAt = now.Add(delay)
 	c.scheduleLocked(sl, delay)
+	c.scheduleExpiryLocked(sl, now)
 	// Only the slot's own holders: a mass re-issue of N slots must not
 	// walk all N subscriptions N times.
 	for sub := range sl.subs {
 		c.notifySubLocked(sub)
 	}
+	c.onChange()
+}
+
+// renewDelay is the cache's renewal policy (Config.AvailabilityTarget).
+func (c *Cache) renewDelay(life time.Duration, u float64) time.Duration {
+	if c.target > 0 {
+		return targetDelay(life, c.target, u)
+	}
+	return renewDelay(life, u)
 }
 
 // renewDelay is when an SVID with life left is renewed, for u uniform in
@@ -142,6 +154,62 @@ func (c *Cache) installLocked(sl *slot, svid *identity.SVID) {
 func renewDelay(life time.Duration, u float64) time.Duration {
 	jitter := 1 + renewJitter*(2*u-1)
 	return time.Duration(float64(life) * renewFraction * jitter)
+}
+
+// minTargetFraction is the earliest point of its life an SVID is renewed
+// at under an availability target: a target longer than the SVID lives
+// cannot be met, and renewing at once would loop.
+const minTargetFraction = 0.1
+
+// targetDelay is when an SVID with life left is renewed under an
+// availability target, for u uniform in [0, 1): when target is left,
+// but no later than half the life and no sooner than a tenth of it; the
+// jitter (up to renewJitter) only brings it earlier, so that at renewal
+// the SVID always has at least target (or half its life) left.
+func targetDelay(life, target time.Duration, u float64) time.Duration {
+	d := min(life-target, time.Duration(float64(life)*renewFraction))
+	d = max(d, time.Duration(float64(life)*minTargetFraction))
+	return time.Duration(float64(d) * (1 - renewJitter*u))
+}
+
+// scheduleExpiryLocked arms the withdrawal of the slot's SVID at its
+// NotAfter: if every renewal until then failed (the server is
+// unreachable), subscribers are told it is gone rather than kept on a
+// certificate their peers refuse.
+func (c *Cache) scheduleExpiryLocked(sl *slot, now time.Time) {
+	if sl.expStop != nil {
+		sl.expStop()
+	}
+	if c.closed {
+		return
+	}
+	svid := sl.svid
+	sl.expStop = c.clock.AfterFunc(max(svid.NotAfter.Sub(now), 0), func() { c.expire(sl, svid) })
+}
+
+// expire withdraws svid from its slot if it still serves it. A held
+// slot's renewal is past due by then, so its retry timer (or a renewal in
+// flight, which re-arms it on failure) goes on: the next success serves
+// again.
+func (c *Cache) expire(sl *slot, svid *identity.SVID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.slots[sl.entry.ID] != sl || sl.svid != svid {
+		return
+	}
+	sl.svid = nil
+	sl.seeded = false
+	sl.expired = true
+	if sl.refs == 0 {
+		delete(c.slots, sl.entry.ID)
+	} else {
+		c.log.Error("svid expired before it could be renewed; withdrawn from its workloads", "spiffe_id", sl.entry.SpiffeID,
+			"serial", svid.Serial, "not_after", svid.NotAfter)
+		for sub := range sl.subs {
+			c.notifySubLocked(sub)
+		}
+	}
+	c.onChange()
 }
 
 func (c *Cache) scheduleLocked(sl *slot, delay time.Duration) {
@@ -166,12 +234,14 @@ func (c *Cache) renew(sl *slot) {
 	e := sl.entry
 	c.wg.Add(1)
 	defer c.wg.Done()
+	sl.renewing = true
 	c.mu.Unlock()
 
 	svid, err := c.mint(c.ctx, e)
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	sl.renewing = false
 	if c.closed || c.slots[sl.entry.ID] != sl {
 		return
 	}

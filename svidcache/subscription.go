@@ -160,9 +160,15 @@ func (c *Cache) acquire(e Entry, sub *Subscription) *slot {
 		// An idle slot: its SVID is reused until its renewal point, so a
 		// caller that polls (REST SDS, FetchSecrets) does not get a new
 		// key and certificate, and a new inventory row, on every call.
-		if now := c.clock.Now(); now.Before(sl.renewAt) {
+		switch now := c.clock.Now(); {
+		case now.Before(sl.renewAt):
 			c.scheduleLocked(sl, sl.renewAt.Sub(now))
-		} else {
+		case sl.seeded && now.Before(sl.svid.NotAfter):
+			// Kept from before a restart, perhaps through a server
+			// outage: serve it while it is valid and renew it now;
+			// the expiry timer withdraws it if that keeps failing.
+			c.scheduleLocked(sl, 0)
+		default:
 			sl.svid = nil
 		}
 	}
@@ -220,8 +226,11 @@ func (c *Cache) notifySubLocked(s *Subscription) {
 
 func (c *Cache) snapshotLocked(s *Subscription) *identity.Snapshot {
 	snap := &identity.Snapshot{}
+	// An SVID past its NotAfter is never served, even in the moment
+	// before its expiry timer has run.
+	now := c.clock.Now()
 	for _, k := range s.entries {
-		if sl := c.slots[k]; sl != nil && sl.svid != nil {
+		if sl := c.slots[k]; sl != nil && sl.svid != nil && now.Before(sl.svid.NotAfter) {
 			snap.SVIDs = append(snap.SVIDs, sl.svid)
 		}
 	}

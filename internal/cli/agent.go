@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -15,6 +16,10 @@ func newAgentCmd() *cobra.Command {
 	var (
 		server, trustDomain, token, tokenFile, bundle, dataDir, socket, logLevel, logFormat, metricsListen string
 		insecure                                                                                           bool
+		// The outage settings (issue 10 part 3).
+		availability time.Duration
+		noPersist    bool
+		cacheKeyFile string
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --server HOST:PORT [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
@@ -32,7 +37,14 @@ The server is verified by its SPIFFE ID (spiffe://<trust domain>/meshid/server)
 under --trust-bundle (the server's bundle, e.g. from 'meshid bundle show'),
 or, with --insecure-bootstrap, trusted on first contact and pinned from then
 on. While the server is unreachable the agent keeps serving what it holds and
-reconnects with backoff. SIGTERM or Ctrl-C drains and exits 0.
+reconnects with backoff; it never serves an expired SVID. Each SVID is
+renewed when less than --availability-target of its life is left (never later
+than half its life): that is how long the node's workloads stay valid if the
+server vanishes, exported as meshid_agent_outage_budget_seconds. What the agent
+serves (keys included) is kept in --data-dir sealed with AES-256-GCM under
+--cache-key-file, so a restart while the server is down serves every still-valid
+SVID at once (--no-persist-cache turns that off). SIGTERM or Ctrl-C drains and
+exits 0.
 
 The agent's own ID is spiffe://<trust domain>/meshid/agent/join/<node-id>
 (logged as node_id); entries made with 'meshid entry create --parent-id'
@@ -62,7 +74,14 @@ agent and by the server's own workload socket.`,
 				token = string(bytes.TrimSpace(b))
 			}
 			cfg := agent.Config{Server: server, TrustDomain: trustDomain, JoinToken: token, InsecureBootstrap: insecure,
-				DataDir: dataDir, Socket: socket, MetricsListen: metricsListen, Logger: log}
+				DataDir: dataDir, Socket: socket, MetricsListen: metricsListen, Logger: log,
+				AvailabilityTarget: availability, NoPersistCache: noPersist, CacheKeyFile: cacheKeyFile}
+			if availability <= 0 {
+				return fmt.Errorf("--availability-target %s: must be positive", availability)
+			}
+			if noPersist && cacheKeyFile != "" {
+				return fmt.Errorf("give --cache-key-file or --no-persist-cache, not both")
+			}
 			if bundle != "" {
 				b, err := os.ReadFile(bundle)
 				if err != nil {
@@ -92,6 +111,10 @@ agent and by the server's own workload socket.`,
 	fs.StringVar(&dataDir, "data-dir", "/var/lib/meshid-agent", "directory for the node key and SVID (0700, one agent at a time)")
 	fs.StringVar(&socket, "socket", endpoint.DefaultLayout().Socket, "the node's workload socket (SDS and the SPIFFE Workload API), made 0666 in a 0755 directory")
 	fs.StringVar(&metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics (meshid_agent_*), /healthz and /readyz (off when empty)")
+	fs.DurationVar(&availability, "availability-target", agent.DefaultAvailabilityTarget,
+		"renew each SVID when less than this of its life is left (never later than half its life): how long workloads stay valid if the server vanishes")
+	fs.BoolVar(&noPersist, "no-persist-cache", false, "do not keep the served SVIDs (and their keys) sealed in --data-dir; a restart then serves nothing until the server is reached")
+	fs.StringVar(&cacheKeyFile, "cache-key-file", "", "AES-256 key file (64 hex characters, 0600; made if missing) sealing the persisted SVID cache (default <data-dir>/"+agent.DefaultCacheKeyFile+"; keep it off the data dir's volume so a copy of that alone reveals no key)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	logFormatFlag(fs, &logFormat)
 	_ = cmd.MarkFlagRequired("server")
