@@ -2,6 +2,8 @@ package controlplane
 
 import (
 	"context"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -22,7 +24,10 @@ func listServices(ctx context.Context, conn *grpc.ClientConn) ([]string, error) 
 		return nil, err
 	}
 	defer st.CloseSend()
-	if err := st.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{ListServices: "*"}}); err != nil {
+	// A Send to a stream the server already ended (Unimplemented, on a
+	// socket without reflection) returns io.EOF; the status is what Recv
+	// then returns.
+	if err := st.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{ListServices: "*"}}); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	resp, err := st.Recv()
