@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -533,8 +534,15 @@ func (a *Agent) apply(ctx context.Context, resp *agentv1.SyncResponse) {
 		}
 	}
 	for _, p := range resp.GetEntries() {
-		a.index.Put(entryFromProto(p))
+		e := entryFromProto(p)
+		old, had := a.index.Get(e.ID)
+		a.index.Put(e)
 		changed = true
+		if had && !reflect.DeepEqual(old, e) {
+			// Its TTL, DNS names or hint changed: what is served must
+			// say so now, not at the next renewal.
+			a.cache.EntryUpdated(cacheEntry(e))
+		}
 	}
 	for _, id := range resp.GetDeletedEntryIds() {
 		a.index.Remove(id)

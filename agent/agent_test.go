@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -290,3 +291,61 @@ func (w watcher) OnX509ContextUpdate(*workloadapi.X509Context) {
 }
 
 func (watcher) OnX509ContextWatchError(error) {}
+
+// TestAgentReissuesOnEntryUpdate: a change to an entry (its DNS names)
+// reaches a workload watching on the agent as a new SVID at once, not at
+// the next renewal.
+func TestAgentReissuesOnEntryUpdate(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	p := startPlane(t, t.TempDir())
+	e, err := p.srv.CreateEntry(ctx, controlplane.EntrySpec{SpiffeID: "spiffe://cluster.local/ns/shop/sa/web",
+		Selectors: []store.Selector{{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}}}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := p.srv.CreateAgentToken(ctx, "web-1", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust, _ := os.ReadFile(p.bundle)
+	certs, err := agent.ParseBundlePEM(trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "meshid-agent-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	a, l, _ := runAgent(t, agent.Config{Server: p.agentAddr, JoinToken: tok, TrustBundle: certs, DataDir: t.TempDir(), Socket: filepath.Join(sockDir, "w.sock")})
+	waitFor(t, "the agent to connect", a.Connected)
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr("unix://"+l.Socket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	updates := make(chan *workloadapi.X509Context, 16)
+	wctx, wcancel := context.WithCancel(ctx)
+	watching := make(chan error, 1)
+	go func() { watching <- client.WatchX509Context(wctx, ctxWatcher{updates}) }()
+	defer func() { wcancel(); <-watching }()
+	first := <-updates
+	if len(first.SVIDs) != 1 || len(first.SVIDs[0].Certificates[0].DNSNames) != 0 {
+		t.Fatalf("first SVID: %v", first.SVIDs)
+	}
+	dns := []string{"web.shop.svc"}
+	if _, err := p.srv.UpdateEntry(ctx, e.ID, controlplane.EntryUpdate{DNSNames: &dns}, "test"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case x := <-updates:
+			if len(x.SVIDs) == 1 && slices.Equal(x.SVIDs[0].Certificates[0].DNSNames, dns) {
+				return
+			}
+		case <-ctx.Done():
+			t.Fatal("the entry's new DNS name never reached the workload")
+		}
+	}
+}

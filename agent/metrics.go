@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -89,7 +90,9 @@ func (a *Agent) Ready() error {
 // ends.
 func (a *Agent) serveMetrics(ctx context.Context, l net.Listener) error {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(newCollector(a))
+	// Process figures too (RSS, open files): an agent's memory per stream
+	// is what a node budget is set from.
+	reg.MustRegister(newCollector(a), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), collectors.NewGoCollector())
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
