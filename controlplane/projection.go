@@ -99,7 +99,14 @@ func (s *Server) load(ctx context.Context, initial bool) error {
 	if err != nil {
 		return fmt.Errorf("load entries: %w", err)
 	}
-	s.replaceEntries(entries)
+	if initial {
+		// Nothing indexed yet, nothing subscribed: no differences to find.
+		for _, e := range entries {
+			s.entries.put(e)
+		}
+	} else {
+		s.replaceEntries(entries)
+	}
 	if err := s.loadAgents(ctx); err != nil {
 		return err
 	}
