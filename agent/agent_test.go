@@ -34,7 +34,12 @@ type plane struct {
 
 func startPlane(t testing.TB, dataDir string) *plane {
 	t.Helper()
-	srv, err := controlplane.Open(context.Background(), controlplane.Config{DataDir: dataDir, SVIDTTL: time.Hour, CATTL: 48 * time.Hour})
+	return startPlaneConfig(t, controlplane.Config{DataDir: dataDir, SVIDTTL: time.Hour, CATTL: 48 * time.Hour})
+}
+
+func startPlaneConfig(t testing.TB, cfg controlplane.Config) *plane {
+	t.Helper()
+	srv, err := controlplane.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

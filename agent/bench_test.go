@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -180,7 +181,13 @@ func (ctxWatcher) OnX509ContextWatchError(error) {}
 // agent API (mTLS with a node SVID), every SVID's row durable in the
 // inventory before it is returned; reports SVIDs per second.
 func BenchmarkAgentBatchSign(b *testing.B) {
-	p := startPlane(b, b.TempDir())
+	for _, fast := range []bool{false, true} {
+		b.Run(fmt.Sprintf("fast-sign=%v", fast), func(b *testing.B) { benchBatchSign(b, fast) })
+	}
+}
+
+func benchBatchSign(b *testing.B, fast bool) {
+	p := startPlaneConfig(b, controlplane.Config{DataDir: b.TempDir(), SVIDTTL: time.Hour, CATTL: 48 * time.Hour, FastSign: fast})
 	ctx := context.Background()
 	e, err := p.srv.CreateEntry(ctx, controlplane.EntrySpec{SpiffeID: "spiffe://cluster.local/bench/batch",
 		Selectors: []store.Selector{{Type: "unix", Value: "uid:4242"}}}, "bench")
