@@ -221,7 +221,15 @@ func (a *AgentService) Attest(ctx context.Context, req *agentv1.AttestRequest) (
 	if req.GetMethod() != methodJoinToken {
 		return nil, status.Errorf(codes.InvalidArgument, "attestation method %q is not offered; this server takes %q", req.GetMethod(), methodJoinToken)
 	}
-	// The CSR first: a malformed one must not spend the token.
+	if err := a.srv.agentLim.allowAttest(); err != nil {
+		return nil, err
+	}
+	// Cheap checks before the CSR's signature is: a secret that is not an
+	// agent token fails here.
+	if !strings.HasPrefix(string(req.GetPayload()), agentTokenPrefix) {
+		return nil, status.Error(codes.PermissionDenied, "agent join token is unknown, expired, already used or not made for an agent")
+	}
+	// The CSR before the token: a malformed one must not spend the token.
 	if _, err := ca.ParseCSR(req.GetCsr()); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "csr: %v", err)
 	}
@@ -374,7 +382,7 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 				st.report.Lock()
 				st.report.r = r
 				st.report.Unlock()
-				a.srv.convergenceChanged()
+				a.srv.reportChanged()
 			}
 		}
 	}()
@@ -442,6 +450,9 @@ func (a *AgentService) SignX509SVIDs(ctx context.Context, req *agentv1.SignX509S
 	}
 	if n := len(req.GetCsrs()); n == 0 || n > MaxSignBatch {
 		return nil, status.Errorf(codes.InvalidArgument, "send 1 to %d CSRs per call, not %d", MaxSignBatch, n)
+	}
+	if err := a.srv.agentLim.allowSign(id.String(), len(req.GetCsrs())); err != nil {
+		return nil, err
 	}
 	out := make([]*agentv1.SignedX509SVID, len(req.GetCsrs()))
 	// More in flight than signing slots: the signing limiter bounds the

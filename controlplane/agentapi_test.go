@@ -265,3 +265,65 @@ func TestAgentTokenIsNoWorkloadToken(t *testing.T) {
 		t.Fatal("a node id with a slash was accepted")
 	}
 }
+
+// TestAgentAPILimits: attestations are bounded across callers, and each
+// agent's signatures by a bucket, so one caller can neither starve the
+// server nor fill its disk with inventory rows; a refused call spends no
+// token and writes no row.
+func TestAgentAPILimits(t *testing.T) {
+	ctx := context.Background()
+	a := startAgentAPI(t)
+	a.srv.agentLim = newAgentLimits()
+	a.srv.agentLim.attest.SetBurst(1)
+	a.srv.agentLim.attest.SetLimit(0)
+	a.srv.agentLim.signRate, a.srv.agentLim.signBurst = 0, 3
+
+	tok, _, err := a.srv.CreateAgentToken(ctx, "n1", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := a.attest(t, tok) // the one the burst allows
+	tok2, _, err := a.srv.CreateAgentToken(ctx, "n2", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, csr := newKeyCSR(t, "")
+	_, err = a.dial(t, nil).Attest(ctx, &agentv1.AttestRequest{Method: "join_token", Payload: []byte(tok2), Csr: csr})
+	wantCode(t, "attest past the rate", err, codes.ResourceExhausted)
+	a.srv.agentLim.attest.SetLimit(1000)
+	a.srv.agentLim.attest.SetBurst(10)
+	a.attest(t, tok2) // not spent by the refused call
+
+	e, err := a.srv.CreateEntry(ctx, EntrySpec{SpiffeID: "spiffe://cluster.local/ns/shop/sa/web", Selectors: []store.Selector{{Type: "unix", Value: "uid:1000"}}}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := a.dial(t, cert)
+	batch := func(n int) *agentv1.SignX509SVIDsRequest {
+		req := &agentv1.SignX509SVIDsRequest{}
+		for range n {
+			_, csr := newKeyCSR(t, "")
+			req.Csrs = append(req.Csrs, &agentv1.CSRForEntry{EntryId: e.ID, Csr: csr})
+		}
+		return req
+	}
+	if _, err := c.SignX509SVIDs(ctx, batch(2)); err != nil {
+		t.Fatal(err)
+	}
+	rows := func() int {
+		r, _, err := a.srv.Store().ListSVIDs(ctx, store.SVIDQuery{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(r)
+	}
+	before := rows()
+	_, err = c.SignX509SVIDs(ctx, batch(2)) // 2 more than the 1 left
+	wantCode(t, "sign past the agent's bucket", err, codes.ResourceExhausted)
+	if after := rows(); after != before {
+		t.Fatalf("a refused batch wrote %d inventory rows", after-before)
+	}
+	if _, err := c.SignX509SVIDs(ctx, batch(1)); err != nil {
+		t.Fatalf("the one signature left: %v", err)
+	}
+}

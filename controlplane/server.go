@@ -152,8 +152,11 @@ type Server struct {
 	tasks  *tasks
 	proj   projection
 	leader leaderState
-	// agents are the node agents' open Sync streams (agentapi.go).
+	// agents are the node agents' open Sync streams (agentapi.go);
+	// agentLim bounds what one caller of the agent API can cost
+	// (agentlimits.go).
 	agents                         agentHub
+	agentLim                       *agentLimits
 	rotTimer, maintTimer, pruneTim *timer
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
@@ -284,6 +287,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		limiter:   newSignLimiter(cfg.SignConcurrency, cfg.SignRate, cfg.SignQueueTimeout),
 	}
 	s.match.srv = s
+	s.agentLim = newAgentLimits()
 	s.tasks = newTasks(cfg.AfterFunc)
 	s.rotTimer = s.tasks.newTimer(s.rotationTick)
 	s.maintTimer = s.tasks.newTimer(s.maintenanceTick)
