@@ -140,13 +140,29 @@ type agentStream struct {
 	}
 }
 
-func (h *agentHub) add(st *agentStream) {
+// maxSyncPerAgent bounds one agent's open Sync streams: it needs one (two
+// while it reconnects); each holds a goroutine and a copy of what it sent.
+const maxSyncPerAgent = 4
+
+// add registers st, or refuses it when its agent holds maxSyncPerAgent
+// streams already.
+func (h *agentHub) add(st *agentStream) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.streams == nil {
 		h.streams = map[*agentStream]struct{}{}
 	}
+	n := 0
+	for o := range h.streams {
+		if o.id == st.id {
+			n++
+		}
+	}
+	if n >= maxSyncPerAgent {
+		return status.Errorf(codes.ResourceExhausted, "agent %s holds %d Sync streams already; it needs one", st.id, n)
+	}
 	h.streams[st] = struct{}{}
+	return nil
 }
 
 func (h *agentHub) remove(st *agentStream) {
@@ -358,7 +374,9 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 		return err
 	}
 	st := &agentStream{id: id, notify: make(chan struct{}, 1), kill: make(chan error, 1)}
-	a.srv.agents.add(st)
+	if err := a.srv.agents.add(st); err != nil {
+		return err
+	}
 	defer func() {
 		a.srv.agents.remove(st)
 		a.srv.convergenceChanged() // its streams no longer hold activation back

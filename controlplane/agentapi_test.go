@@ -327,3 +327,32 @@ func TestAgentAPILimits(t *testing.T) {
 		t.Fatalf("the one signature left: %v", err)
 	}
 }
+
+// TestAgentSyncStreamsBounded: one agent cannot hold more than a few Sync
+// streams (each a goroutine and a copy of its entries).
+func TestAgentSyncStreamsBounded(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	a := startAgentAPI(t)
+	tok, _, err := a.srv.CreateAgentToken(ctx, "n1", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := a.attest(t, tok)
+	c := a.dial(t, cert)
+	for i := range maxSyncPerAgent {
+		st, err := c.Sync(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.Recv(); err != nil {
+			t.Fatalf("stream %d: %v", i, err)
+		}
+	}
+	st, err := c.Sync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = st.Recv()
+	wantCode(t, "one stream too many", err, codes.ResourceExhausted)
+}
