@@ -64,9 +64,12 @@ uses fresh node names (a random prefix unless --node-prefix).`,
 			default:
 				return fmt.Errorf("--fanout %q: want revoke, prepare or none", cfg.Fanout)
 			}
-			if _, _, err := dialAdmin(cfg.AdminSocket); err != nil {
+			// The socket must be there before any set-up starts.
+			_, closeAdmin, err := dialAdmin(cfg.AdminSocket)
+			if err != nil {
 				return err
 			}
+			closeAdmin()
 			errw := cmd.ErrOrStderr()
 			cfg.Progress = func(line string) { fmt.Fprintf(errw, "\r\033[K%s", line) }
 			res, err := bench.Agents(cmd.Context(), cfg)
