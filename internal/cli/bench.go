@@ -12,7 +12,7 @@ import (
 
 func newBenchCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "bench", Short: "Load-test a running server through its real APIs"}
-	cmd.AddCommand(newBenchMintCmd(), newBenchSDSCmd())
+	cmd.AddCommand(newBenchMintCmd(), newBenchSDSCmd(), newBenchAgentsCmd())
 	return cmd
 }
 
