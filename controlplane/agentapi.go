@@ -325,10 +325,56 @@ func mayServe(e store.Entry, id spiffeid.ID) bool {
 	return e.ParentID == "" || e.ParentID == id.String()
 }
 
-// entriesFor lists, by ID, the entries agent id may serve.
+// parentIndex is the entry IDs by parent ("" for none): what one agent may
+// serve is two of its sets, not a walk of every entry.
+type parentIndex struct {
+	mu  sync.RWMutex
+	ids map[string]map[string]struct{}
+}
+
+func (p *parentIndex) add(e store.Entry) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ids == nil {
+		p.ids = map[string]map[string]struct{}{}
+	}
+	set := p.ids[e.ParentID]
+	if set == nil {
+		set = map[string]struct{}{}
+		p.ids[e.ParentID] = set
+	}
+	set[e.ID] = struct{}{}
+}
+
+func (p *parentIndex) remove(e store.Entry) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if set := p.ids[e.ParentID]; set != nil {
+		delete(set, e.ID)
+		if len(set) == 0 {
+			delete(p.ids, e.ParentID)
+		}
+	}
+}
+
+// of lists the IDs of entries with no parent and with parent.
+func (p *parentIndex) of(parent string) []string {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	out := make([]string, 0, len(p.ids[""])+len(p.ids[parent]))
+	for id := range p.ids[""] {
+		out = append(out, id)
+	}
+	for id := range p.ids[parent] {
+		out = append(out, id)
+	}
+	return out
+}
+
+// agentEntries lists, by ID, the entries agent id may serve.
 func (s *Server) agentEntries(id spiffeid.ID) []store.Entry {
 	var out []store.Entry
-	for _, eid := range s.entries.ids() {
+	for _, eid := range s.byParent.of(id.String()) {
 		if e, ok := s.entries.get(eid); ok && mayServe(e, id) {
 			out = append(out, e)
 		}
@@ -408,23 +454,31 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 	sent := map[string]*agentv1.Entry{}
 	bundleVersion, jwtVersion := "", ""
 	full := true
+	sentGen := int64(-1)
 	for {
 		resp := &agentv1.SyncResponse{Full: full}
-		now := map[string]*agentv1.Entry{}
-		for _, e := range a.srv.agentEntries(id) {
-			p := agentEntryProto(e)
-			now[e.ID] = p
-			if old, ok := sent[e.ID]; full || !ok || !proto.Equal(old, p) {
-				resp.Entries = append(resp.Entries, p)
-			}
-		}
-		if !full {
-			for eid := range sent {
-				if _, ok := now[eid]; !ok {
-					resp.DeletedEntryIds = append(resp.DeletedEntryIds, eid)
+		now := sent
+		// Entries are compared only when one changed since the last
+		// pass: a bundle change (a revocation, a CA step) wakes every
+		// stream, and must not cost each a walk of its entries.
+		if gen := a.srv.entryGen.Load(); full || gen != sentGen {
+			sentGen = gen
+			now = map[string]*agentv1.Entry{}
+			for _, e := range a.srv.agentEntries(id) {
+				p := agentEntryProto(e)
+				now[e.ID] = p
+				if old, ok := sent[e.ID]; full || !ok || !proto.Equal(old, p) {
+					resp.Entries = append(resp.Entries, p)
 				}
 			}
-			slices.Sort(resp.DeletedEntryIds)
+			if !full {
+				for eid := range sent {
+					if _, ok := now[eid]; !ok {
+						resp.DeletedEntryIds = append(resp.DeletedEntryIds, eid)
+					}
+				}
+				slices.Sort(resp.DeletedEntryIds)
+			}
 		}
 		if b := a.srv.agentBundle(); full || b.Version != bundleVersion || b.JwtVersion != jwtVersion {
 			resp.Bundle = b

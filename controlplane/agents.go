@@ -180,6 +180,10 @@ func (s *Server) recordRenewed(ctx context.Context, id spiffeid.ID, chain [][]by
 
 // touchAgent sets the agent's last-seen time; errAgentEvicted if it has no
 // record (it is never re-created here).
+// lastSeenGrain is how fine an agent's last-seen time is kept: the store is
+// not written for a connect within it of the last recorded sighting.
+const lastSeenGrain = time.Minute
+
 func (s *Server) touchAgent(ctx context.Context, id string) error {
 	now := s.now()
 	_, err := s.store.UpdateAgent(ctx, id, func(r *store.AgentRecord, exists bool) error {
@@ -214,6 +218,11 @@ func (s *Server) agentConnected(ctx context.Context, st *agentStream) error {
 		return bannedStatus(id)
 	case !listsSerial(rec, serial):
 		return supersededStatus(id, serial)
+	}
+	// Last seen is kept to the minute: an agent that just attested (or
+	// reconnects in a storm after a restart) costs no store commit here.
+	if s.now().Sub(rec.LastSeen) < lastSeenGrain {
+		return nil
 	}
 	if err := s.touchAgent(ctx, id); errors.Is(err, errAgentEvicted) {
 		return evictedStatus(id)

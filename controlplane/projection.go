@@ -103,7 +103,9 @@ func (s *Server) load(ctx context.Context, initial bool) error {
 		// Nothing indexed yet, nothing subscribed: no differences to find.
 		for _, e := range entries {
 			s.entries.put(e)
+			s.byParent.add(e)
 		}
+		s.entryGen.Add(1)
 	} else {
 		s.replaceEntries(entries)
 	}
@@ -240,16 +242,22 @@ func (s *Server) applyEntry(ev store.Event) {
 		}
 		if ok {
 			s.entries.remove(ev.Key)
+			s.byParent.remove(old)
 		}
 		s.entries.put(*ev.Entry)
+		s.byParent.add(*ev.Entry)
+		s.entryGen.Add(1)
 		if ok {
 			s.ids.EntryUpdated(cacheEntry(*ev.Entry))
 		}
 	case store.OpDelete:
-		if _, ok := s.entries.get(ev.Key); !ok {
+		old, ok := s.entries.get(ev.Key)
+		if !ok {
 			return
 		}
 		s.entries.remove(ev.Key)
+		s.byParent.remove(old)
+		s.entryGen.Add(1)
 		// Its JWT-SVIDs issued until now are refused (jwtrevoke.go), on
 		// every replica.
 		s.revokeJWTs(ev.Entry.SpiffeID, s.now())

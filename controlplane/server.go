@@ -155,8 +155,13 @@ type Server struct {
 	// agents are the node agents' open Sync streams (agentapi.go);
 	// agentLim bounds what one caller of the agent API can cost
 	// (agentlimits.go).
-	agents                         agentHub
-	agentLim                       *agentLimits
+	agents   agentHub
+	agentLim *agentLimits
+	// byParent indexes entries by parent and entryGen counts entry
+	// changes, so an agent's Sync walks only its own entries, and only
+	// when one changed (agentapi.go).
+	byParent                       parentIndex
+	entryGen                       atomic.Int64
 	rotTimer, maintTimer, pruneTim *timer
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
