@@ -13,9 +13,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
 	"reflect"
 	"sync"
 	"sync/atomic"
@@ -24,6 +26,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -277,8 +280,10 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 
 // connectLoop holds a session with the server, reconnecting with capped
 // exponential backoff and jitter; the cache serves meanwhile. It returns
-// only when ctx ends (nil) or the server refuses the join token (the
-// agent cannot become anything without a new one: retrying would spin).
+// only when ctx ends (nil), the server refuses the join token (the
+// agent cannot become anything without a new one: retrying would spin),
+// or an operator banned the agent, or evicted it and there is no join
+// token to attest again with.
 func (a *Agent) connectLoop(ctx context.Context) error {
 	backoff := time.Duration(0)
 	for ctx.Err() == nil {
@@ -286,6 +291,22 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 		a.connected.Store(false)
 		if ctx.Err() != nil {
 			return nil
+		}
+		switch reason, st := managementRefusal(err); reason {
+		case reasonBanned:
+			// An operator's decision: retrying cannot change it, and an
+			// exit shows it plainly (a restart loop under systemd).
+			return fmt.Errorf("banned by the server, not retrying: %s", st.Message())
+		case reasonEvicted:
+			if err := a.forgetNode(); err != nil {
+				return fmt.Errorf("evicted by the server (%s); dropping the node SVID: %w", st.Message(), err)
+			}
+			if a.cfg.JoinToken == "" {
+				return fmt.Errorf("evicted by the server, must attest again: restart the agent with a new join token (meshid token create --agent): %s", st.Message())
+			}
+			a.log.Warn("evicted by the server: attesting again with the join token", "server", a.cfg.Server, "why", st.Message())
+			backoff = 0
+			continue
 		}
 		var refused *attestRefused
 		if errors.As(err, &refused) {
@@ -299,6 +320,50 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 		a.log.Warn("server unreachable: serving from cache, retrying", "server", a.cfg.Server, "retry_in", d.Truncate(time.Millisecond), "err", err)
 		if !a.sleep(ctx, d) {
 			return nil
+		}
+	}
+	return nil
+}
+
+// The reasons the server's refusals carry (controlplane/agents.go, an
+// errdetails.ErrorInfo): an operator evicted or banned this agent.
+const (
+	refusalDomain = "meshid"
+	reasonEvicted = "AGENT_EVICTED"
+	reasonBanned  = "AGENT_BANNED"
+)
+
+// managementRefusal returns the reason of a PermissionDenied the server
+// sent because of an operator's action, with the status itself ("" if err
+// is no such refusal).
+func managementRefusal(err error) (string, *status.Status) {
+	var se interface{ GRPCStatus() *status.Status }
+	if !errors.As(err, &se) {
+		return "", nil
+	}
+	st := se.GRPCStatus()
+	if st.Code() != codes.PermissionDenied {
+		return "", nil
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == refusalDomain {
+			return info.GetReason(), st
+		}
+	}
+	return "", nil
+}
+
+// forgetNode drops the node SVID the server no longer admits, from memory
+// and from the data dir: a restart must not present it again, and the
+// next session attests (with the join token, if there is one).
+func (a *Agent) forgetNode() error {
+	a.mu.Lock()
+	a.node = nil
+	a.mu.Unlock()
+	// The SVID first: a key alone reads as no identity (loadNode).
+	for _, f := range []string{nodeCertFile, nodeKeyFile} {
+		if err := os.Remove(a.dir.file(f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
 		}
 	}
 	return nil

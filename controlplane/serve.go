@@ -248,7 +248,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			l := endpoint.Limit(tl, endpoint.Limits{Name: "agent", Max: sdsCap}, s.metrics.Conns, s.log)
 			// No idle timeout: an agent's one Sync stream is open for
 			// as long as it runs.
-			agentSrv = grpc.NewServer(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout), grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
+			agentSrv = grpc.NewServer(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout), grpc.Creds(credentials.NewTLS(st.agentTLS())))...)
 			agentSvc = NewAgentService(s)
 			agentv1.RegisterAgentServiceServer(agentSrv, agentSvc)
 			hs.register(agentSrv)
