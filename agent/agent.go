@@ -287,6 +287,9 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 func (a *Agent) connectLoop(ctx context.Context) error {
 	backoff := time.Duration(0)
 	for ctx.Err() == nil {
+		a.mu.Lock()
+		dialed := a.node
+		a.mu.Unlock()
 		synced, err := a.session(ctx)
 		a.connected.Store(false)
 		if ctx.Err() != nil {
@@ -298,6 +301,17 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 			// exit shows it plainly (a restart loop under systemd).
 			return fmt.Errorf("banned by the server, not retrying: %s", st.Message())
 		case reasonEvicted:
+			a.mu.Lock()
+			renewed := a.node != dialed
+			a.mu.Unlock()
+			if renewed {
+				// The server ends a stream whose node SVID it no longer
+				// lists, also when renewals replaced it: the current
+				// one may well be admitted. Refused too, it is dropped.
+				a.log.Info("the server refused an earlier node SVID: reconnecting with the current one", "why", st.Message())
+				backoff = 0
+				continue
+			}
 			if err := a.forgetNode(); err != nil {
 				return fmt.Errorf("evicted by the server (%s); dropping the node SVID: %w", st.Message(), err)
 			}
@@ -539,15 +553,25 @@ func (a *Agent) session(ctx context.Context) (synced bool, err error) {
 	}
 }
 
-// renewNode replaces the node SVID at half its life while the session
+// nodeRenewDelay is when a node SVID of life is renewed: on the workload
+// SVIDs' policy (svidcache's targetDelay, without its jitter), once less
+// than the availability target is left, never later than half its life
+// nor sooner than a tenth of it. Renewed at half its life, a node SVID as
+// short-lived as the workloads' would expire in an outage they ride out
+// (TestServerOutageZeroFailures), and with it the agent's only way back
+// to the server.
+func nodeRenewDelay(life, target time.Duration) time.Duration {
+	return max(min(life-target, life/2), life/10)
+}
+
+// renewNode replaces the node SVID (nodeRenewDelay) while the session
 // lasts.
 func (a *Agent) renewNode(ctx context.Context, client agentv1.AgentServiceClient) {
 	for {
 		a.mu.Lock()
 		leaf := a.node.chain[0]
 		a.mu.Unlock()
-		life := leaf.NotAfter.Sub(leaf.NotBefore)
-		at := leaf.NotBefore.Add(life / 2)
+		at := leaf.NotBefore.Add(nodeRenewDelay(leaf.NotAfter.Sub(leaf.NotBefore), a.cfg.AvailabilityTarget))
 		if !a.sleep(ctx, max(at.Sub(a.cfg.Now()), 0)) {
 			return
 		}

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -512,6 +514,25 @@ func TestServerOutageZeroFailures(t *testing.T) {
 		return a && b
 	})
 
+	// The outage starts late in each node SVID's renewal cycle: at least
+	// 40 s into its life, or once it has been renewed (a renewal cycle
+	// shorter than that). Renewed only at half its 2 min life, the node
+	// SVID would then expire during the outage, and the agents could not
+	// get back to the server.
+	first := [2]string{}
+	for i := range m.data {
+		first[i], _ = nodeCert(t, m.data[i])
+	}
+	waitUntil(t, "the node SVIDs to be 40 s old or renewed", 70*time.Second, func() bool {
+		for i := range m.data {
+			serial, notBefore := nodeCert(t, m.data[i])
+			if serial == first[i] && time.Since(notBefore) < 40*time.Second {
+				return false
+			}
+		}
+		return true
+	})
+
 	m.stopServer()
 	stopped := time.Now()
 	okAtStop := m.dialer.okCount()
@@ -552,6 +573,37 @@ func TestServerOutageZeroFailures(t *testing.T) {
 	m.listener.stop(t)
 	m.dialer.report(t)
 	m.listener.report(t)
+	m.agentsRunning()
+}
+
+// agentsRunning fails the test if an agent has exited.
+func (m *outageMesh) agentsRunning() {
+	m.t.Helper()
+	for _, a := range m.agents {
+		select {
+		case <-a.done:
+			m.t.Errorf("agent exited (%v):\n%s", a.err, a.output())
+		default:
+		}
+	}
+}
+
+// nodeCert reads an agent's node SVID from its data dir.
+func nodeCert(t *testing.T, dataDir string) (serial string, notBefore time.Time) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dataDir, "node.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatal("node.crt is not PEM")
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.SerialNumber.Text(16), c.NotBefore
 }
 
 // TestAgentRestartDuringOutageServesCache: the server is down, an agent is
@@ -630,6 +682,7 @@ func TestAgentRestartDuringOutageServesCache(t *testing.T) {
 	m.listener.stop(t)
 	m.dialer.report(t)
 	m.listener.report(t)
+	m.agentsRunning()
 }
 
 // waitUntil polls cond until it holds or d passes.
