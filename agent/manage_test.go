@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/meshid/meshid/agent"
 	"github.com/meshid/meshid/controlplane"
+	"github.com/meshid/meshid/internal/fakeclock"
 	"github.com/meshid/meshid/store"
 )
 
@@ -233,4 +235,71 @@ func TestAgentBannedExits(t *testing.T) {
 	r.stop() // releases the data dir
 	again := runExiting(t, cfg)
 	check(again.exit(t, "a restart while banned"))
+}
+
+// TestAgentKeepsIdentityWhenRenewalsDropItsFirstNodeSVID: the server ends
+// a Sync stream whose node SVID its record no longer lists ("evicted:
+// attest again"), which renewals alone bring about (the record keeps the
+// newest few). The agent, holding a newer node SVID than the one the
+// stream was opened with, reconnects with it instead of dropping its
+// identity as an evicted agent does. Renewals follow the availability
+// target's policy: a tenth of the node SVID's life here (1 h, target 12 h).
+func TestAgentKeepsIdentityWhenRenewalsDropItsFirstNodeSVID(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	// In the past, so that certificates made on it are valid for TLS
+	// (the real clock) through the renewals stepped below.
+	fc := fakeclock.New(time.Now().Add(-50 * time.Minute))
+	p := startPlaneWith(t, controlplane.Config{DataDir: t.TempDir(), Now: fc.Now, AfterFunc: fc.AfterFunc}, "127.0.0.1:0")
+	tok, _, err := p.srv.CreateAgentToken(ctx, "web-1", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "meshid-agent-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	logs := &syncBuffer{}
+	cfg := agent.Config{Server: p.agentAddr, JoinToken: tok, TrustBundle: p.srv.BundleCerts(), DataDir: t.TempDir(),
+		Socket: filepath.Join(sockDir, "workload.sock"), Now: fc.Now, AfterFunc: fc.AfterFunc,
+		Logger: slog.New(slog.NewTextHandler(logs, nil))}
+	r := runExiting(t, cfg)
+	waitFor(t, "the agent to connect", r.a.Connected)
+	first := nodeSerial(t, cfg.DataDir)
+	// Eight renewals push the first node SVID out of the record.
+	prev := first
+	for i := range 9 {
+		fc.Advance(6*time.Minute + time.Second)
+		waitFor(t, "node SVID renewal "+strconv.Itoa(i+1), func() bool {
+			select {
+			case <-r.done:
+				t.Fatalf("the agent exited: %v\n%s", r.err, logs)
+			default:
+			}
+			s := nodeSerial(t, cfg.DataDir)
+			if s != prev {
+				prev = s
+				return true
+			}
+			return false
+		})
+	}
+	waitFor(t, "the stream on the first node SVID to end and the agent to reconnect", func() bool {
+		return strings.Contains(logs.String(), "refused an earlier node SVID") && r.a.Connected()
+	})
+	select {
+	case <-r.done:
+		t.Fatalf("the agent exited: %v", r.err)
+	default:
+	}
+	if _, err := p.srv.GetAgent(ctx, "web-1"); err != nil {
+		t.Fatalf("the agent's record after its renewals: %v", err)
+	}
+	if got := nodeSerial(t, cfg.DataDir); got != prev {
+		t.Fatalf("node SVID %s after reconnecting, want the renewed %s (no new attestation)", got, prev)
+	}
+	if strings.Count(logs.String(), "msg=attested") != 1 {
+		t.Fatalf("the agent attested again:\n%s", logs)
+	}
 }
