@@ -114,7 +114,7 @@ func listsSerial(rec store.AgentRecord, serial string) bool {
 }
 
 func supersededStatus(id, serial string) error {
-	return agentRefusal(AgentReasonEvicted, "evicted: attest again: node SVID %s of %s is no longer listed for it (a later attestation or renewal replaced it, or it expired)", serial, id)
+	return agentRefusal(AgentReasonEvicted, "evicted: attest again: node SVID %s of %s is no longer listed for it: issued before its last attestation, replaced by later renewals, or expired", serial, id)
 }
 
 // refuseBanned refuses the attestation of a banned agent's node before a
