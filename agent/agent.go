@@ -286,6 +286,7 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 // token to attest again with.
 func (a *Agent) connectLoop(ctx context.Context) error {
 	backoff := time.Duration(0)
+	evicted := false // attesting again after an eviction
 	for ctx.Err() == nil {
 		a.mu.Lock()
 		dialed := a.node
@@ -319,11 +320,15 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 				return fmt.Errorf("evicted by the server, must attest again: restart the agent with a new join token (meshid token create --agent): %s", st.Message())
 			}
 			a.log.Warn("evicted by the server: attesting again with the join token", "server", a.cfg.Server, "why", st.Message())
+			evicted = true
 			backoff = 0
 			continue
 		}
 		var refused *attestRefused
 		if errors.As(err, &refused) {
+			if evicted {
+				return fmt.Errorf("evicted by the server, and attesting again failed: %w", err)
+			}
 			return err
 		}
 		if synced {

@@ -696,3 +696,69 @@ func waitUntil(t *testing.T, what string, d time.Duration, cond func() bool) {
 		time.Sleep(100 * time.Millisecond) // polling a condition, with a deadline
 	}
 }
+
+// TestAgentProcessExitsOnBanAndEvict: `meshid agent ban` makes the banned
+// agent's process exit 1 with one line saying so, and a restart exits the
+// same way as soon as it reaches the server (its node SVID, revoked with
+// the ban, still gets it told why rather than a failed handshake that
+// looks like an outage); `meshid agent evict` makes an agent without a
+// usable join token exit 1 naming `meshid token create --agent`.
+func TestAgentProcessExitsOnBanAndEvict(t *testing.T) {
+	base := publicTemp(t)
+	admin := filepath.Join(base, "admin", "admin.sock")
+	adminFlag := "--admin-socket=" + admin
+	srv := startMeshid(t, "server", "--data-dir", filepath.Join(base, "server-data"), "--admin-socket", admin,
+		"--socket", filepath.Join(base, "server", "workload.sock"), "--agent-listen", "127.0.0.1:0")
+	serving := srv.waitLine(t, "msg=serving")
+	a := regexp.MustCompile(`\bagent_api=(\S+)`).FindStringSubmatch(serving)
+	if a == nil {
+		t.Fatalf("serving line has no agent_api: %s", serving)
+	}
+	pem, stderr, code := runCLI(t, "bundle", "show", adminFlag)
+	if code != 0 {
+		t.Fatalf("bundle show: %s", stderr)
+	}
+	bundle := filepath.Join(base, "bundle.pem")
+	if err := os.WriteFile(bundle, []byte(pem), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var agents [2]agentProc
+	var data [2]string
+	for i, node := range []string{"web-1", "web-2"} {
+		out, stderr, code := runCLI(t, "token", "create", adminFlag, "--agent", "--node-id", node, "--ttl", "10m")
+		if code != 0 {
+			t.Fatalf("token create --agent: %s", stderr)
+		}
+		data[i] = filepath.Join(base, node+"-data")
+		agents[i] = startAgent(t, a[1], bundle, data[i], filepath.Join(base, node, "workload.sock"), strings.TrimSpace(out))
+		agents[i].waitFor(t, "connected to the server")
+	}
+	exits := func(p agentProc, want ...string) {
+		t.Helper()
+		if code := p.wait(t); code != 1 {
+			t.Fatalf("agent exited %d, want 1:\n%s", code, p.output())
+		}
+		lines := strings.Split(strings.TrimSpace(p.output()), "\n")
+		last := lines[len(lines)-1]
+		for _, w := range want {
+			if !strings.Contains(last, w) {
+				t.Fatalf("agent's last line %q does not say %q", last, w)
+			}
+		}
+	}
+	if _, stderr, code := runCLI(t, "agent", "ban", adminFlag, "web-1"); code != 0 {
+		t.Fatalf("agent ban: %s", stderr)
+	}
+	exits(agents[0], "banned", "meshid agent unban")
+	restarted := startAgent(t, a[1], "", data[0], agents[0].socket, "")
+	exits(restarted, "banned", "meshid agent unban")
+
+	if _, stderr, code := runCLI(t, "agent", "evict", adminFlag, "web-2"); code != 0 {
+		t.Fatalf("agent evict: %s", stderr)
+	}
+	// Its join token was spent at its first start: it cannot attest again.
+	exits(agents[1], "evicted", "meshid token create --agent")
+	if _, err := os.Stat(filepath.Join(data[1], "node.crt")); !os.IsNotExist(err) {
+		t.Fatalf("the evicted agent's node SVID: %v, want it removed", err)
+	}
+}
