@@ -177,7 +177,9 @@ func mtlsChild(mode string) int {
 		for ctx.Err() == nil {
 			func() {
 				d := tls.Dialer{Config: cfg, NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
-				dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+				// Not ctx: stopping finishes the handshake in flight, which
+				// the listener would otherwise count as failed.
+				dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
 				defer dcancel()
 				c, err := d.DialContext(dctx, "tcp", target)
 				if err != nil {
