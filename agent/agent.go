@@ -13,9 +13,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
 	"reflect"
 	"sync"
 	"sync/atomic"
@@ -24,6 +26,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -277,18 +280,55 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 
 // connectLoop holds a session with the server, reconnecting with capped
 // exponential backoff and jitter; the cache serves meanwhile. It returns
-// only when ctx ends (nil) or the server refuses the join token (the
-// agent cannot become anything without a new one: retrying would spin).
+// only when ctx ends (nil), the server refuses the join token (the
+// agent cannot become anything without a new one: retrying would spin),
+// or an operator banned the agent, or evicted it and there is no join
+// token to attest again with.
 func (a *Agent) connectLoop(ctx context.Context) error {
 	backoff := time.Duration(0)
+	evicted := false // attesting again after an eviction
 	for ctx.Err() == nil {
+		a.mu.Lock()
+		dialed := a.node
+		a.mu.Unlock()
 		synced, err := a.session(ctx)
 		a.connected.Store(false)
 		if ctx.Err() != nil {
 			return nil
 		}
+		switch reason, st := managementRefusal(err); reason {
+		case reasonBanned:
+			// An operator's decision: retrying cannot change it, and an
+			// exit shows it plainly (a restart loop under systemd).
+			return fmt.Errorf("banned by the server, not retrying: %s", st.Message())
+		case reasonEvicted:
+			a.mu.Lock()
+			renewed := a.node != dialed
+			a.mu.Unlock()
+			if renewed {
+				// The server ends a stream whose node SVID it no longer
+				// lists, also when renewals replaced it: the current
+				// one may well be admitted. Refused too, it is dropped.
+				a.log.Info("the server refused an earlier node SVID: reconnecting with the current one", "why", st.Message())
+				backoff = 0
+				continue
+			}
+			if err := a.forgetNode(); err != nil {
+				return fmt.Errorf("evicted by the server (%s); dropping the node SVID: %w", st.Message(), err)
+			}
+			if a.cfg.JoinToken == "" {
+				return fmt.Errorf("evicted by the server, must attest again: restart the agent with a new join token (meshid token create --agent): %s", st.Message())
+			}
+			a.log.Warn("evicted by the server: attesting again with the join token", "server", a.cfg.Server, "why", st.Message())
+			evicted = true
+			backoff = 0
+			continue
+		}
 		var refused *attestRefused
 		if errors.As(err, &refused) {
+			if evicted {
+				return fmt.Errorf("evicted by the server, and attesting again failed: %w", err)
+			}
 			return err
 		}
 		if synced {
@@ -299,6 +339,50 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 		a.log.Warn("server unreachable: serving from cache, retrying", "server", a.cfg.Server, "retry_in", d.Truncate(time.Millisecond), "err", err)
 		if !a.sleep(ctx, d) {
 			return nil
+		}
+	}
+	return nil
+}
+
+// The reasons the server's refusals carry (controlplane/agents.go, an
+// errdetails.ErrorInfo): an operator evicted or banned this agent.
+const (
+	refusalDomain = "meshid"
+	reasonEvicted = "AGENT_EVICTED"
+	reasonBanned  = "AGENT_BANNED"
+)
+
+// managementRefusal returns the reason of a PermissionDenied the server
+// sent because of an operator's action, with the status itself ("" if err
+// is no such refusal).
+func managementRefusal(err error) (string, *status.Status) {
+	var se interface{ GRPCStatus() *status.Status }
+	if !errors.As(err, &se) {
+		return "", nil
+	}
+	st := se.GRPCStatus()
+	if st.Code() != codes.PermissionDenied {
+		return "", nil
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == refusalDomain {
+			return info.GetReason(), st
+		}
+	}
+	return "", nil
+}
+
+// forgetNode drops the node SVID the server no longer admits, from memory
+// and from the data dir: a restart must not present it again, and the
+// next session attests (with the join token, if there is one).
+func (a *Agent) forgetNode() error {
+	a.mu.Lock()
+	a.node = nil
+	a.mu.Unlock()
+	// The SVID first: a key alone reads as no identity (loadNode).
+	for _, f := range []string{nodeCertFile, nodeKeyFile} {
+		if err := os.Remove(a.dir.file(f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
 		}
 	}
 	return nil
@@ -474,15 +558,25 @@ func (a *Agent) session(ctx context.Context) (synced bool, err error) {
 	}
 }
 
-// renewNode replaces the node SVID at half its life while the session
+// nodeRenewDelay is when a node SVID of life is renewed: on the workload
+// SVIDs' policy (svidcache's targetDelay, without its jitter), once less
+// than the availability target is left, never later than half its life
+// nor sooner than a tenth of it. Renewed at half its life, a node SVID as
+// short-lived as the workloads' would expire in an outage they ride out
+// (TestServerOutageZeroFailures), and with it the agent's only way back
+// to the server.
+func nodeRenewDelay(life, target time.Duration) time.Duration {
+	return max(min(life-target, life/2), life/10)
+}
+
+// renewNode replaces the node SVID (nodeRenewDelay) while the session
 // lasts.
 func (a *Agent) renewNode(ctx context.Context, client agentv1.AgentServiceClient) {
 	for {
 		a.mu.Lock()
 		leaf := a.node.chain[0]
 		a.mu.Unlock()
-		life := leaf.NotAfter.Sub(leaf.NotBefore)
-		at := leaf.NotBefore.Add(life / 2)
+		at := leaf.NotBefore.Add(nodeRenewDelay(leaf.NotAfter.Sub(leaf.NotBefore), a.cfg.AvailabilityTarget))
 		if !a.sleep(ctx, max(at.Sub(a.cfg.Now()), 0)) {
 			return
 		}

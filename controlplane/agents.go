@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -10,8 +11,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -50,12 +53,31 @@ var (
 	errAgentEvicted = errors.New("agent has no record")
 )
 
+// The reasons (an errdetails.ErrorInfo in Domain AgentRefusalDomain) an
+// agent is refused with, so that it reacts to an operator's decision
+// (agent/agent.go connectLoop) without parsing messages: evicted, it
+// attests again; banned, it stops.
+const (
+	AgentRefusalDomain = "meshid"
+	AgentReasonEvicted = "AGENT_EVICTED"
+	AgentReasonBanned  = "AGENT_BANNED"
+)
+
+// agentRefusal is a PermissionDenied status carrying reason.
+func agentRefusal(reason, format string, args ...any) error {
+	st := status.Newf(codes.PermissionDenied, format, args...)
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: AgentRefusalDomain}); err == nil {
+		st = d
+	}
+	return st.Err()
+}
+
 func bannedStatus(id string) error {
-	return status.Errorf(codes.PermissionDenied, "agent %s is banned: it is refused until 'meshid agent unban'", id)
+	return agentRefusal(AgentReasonBanned, "agent %s is banned: it is refused until 'meshid agent unban'", id)
 }
 
 func evictedStatus(id string) error {
-	return status.Errorf(codes.PermissionDenied, "evicted: attest again: agent %s has no record on this server; give it a new join token (meshid token create --agent)", id)
+	return agentRefusal(AgentReasonEvicted, "evicted: attest again: agent %s has no record on this server; give it a new join token (meshid token create --agent)", id)
 }
 
 // agentRecord is the record the projection holds for id.
@@ -92,7 +114,7 @@ func listsSerial(rec store.AgentRecord, serial string) bool {
 }
 
 func supersededStatus(id, serial string) error {
-	return status.Errorf(codes.PermissionDenied, "evicted: attest again: node SVID %s of %s was issued before its last attestation, or has expired", serial, id)
+	return agentRefusal(AgentReasonEvicted, "evicted: attest again: node SVID %s of %s is no longer listed for it: issued before its last attestation, replaced by later renewals, or expired", serial, id)
 }
 
 // refuseBanned refuses the attestation of a banned agent's node before a
@@ -511,4 +533,41 @@ func (s *Server) UnbanAgent(ctx context.Context, ref, actor string) (AgentInfo, 
 	}
 	s.log.Info("agent unbanned", "agent", id, "actor", actor)
 	return s.agentInfo(rec), nil
+}
+
+// agentTLS is the agent listener's TLS config: as the other listeners',
+// except that a banned agent's node SVID (revoked with the ban) passes the
+// handshake, so that agentCaller can refuse it with the reason
+// (bannedStatus). Failed in the handshake, the ban would look to the agent
+// like an outage, and a restarted banned agent would retry for ever
+// instead of exiting with why.
+func (st *serverTLS) agentTLS() *tls.Config {
+	cfg := st.config("h2")
+	cfg.VerifyPeerCertificate = func(raw [][]byte, chains [][]*x509.Certificate) error {
+		err := st.verifyClient(raw, chains)
+		if err == nil || !st.bannedAgentCert(raw) {
+			return err
+		}
+		return nil
+	}
+	return cfg
+}
+
+// bannedAgentCert says whether raw is a chain that verifies under the
+// bundle to a node SVID of a banned agent.
+func (st *serverTLS) bannedAgentCert(raw [][]byte) bool {
+	var certs []*x509.Certificate
+	for _, r := range raw {
+		c, err := x509.ParseCertificate(r)
+		if err != nil {
+			return false
+		}
+		certs = append(certs, c)
+	}
+	id, _, err := x509svid.Verify(certs, x509bundle.FromX509Authorities(st.srv.td, st.srv.BundleCerts()))
+	if err != nil || !st.srv.isAgentID(id) {
+		return false
+	}
+	rec, ok := st.srv.agentRecord(id.String())
+	return ok && rec.Banned
 }

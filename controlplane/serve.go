@@ -253,7 +253,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			// released after each flush and the read buffer is small.
 			agentSrv = grpc.NewServer(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout),
 				grpc.SharedWriteBuffer(true), grpc.ReadBufferSize(8<<10),
-				grpc.Creds(credentials.NewTLS(st.config("h2"))))...)
+				grpc.Creds(credentials.NewTLS(st.agentTLS())))...)
 			agentSvc = NewAgentService(s)
 			agentv1.RegisterAgentServiceServer(agentSrv, agentSvc)
 			hs.register(agentSrv)
