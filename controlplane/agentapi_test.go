@@ -17,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -273,7 +274,7 @@ func TestAgentTokenIsNoWorkloadToken(t *testing.T) {
 func TestAgentAPILimits(t *testing.T) {
 	ctx := context.Background()
 	a := startAgentAPI(t)
-	a.srv.agentLim = newAgentLimits()
+	a.srv.agentLim = newAgentLimits(0)
 	a.srv.agentLim.attest.SetBurst(1)
 	a.srv.agentLim.attest.SetLimit(0)
 	a.srv.agentLim.signRate, a.srv.agentLim.signBurst = 0, 3
@@ -355,4 +356,28 @@ func TestAgentSyncStreamsBounded(t *testing.T) {
 	}
 	_, err = st.Recv()
 	wantCode(t, "one stream too many", err, codes.ResourceExhausted)
+}
+
+// TestAgentSignRateConfig: Config.AgentSignRate (--agent-sign-rate) sets
+// each agent's bucket; negative lifts it.
+func TestAgentSignRateConfig(t *testing.T) {
+	for _, tc := range []struct {
+		in        float64
+		wantRate  rate.Limit
+		wantBurst int
+	}{
+		{0, signRate, signBurst},
+		{5, 5, signBurst},
+		{5000, 5000, 10000},
+		{-1, rate.Inf, signBurst},
+	} {
+		l := newAgentLimits(tc.in)
+		if l.signRate != tc.wantRate || l.signBurst != tc.wantBurst {
+			t.Errorf("AgentSignRate %v: rate %v burst %d, want %v %d", tc.in, l.signRate, l.signBurst, tc.wantRate, tc.wantBurst)
+		}
+	}
+	// Unlimited: a burst far past the default bucket passes.
+	if err := newAgentLimits(-1).allowSign("a", 100*signBurst); err != nil {
+		t.Fatal(err)
+	}
 }

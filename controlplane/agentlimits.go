@@ -44,9 +44,19 @@ type agentLimits struct {
 	reportPending atomic.Bool
 }
 
-func newAgentLimits() *agentLimits {
-	return &agentLimits{attest: rate.NewLimiter(attestRate, attestBurst), sign: map[string]*rate.Limiter{},
+// newAgentLimits makes the limits; signPerSec is Config.AgentSignRate
+// (0: signRate; negative: no limit).
+func newAgentLimits(signPerSec float64) *agentLimits {
+	l := &agentLimits{attest: rate.NewLimiter(attestRate, attestBurst), sign: map[string]*rate.Limiter{},
 		signRate: signRate, signBurst: signBurst}
+	switch {
+	case signPerSec < 0:
+		l.signRate = rate.Inf
+	case signPerSec > 0:
+		l.signRate = rate.Limit(signPerSec)
+		l.signBurst = max(signBurst, int(2*signPerSec))
+	}
+	return l
 }
 
 func (l *agentLimits) allowAttest() error {

@@ -119,6 +119,11 @@ type Config struct {
 	AfterFunc func(d time.Duration, f func()) (stop func() bool)
 	// Store replaces the bbolt store in DataDir (tests, etcd later).
 	Store store.Store
+	// AgentSignRate is the most X.509-SVIDs one node agent may have signed
+	// per second, sustained (a burst of twice that, at least 2,000, covers a
+	// node's whole set after a reconnect): it keeps one agent from filling
+	// the inventory. 0: 100/s; negative: no limit.
+	AgentSignRate float64
 	// FastSign turns on ca.Authority.EnableFastSign for every X.509 CA this
 	// server loads or makes: SVIDs skip x509.CreateCertificate's post-sign
 	// self-verification (a canary at load, then 1 in 64 checked). Off by
@@ -292,7 +297,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		limiter:   newSignLimiter(cfg.SignConcurrency, cfg.SignRate, cfg.SignQueueTimeout),
 	}
 	s.match.srv = s
-	s.agentLim = newAgentLimits()
+	s.agentLim = newAgentLimits(cfg.AgentSignRate)
 	s.tasks = newTasks(cfg.AfterFunc)
 	s.rotTimer = s.tasks.newTimer(s.rotationTick)
 	s.maintTimer = s.tasks.newTimer(s.maintenanceTick)

@@ -52,6 +52,7 @@ type serverFlags struct {
 	maxCRLSerials int
 	fastSign      bool
 	minConv       float64
+	agentSignRate float64
 }
 
 func defaultDataDir() string {
@@ -97,6 +98,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics, /healthz and /readyz (off when empty)")
 	fs.IntVar(&f.maxConns, "max-connections", endpoint.DefaultMaxConnections, "most connections held at once by each of --socket, --sds-listen and --sds-rest-listen (lowered to fit the open-file limit; the admin socket has its own 64); -1: no cap")
 	fs.IntVar(&f.maxConnsUID, "max-connections-per-uid", endpoint.DefaultMaxConnectionsPerUID, "most connections one local uid holds at once on --socket; -1: no cap")
+	fs.Float64Var(&f.agentSignRate, "agent-sign-rate", 100, "most X.509-SVIDs one node agent may have signed per second, sustained (bursts of twice that, at least 2,000, pass), so one agent cannot fill the inventory; -1: no limit")
 	fs.BoolVar(&f.fastSign, "fast-sign", false, "sign X.509-SVIDs of in-process ECDSA CA keys without x509.CreateCertificate's post-sign self-check (about 2x the mint rate); a canary is checked at CA load and 1 in 64 SVIDs after signing, and any failure falls back to CreateCertificate")
 }
 
@@ -146,6 +148,7 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 		CRLValidity:        f.crlValidity,
 		MaxCRLSerials:      f.maxCRLSerials,
 		FastSign:           f.fastSign,
+		AgentSignRate:      f.agentSignRate,
 
 		CAActivateMinConvergence: minConv,
 		Version:                  version(),
