@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -353,4 +354,71 @@ func TestAgentReissuesOnEntryUpdate(t *testing.T) {
 			t.Fatal("the entry's new DNS name never reached the workload")
 		}
 	}
+}
+
+// TestAgentInsecureBootstrapPins: with --insecure-bootstrap and no trust
+// bundle the first attestation trusts the server it reaches, and the
+// bundle that server returns is kept and used from then on (a restart
+// without the flag verifies the server with it).
+func TestAgentInsecureBootstrapPins(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	p := startPlane(t, t.TempDir())
+	tok, _, err := p.srv.CreateAgentToken(ctx, "web-9", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "meshid-agent-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	dataDir := t.TempDir()
+	cfg := agent.Config{Server: p.agentAddr, JoinToken: tok, InsecureBootstrap: true, DataDir: dataDir, Socket: filepath.Join(sockDir, "w.sock")}
+	a, _, stop := runAgent(t, cfg)
+	waitFor(t, "the agent to connect", a.Connected)
+	stop()
+	saved, err := os.ReadFile(filepath.Join(dataDir, "bundle.pem"))
+	if err != nil {
+		t.Fatalf("no pinned bundle: %v", err)
+	}
+	certs, err := agent.ParseBundlePEM(saved)
+	if err != nil || len(certs) == 0 || !certs[0].Equal(p.srv.BundleCerts()[0]) {
+		t.Fatalf("pinned bundle %v (%v), want the server's CA", certs, err)
+	}
+	// Without the flag or a bundle file: the pinned bundle verifies it.
+	a, _, _ = runAgent(t, agent.Config{Server: p.agentAddr, DataDir: dataDir, Socket: filepath.Join(sockDir, "w.sock")})
+	waitFor(t, "the restarted agent to connect with the pinned bundle", a.Connected)
+}
+
+// TestAgentRefusesAServerOutsideItsBundle: an agent whose trust bundle is
+// another CA's never completes a handshake with the server, so it never
+// sends its join token (which a later agent with the right bundle can
+// still spend).
+func TestAgentRefusesAServerOutsideItsBundle(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	p := startPlane(t, t.TempDir())
+	other := startPlane(t, t.TempDir()) // another trust root
+	tok, _, err := p.srv.CreateAgentToken(ctx, "web-8", time.Hour, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "meshid-agent-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	var buf syncBuffer
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	a, _, stop := runAgent(t, agent.Config{Server: p.agentAddr, JoinToken: tok, TrustBundle: other.srv.BundleCerts(),
+		DataDir: t.TempDir(), Socket: filepath.Join(sockDir, "w.sock"), Logger: log})
+	waitFor(t, "a refused attempt", func() bool { return strings.Contains(buf.String(), "not an SVID") })
+	if a.Connected() {
+		t.Fatal("connected to a server outside its bundle")
+	}
+	stop()
+	right := agent.Config{Server: p.agentAddr, JoinToken: tok, TrustBundle: p.srv.BundleCerts(), DataDir: t.TempDir(), Socket: filepath.Join(sockDir, "w2.sock")}
+	b, _, _ := runAgent(t, right)
+	waitFor(t, "the token, unspent, to attest the right agent", b.Connected)
 }
