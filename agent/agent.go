@@ -299,7 +299,16 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 		switch reason, st := managementRefusal(err); reason {
 		case reasonBanned:
 			// An operator's decision: retrying cannot change it, and an
-			// exit shows it plainly (a restart loop under systemd).
+			// exit shows it plainly (a restart loop under systemd). What
+			// the agent holds was revoked with the ban: a restart, even in
+			// an outage, must serve none of it, and coming back takes a
+			// new token (unban first).
+			if err := a.persist.discard(); err != nil {
+				a.log.Error("banned: could not remove the persisted SVID cache", "err", err)
+			}
+			if err := a.forgetNode(); err != nil {
+				a.log.Error("banned: could not remove the node SVID", "err", err)
+			}
 			return fmt.Errorf("banned by the server, not retrying: %s", st.Message())
 		case reasonEvicted:
 			a.mu.Lock()

@@ -131,6 +131,29 @@ func (p *persister) kick() {
 	})
 }
 
+// discard stops persisting for good and removes the file: what it holds
+// was revoked (the agent was banned), and a restart during an outage must
+// not serve it again.
+func (p *persister) discard() error {
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	p.closed = true
+	if p.armed && p.stop() {
+		p.timers.Done()
+	}
+	p.armed = false
+	p.mu.Unlock()
+	p.timers.Wait()
+	p.writeMu.Lock() // a write in progress lands before the removal
+	defer p.writeMu.Unlock()
+	if err := os.Remove(p.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
 // close stops the timer and writes what is pending, so a clean stop leaves
 // the latest state on disk.
 func (p *persister) close() {

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -700,11 +701,10 @@ func waitUntil(t *testing.T, what string, d time.Duration, cond func() bool) {
 }
 
 // TestAgentProcessExitsOnBanAndEvict: `meshid agent ban` makes the banned
-// agent's process exit 1 with one line saying so, and a restart exits the
-// same way as soon as it reaches the server (its node SVID, revoked with
-// the ban, still gets it told why rather than a failed handshake that
-// looks like an outage); `meshid agent evict` makes an agent without a
-// usable join token exit 1 naming `meshid token create --agent`.
+// agent's process exit 1 with one line saying so, after removing what the
+// ban revoked (node SVID, persisted SVIDs) from its data dir, so a restart
+// exits 1 asking for a new token; `meshid agent evict` makes an agent
+// without a usable join token exit 1 naming `meshid token create --agent`.
 func TestAgentProcessExitsOnBanAndEvict(t *testing.T) {
 	base := publicTemp(t)
 	admin := filepath.Join(base, "admin", "admin.sock")
@@ -752,8 +752,17 @@ func TestAgentProcessExitsOnBanAndEvict(t *testing.T) {
 		t.Fatalf("agent ban: %s", stderr)
 	}
 	exits(agents[0], "banned", "meshid agent unban")
-	restarted := startAgent(t, a[1], "", data[0], agents[0].socket, "")
-	exits(restarted, "banned", "meshid agent unban")
+	// The ban took what it held (revoked) off the disk: a restart has no
+	// node identity left and needs a new token (after an unban).
+	restarted := startMeshid(t, "agent", "--server", a[1], "--data-dir", data[0], "--socket", agents[0].socket)
+	if code := restarted.wait(t); code != 1 || !strings.Contains(restarted.output(), "join token") {
+		t.Fatalf("restart after a ban: exit %d, want 1 asking for a join token:\n%s", code, restarted.output())
+	}
+	for _, f := range []string{"svid-cache.sealed", "node.crt", "node.key"} {
+		if _, err := os.Stat(filepath.Join(data[0], f)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s left in the banned agent's data dir: %v", f, err)
+		}
+	}
 
 	if _, stderr, code := runCLI(t, "agent", "evict", adminFlag, "web-2"); code != 0 {
 		t.Fatalf("agent evict: %s", stderr)
