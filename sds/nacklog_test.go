@@ -107,6 +107,15 @@ func TestNACKFloodLogIsBounded(t *testing.T) {
 	mu.Unlock()
 	client.nack(resp, big)
 	waitNACKs(t, srv, nacks+1)
+	// The counter moves before the line is written: wait for the line.
+	lines := ratelog.Burst
+	deadline := time.Now().Add(30 * time.Second)
+	for strings.Count(logBuf.String(), "\n") == lines {
+		if time.Now().After(deadline) {
+			t.Fatalf("no NACK line in the next interval:\n%s", logBuf.String())
+		}
+		time.Sleep(5 * time.Millisecond) // polling a condition, with a deadline
+	}
 	if want := "suppressed=" + strconv.Itoa(nacks-nackLines); !strings.Contains(logBuf.String(), want) {
 		t.Fatalf("the first NACK line of the next interval does not say %s:\n%s", want, logBuf.String())
 	}
