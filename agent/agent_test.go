@@ -40,50 +40,7 @@ func startPlane(t testing.TB, dataDir string) *plane {
 
 func startPlaneConfig(t testing.TB, cfg controlplane.Config) *plane {
 	t.Helper()
-	srv, err := controlplane.Open(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sockDir, err := os.MkdirTemp("", "meshid-agent-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan controlplane.Listening, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- srv.Run(ctx, controlplane.Endpoints{AdminSocket: filepath.Join(sockDir, "admin.sock"), AgentListen: "127.0.0.1:0"},
-			func(l controlplane.Listening) { ready <- l })
-	}()
-	var l controlplane.Listening
-	select {
-	case l = <-ready:
-	case err := <-done:
-		t.Fatalf("run: %v", err)
-	}
-	bundle := filepath.Join(sockDir, "bundle.pem")
-	b, err := x509bundle.FromX509Authorities(srv.TrustDomain(), srv.BundleCerts()).Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(bundle, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	p := &plane{srv: srv, agentAddr: l.AgentAddr, bundle: bundle}
-	stopped := false
-	p.stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-		srv.Close()
-	}
-	t.Cleanup(func() { p.stop(); os.RemoveAll(sockDir) })
-	return p
+	return startPlaneWith(t, cfg, "127.0.0.1:0")
 }
 
 // runAgent opens and runs an agent until the test ends (or stop is

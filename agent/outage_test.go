@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"github.com/meshid/meshid/agent"
@@ -25,7 +26,7 @@ import (
 // startPlaneWith is startPlane with cfg (its DataDir set) and the agent API
 // on listen, so a test can stop the server and bring it back on the same
 // data dir and address.
-func startPlaneWith(t *testing.T, cfg controlplane.Config, listen string) *plane {
+func startPlaneWith(t testing.TB, cfg controlplane.Config, listen string) *plane {
 	t.Helper()
 	if cfg.SVIDTTL == 0 {
 		cfg.SVIDTTL, cfg.CATTL = time.Hour, 48*time.Hour
@@ -51,7 +52,16 @@ func startPlaneWith(t *testing.T, cfg controlplane.Config, listen string) *plane
 	case err := <-done:
 		t.Fatalf("run: %v", err)
 	}
-	p := &plane{srv: srv, agentAddr: l.AgentAddr}
+	// The trust bundle as a file, as an operator hands it to an agent.
+	bundle := filepath.Join(sockDir, "bundle.pem")
+	b, err := x509bundle.FromX509Authorities(srv.TrustDomain(), srv.BundleCerts()).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bundle, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := &plane{srv: srv, agentAddr: l.AgentAddr, bundle: bundle}
 	stopped := false
 	p.stop = func() {
 		if stopped {
