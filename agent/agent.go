@@ -41,6 +41,13 @@ type Config struct {
 	// JoinToken attests the agent the first time; later starts use the
 	// node SVID kept in DataDir.
 	JoinToken string
+	// NodeAttestor is how the agent proves its node: MethodJoinToken (the
+	// default) or MethodK8sPSAT, which presents the projected
+	// service-account token in K8sTokenPath, read afresh at every
+	// attestation (the kubelet rotates it), and attests anew on every
+	// start instead of reusing the node SVID kept in DataDir.
+	NodeAttestor string
+	K8sTokenPath string
 	// TrustBundle are the CAs the server's SVID must chain to on first
 	// contact (later, the bundle the server last sent, kept in DataDir).
 	// InsecureBootstrap instead trusts whatever server answers the first
@@ -138,8 +145,24 @@ func Open(cfg Config) (*Agent, error) {
 		// at first contact.
 		trust = saved
 	}
+	switch cfg.NodeAttestor {
+	case "":
+		cfg.NodeAttestor = MethodJoinToken
+	case MethodJoinToken:
+	case MethodK8sPSAT:
+		if cfg.K8sTokenPath == "" {
+			dir.close()
+			return nil, errors.New("node attestor k8s_psat needs the projected service-account token's path (--k8s-token-path)")
+		}
+		// A fresh token proves the node now; a kept node SVID only that
+		// it was once.
+		node = nil
+	default:
+		dir.close()
+		return nil, fmt.Errorf("unknown node attestor %q: use %s or %s", cfg.NodeAttestor, MethodJoinToken, MethodK8sPSAT)
+	}
 	switch {
-	case node == nil && cfg.JoinToken == "":
+	case node == nil && cfg.NodeAttestor == MethodJoinToken && cfg.JoinToken == "":
 		dir.close()
 		return nil, fmt.Errorf("data dir %s holds no node identity: give a join token (meshid token create --agent) to attest", dir.path)
 	case len(trust) == 0 && !cfg.InsecureBootstrap:
@@ -319,7 +342,7 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 			if err := a.forgetNode(); err != nil {
 				return fmt.Errorf("evicted by the server (%s); dropping the node SVID: %w", st.Message(), err)
 			}
-			if a.cfg.JoinToken == "" {
+			if !a.canAttest() {
 				return fmt.Errorf("evicted by the server, must attest again: restart the agent with a new join token (meshid token create --agent): %s", st.Message())
 			}
 			a.log.Warn("evicted by the server: attesting again with the join token", "server", a.cfg.Server, "why", st.Message())

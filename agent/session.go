@@ -84,7 +84,11 @@ func (a *Agent) attest(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: "join_token", Payload: []byte(a.cfg.JoinToken), Csr: csr})
+	proof, err := a.nodeProof()
+	if err != nil {
+		return err
+	}
+	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: a.cfg.NodeAttestor, Payload: proof, Csr: csr})
 	if c := status.Code(err); c == codes.PermissionDenied || c == codes.InvalidArgument {
 		return &attestRefused{err: status.Convert(err).Err()}
 	}

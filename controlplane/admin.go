@@ -472,7 +472,7 @@ func (a *AdminService) GetServerInfo(context.Context, *adminv1.GetServerInfoRequ
 // Node agents (agents.go).
 
 func agentToProto(a AgentInfo) *adminv1.Agent {
-	p := &adminv1.Agent{Id: a.ID, Method: a.Method, Node: a.Node, Banned: a.Banned, Streams: int32(a.Streams)}
+	p := &adminv1.Agent{Id: a.ID, Method: a.Method, Node: a.Node, Banned: a.Banned, Streams: int32(a.Streams), Selectors: a.Selectors}
 	ts := func(t time.Time) *timestamppb.Timestamp {
 		if t.IsZero() {
 			return nil

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"path"
 	"regexp"
 	"strings"
 	"sync"
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/ca"
 	agentv1 "github.com/meshid/meshid/proto/meshid/agent/v1"
 	"github.com/meshid/meshid/store"
@@ -35,8 +37,12 @@ import (
 // reserved prefix no entry or workload token may grant.
 const agentPath = reservedPath + "agent/"
 
-// Attestation methods.
-const methodJoinToken = "join_token"
+// Attestation methods: the join token is built in; k8s_psat is checked by
+// a NodeAttestor (kube/psat) when the server runs on Kubernetes.
+const (
+	methodJoinToken = "join_token"
+	methodK8sPSAT   = "k8s_psat"
+)
 
 // MaxSignBatch bounds the CSRs of one SignX509SVIDs call: a node with more
 // entries sends several.
@@ -49,7 +55,7 @@ const batchParallelism = 64
 var nodeIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
 // methodSegments names each attestation method in agent IDs.
-var methodSegments = map[string]string{methodJoinToken: "join"}
+var methodSegments = map[string]string{methodJoinToken: "join", methodK8sPSAT: methodK8sPSAT}
 
 // AgentID is the SPIFFE ID of the agent on node, attested by method:
 // spiffe://<td>/meshid/agent/<method>/<node>.
@@ -181,6 +187,21 @@ func (h *agentHub) wake() {
 	}
 }
 
+// wakeNode tells the streams of the agents attested by method on node to
+// compare what they sent with what is now.
+func (h *agentHub) wakeNode(method, node string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for st := range h.streams {
+		if r, ok := h.recs[st.id.String()]; ok && r.Method == method && r.Node == node {
+			select {
+			case st.notify <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
 // connected is how many Sync streams are open.
 func (h *agentHub) connected() int {
 	h.mu.Lock()
@@ -232,39 +253,62 @@ func (a *AgentService) agentCaller(ctx context.Context) (spiffeid.ID, error) {
 
 // Attest implements agentv1.AgentServiceServer.
 func (a *AgentService) Attest(ctx context.Context, req *agentv1.AttestRequest) (*agentv1.AttestResponse, error) {
-	if req.GetMethod() != methodJoinToken {
-		return nil, status.Errorf(codes.InvalidArgument, "attestation method %q is not offered; this server takes %q", req.GetMethod(), methodJoinToken)
+	method := req.GetMethod()
+	na, plugged := a.srv.nodeAttestor(method)
+	if method != methodJoinToken && !plugged {
+		return nil, status.Errorf(codes.InvalidArgument, "attestation method %q is not offered; this server takes %s", method, a.srv.attestMethods())
 	}
 	if err := a.srv.agentLim.allowAttest(); err != nil {
 		return nil, err
 	}
 	// Cheap checks before the CSR's signature is: a secret that is not an
 	// agent token fails here.
-	if !strings.HasPrefix(string(req.GetPayload()), agentTokenPrefix) {
+	if method == methodJoinToken && !strings.HasPrefix(string(req.GetPayload()), agentTokenPrefix) {
 		return nil, status.Error(codes.PermissionDenied, "agent join token is unknown, expired, already used or not made for an agent")
 	}
-	// The CSR before the token: a malformed one must not spend the token.
+	// The CSR before the proof: a malformed one must not spend the token.
 	if _, err := ca.ParseCSR(req.GetCsr()); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "csr: %v", err)
 	}
-	id, err := a.srv.redeemAgentToken(ctx, string(req.GetPayload()))
-	if errors.Is(err, ErrBadToken) {
-		return nil, status.Error(codes.PermissionDenied, "agent join token is unknown, expired, already used or not made for an agent")
-	}
-	if err != nil {
-		return nil, a.srv.agentStatus("attest", err)
+	var (
+		id    spiffeid.ID
+		claim attest.NodeClaim
+		err   error
+	)
+	if plugged {
+		claim, err = na.Attest(ctx, req.GetPayload())
+		if errors.Is(err, attest.ErrNodeRefused) {
+			a.srv.log.Warn("agent attestation refused", "method", method, "why", err)
+			return nil, status.Error(codes.PermissionDenied, err.Error())
+		}
+		if err != nil {
+			a.srv.log.Error("agent attestation could not be checked", "method", method, "err", err)
+			return nil, status.Errorf(codes.Unavailable, "%s attestation could not be checked: %v", method, err)
+		}
+		if id, err = a.srv.agentIDFor(method, claim); err != nil {
+			return nil, status.Errorf(codes.Internal, "%v", err)
+		}
+	} else {
+		id, err = a.srv.redeemAgentToken(ctx, string(req.GetPayload()))
+		if errors.Is(err, ErrBadToken) {
+			return nil, status.Error(codes.PermissionDenied, "agent join token is unknown, expired, already used or not made for an agent")
+		}
+		if err != nil {
+			return nil, a.srv.agentStatus("attest", err)
+		}
+		claim = attest.NodeClaim{Node: path.Base(id.Path())}
 	}
 	if err := a.srv.refuseBanned(id); err != nil {
 		return nil, err
 	}
-	chain, err := a.srv.signNodeSVID(ctx, id, req.GetCsr(), "agent attestation "+methodJoinToken)
+	chain, err := a.srv.signNodeSVID(ctx, id, req.GetCsr(), "agent attestation "+method)
 	if err != nil {
 		return nil, a.srv.agentStatus("attest", err)
 	}
-	if err := a.srv.recordAttested(ctx, id, methodJoinToken, chain); err != nil {
+	if err := a.srv.recordAttested(ctx, id, method, claim, chain); err != nil {
 		return nil, a.srv.agentStatus("attest", err)
 	}
-	a.srv.log.Info("agent attested", "agent", id.String(), "method", methodJoinToken)
+	a.srv.log.Info("agent attested", "agent", id.String(), "method", method, "node", claim.Node)
 	return &agentv1.AttestResponse{SvidChain: chain, SpiffeId: id.String(), AgentId: id.String(), Bundle: a.srv.agentBundle()}, nil
 }
 
@@ -359,12 +403,9 @@ func (a *AgentService) signOne(ctx context.Context, agent spiffeid.ID, item *age
 		res.Code, res.Message = int32(st.Code()), st.Message()
 		return res
 	}
-	e, ok := a.srv.entries.get(item.GetEntryId())
-	if !ok {
-		return fail(status.Errorf(codes.NotFound, "no entry %q", item.GetEntryId()))
-	}
-	if !mayServe(e, agent) {
-		return fail(status.Errorf(codes.PermissionDenied, "agent %s may not serve entry %s (its parent is %s)", agent, e.ID, e.ParentID))
+	e, err := a.srv.agentEntry(agent, item.GetEntryId())
+	if err != nil {
+		return fail(err)
 	}
 	csr, err := ca.ParseCSR(item.GetCsr()) // its signature checked: the agent holds the key
 	if err != nil {
@@ -393,12 +434,9 @@ func (a *AgentService) SignJWTSVID(ctx context.Context, req *agentv1.SignJWTSVID
 	if err != nil {
 		return nil, err
 	}
-	e, ok := a.srv.entries.get(req.GetEntryId())
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "no entry %q", req.GetEntryId())
-	}
-	if !mayServe(e, agent) {
-		return nil, status.Errorf(codes.PermissionDenied, "agent %s may not serve entry %s", agent, e.ID)
+	e, err := a.srv.agentEntry(agent, req.GetEntryId())
+	if err != nil {
+		return nil, err
 	}
 	if len(req.GetAudience()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "audience is required")

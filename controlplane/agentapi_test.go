@@ -37,7 +37,17 @@ type agentAPI struct {
 
 func startAgentAPI(t *testing.T) *agentAPI {
 	t.Helper()
-	srv, err := Open(context.Background(), Config{DataDir: t.TempDir(), SVIDTTL: time.Hour, CATTL: 48 * time.Hour})
+	return startAgentAPIWith(t, nil)
+}
+
+// startAgentAPIWith is startAgentAPI with Config changed by with.
+func startAgentAPIWith(t *testing.T, with func(*Config)) *agentAPI {
+	t.Helper()
+	cfg := Config{DataDir: t.TempDir(), SVIDTTL: time.Hour, CATTL: 48 * time.Hour}
+	if with != nil {
+		with(&cfg)
+	}
+	srv, err := Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"path"
 	"slices"
 	"strings"
 	"time"
@@ -20,6 +19,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/store"
 )
 
@@ -141,7 +141,7 @@ func nodeSVID(chain [][]byte) (store.AgentSVID, error) {
 // out: the SVID becomes the only one the agent is admitted with. The ban
 // is checked again in the store's transaction, so a ban racing the
 // attestation wins.
-func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method string, chain [][]byte) error {
+func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method string, claim attest.NodeClaim, chain [][]byte) error {
 	n, err := nodeSVID(chain)
 	if err != nil {
 		return err
@@ -154,7 +154,8 @@ func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method stri
 		if !exists {
 			r.FirstSeen = now
 		}
-		r.Method, r.Node, r.LastSeen = method, path.Base(id.Path()), now
+		r.Method, r.Node, r.LastSeen = method, claim.Node, now
+		r.Selectors = claim.Selectors
 		r.NodeSVIDs = []store.AgentSVID{n}
 		return nil
 	}, &store.AuditEvent{Time: now, Actor: id.String(), Action: "agent.attest", Target: id.String(), Detail: "method " + method + ", node SVID " + n.Serial})

@@ -63,9 +63,10 @@ func (p *parentIndex) of(parent string) []string {
 	return out
 }
 
-// agentEntries lists, by ID, the entries agent id may serve.
+// agentEntries lists, by ID, the entries agent id may serve: its store
+// entries and its default identities (kubernetes.go).
 func (s *Server) agentEntries(id spiffeid.ID) []store.Entry {
-	var out []store.Entry
+	out, _ := s.defaultEntries(id)
 	for _, eid := range s.byParent.of(id.String()) {
 		if e, ok := s.entries.get(eid); ok && mayServe(e, id) {
 			out = append(out, e)
@@ -73,6 +74,18 @@ func (s *Server) agentEntries(id spiffeid.ID) []store.Entry {
 	}
 	slices.SortFunc(out, func(a, b store.Entry) int { return strings.Compare(a.ID, b.ID) })
 	return out
+}
+
+// entriesGen changes whenever what agent id may serve may have: an entry
+// changed, or the pods on its node did.
+func (s *Server) entriesGen(id spiffeid.ID) [2]uint64 {
+	g := [2]uint64{uint64(s.entryGen.Load())}
+	if dw := s.cfg.DefaultIdentities; dw != nil {
+		if rec, ok := s.agentRecord(id.String()); ok && rec.Method == methodK8sPSAT {
+			_, g[1] = dw.ServiceAccounts(rec.Node)
+		}
+	}
+	return g
 }
 
 // agentBundle is the bundle last published, as the agent API carries it.
@@ -146,14 +159,14 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 	sent := map[string]*agentv1.Entry{}
 	bundleVersion, jwtVersion := "", ""
 	full := true
-	sentGen := int64(-1)
+	var sentGen [2]uint64
 	for {
 		resp := &agentv1.SyncResponse{Full: full}
 		now := sent
 		// Entries are compared only when one changed since the last
 		// pass: a bundle change (a revocation, a CA step) wakes every
 		// stream, and must not cost each a walk of its entries.
-		if gen := a.srv.entryGen.Load(); full || gen != sentGen {
+		if gen := a.srv.entriesGen(id); full || gen != sentGen {
 			sentGen = gen
 			now = map[string]*agentv1.Entry{}
 			for _, e := range a.srv.agentEntries(id) {

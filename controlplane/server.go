@@ -36,6 +36,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshid/meshid/attest"
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/identity"
 	"github.com/meshid/meshid/kek"
@@ -129,6 +130,18 @@ type Config struct {
 	// self-verification (a canary at load, then 1 in 64 checked). Off by
 	// default.
 	FastSign bool
+	// NodeAttestors are the attestation methods agents may use besides
+	// the join token (k8s_psat), by their Method.
+	NodeAttestors []attest.NodeAttestor
+	// DefaultIdentities, if set, gives every pod an identity without an
+	// entry (kubernetes.go): an agent on a node may serve
+	// spiffe://<td>/ns/<ns>/sa/<sa> for every service account with a pod
+	// there, outside ExcludeNamespaces.
+	DefaultIdentities NodeWorkloads
+	ExcludeNamespaces []string
+	// OnBundleChange, if set, is called (without blocking) after the
+	// published trust bundle changed; BundlePEM says what it is now.
+	OnBundleChange func()
 }
 
 // Server holds the live state of a meshid server. Its methods are safe for
@@ -455,8 +468,12 @@ func (s *Server) publishBundles() error {
 	xb := svidcache.X509Bundle(s.td, s.BundleCerts(), crls, leafOnly)
 	s.ids.SetBundles(xb, jb)
 	if s.lastX509 == nil || xb.Version != s.lastX509.Version || s.lastJWT == nil || jb.Version != s.lastJWT.Version {
+		changed := s.lastX509 == nil || xb.Version != s.lastX509.Version
 		s.lastX509, s.lastJWT = xb, jb
 		s.agents.wake()
+		if f := s.cfg.OnBundleChange; f != nil && changed {
+			f()
+		}
 	}
 	return nil
 }

@@ -349,6 +349,9 @@ type AgentRecord struct {
 	NodeSVIDs []AgentSVID
 	Banned    bool
 	BannedAt  time.Time // zero unless Banned
+	// Selectors describe the node as its attestation established it
+	// ("k8s_psat:node-name:web-1"); none for a join token.
+	Selectors []string
 }
 
 // AgentSVID is one node SVID in an AgentRecord.

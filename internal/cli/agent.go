@@ -20,6 +20,8 @@ func newAgentCmd() *cobra.Command {
 		availability time.Duration
 		noPersist    bool
 		cacheKeyFile string
+		// Node attestation (k8s_psat: the Kubernetes issue).
+		nodeAttestor, k8sTokenPath string
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --server HOST:PORT [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
@@ -75,7 +77,11 @@ agent and by the server's own workload socket.`,
 			}
 			cfg := agent.Config{Server: server, TrustDomain: trustDomain, JoinToken: token, InsecureBootstrap: insecure,
 				DataDir: dataDir, Socket: socket, MetricsListen: metricsListen, Logger: log,
-				AvailabilityTarget: availability, NoPersistCache: noPersist, CacheKeyFile: cacheKeyFile}
+				AvailabilityTarget: availability, NoPersistCache: noPersist, CacheKeyFile: cacheKeyFile,
+				NodeAttestor: nodeAttestor, K8sTokenPath: k8sTokenPath}
+			if nodeAttestor == agent.MethodK8sPSAT && token != "" {
+				return fmt.Errorf("--node-attestor k8s_psat proves the node with the service-account token: drop --join-token")
+			}
 			if availability <= 0 {
 				return fmt.Errorf("--availability-target %s: must be positive", availability)
 			}
@@ -106,6 +112,8 @@ agent and by the server's own workload socket.`,
 	fs.StringVar(&trustDomain, "trust-domain", "cluster.local", "the server's trust domain")
 	fs.StringVar(&token, "join-token", "", "agent join token for the first attestation (prefer --join-token-file: flags show in ps)")
 	fs.StringVar(&tokenFile, "join-token-file", "", "file holding the agent join token")
+	fs.StringVar(&nodeAttestor, "node-attestor", agent.MethodJoinToken, "how the agent proves its node: join_token (--join-token, once) or k8s_psat (a projected service-account token with audience meshid, presented on every start)")
+	fs.StringVar(&k8sTokenPath, "k8s-token-path", "/var/run/secrets/meshid/token", "k8s_psat: the projected service-account token file (re-read at every attestation: the kubelet rotates it)")
 	fs.StringVar(&bundle, "trust-bundle", "", "PEM file of the CAs the server's SVID chains to (first contact; later the bundle the server last sent, kept in --data-dir)")
 	fs.BoolVar(&insecure, "insecure-bootstrap", false, "trust the server on first contact without --trust-bundle, and pin the bundle it returns")
 	fs.StringVar(&dataDir, "data-dir", "/var/lib/meshid-agent", "directory for the node key and SVID (0700, one agent at a time)")

@@ -49,6 +49,9 @@ func writeAgentDetail(w io.Writer, a *adminv1.Agent) error {
 	fmt.Fprintf(tw, "ID\t%s\n", safe(a.GetId()))
 	fmt.Fprintf(tw, "NODE\t%s\n", safe(a.GetNode()))
 	fmt.Fprintf(tw, "METHOD\t%s\n", safe(a.GetMethod()))
+	for _, sel := range a.GetSelectors() {
+		fmt.Fprintf(tw, "SELECTOR\t%s\n", safe(sel))
+	}
 	fmt.Fprintf(tw, "STATE\t%s\n", agentState(a))
 	if a.GetBanned() {
 		fmt.Fprintf(tw, "BANNED AT\t%s\n", agentTime(a.GetBannedAt()))
@@ -138,7 +141,7 @@ them. A banned agent is not evicted (unban it first). ` + agentRefHelp,
 				return writeOutMessage(cmd.OutOrStdout(), output, resp)
 			}
 			a := resp.GetAgent()
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "evicted %s: it attests again with a new join token (meshid token create --agent --node-id %s)\n", safe(a.GetId()), safe(a.GetNode()))
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "evicted %s: %s\n", safe(a.GetId()), reattestHint(a))
 			return err
 		},
 	}
@@ -198,11 +201,19 @@ again with a new join token (meshid token create --agent --node-id NODE). ` + ag
 				return writeOutMessage(cmd.OutOrStdout(), output, resp.GetAgent())
 			}
 			a := resp.GetAgent()
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "unbanned %s: it attests again with a new join token (meshid token create --agent --node-id %s)\n", safe(a.GetId()), safe(a.GetNode()))
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "unbanned %s: %s\n", safe(a.GetId()), reattestHint(a))
 			return err
 		},
 	}
 	adminFlag(cmd, &admin)
 	outputFlag(cmd.Flags(), &output)
 	return cmd
+}
+
+// reattestHint says how an evicted or unbanned agent comes back.
+func reattestHint(a *adminv1.Agent) string {
+	if a.GetMethod() == "k8s_psat" {
+		return "it attests again with its service-account token on its next connection"
+	}
+	return "it attests again with a new join token (meshid token create --agent --node-id " + safe(a.GetNode()) + ")"
 }

@@ -53,6 +53,7 @@ type serverFlags struct {
 	fastSign      bool
 	minConv       float64
 	agentSignRate float64
+	kube          serverKubeFlags
 }
 
 func defaultDataDir() string {
@@ -99,6 +100,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.IntVar(&f.maxConns, "max-connections", endpoint.DefaultMaxConnections, "most connections held at once by each of --socket, --sds-listen and --sds-rest-listen (lowered to fit the open-file limit; the admin socket has its own 64); -1: no cap")
 	fs.IntVar(&f.maxConnsUID, "max-connections-per-uid", endpoint.DefaultMaxConnectionsPerUID, "most connections one local uid holds at once on --socket; -1: no cap")
 	fs.Float64Var(&f.agentSignRate, "agent-sign-rate", 100, "most X.509-SVIDs one node agent may have signed per second, sustained (bursts of twice that, at least 2,000, pass), so one agent cannot fill the inventory; -1: no limit")
+	f.kube.register(fs)
 	fs.BoolVar(&f.fastSign, "fast-sign", false, "sign X.509-SVIDs of in-process ECDSA CA keys without x509.CreateCertificate's post-sign self-check (about 2x the mint rate); a canary is checked at CA load and 1 in 64 SVIDs after signing, and any failure falls back to CreateCertificate")
 }
 
@@ -191,11 +193,22 @@ requests and exits 0.`,
 // runServer opens the server, calls onReady once it listens, and serves
 // until ctx is cancelled.
 func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onReady func(*controlplane.Server, controlplane.Listening) error) error {
+	kr, err := f.kube.setup(&cfg, cfg.Logger)
+	if err != nil {
+		return err
+	}
 	srv, err := controlplane.Open(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	if kr != nil {
+		wait, err := kr.start(ctx, srv)
+		if err != nil {
+			return err
+		}
+		defer wait()
+	}
 	var readyErr error
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()

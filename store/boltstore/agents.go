@@ -10,7 +10,12 @@ import (
 	"github.com/meshid/meshid/store"
 )
 
-const agentV1 byte = 1
+// agentV2 adds the node's selectors after BannedAt; v1 records (without
+// them) still decode.
+const (
+	agentV1 byte = 1
+	agentV2 byte = 2
+)
 
 // bucketAgents maps agent ID -> AgentRecord. It is made by the first write
 // that needs it rather than at Open, so a file written before agents
@@ -24,7 +29,7 @@ const maxAgentSVIDs = 16
 
 func encodeAgent(r *store.AgentRecord) []byte {
 	e := enc{b: make([]byte, 0, 64+len(r.ID)+len(r.Method)+len(r.Node)+len(r.NodeSVIDs)*32)}
-	e.byte1(agentV1)
+	e.byte1(agentV2)
 	e.str(r.ID)
 	e.str(r.Method)
 	e.str(r.Node)
@@ -41,13 +46,21 @@ func encodeAgent(r *store.AgentRecord) []byte {
 		e.byte1(0)
 	}
 	e.time(r.BannedAt)
+	e.uvarint(uint64(len(r.Selectors)))
+	for _, sel := range r.Selectors {
+		e.str(sel)
+	}
 	return e.b
 }
 
 func decodeAgent(v []byte) (store.AgentRecord, error) {
 	var r store.AgentRecord
 	d := dec{s: string(v)}
-	if err := d.version("agent", agentV1); err != nil {
+	ver := agentV1
+	if len(v) > 0 && v[0] == agentV2 {
+		ver = agentV2
+	}
+	if err := d.version("agent", ver); err != nil {
 		return r, err
 	}
 	r.ID = d.str()
@@ -64,6 +77,14 @@ func decodeAgent(v []byte) (store.AgentRecord, error) {
 	}
 	r.Banned = d.byte1() == 1
 	r.BannedAt = d.time()
+	if ver >= agentV2 {
+		if n := d.count(); n > 0 {
+			r.Selectors = make([]string, n)
+			for i := range r.Selectors {
+				r.Selectors[i] = d.str()
+			}
+		}
+	}
 	return r, d.finish("agent")
 }
 

@@ -12,7 +12,8 @@ import (
 
 func agentRec(id, node string) store.AgentRecord {
 	return store.AgentRecord{ID: id, Method: "join_token", Node: node, FirstSeen: t0, LastSeen: t0,
-		NodeSVIDs: []store.AgentSVID{{Serial: "0a1b", NotAfter: t0.Add(time.Hour)}}}
+		NodeSVIDs: []store.AgentSVID{{Serial: "0a1b", NotAfter: t0.Add(time.Hour)}},
+		Selectors: []string{"k8s_psat:cluster:c1", "k8s_psat:node-name:" + node}}
 }
 
 // agentsUnchanged is unchanged that also compares the agent records.

@@ -2319,7 +2319,10 @@ type Agent struct {
 	Banned        bool                   `protobuf:"varint,7,opt,name=banned,proto3" json:"banned,omitempty"`
 	BannedAt      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=banned_at,json=bannedAt,proto3" json:"banned_at,omitempty"`
 	// streams is how many Sync streams it has open on the server answering.
-	Streams       int32 `protobuf:"varint,9,opt,name=streams,proto3" json:"streams,omitempty"`
+	Streams int32 `protobuf:"varint,9,opt,name=streams,proto3" json:"streams,omitempty"`
+	// selectors describe the node as its attestation established it
+	// (k8s_psat:node-name:web-1); none for a join token.
+	Selectors     []string `protobuf:"bytes,10,rep,name=selectors,proto3" json:"selectors,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2415,6 +2418,13 @@ func (x *Agent) GetStreams() int32 {
 		return x.Streams
 	}
 	return 0
+}
+
+func (x *Agent) GetSelectors() []string {
+	if x != nil {
+		return x.Selectors
+	}
+	return nil
 }
 
 // ListAgentsRequest asks for every agent record.
@@ -3032,7 +3042,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\vprepared_ca\x18\x06 \x01(\tR\n" +
 	"preparedCa\x12)\n" +
 	"\x10streams_prepared\x18\a \x01(\x05R\x0fstreamsPrepared\x12'\n" +
-	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld\"\xe6\x02\n" +
+	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld\"\x84\x03\n" +
 	"\x05Agent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06method\x18\x02 \x01(\tR\x06method\x12\x12\n" +
@@ -3043,7 +3053,9 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\x0fsvid_expires_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\rsvidExpiresAt\x12\x16\n" +
 	"\x06banned\x18\a \x01(\bR\x06banned\x127\n" +
 	"\tbanned_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\bbannedAt\x12\x18\n" +
-	"\astreams\x18\t \x01(\x05R\astreams\"\x13\n" +
+	"\astreams\x18\t \x01(\x05R\astreams\x12\x1c\n" +
+	"\tselectors\x18\n" +
+	" \x03(\tR\tselectors\"\x13\n" +
 	"\x11ListAgentsRequest\"D\n" +
 	"\x12ListAgentsResponse\x12.\n" +
 	"\x06agents\x18\x01 \x03(\v2\x16.meshid.admin.v1.AgentR\x06agents\"!\n" +
