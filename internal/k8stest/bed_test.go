@@ -383,8 +383,8 @@ func TestSharedWithoutBed(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name, dir, required string
-		wantFail           bool
-		want               string
+		wantFail            bool
+		want                string
 	}{
 		{"unset", "", "", false, "SKIPPED, NO KUBERNETES TEST BED"},
 		{"unset-required", "", "1", true, "make testbed-up"},
