@@ -368,3 +368,38 @@ func TestUniqueName(t *testing.T) {
 		t.Errorf("labelValue = %q", got)
 	}
 }
+
+// Without a bed a Kubernetes test skips, loudly, unless the run requires
+// one (make test, CI): then it fails and says how to start one. A named bed
+// that does not answer fails either way. Each case runs a test of this
+// package in a child test binary, since Shared connects once per process.
+func TestSharedWithoutBed(t *testing.T) {
+	stale := t.TempDir()
+	if err := WriteState(&State{Dir: stale, Kubeconfig: filepath.Join(stale, "kubeconfig"), APIServer: "https://127.0.0.1:1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeKubeconfig(filepath.Join(stale, "kubeconfig"), "https://127.0.0.1:1", &pki{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, dir, required string
+		wantFail            bool
+		want                string
+	}{
+		{"unset", "", "", false, "SKIPPED, NO KUBERNETES TEST BED"},
+		{"unset-required", "", "1", true, "make testbed-up"},
+		{"stale", stale, "", true, "does not answer /readyz"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd := exec.CommandContext(ctxT(t), os.Args[0], "-test.run=^TestBedPodStatusPatch$", "-test.v", "-test.count=1")
+			cmd.Env = append(os.Environ(), EnvDir+"="+tc.dir, EnvRequired+"="+tc.required)
+			out, err := cmd.CombinedOutput()
+			if failed := err != nil; failed != tc.wantFail {
+				t.Errorf("child failed=%v (%v), want %v\n%s", failed, err, tc.wantFail, out)
+			}
+			if !strings.Contains(string(out), tc.want) {
+				t.Errorf("child output lacks %q:\n%s", tc.want, out)
+			}
+		})
+	}
+}

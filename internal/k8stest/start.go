@@ -234,6 +234,9 @@ func (inst *Instance) spawn(opts Options, name string, args ...string) (Process,
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if opts.KillWithParent {
+		// The kernel ties this to the forking thread, not the process; Go
+		// only ends a thread when a goroutine exits while locked to it,
+		// which nothing in a test binary that starts a bed does.
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
 	if err := cmd.Start(); err != nil {
