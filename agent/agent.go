@@ -416,9 +416,15 @@ func (a *Agent) forgetNode() error {
 
 // attestRefused is the server's no to a join token: spent, expired,
 // unknown, or not made for an agent.
-type attestRefused struct{ err error }
+type attestRefused struct {
+	err    error
+	method string
+}
 
 func (e *attestRefused) Error() string {
+	if e.method == MethodK8sPSAT {
+		return fmt.Sprintf("attestation refused: %v (check the agent's service account is given to the server with --k8s-agent-service-account, and its projected token's audience)", e.err)
+	}
 	return fmt.Sprintf("attestation refused: %v (make a new one with 'meshid token create --agent')", e.err)
 }
 func (e *attestRefused) Unwrap() error { return e.err }

@@ -90,7 +90,7 @@ func (a *Agent) attest(ctx context.Context) error {
 	}
 	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: a.cfg.NodeAttestor, Payload: proof, Csr: csr})
 	if c := status.Code(err); c == codes.PermissionDenied || c == codes.InvalidArgument {
-		return &attestRefused{err: status.Convert(err).Err()}
+		return &attestRefused{err: status.Convert(err).Err(), method: a.cfg.NodeAttestor}
 	}
 	if err != nil {
 		return fmt.Errorf("attest: %w", err)

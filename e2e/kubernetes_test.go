@@ -1,0 +1,184 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	authnv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/meshid/meshid/internal/k8stest"
+)
+
+// k8sAgentPod creates service account sa and a pod of it on node, the
+// agent DaemonSet's pod as the API server sees it (no kubelet runs it).
+func k8sAgentPod(t *testing.T, c kubernetes.Interface, ns, sa, name, node string) *corev1.Pod {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := c.CoreV1().ServiceAccounts(ns).Get(ctx, sa, metav1.GetOptions{}); err != nil {
+		if _, err := c.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pod, err := c.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
+			Containers: []corev1.Container{{Name: "agent", Image: "meshid:dev"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pod
+}
+
+// k8sTokenFile writes what the kubelet projects into the pod (a token of
+// sa for aud bound to pod) to a 0600 file and returns its path.
+func k8sTokenFile(t *testing.T, c kubernetes.Interface, dir, ns, sa, aud string, pod *corev1.Pod) string {
+	t.Helper()
+	exp := int64(600)
+	tr, err := c.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa, &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
+		Audiences: []string{aud}, ExpirationSeconds: &exp,
+		BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+	}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(dir, pod.Name+"-"+aud+".token")
+	if err := os.WriteFile(f, []byte(tr.Status.Token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// k8sServer starts `meshid server` against the test bed: agents of
+// ns/meshid-agent attest with k8s_psat, pods get default identities, and
+// the bundle is kept in ConfigMap meshid-bundle of ns. It returns the
+// process, the agent API address and the admin flag.
+func k8sServer(t *testing.T, bed *k8stest.Bed, base, ns string, extra ...string) (*proc, string, string) {
+	t.Helper()
+	admin := filepath.Join(base, "admin", "admin.sock")
+	args := append([]string{"server", "--data-dir", filepath.Join(base, "server-data"), "--admin-socket", admin,
+		"--socket", filepath.Join(base, "server", "workload.sock"), "--agent-listen", "127.0.0.1:0",
+		"--kubeconfig", bed.Kubeconfig, "--k8s-cluster", "testbed", "--k8s-agent-service-account", ns + "/meshid-agent",
+		"--k8s-default-identity", "--k8s-bundle-configmap", "meshid-bundle", "--k8s-namespace", ns}, extra...)
+	srv := startMeshid(t, args...)
+	serving := srv.waitLine(t, "msg=serving")
+	m := regexp.MustCompile(`\bagent_api=(\S+)`).FindStringSubmatch(serving)
+	if m == nil {
+		t.Fatalf("serving line has no agent_api: %s", serving)
+	}
+	return srv, m[1], "--admin-socket=" + admin
+}
+
+// k8sBundleFile waits for the server to publish its bundle in the
+// ConfigMap and writes it where the DaemonSet would mount it.
+func k8sBundleFile(t *testing.T, c kubernetes.Interface, ns, dir string) string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		cm, err := c.CoreV1().ConfigMaps(ns).Get(context.Background(), "meshid-bundle", metav1.GetOptions{})
+		if err == nil && strings.Contains(cm.Data["bundle.pem"], "BEGIN CERTIFICATE") {
+			f := filepath.Join(dir, "bundle.pem")
+			if err := os.WriteFile(f, []byte(cm.Data["bundle.pem"]), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the server published no bundle ConfigMap in 30 s (last: %v)", err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling the API server for a condition, with a deadline
+	}
+}
+
+func startK8sAgent(t *testing.T, server, bundle, dataDir, socket, tokenFile string) agentProc {
+	t.Helper()
+	p := startMeshid(t, "agent", "--server", server, "--data-dir", dataDir, "--socket", socket, "--metrics-listen", "127.0.0.1:0",
+		"--node-attestor", "k8s_psat", "--k8s-token-path", tokenFile, "--trust-bundle", bundle)
+	return agentProc{proc: p, socket: socket}
+}
+
+// TestK8sNodeAttestation: with a real kube-apiserver, `meshid server
+// --kubeconfig` publishes its bundle in a ConfigMap, and `meshid agent
+// --node-attestor k8s_psat` verifies the server with it and attests with
+// the pod-bound token of its pod: it gets the node SVID
+// spiffe://<td>/meshid/agent/k8s_psat/<cluster>/<node-uid>, `agent list`
+// shows the node's selectors, and a restart attests again with a fresh
+// token. A token for another audience, of an untrusted service account or
+// of a deleted pod is refused: the agent exits 1 saying why.
+func TestK8sNodeAttestation(t *testing.T) {
+	bed := k8stest.Shared(t)
+	c := bed.Client
+	ns := bed.Namespace(t)
+	node := bed.Node(t, "e2e")
+	base := publicTemp(t)
+	_, agentAPI, adminFlag := k8sServer(t, bed, base, ns)
+	bundle := k8sBundleFile(t, c, ns, base)
+
+	pod := k8sAgentPod(t, c, ns, "meshid-agent", "meshid-agent-0", node.Name)
+	tok := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", pod)
+	dataDir := filepath.Join(base, "agent-data")
+	a := startK8sAgent(t, agentAPI, bundle, dataDir, filepath.Join(base, "agent", "workload.sock"), tok)
+	wantID := "spiffe://cluster.local/meshid/agent/k8s_psat/testbed/" + string(node.UID)
+	if l := a.waitLine(t, "attested"); !strings.Contains(l, "node_id="+wantID) {
+		t.Fatalf("agent attested as %s, want %s", l, wantID)
+	}
+	a.waitFor(t, "connected to the server")
+	out, stderr, code := runCLI(t, "agent", "list", adminFlag, "-o", "json")
+	if code != 0 {
+		t.Fatalf("agent list: %s", stderr)
+	}
+	var list []struct {
+		ID        string   `json:"id"`
+		Method    string   `json:"method"`
+		Node      string   `json:"node"`
+		Selectors []string `json:"selectors"`
+	}
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 1 {
+		t.Fatalf("agent list -o json: %v: %s", err, out)
+	}
+	got := list[0]
+	if got.ID != wantID || got.Method != "k8s_psat" || got.Node != node.Name ||
+		!strings.Contains(strings.Join(got.Selectors, " "), "k8s_psat:node-uid:"+string(node.UID)) ||
+		!strings.Contains(strings.Join(got.Selectors, " "), "k8s_psat:agent-sa:meshid-agent") {
+		t.Fatalf("agent list: %+v", got)
+	}
+
+	// A restart attests again, with a freshly projected token.
+	a.signal(t, 9)
+	a.wait(t)
+	tok2 := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", pod)
+	a = startK8sAgent(t, agentAPI, bundle, dataDir, filepath.Join(base, "agent", "workload.sock"), tok2)
+	if l := a.waitLine(t, "attested"); !strings.Contains(l, "node_id="+wantID) {
+		t.Fatalf("restarted agent attested as %s", l)
+	}
+	a.waitFor(t, "connected to the server")
+
+	refused := func(what, tokenFile, says string) {
+		t.Helper()
+		p := startK8sAgent(t, agentAPI, bundle, filepath.Join(base, what+"-data"), filepath.Join(base, what, "workload.sock"), tokenFile)
+		if code := p.wait(t); code != 1 || !strings.Contains(p.output(), "attestation refused") || !regexp.MustCompile(says).MatchString(p.output()) {
+			t.Fatalf("agent with %s: exit %d, want 1 saying %q:\n%s", what, code, says, p.output())
+		}
+	}
+	refused("audience", k8sTokenFile(t, c, base, ns, "meshid-agent", "kubernetes", pod), "audience")
+	intruder := k8sAgentPod(t, c, ns, "intruder", "intruder-0", node.Name)
+	refused("untrusted", k8sTokenFile(t, c, base, ns, "intruder", "meshid", intruder), "not trusted")
+	doomed := k8sAgentPod(t, c, ns, "meshid-agent", "meshid-agent-1", node.Name)
+	doomedTok := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", doomed)
+	zero := int64(0)
+	if err := c.CoreV1().Pods(ns).Delete(context.Background(), doomed.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	// The API server's token cache or meshid's own pod check, whichever
+	// answers first.
+	refused("deleted", doomedTok, "no longer exists|has been invalidated")
+}
