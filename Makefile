@@ -22,6 +22,16 @@ build:
 install:
 	CGO_ENABLED=0 $(GO) install -trimpath -ldflags "$(LDFLAGS)" ./cmd/meshid
 
+## image: the container image $(IMAGE) (default meshid:dev) from the
+## Dockerfile, with docker or podman, whichever is installed
+## (CONTAINER_TOOL=... to choose)
+IMAGE          ?= meshid:dev
+CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+.PHONY: image
+image:
+	@test -n "$(CONTAINER_TOOL)" || { echo "make image: neither docker nor podman is installed; install one of them (or set CONTAINER_TOOL)" >&2; exit 1; }
+	$(CONTAINER_TOOL) build --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -t $(IMAGE) .
+
 ## check-static: fail unless bin/meshid was built without cgo and links nothing dynamically
 check-static: build
 	@$(GO) version -m bin/meshid | grep -q 'CGO_ENABLED=0' || { echo "bin/meshid was built with cgo" >&2; exit 1; }
