@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -48,15 +50,12 @@ func readCgroup(root string, pid int) ([]byte, error) {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	defer unix.Close(fd)
-	buf := make([]byte, 0, 1024)
-	for {
-		if len(buf) == cap(buf) {
-			if cap(buf) >= maxCgroupFile {
-				return nil, fmt.Errorf("%s: over %d bytes", path, maxCgroupFile)
-			}
-			buf = append(buf, make([]byte, min(cap(buf), maxCgroupFile-cap(buf)))...)[:len(buf)]
-		}
-		n, err := unix.Read(fd, buf[len(buf):cap(buf)])
+	bp := bufs.Get().(*[maxCgroupFile + 1]byte)
+	defer bufs.Put(bp)
+	buf := bp[:]
+	n := 0
+	for n < len(buf) {
+		m, err := unix.Read(fd, buf[n:])
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -66,12 +65,17 @@ func readCgroup(root string, pid int) ([]byte, error) {
 			}
 			return nil, &os.PathError{Op: "read", Path: path, Err: err}
 		}
-		if n == 0 {
-			return buf, nil
+		if m == 0 {
+			return slices.Clone(buf[:n]), nil
 		}
-		buf = buf[:len(buf)+n]
+		n += m
 	}
+	return nil, fmt.Errorf("%s: over %d bytes", path, maxCgroupFile)
 }
+
+// bufs are read buffers one byte over the bound, so a file over it is
+// told from one that fills it.
+var bufs = sync.Pool{New: func() any { return new([maxCgroupFile + 1]byte) }}
 
 // parseCgroup reads a /proc/<pid>/cgroup file, cgroup v1 ("N:controllers:
 // path" per hierarchy), v2 ("0::path") or both. Every line that names a

@@ -72,13 +72,13 @@ type Config struct {
 type Attestor struct {
 	cfg Config
 	log *slog.Logger
+	sel string // the field selector: this node's pods
 	inf cache.SharedIndexInformer
 
 	// changed is closed (and replaced) whenever the informer adds or
 	// updates a pod: a caller waiting for its container waits on it.
 	mu      sync.Mutex
 	changed chan struct{}
-	lastErr error // the informer's last list or watch error, for Start's message
 	waiting int   // callers waiting for their container (tests watch it)
 
 	cancel context.CancelFunc
@@ -108,8 +108,8 @@ func New(cfg Config) (*Attestor, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	a := &Attestor{cfg: cfg, log: cfg.Logger, changed: make(chan struct{})}
 	sel := fields.OneTermEqualSelector("spec.nodeName", cfg.NodeName).String()
+	a := &Attestor{cfg: cfg, log: cfg.Logger, sel: sel, changed: make(chan struct{})}
 	lw := cache.NewFilteredListWatchFromClient(cfg.Client.CoreV1().RESTClient(), "pods", metav1.NamespaceAll,
 		func(o *metav1.ListOptions) { o.FieldSelector = sel })
 	a.inf = cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, cache.Indexers{byContainer: containerIDs})
@@ -119,14 +119,6 @@ func New(cfg Config) (*Attestor, error) {
 			p.ManagedFields = nil
 		}
 		return obj, nil
-	}); err != nil {
-		return nil, fmt.Errorf("k8s workload attestor: %w", err)
-	}
-	if err := a.inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
-		a.mu.Lock()
-		a.lastErr = err
-		a.mu.Unlock()
-		cache.DefaultWatchErrorHandler(ctx, r, err)
 	}); err != nil {
 		return nil, fmt.Errorf("k8s workload attestor: %w", err)
 	}
@@ -155,13 +147,14 @@ func (a *Attestor) Start(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		a.mu.Lock()
-		last := a.lastErr
-		a.mu.Unlock()
-		if last != nil {
-			return fmt.Errorf("pods of node %s not listed from the API server within %s: %w", a.cfg.NodeName, a.cfg.SyncTimeout, last)
+		// The informer retries quietly; one list of our own says why.
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		_, err := a.cfg.Client.CoreV1().Pods(metav1.NamespaceAll).List(pctx, metav1.ListOptions{FieldSelector: a.sel, Limit: 1})
+		if err != nil {
+			return fmt.Errorf("pods of node %s not listed from the API server within %s: %w", a.cfg.NodeName, a.cfg.SyncTimeout, err)
 		}
-		return fmt.Errorf("pods of node %s not listed from the API server within %s", a.cfg.NodeName, a.cfg.SyncTimeout)
+		return fmt.Errorf("pods of node %s not listed from the API server within %s (it answers a list now: overloaded?)", a.cfg.NodeName, a.cfg.SyncTimeout)
 	}
 	a.log.Info("k8s workload attestor: watching this node's pods", "node", a.cfg.NodeName, "pods", len(a.inf.GetStore().ListKeys()))
 	return nil
