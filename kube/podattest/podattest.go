@@ -79,7 +79,7 @@ type Attestor struct {
 	// updates a pod: a caller waiting for its container waits on it.
 	mu      sync.Mutex
 	changed chan struct{}
-	waiting int   // callers waiting for their container (tests watch it)
+	waiting int // callers waiting for their container (tests watch it)
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
