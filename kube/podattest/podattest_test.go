@@ -250,18 +250,24 @@ func set(t testing.TB, a *Attestor) *attest.Set {
 	return s
 }
 
-// waitChange waits until OnChange has told of uid.
-func waitChange(t *testing.T, changes <-chan string, uid string) {
+// waitChange waits until OnChange has told of uid and check then fails
+// (a deletion may come as an update, then the delete): the attestor must
+// say so by the time OnChange is called, or the agent would not end the
+// caller's streams.
+func waitChange(t *testing.T, changes <-chan string, uid string, check func() error) error {
 	t.Helper()
 	deadline := time.After(waitLong)
 	for {
 		select {
 		case got := <-changes:
-			if got == uid {
-				return
+			if got != uid {
+				continue
+			}
+			if err := check(); err != nil {
+				return err
 			}
 		case <-deadline:
-			t.Fatalf("OnChange never told of pod %s", uid)
+			t.Fatalf("OnChange never told of pod %s with its check failing", uid)
 		}
 	}
 }
@@ -323,8 +329,7 @@ func TestAttestPodContainer(t *testing.T) {
 	}
 
 	deletePod(t, bed.Client, p)
-	waitChange(t, changes, string(p.UID))
-	if err := c.Recheck(); !errors.Is(err, ErrPodGone) || !strings.Contains(err.Error(), ns+"/web-0") {
+	if err := waitChange(t, changes, string(p.UID), c.Recheck); !errors.Is(err, ErrPodGone) || !strings.Contains(err.Error(), ns+"/web-0") {
 		t.Fatalf("after the pod was deleted: %v, want ErrPodGone naming it", err)
 	}
 	// A new connection is now refused: it is still in the pod's cgroup.
@@ -356,8 +361,7 @@ func TestContainerLeavingStatusEndsIdentity(t *testing.T) {
 		t.Fatal(err)
 	}
 	setStatus(t, bed.Client, p, newID(t, 4), envoy, "")
-	waitChange(t, changes, string(p.UID))
-	if err := appC.Recheck(); !errors.Is(err, ErrPodGone) {
+	if err := waitChange(t, changes, string(p.UID), appC.Recheck); !errors.Is(err, ErrPodGone) {
 		t.Fatalf("the restarted container's old process: %v, want ErrPodGone", err)
 	}
 	if err := envoyC.Recheck(); err != nil {
