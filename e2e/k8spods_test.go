@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/client-go/rest"
 
 	"github.com/meshid/meshid/internal/k8stest"
@@ -351,7 +352,7 @@ func TestPodWorkloadAttestation(t *testing.T) {
 		// The bed's client keeps idle keep-alive connections: goleak
 		// would take their goroutines for leaks.
 		if rc, ok := bed.Client.CoreV1().RESTClient().(*rest.RESTClient); ok {
-			rc.Client.CloseIdleConnections()
+			utilnet.CloseIdleConnectionsFor(rc.Client.Transport)
 		}
 	})
 	ctx := context.Background()
