@@ -428,7 +428,7 @@ func TestPodWorkloadAttestation(t *testing.T) {
 	}
 	// Its process, still in the pod's cgroup, can attest no more (go-spiffe
 	// keeps re-dialling: each says PermissionDenied, nothing else).
-	again := startPodChild(t, bin, "fetch", socket, "ids=web", cg.place(t, string(web.UID), webID)).next(t)
+	again := startPodChild(t, bin, "fetch", socket, "err=PermissionDenied", cg.place(t, string(web.UID), webID)).next(t)
 	if again != "err=PermissionDenied" {
 		t.Fatalf("a new caller of the deleted pod got %q", again)
 	}
