@@ -112,8 +112,25 @@ func TestBedTokenRequestReview(t *testing.T) {
 	if err := bed.Client.CoreV1().Pods(ns).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
 		t.Fatal(err)
 	}
-	if st := review("meshid"); st.Authenticated {
-		t.Errorf("token of a deleted pod still authenticated")
+	// kube-apiserver caches a successful token authentication for 10 s
+	// (its TokenSuccessCacheTTL), so the refusal follows the delete by up
+	// to that much; attestors that must refuse a deleted pod at once have
+	// to look the pod up themselves.
+	deleted := time.Now()
+	deadline := deleted.Add(30 * time.Second)
+	for {
+		st := review("meshid")
+		if !st.Authenticated {
+			if !strings.Contains(st.Error, "invalidated") && !strings.Contains(st.Error, "not found") {
+				t.Errorf("token of a deleted pod refused with %q, want it named invalidated", st.Error)
+			}
+			t.Logf("token of the deleted pod refused %s after the delete: %s", time.Since(deleted).Round(time.Millisecond), st.Error)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("token of a deleted pod still authenticated after 30 s")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
