@@ -400,10 +400,14 @@ func TestPodWorkloadAttestation(t *testing.T) {
 	socket := filepath.Join(base, "agent", "workload.sock")
 	args := append([]string{"agent", "--server", m[1], "--data-dir", filepath.Join(base, "agent-data"), "--socket", socket,
 		"--trust-bundle", bundle, "--join-token", strings.TrimSpace(tok),
-		"--kubeconfig", bed.Kubeconfig, "--node-name", node.Name}, cg.agentArgs()...)
+		"--kubeconfig", bed.Kubeconfig, "--node-name", node.Name, "--metrics-listen", "127.0.0.1:0"}, cg.agentArgs()...)
 	agentProc := startMeshid(t, args...)
 	agentProc.waitLine(t, "watching this node's pods")
-	agentProc.waitLine(t, "agent serving")
+	mm := regexp.MustCompile(`\bmetrics=(\S+)`).FindStringSubmatch(agentProc.waitLine(t, "agent serving"))
+	if mm == nil {
+		t.Fatal("agent serving line without metrics")
+	}
+	metrics := mm[1]
 
 	watch := startPodChild(t, bin, "watch", socket, "", cg.place(t, string(web.UID), webID))
 	watch.waitNext(t, "ids=web")
@@ -413,6 +417,9 @@ func TestPodWorkloadAttestation(t *testing.T) {
 	if dbLine != "ids=db" {
 		t.Fatalf("the db pod's workload got %q, want its own identity", dbLine)
 	}
+	// The db fetcher has gone: web's SVID, held by its two streams, is
+	// the one served (and renewed).
+	waitAgentMetric(t, metrics, "meshid_agent_served_svids 1")
 
 	zero := int64(0)
 	if err := bed.Client.CoreV1().Pods(ns).Delete(ctx, web.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
@@ -426,6 +433,8 @@ func TestPodWorkloadAttestation(t *testing.T) {
 	if got := sdsW.next(t); got != "sds-end=PermissionDenied" {
 		t.Fatalf("SDS stream after its pod was deleted: %q, want it ended (PermissionDenied)", got)
 	}
+	// Nobody holds web's SVID any more: it is not renewed.
+	waitAgentMetric(t, metrics, "meshid_agent_served_svids 0")
 	// Its process, still in the pod's cgroup, can attest no more (go-spiffe
 	// keeps re-dialling: each says PermissionDenied, nothing else).
 	again := startPodChild(t, bin, "fetch", socket, "err=PermissionDenied", cg.place(t, string(web.UID), webID)).next(t)
