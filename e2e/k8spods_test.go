@@ -230,9 +230,9 @@ type cgroupPlacer struct {
 	procRoot string // tree mode: the tree
 }
 
-func newCgroupPlacer(t *testing.T) *cgroupPlacer {
+func newCgroupPlacer(t *testing.T, tree bool) *cgroupPlacer {
 	t.Helper()
-	if mnt := cgroup2Mount(); mnt != "" {
+	if mnt := cgroup2Mount(); mnt != "" && !tree {
 		var b [6]byte
 		_, _ = rand.Read(b[:])
 		base := filepath.Join(mnt, "meshid-e2e-"+hex.EncodeToString(b[:]))
@@ -243,14 +243,14 @@ func newCgroupPlacer(t *testing.T) *cgroupPlacer {
 		} else {
 			t.Logf("cgroup v2 at %s is not writable (%v): a --proc-root tree stands in", mnt, err)
 		}
-	} else {
+	} else if !tree {
 		t.Log("no cgroup v2 mount: a --proc-root tree stands in")
 	}
-	tree := t.TempDir()
-	if err := os.Chmod(tree, 0o755); err != nil {
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	return &cgroupPlacer{procRoot: tree}
+	return &cgroupPlacer{procRoot: dir}
 }
 
 // place puts pid in pod podUID's container cid.
@@ -342,11 +342,18 @@ func removeCgroups(t *testing.T, base string) {
 // container IDs. An entry with k8s:ns and k8s:sa gives each pod its own
 // identity over the Workload API (go-spiffe) and SDS; deleting a pod ends
 // its workloads' streams at once (the removal: PermissionDenied), its
-// process can attest no more, and the other pod keeps its identity.
+// SVID is no longer served or renewed, its process can attest no more, and
+// the other pod keeps its identity. The same again with the cgroup files
+// in a --proc-root tree (what stands in where cgroups cannot be made).
 func TestPodWorkloadAttestation(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run workloads as another uid and to make cgroups")
 	}
+	t.Run("cgroup", func(t *testing.T) { testPodWorkloadAttestation(t, false) })
+	t.Run("proc-root tree", func(t *testing.T) { testPodWorkloadAttestation(t, true) })
+}
+
+func testPodWorkloadAttestation(t *testing.T, tree bool) {
 	bed := k8stest.Shared(t)
 	t.Cleanup(func() {
 		// The bed's client keeps idle keep-alive connections: goleak
@@ -396,7 +403,7 @@ func TestPodWorkloadAttestation(t *testing.T) {
 		}
 	}
 
-	cg := newCgroupPlacer(t)
+	cg := newCgroupPlacer(t, tree)
 	socket := filepath.Join(base, "agent", "workload.sock")
 	args := append([]string{"agent", "--server", m[1], "--data-dir", filepath.Join(base, "agent-data"), "--socket", socket,
 		"--trust-bundle", bundle, "--join-token", strings.TrimSpace(tok),
