@@ -28,6 +28,7 @@ import (
 
 	"github.com/meshid/meshid/endpoint"
 	"github.com/meshid/meshid/entry"
+	"github.com/meshid/meshid/kube/podattest"
 	agentv1 "github.com/meshid/meshid/proto/meshid/agent/v1"
 	"github.com/meshid/meshid/svidcache"
 )
@@ -78,6 +79,12 @@ type Config struct {
 	// persisted cache; default DataDir/cache.kek, made on first use. Kept
 	// elsewhere, a copy of the data dir alone reveals no workload key.
 	CacheKeyFile string
+
+	// Pods, if set, turns on the k8s workload attestor: Run watches this
+	// node's pods (podattest) before it serves, and callers in a pod's
+	// container are attested as that pod (k8s:* selectors) besides unix.
+	// A caller whose pod goes loses what it was served at once.
+	Pods *podattest.Config
 }
 
 // Agent is a running node agent.
@@ -228,7 +235,12 @@ type Listening struct {
 // the server, until ctx is cancelled. ready, if not nil, is called once
 // everything listens.
 func (a *Agent) Run(ctx context.Context, ready func(Listening)) error {
-	ws, err := endpoint.ListenWorkload(endpoint.WorkloadOptions{Socket: a.cfg.Socket, Source: source{a}, Logger: a.log})
+	att, stopAttestors, err := a.startWorkloadAttestors(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopAttestors()
+	ws, err := endpoint.ListenWorkload(endpoint.WorkloadOptions{Socket: a.cfg.Socket, Source: source{a}, Attestors: att, Logger: a.log})
 	if err != nil {
 		return err
 	}

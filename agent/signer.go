@@ -150,7 +150,10 @@ func (m matcher) Match(c identity.Caller) []svidcache.Entry {
 	return out
 }
 
-func (matcher) Admit(identity.Caller) error { return nil }
+// Admit re-checks the caller once its subscription is registered: a pod
+// deleted while it subscribed is either seen here or ends the
+// subscription (podChanged), never neither.
+func (matcher) Admit(c identity.Caller) error { return c.Recheck() }
 
 func cacheEntry(e entry.Entry) svidcache.Entry {
 	hint := e.Hint

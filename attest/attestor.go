@@ -80,11 +80,13 @@ func NewSet(attestors ...Attestor) (*Set, error) {
 }
 
 // Builtin returns the Set of the attestors built into this program: the
-// unix attestor. A Set does not change once built, so it is shared.
+// unix attestor, and the k8s attestor's kinds (K8sDeclared: the server
+// stores entries for pods that node agents attest). A Set does not change
+// once built, so it is shared.
 func Builtin() *Set { return builtin }
 
 var builtin = func() *Set {
-	s, err := NewSet(Unix{})
+	s, err := NewSet(Unix{}, K8sDeclared{})
 	if err != nil {
 		panic(err) // the built-in kinds are fixed; a clash is a bug the tests catch
 	}
@@ -153,20 +155,58 @@ func (s *Set) Caller(ctx context.Context) (identity.Caller, error) {
 		return identity.Caller{}, err
 	}
 	c := identity.Caller{Label: pc.String()}
+	var checks []func() error
 	for _, a := range s.attestors {
-		sels, err := a.Attest(ctx, pc)
+		var (
+			sels  []string
+			check func() error
+			err   error
+		)
+		if r, ok := a.(Rechecker); ok {
+			sels, check, err = r.AttestRecheck(ctx, pc)
+		} else {
+			sels, err = a.Attest(ctx, pc)
+		}
 		if err != nil {
 			return identity.Caller{}, fmt.Errorf("%s attestor: %w", a.Name(), err)
 		}
 		c.Selectors = append(c.Selectors, sels...)
+		if check != nil {
+			checks = append(checks, check)
+		}
 	}
 	if pc.proc != nil {
 		if err := pc.proc.Check(); err != nil {
 			return identity.Caller{}, err
 		}
-		c.Check = pc.proc.Check
+		// The process first: once it is gone, that is the reason.
+		checks = append([]func() error{pc.proc.Check}, checks...)
+	}
+	switch len(checks) {
+	case 0:
+	case 1:
+		c.Check = checks[0]
+	default:
+		c.Check = func() error {
+			for _, f := range checks {
+				if err := f(); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
 	}
 	return c, nil
+}
+
+// Rechecker is an Attestor whose answer can stop holding while the caller
+// still runs: a pod deleted, or its container gone from the pod's status.
+// Set.Caller uses AttestRecheck instead of Attest and adds check (nil:
+// nothing to re-check) to the Caller's Check, which the APIs run before
+// every send.
+type Rechecker interface {
+	Attestor
+	AttestRecheck(ctx context.Context, p PeerCred) (selectors []string, check func() error, err error)
 }
 
 // notHere lists selector kinds that no attestor built in produces but that
@@ -178,8 +218,10 @@ var notHere = []struct {
 	why   string
 }{
 	{
-		kinds: []string{"k8s:ns", "k8s:sa", "k8s:pod-name", "k8s:pod-uid", "k8s:node-name", "k8s:pod-label"},
-		why:   "is produced by the k8s workload attestor, which this server does not run (it is to come with `meshid agent` on Kubernetes)",
+		// Built in (K8sDeclared) but not in every Set: a Set built
+		// without it says where the kinds come from.
+		kinds: []string{"k8s:ns", "k8s:sa", "k8s:pod-name", "k8s:pod-uid", "k8s:node-name", "k8s:pod-label", "k8s:container-name", "k8s:container-image"},
+		why:   "is produced by the k8s workload attestor (meshid agent on Kubernetes), which this attestor set does not include",
 	},
 	{
 		// Accepted by older versions though nothing ever produced it.

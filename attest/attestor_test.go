@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -16,19 +17,26 @@ import (
 )
 
 // The kinds an entry may name are exactly those the built-in attestors
-// produce, each attributed to its attestor.
+// produce, each attributed to its attestor: the unix attestor's, and the
+// k8s workload attestor's, which the server declares (the node agents
+// produce them).
 func TestBuiltinKinds(t *testing.T) {
 	var got []string
 	for _, k := range Builtin().Kinds() {
 		got = append(got, k.String())
-		if by, ok := Builtin().Producer(k.String()); !ok || by != "unix" {
-			t.Errorf("producer of %s = %q %v, want unix", k, by, ok)
+		want := "unix"
+		if k.Type == "k8s" {
+			want = "k8s"
+		}
+		if by, ok := Builtin().Producer(k.String()); !ok || by != want {
+			t.Errorf("producer of %s = %q %v, want %s", k, by, ok, want)
 		}
 	}
-	if want := []string{"unix:gid", "unix:path", "unix:pid", "unix:sha256", "unix:uid"}; !slices.Equal(got, want) {
+	if want := []string{"k8s:container-image", "k8s:container-name", "k8s:node-name", "k8s:ns", "k8s:pod-label", "k8s:pod-name", "k8s:pod-uid", "k8s:sa",
+		"unix:gid", "unix:path", "unix:pid", "unix:sha256", "unix:uid"}; !slices.Equal(got, want) {
 		t.Fatalf("built-in kinds %v, want %v", got, want)
 	}
-	for _, k := range []string{"k8s:ns", "token:id", "unix:exe"} {
+	for _, k := range []string{"token:id", "unix:exe", "k8s:pod-owner"} {
 		if by, ok := Builtin().Producer(k); ok {
 			t.Errorf("%s is produced by %q; nothing built in produces it", k, by)
 		}
@@ -40,6 +48,11 @@ func TestCheckSelector(t *testing.T) {
 	for _, v := range [][2]string{
 		{"unix", "uid:0"}, {"unix", "gid:65534"}, {"unix", "pid:4294967295"},
 		{"unix", "path:/usr/bin/envoy"}, {"unix", "path:/opt/my app/bin:x"}, {"unix", "sha256:" + digest},
+		{"k8s", "ns:shop"}, {"k8s", "sa:db.reader"}, {"k8s", "pod-name:web-7d4b9c-xk2p"},
+		{"k8s", "pod-uid:6f1c2b0e-1d2a-4c3b-9e8f-0a1b2c3d4e5f"}, {"k8s", "pod-label:app:web"},
+		{"k8s", "pod-label:app.kubernetes.io/name:Web_1.0"}, {"k8s", "pod-label:canary:"},
+		{"k8s", "container-name:envoy"}, {"k8s", "container-image:docker.io/library/nginx@sha256:" + digest},
+		{"k8s", "container-image:nginx:1.27"}, {"k8s", "node-name:ip-10-0-0-1.ec2.internal"},
 	} {
 		if err := Builtin().CheckSelector(v[0], v[1]); err != nil {
 			t.Errorf("%s:%s: %v", v[0], v[1], err)
@@ -49,14 +62,23 @@ func TestCheckSelector(t *testing.T) {
 		typ, value string
 		want       []string // in the error
 	}{
-		// Nothing here produces them: refused, saying what would.
-		{"k8s", "ns:shop", []string{"k8s:ns", "k8s workload attestor", "does not run", "meshid agent"}},
-		{"k8s", "sa:db", []string{"k8s:sa", "k8s workload attestor"}},
-		{"k8s", "pod-label:app:web", []string{"k8s:pod-label", "k8s workload attestor"}},
-		{"k8s", "node-name:n1", []string{"k8s:node-name", "k8s workload attestor"}},
+		// Kubernetes refuses such names, so no pod has them.
+		{"k8s", "ns:Shop", []string{"DNS-1123 label"}},
+		{"k8s", "ns:" + strings.Repeat("a", 64), []string{"DNS-1123 label"}},
+		{"k8s", "sa:db_reader", []string{"DNS-1123 subdomain"}},
+		{"k8s", "pod-name:-web", []string{"DNS-1123 subdomain"}},
+		{"k8s", "pod-uid:6F1C", []string{"not a pod UID"}},
+		{"k8s", "pod-label:app", []string{"KEY:VALUE"}},
+		{"k8s", "pod-label::web", []string{"qualified name"}},
+		{"k8s", "pod-label:Bad_/app:web", []string{"prefix"}},
+		{"k8s", "pod-label:app:-web", []string{"label value"}},
+		{"k8s", "container-image:nginx 1", []string{"space or control"}},
+		{"k8s", "container-image:", []string{"not an image reference"}},
+		{"k8s", "node-name:", []string{"DNS-1123 subdomain"}},
+		{"k8s", "ns", []string{"want k8s:ns:NAMESPACE"}},
 		{"token", "id:spiffe://cluster.local/x", []string{"token:id", "no attestor", "join token"}},
-		{"k8s", "bogus:x", []string{`unknown selector type "k8s"`, "unix"}},
-		{"docker", "image:x", []string{`unknown selector type "docker"`, "known: unix"}},
+		{"k8s", "bogus:x", []string{`unknown k8s selector key "bogus"`, "container-image, container-name, node-name, ns, pod-label, pod-name, pod-uid, sa"}},
+		{"docker", "image:x", []string{`unknown selector type "docker"`, "known: k8s, unix"}},
 		{"unix", "exe:/bin/x", []string{`unknown unix selector key "exe"`, "gid, path, pid, sha256, uid"}},
 		{"unix", "uid", []string{"want unix:uid:N"}},
 		{"unix", "uid:", []string{"not a decimal number"}},
@@ -230,5 +252,51 @@ func TestUnixAttestorUntracked(t *testing.T) {
 	}
 	if want := []string{"unix:uid:1000", "unix:gid:1001"}; !slices.Equal(got, want) {
 		t.Fatalf("untracked selectors %q, want %q", got, want)
+	}
+}
+
+// rechecking is an attestor whose answer stops holding when gone is set
+// (a pod deleted while its process runs).
+type rechecking struct {
+	fixed
+	gone *atomic.Bool
+}
+
+func (r rechecking) AttestRecheck(ctx context.Context, p PeerCred) ([]string, func() error, error) {
+	sels, err := r.Attest(ctx, p)
+	return sels, func() error {
+		if r.gone.Load() {
+			return errors.New("pod deleted")
+		}
+		return nil
+	}, err
+}
+
+// A Rechecker's check joins the Caller's: the caller stops being served
+// when its pod goes though its process runs on, and a gone process is
+// still the reason once it has exited.
+func TestSetCallerAddsRecheckersCheck(t *testing.T) {
+	c := connectChild(t)
+	ctx := peer.NewContext(context.Background(), &peer.Peer{AuthInfo: c.pc})
+	var gone atomic.Bool
+	r := rechecking{fixed: fixed{name: "pods", kinds: []Kind{{Type: "x", Key: "k", Check: anyValue}}, sels: []string{"x:k:v"}}, gone: &gone}
+	s, err := NewSet(Unix{}, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Caller(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(got.Selectors, "x:k:v") || got.Recheck() != nil {
+		t.Fatalf("caller %q, check %v: want x:k:v and a passing check", got.Selectors, got.Recheck())
+	}
+	gone.Store(true)
+	if err := got.Recheck(); err == nil || err.Error() != "pod deleted" {
+		t.Fatalf("after the pod went: %v, want its check's error", err)
+	}
+	c.stop()
+	if err := got.Recheck(); !errors.Is(err, ErrProcessGone) {
+		t.Fatalf("after the process exited: %v, want ErrProcessGone first", err)
 	}
 }

@@ -62,7 +62,8 @@ func TestSelectorValidate(t *testing.T) {
 		{"control character", Selector{"unix", "path:/usr/bin/shop\x1b[2J"}, `contains the non-printable character U+001B`},
 		{"line separator", Selector{"unix", "path:/usr/bin/shop\u2028"}, "non-printable character U+2028"},
 		{"invalid utf-8", Selector{"unix", "path:/\xff"}, "is not valid UTF-8"},
-		{"kind of an attestor not run", Selector{"k8s", "ns:shop"}, "selector k8s:ns:shop: selector kind k8s:ns is produced by the k8s workload attestor, which this server does not run"},
+		{"kind the agents' k8s attestor produces", Selector{"k8s", "ns:shop"}, ""},
+		{"k8s name Kubernetes refuses", Selector{"k8s", "ns:Shop"}, `selector k8s:ns:Shop: "Shop" is not a DNS-1123 label`},
 		{"kind of no attestor", Selector{"token", "id:spiffe://cluster.local/agent"}, "token:id is produced by no attestor"},
 		{"kind without a value", Selector{"unix", "uid"}, "want unix:uid:"},
 		{"uid not a number", Selector{"unix", "uid:root"}, "selector unix:uid:root:"},
@@ -106,7 +107,7 @@ func TestValidateSelectors(t *testing.T) {
 		{"pid alone", []Selector{{"unix", "pid:4242"}}, "a unix:pid selector needs a unix:uid selector beside it"},
 		{"pid beside a gid", []Selector{{"unix", "pid:4242"}, {"unix", "gid:0"}}, "needs a unix:uid"},
 		{"pid beside its uid", []Selector{{"unix", "pid:4242"}, uid}, ""},
-		{"one bad among good", []Selector{uid, {"k8s", "sa:db"}}, "k8s:sa is produced by the k8s workload attestor"},
+		{"one bad among good", []Selector{uid, {"k8s", "sa:db"}, {"k8s", "sa:DB"}}, `selector k8s:sa:DB: "DB" is not a DNS-1123 subdomain`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			err := ValidateSelectors(tt.sels, kinds)

@@ -22,6 +22,7 @@ func newAgentCmd() *cobra.Command {
 		cacheKeyFile string
 		// Node attestation (k8s_psat: the Kubernetes issue).
 		nodeAttestor, k8sTokenPath string
+		k8s          *agentK8sFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --server HOST:PORT [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
@@ -88,6 +89,9 @@ agent and by the server's own workload socket.`,
 			if noPersist && cacheKeyFile != "" {
 				return fmt.Errorf("give --cache-key-file or --no-persist-cache, not both")
 			}
+			if err := k8s.configure(cmd.Flags(), &cfg, log); err != nil {
+				return err
+			}
 			if bundle != "" {
 				b, err := os.ReadFile(bundle)
 				if err != nil {
@@ -125,6 +129,7 @@ agent and by the server's own workload socket.`,
 	fs.StringVar(&cacheKeyFile, "cache-key-file", "", "AES-256 key file (64 hex characters, 0600; made if missing) sealing the persisted SVID cache (default <data-dir>/"+agent.DefaultCacheKeyFile+"; keep it off the data dir's volume so a copy of that alone reveals no key)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	logFormatFlag(fs, &logFormat)
+	k8s = addAgentK8sFlags(fs)
 	_ = cmd.MarkFlagRequired("server")
 	cmd.AddCommand(agentAdminCmds()...)
 	return cmd

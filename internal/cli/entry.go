@@ -31,9 +31,10 @@ server produces is refused: such an entry could never match):
   unix attestor (built in: the workload socket's peer credentials):
     unix:uid:N  unix:gid:N  unix:pid:N        (unix:pid needs unix:uid beside it)
     unix:path:/ABS/PATH  unix:sha256:HEX      (the caller's executable: its path, its SHA-256)
-  k8s workload attestor (agent-only, to come with meshid agent; refused here):
-    k8s:ns:NAMESPACE  k8s:sa:SERVICEACCOUNT  k8s:pod-name:N  k8s:pod-uid:U
-    k8s:node-name:N  k8s:pod-label:KEY:VALUE`
+  k8s attestor (meshid agent --k8s-workload-attestor: this node's pods, from the API server):
+    k8s:ns:NAMESPACE  k8s:sa:SERVICEACCOUNT  k8s:pod-name:NAME  k8s:pod-uid:UID
+    k8s:pod-label:KEY:VALUE  k8s:container-name:NAME  k8s:container-image:IMAGE
+    k8s:node-name:NODE                        (image: as the pod spec names it, or the runtime's, with digest)`
 
 func newEntryCmd() *cobra.Command {
 	cmd := &cobra.Command{

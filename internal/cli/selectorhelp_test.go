@@ -12,9 +12,8 @@ import (
 var listedKind = regexp.MustCompile(`(?:^|\s)([a-z0-9]+:[a-z0-9-]+):\S`)
 
 // The --help list of selectors cannot drift from the attestors: every kind
-// the built-in attestors produce is listed under its attestor, and every
-// other kind listed is one the server refuses, naming the attestor the help
-// puts it under.
+// the built-in attestors produce (the unix attestor's, and the k8s ones the
+// agents produce) is listed under its attestor, and nothing else is.
 func TestSelectorHelpMatchesAttestors(t *testing.T) {
 	section := map[string]string{} // kind -> the attestor heading above it
 	heading := ""
@@ -34,14 +33,9 @@ func TestSelectorHelpMatchesAttestors(t *testing.T) {
 		}
 		delete(section, k.String())
 	}
-	if len(section) == 0 {
-		t.Fatal("no kinds listed beyond the built-in ones; the k8s ones are gone from the help")
-	}
+	// A kind listed but produced by no attestor of the server's would be
+	// one it refuses: it has no place in the help.
 	for kind, h := range section {
-		attestor, _, _ := strings.Cut(h, " (")
-		_, err := parseSelector(kind + ":x:y")
-		if err == nil || !strings.Contains(err.Error(), "produced by the "+attestor+", which this server does not run") {
-			t.Errorf("%s, listed under %q: %v; want it refused naming the %s", kind, h, err, attestor)
-		}
+		t.Errorf("%s is listed under %q, but no attestor of the server produces it", kind, h)
 	}
 }
