@@ -22,7 +22,7 @@ func newAgentCmd() *cobra.Command {
 		cacheKeyFile string
 		// Node attestation (k8s_psat: the Kubernetes issue).
 		nodeAttestor, k8sTokenPath string
-		k8s          *agentK8sFlags
+		k8s                        *agentK8sFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --server HOST:PORT [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
