@@ -182,3 +182,84 @@ func TestK8sNodeAttestation(t *testing.T) {
 	// answers first.
 	refused("deleted", doomedTok, "no longer exists|has been invalidated")
 }
+
+// TestPodDefaultIdentity: the whole Kubernetes path with no entry at all.
+// `meshid server --k8s-default-identity` and `meshid agent --node-attestor
+// k8s_psat --kubeconfig --node-name` (real processes, the real API server);
+// workloads as uid 65534 in cgroups carrying their pod's container ID. Each
+// pod's process gets spiffe://<td>/ns/<ns>/sa/<sa> over the Workload API
+// and SDS; a pod created while the agent runs gets its identity too; a
+// pod in an excluded namespace gets none; deleting a pod ends its
+// workloads' identity while the other pod keeps its own.
+func TestPodDefaultIdentity(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run workloads as another uid and to make cgroups")
+	}
+	bed := k8stest.Shared(t)
+	c := bed.Client
+	ctx := context.Background()
+	ns := bed.Namespace(t)
+	excluded := bed.Namespace(t)
+	node := bed.Node(t, "dflt")
+	for _, nsa := range [][2]string{{ns, "web"}, {ns, "db"}, {ns, "cart"}, {excluded, "sys"}} {
+		if _, err := c.CoreV1().ServiceAccounts(nsa[0]).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: nsa[1]}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	webID, dbID, sysID := containerID(), containerID(), containerID()
+	web := runningPod(t, ns, "web-0", "web", node.Name, webID)
+	db := runningPod(t, ns, "db-0", "db", node.Name, dbID)
+	sys := runningPod(t, excluded, "sys-0", "sys", node.Name, sysID)
+
+	base := publicTemp(t)
+	bin := workloadBinary(t, base)
+	_, agentAPI, adminFlag := k8sServer(t, bed, base, ns, "--k8s-exclude-namespace", excluded)
+	bundle := k8sBundleFile(t, c, ns, base)
+	agentPod := k8sAgentPod(t, c, ns, "meshid-agent", "meshid-agent-0", node.Name)
+	tok := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", agentPod)
+
+	cg := newCgroupPlacer(t, false)
+	socket := filepath.Join(base, "agent", "workload.sock")
+	a := startMeshid(t, "agent", "--server", agentAPI, "--data-dir", filepath.Join(base, "agent-data"), "--socket", socket,
+		"--trust-bundle", bundle, "--node-attestor", "k8s_psat", "--k8s-token-path", tok,
+		"--kubeconfig", bed.Kubeconfig, "--node-name", node.Name)
+	a.waitLine(t, "watching this node's pods")
+	a.waitLine(t, "connected to the server")
+
+	watch := startPodChild(t, bin, "watch", socket, "", cg.place(t, string(web.UID), webID))
+	watch.waitNext(t, "ids=web")
+	sdsW := startPodChild(t, bin, "sds", socket, "", cg.place(t, string(web.UID), webID))
+	sdsW.waitNext(t, "sds=web")
+	if got := startPodChild(t, bin, "fetch", socket, "ids=db", cg.place(t, string(db.UID), dbID)).next(t); got != "ids=db" {
+		t.Fatalf("the db pod's workload got %q, want its own identity", got)
+	}
+	if got := startPodChild(t, bin, "fetch", socket, "err=PermissionDenied", cg.place(t, string(sys.UID), sysID)).next(t); got != "err=PermissionDenied" {
+		t.Fatalf("a pod in an excluded namespace got %q, want no identity", got)
+	}
+	// No entry was made: the identities are the server's defaults.
+	if out, _, _ := runCLI(t, "entry", "list", adminFlag, "-o", "json"); strings.Contains(out, "spiffe://") {
+		t.Fatalf("entries exist: %s", out)
+	}
+
+	// A pod scheduled now: the server's informer and the agent's see it,
+	// and its process gets its identity.
+	cartID := containerID()
+	cart := runningPod(t, ns, "cart-0", "cart", node.Name, cartID)
+	if got := startPodChild(t, bin, "fetch", socket, "ids=cart", cg.place(t, string(cart.UID), cartID)).next(t); got != "ids=cart" {
+		t.Fatalf("a pod created while the agent runs got %q", got)
+	}
+
+	zero := int64(0)
+	if err := c.CoreV1().Pods(ns).Delete(ctx, web.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	if got := watch.next(t); got != "err=PermissionDenied" {
+		t.Fatalf("Workload API watch after its pod was deleted: %q, want the stream ended", got)
+	}
+	if got := sdsW.next(t); got != "sds-end=PermissionDenied" {
+		t.Fatalf("SDS stream after its pod was deleted: %q, want it ended", got)
+	}
+	if got := startPodChild(t, bin, "fetch", socket, "ids=db", cg.place(t, string(db.UID), dbID)).next(t); got != "ids=db" {
+		t.Fatalf("the db pod after web's deletion: %q", got)
+	}
+}
