@@ -148,15 +148,7 @@ func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method stri
 	}
 	now := s.now()
 	_, err = s.store.UpdateAgent(ctx, id.String(), func(r *store.AgentRecord, exists bool) error {
-		if exists && r.Banned {
-			return errAgentBanned
-		}
-		if !exists {
-			r.FirstSeen = now
-		}
-		r.Method, r.Node, r.LastSeen = method, path.Base(id.Path()), now
-		r.NodeSVIDs = []store.AgentSVID{n}
-		return nil
+		return attestedRecord(r, exists, id, method, n, now)
 	}, &store.AuditEvent{Time: now, Actor: id.String(), Action: "agent.attest", Target: id.String(), Detail: "method " + method + ", node SVID " + n.Serial})
 	if errors.Is(err, errAgentBanned) {
 		return bannedStatus(id.String())
@@ -166,6 +158,21 @@ func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method stri
 	}
 	// The agent's next call may come at once: it must be admitted.
 	return s.synced(ctx)
+}
+
+// attestedRecord is the agent record after an attestation by method with
+// node SVID n: a banned agent is refused (errAgentBanned), and the new SVID
+// becomes the only one it is admitted with.
+func attestedRecord(r *store.AgentRecord, exists bool, id spiffeid.ID, method string, n store.AgentSVID, now time.Time) error {
+	if exists && r.Banned {
+		return errAgentBanned
+	}
+	if !exists {
+		r.FirstSeen = now
+	}
+	r.Method, r.Node, r.LastSeen = method, path.Base(id.Path()), now
+	r.NodeSVIDs = []store.AgentSVID{n}
+	return nil
 }
 
 // recordRenewed adds a renewed node SVID to the agent's record before it
