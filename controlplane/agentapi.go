@@ -43,8 +43,15 @@ const methodJoinToken = "join_token"
 const MaxSignBatch = 1000
 
 // batchParallelism is how many items of one batch are in the mint path at
-// once.
-const batchParallelism = 64
+// once: all of them. An item holds its slot until its inventory row is
+// committed, so with fewer slots (64 until issue 10's last round) the
+// CPU idled through every group commit's fsync while the next items
+// waited for a slot, and the batch's rows were spread over many small
+// commits; with every item in flight they share a few, which cost about
+// a quarter less CPU per SVID and half the system time
+// (BenchmarkAgentBatchSign). The agent's signing bucket (allowSign)
+// bounds how many batches an agent has in flight.
+const batchParallelism = MaxSignBatch
 
 var nodeIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
