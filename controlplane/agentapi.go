@@ -49,8 +49,9 @@ const MaxSignBatch = 1000
 // waited for a slot, and the batch's rows were spread over many small
 // commits; with every item in flight they share a few, which cost about
 // a quarter less CPU per SVID and half the system time
-// (BenchmarkAgentBatchSign). The agent's signing bucket (allowSign)
-// bounds how many batches an agent has in flight.
+// (BenchmarkAgentBatchSign). The agent's signing bucket (allowSign: a
+// burst of 2×MaxSignBatch, then signRate) bounds what one agent can have
+// in flight.
 const batchParallelism = MaxSignBatch
 
 var nodeIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
