@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -148,16 +149,7 @@ func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method stri
 	}
 	now := s.now()
 	_, err = s.store.UpdateAgent(ctx, id.String(), func(r *store.AgentRecord, exists bool) error {
-		if exists && r.Banned {
-			return errAgentBanned
-		}
-		if !exists {
-			r.FirstSeen = now
-		}
-		r.Method, r.Node, r.LastSeen = method, claim.Node, now
-		r.Selectors = claim.Selectors
-		r.NodeSVIDs = []store.AgentSVID{n}
-		return nil
+		return attestedRecord(r, exists, method, claim, n, now)
 	}, &store.AuditEvent{Time: now, Actor: id.String(), Action: "agent.attest", Target: id.String(), Detail: "method " + method + ", node SVID " + n.Serial})
 	if errors.Is(err, errAgentBanned) {
 		return bannedStatus(id.String())
@@ -167,6 +159,22 @@ func (s *Server) recordAttested(ctx context.Context, id spiffeid.ID, method stri
 	}
 	// The agent's next call may come at once: it must be admitted.
 	return s.synced(ctx)
+}
+
+// attestedRecord is the agent record after an attestation by method with
+// node SVID n: a banned agent is refused (errAgentBanned), and the new SVID
+// becomes the only one it is admitted with.
+func attestedRecord(r *store.AgentRecord, exists bool, method string, claim attest.NodeClaim, n store.AgentSVID, now time.Time) error {
+	if exists && r.Banned {
+		return errAgentBanned
+	}
+	if !exists {
+		r.FirstSeen = now
+	}
+	r.Method, r.Node, r.LastSeen = method, claim.Node, now
+	r.Selectors = claim.Selectors
+	r.NodeSVIDs = []store.AgentSVID{n}
+	return nil
 }
 
 // recordRenewed adds a renewed node SVID to the agent's record before it
@@ -544,6 +552,11 @@ func (s *Server) UnbanAgent(ctx context.Context, ref, actor string) (AgentInfo, 
 // instead of exiting with why.
 func (st *serverTLS) agentTLS() *tls.Config {
 	cfg := st.config("h2")
+	// Agents keep their connection and do not resume sessions (meshid
+	// agent sets no session cache): a ticket would only cost each
+	// handshake a sealed copy of the agent's certificate chain, and a
+	// resumed session would skip VerifyPeerCertificate.
+	cfg.SessionTicketsDisabled = true
 	cfg.VerifyPeerCertificate = func(raw [][]byte, chains [][]*x509.Certificate) error {
 		err := st.verifyClient(raw, chains)
 		if err == nil || !st.bannedAgentCert(raw) {
@@ -571,4 +584,22 @@ func (st *serverTLS) bannedAgentCert(raw [][]byte) bool {
 	}
 	rec, ok := st.srv.agentRecord(id.String())
 	return ok && rec.Banned
+}
+
+// agentConnOptions are the agent listener's transport options. Each agent
+// holds one mostly idle connection for as long as it runs, so what a
+// connection keeps between messages is what a thousand agents cost:
+//   - the write buffer is taken from a pool for each flush and given back
+//     (SharedWriteBuffer);
+//   - there is no read buffer (ReadBufferSize 0): the framer reads from
+//     the TLS connection, which buffers a whole record itself, so a
+//     second buffer in front of it only held 8 KiB per agent;
+//   - the client may not index headers (HeaderTableSize 0): an agent
+//     makes a few calls an hour, and the table held ~1.5 KiB of them per
+//     connection.
+func agentConnOptions(st *serverTLS) []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.SharedWriteBuffer(true), grpc.ReadBufferSize(0), grpc.HeaderTableSize(0),
+		grpc.Creds(credentials.NewTLS(st.agentTLS())),
+	}
 }

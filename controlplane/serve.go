@@ -248,12 +248,8 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			l := endpoint.Limit(tl, endpoint.Limits{Name: "agent", Max: sdsCap}, s.metrics.Conns, s.log)
 			// No idle timeout: an agent's one Sync stream is open for
 			// as long as it runs.
-			// Each agent holds one idle connection: transport buffers
-			// are the bulk of what it costs, so the write buffer is
-			// released after each flush and the read buffer is small.
-			agentSrv = grpc.NewServer(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout),
-				grpc.SharedWriteBuffer(true), grpc.ReadBufferSize(8<<10),
-				grpc.Creds(credentials.NewTLS(st.agentTLS())))...)
+			agentSrv = grpc.NewServer(append(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout)),
+				agentConnOptions(st)...)...)
 			agentSvc = NewAgentService(s)
 			agentv1.RegisterAgentServiceServer(agentSrv, agentSvc)
 			hs.register(agentSrv)

@@ -204,6 +204,11 @@ type Store interface {
 	// later uses on conn succeed without a write. The binding is in the
 	// store, so it holds across restarts and replicas.
 	UseToken(ctx context.Context, hash string, now time.Time, conn string) (JoinToken, error)
+	// PeekToken is UseToken without the write: the token UseToken would
+	// redeem for hash, now and conn, or ErrNotFound; nothing changes. It
+	// is for a caller that must do work before it spends the token in
+	// another write (AttestAgent).
+	PeekToken(ctx context.Context, hash string, now time.Time, conn string) (JoinToken, error)
 	// DeleteTokensFor deletes every join token granting spiffeID (after a
 	// revocation of that identity) and returns how many.
 	DeleteTokensFor(ctx context.Context, spiffeID string) (int, error)
@@ -382,6 +387,16 @@ type AgentStore interface {
 	// than once (a backend retrying a conflict) and must not have other
 	// effects. It returns the record as stored.
 	UpdateAgent(ctx context.Context, id string, fn func(rec *AgentRecord, exists bool) error, audit *AuditEvent) (AgentRecord, error)
+	// AttestAgent spends a join token and writes the agent record it
+	// attests in one transaction: the token is redeemed as UseToken
+	// redeems it (ErrNotFound where UseToken would refuse it), then fn
+	// gets the token as redeemed and the record id as UpdateAgent's fn
+	// gets it, and what fn leaves is stored, with audit if not nil.
+	// Either both change or neither: a refused token leaves the record
+	// alone, an error from fn (or an invalid record) leaves the token as
+	// it was. fn may run more than once and must not have other effects.
+	// It returns the token and the record as stored.
+	AttestAgent(ctx context.Context, hash string, now time.Time, conn, id string, fn func(t JoinToken, rec *AgentRecord, exists bool) error, audit *AuditEvent) (JoinToken, AgentRecord, error)
 	// GetAgent returns one record or ErrNotFound.
 	GetAgent(ctx context.Context, id string) (AgentRecord, error)
 	// ListAgents returns every record ordered by ID.

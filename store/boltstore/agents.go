@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -158,36 +159,77 @@ func (s *Store) UpdateAgent(ctx context.Context, id string, fn func(*store.Agent
 	}
 	var out store.AgentRecord
 	err := s.commitWatched("update agent "+id, false, func(tx *bolt.Tx, ch *changes) error {
-		rec := store.AgentRecord{ID: id}
-		exists := false
-		if b := tx.Bucket(bucketAgents); b != nil {
-			if v := b.Get([]byte(id)); v != nil {
-				var err error
-				if rec, err = decodeAgent(v); err != nil {
-					return err
-				}
-				exists = true
-			}
-		}
-		if err := fn(&rec, exists); err != nil {
-			return err
-		}
-		if rec.ID != id {
-			return fmt.Errorf("update agent %s: the update changed the id to %q: %w", id, rec.ID, store.ErrInvalid)
-		}
 		var err error
-		if out, err = putAgent(tx, ch, &rec); err != nil {
-			return err
-		}
-		if audit != nil {
-			return s.appendAudit(tx, *audit)
-		}
-		return nil
+		out, err = s.updateAgentTx(tx, ch, id, fn, audit)
+		return err
 	})
 	if err != nil {
 		return store.AgentRecord{}, err
 	}
 	return out, nil
+}
+
+// updateAgentTx is UpdateAgent's work in tx.
+func (s *Store) updateAgentTx(tx *bolt.Tx, ch *changes, id string, fn func(*store.AgentRecord, bool) error, audit *store.AuditEvent) (store.AgentRecord, error) {
+	rec := store.AgentRecord{ID: id}
+	exists := false
+	if b := tx.Bucket(bucketAgents); b != nil {
+		if v := b.Get([]byte(id)); v != nil {
+			var err error
+			if rec, err = decodeAgent(v); err != nil {
+				return store.AgentRecord{}, err
+			}
+			exists = true
+		}
+	}
+	if err := fn(&rec, exists); err != nil {
+		return store.AgentRecord{}, err
+	}
+	if rec.ID != id {
+		return store.AgentRecord{}, fmt.Errorf("update agent %s: the update changed the id to %q: %w", id, rec.ID, store.ErrInvalid)
+	}
+	out, err := putAgent(tx, ch, &rec)
+	if err != nil {
+		return store.AgentRecord{}, err
+	}
+	if audit != nil {
+		return out, s.appendAudit(tx, *audit)
+	}
+	return out, nil
+}
+
+// AttestAgent spends a join token and writes the agent record in one
+// transaction; see store.AgentStore. Both are one commit (and one fsync)
+// where UseToken then UpdateAgent were two, each waiting for bbolt's one
+// writer: with many agents attesting at once that wait was most of an
+// attestation. Like CreateToken it is refused while the store is
+// unhealthy: it adds an agent.
+func (s *Store) AttestAgent(ctx context.Context, hash string, now time.Time, conn, id string, fn func(store.JoinToken, *store.AgentRecord, bool) error, audit *store.AuditEvent) (store.JoinToken, store.AgentRecord, error) {
+	if err := ctx.Err(); err != nil {
+		return store.JoinToken{}, store.AgentRecord{}, err
+	}
+	if id == "" {
+		return store.JoinToken{}, store.AgentRecord{}, fmt.Errorf("attest agent: an id is required: %w", store.ErrInvalid)
+	}
+	var (
+		tok store.JoinToken
+		rec store.AgentRecord
+	)
+	err := s.commitWatched("attest agent "+id, true, func(tx *bolt.Tx, ch *changes) error {
+		var err error
+		// An error from here on rolls the whole transaction back, the
+		// token's write with it.
+		if tok, err = spendToken(tx, ch, hash, now, conn); err != nil {
+			return err
+		}
+		t := tok
+		rec, err = s.updateAgentTx(tx, ch, id, func(r *store.AgentRecord, exists bool) error { return fn(t, r, exists) }, audit)
+		return err
+	})
+	if err != nil {
+		return store.JoinToken{}, store.AgentRecord{}, err
+	}
+	return tok, rec, nil
 }
 
 // GetAgent returns one agent record or store.ErrNotFound.

@@ -100,8 +100,8 @@ type Store struct {
 	// of every group.
 	beforeCommit func()
 
-	// Watch and leadership; see watch.go. wmu orders watched commits.
-	wmu       sync.Mutex
+	// Watch and leadership; see watch.go. Watched commits are ordered
+	// by the committer (groupcommit.go), the only goroutine making them.
 	hub       hub
 	leaderSem chan struct{}
 	lmu       sync.Mutex

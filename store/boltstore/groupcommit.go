@@ -2,12 +2,14 @@ package boltstore
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
 	"sync/atomic"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/meshid/meshid/store"
 )
@@ -40,13 +42,34 @@ import (
 // committer has taken the row (queued -> taken) the caller waits for the
 // outcome, which costs at most one commit, so that an error return always
 // means "not recorded", as the Store contract promises.
+//
+// Watched writes (commitWatched: entries, tokens, agents, CAs,
+// revocations) join the same queue, so that e.g. a thousand agents
+// attesting at once share fsyncs too; see commitGroup.
 type svidReq struct {
 	serial []byte
 	idxKey []byte
 	val    []byte
 	state  reqState
+	gated  bool       // refused while the store is unhealthy
 	err    error      // set by the committer inside the transaction
 	done   chan error // buffered: the committer never blocks on a caller
+
+	// A watched write, when fn is set (serial, idxKey and val are then
+	// unused): op names it in errors, ch and rev are its changes and
+	// their revision once committed.
+	op  string
+	fn  func(*bolt.Tx, *changes) error
+	ch  changes
+	rev int64
+}
+
+// opName names r in the errors it gets.
+func (r *svidReq) opName() string {
+	if r.fn != nil {
+		return r.op
+	}
+	return "record svid " + string(r.serial)
 }
 
 // RecordSVID durably records an issued SVID. It returns once the bbolt
@@ -71,16 +94,12 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 		serial: []byte(rec.Serial),
 		idxKey: expiryKey(rec.NotAfter, rec.Serial),
 		val:    encodeSVID(&rec),
+		gated:  true,
 		done:   make(chan error, 1),
 	}
-	s.qmu.Lock()
-	if s.qclosed {
-		s.qmu.Unlock()
-		return fmt.Errorf("record svid %s: %w", rec.Serial, store.ErrClosed)
+	if err := s.enqueue(r); err != nil {
+		return fmt.Errorf("record svid %s: %w", rec.Serial, err)
 	}
-	s.queue = append(s.queue, r)
-	s.qcond.Signal()
-	s.qmu.Unlock()
 
 	select {
 	case err := <-r.done:
@@ -138,19 +157,74 @@ func (s *Store) commitLoop() {
 	}
 }
 
-// commit records one group in one bbolt transaction and answers every row.
+// commit answers every request of batch, in as few bbolt transactions as
+// it can: one, unless a watched write's fn fails (see commitGroup).
 func (s *Store) commit(batch []*svidReq) {
+	// Rows queued before the store went unhealthy are refused like new ones:
+	// one failed commit is enough to know the disk is not taking writes.
+	// Ungated writes (a ban, a revocation) still go to the disk.
+	if herr := s.Health(); herr != nil {
+		live := batch[:0]
+		for _, r := range batch {
+			if r.gated {
+				r.done <- fmt.Errorf("%s: %w", r.opName(), herr)
+				continue
+			}
+			live = append(live, r)
+		}
+		batch = live
+	}
+	for len(batch) > 0 {
+		batch = batch[s.commitGroup(batch):]
+	}
+}
+
+// errGroupMemberFailed rolls a group's transaction back when one watched
+// write's fn refused; it never reaches a caller.
+var errGroupMemberFailed = errors.New("a group member failed")
+
+// commitGroup writes batch in one bbolt transaction, in order, and answers
+// the requests it is done with; it returns how many, always at least one.
+//
+// An inventory row that is a duplicate fails alone (nothing is written for
+// it). A watched write's fn that returns an error may have written part of
+// what it meant to, and bbolt has no savepoint, so the transaction is
+// rolled back: the requests before it are committed again on their own
+// (their fns run again, on the same state: the Store's fns may run more
+// than once), and the failed one comes first in the next group, where its
+// error, on that same state, is its answer.
+func (s *Store) commitGroup(batch []*svidReq) int {
 	s.commits.Add(1)
 	if h := s.beforeCommit; h != nil {
 		h()
 	}
-	// Rows queued before the store went unhealthy are refused like new ones:
-	// one failed commit is enough to know the disk is not taking writes.
-	err := s.update("record svid: group commit", func(tx *bolt.Tx) error {
+	failAt, failErr := -1, error(nil)
+	var fnErr error
+	err := s.db.Update(func(tx *bolt.Tx) error {
 		svids, idx := tx.Bucket(bucketSVIDs), tx.Bucket(bucketSVIDExpiry)
 		idx.FillPercent = expiryFillPercent
-		for _, r := range batch {
+		meta := tx.Bucket(bucketMeta)
+		rev0 := readRevision(meta)
+		rev := rev0
+		for i, r := range batch {
 			r.err = nil
+			if r.fn != nil {
+				r.ch = changes{}
+				if err := r.fn(tx, &r.ch); err != nil {
+					failAt, failErr = i, err
+					return errGroupMemberFailed
+				}
+				if len(r.ch.events) > 0 {
+					// One revision per request, as if each had its own
+					// commit: a watcher cannot tell the groups apart.
+					rev++
+					r.rev = rev
+					for j := range r.ch.events {
+						r.ch.events[j].Revision = rev
+					}
+				}
+				continue
+			}
 			// Also catches a duplicate earlier in the same group: its Put is
 			// visible to this Get.
 			if svids.Get(r.serial) != nil {
@@ -158,21 +232,73 @@ func (s *Store) commit(batch []*svidReq) {
 				continue
 			}
 			if err := putInventoryRow(svids, idx, r.serial, r.idxKey, r.val); err != nil {
+				fnErr = err
 				return err
 			}
 		}
-		return nil
+		if rev == rev0 {
+			return nil
+		}
+		return meta.Put(keyRevision, binary.BigEndian.AppendUint64(nil, uint64(rev)))
 	})
-	if err != nil && !errors.Is(err, store.ErrUnavailable) {
-		s.log.Error("svid group commit failed", "rows", len(batch), "err", err)
+	switch {
+	case failAt == 0:
+		// Its error is the state's answer: nothing was written for it.
+		r := batch[0]
+		r.done <- wrapTxErr(r.op, failErr)
+		return 1
+	case failAt > 0:
+		return s.commitGroup(batch[:failAt])
+	case err != nil && fnErr == nil && !errors.Is(err, berrors.ErrDatabaseNotOpen):
+		// The commit itself failed (a write or an fsync): nobody's
+		// request is durable.
+		err = s.commitFailed("group commit", err)
 	}
 	for _, r := range batch {
 		if err != nil {
-			r.done <- err
-		} else {
-			r.done <- r.err
+			r.done <- fmt.Errorf("%s: %w", r.opName(), wrapTxErr("group commit", err))
+			continue
+		}
+		if len(r.ch.events) > 0 {
+			// Published before the caller hears back, in commit order:
+			// only this goroutine publishes.
+			s.hub.publish(store.WatchResponse{Revision: r.rev, Events: r.ch.events})
+		}
+		r.done <- r.err
+	}
+	return len(batch)
+}
+
+// commitWatched runs fn in a write transaction, shared with the other
+// writes queued at the same time (the group commit above), and if fn
+// recorded changes gives them the next revision and publishes them before
+// it returns. gated writes are refused while the store is unhealthy; the
+// others (revocations, deletions, bans) are always attempted. It waits for
+// the outcome whatever its caller's context does: an error always means
+// "not written".
+func (s *Store) commitWatched(op string, gated bool, fn func(*bolt.Tx, *changes) error) error {
+	if gated {
+		if err := s.Health(); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
 		}
 	}
+	r := &svidReq{op: op, fn: fn, gated: gated, done: make(chan error, 1)}
+	if err := s.enqueue(r); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	return <-r.done
+}
+
+// enqueue hands r to the committer.
+func (s *Store) enqueue(r *svidReq) error {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	if s.qclosed {
+		return store.ErrClosed
+	}
+	s.queue = append(s.queue, r)
+	s.qcond.Signal()
+	return nil
 }
 
 // putInventoryRow writes one inventory row: the record itself under its

@@ -87,56 +87,72 @@ func (s *Store) CreateToken(ctx context.Context, t store.JoinToken, audit store.
 	})
 }
 
-// UseToken redeems a token; see store.Store.
-func (s *Store) UseToken(ctx context.Context, hash string, now time.Time, conn string) (store.JoinToken, error) {
-	if err := ctx.Err(); err != nil {
+// readToken is the token hash as UseToken would redeem it for conn at now,
+// read in tx; ErrNotFound if it would refuse it.
+func readToken(tx *bolt.Tx, hash string, now time.Time, conn string) (store.JoinToken, error) {
+	v := tx.Bucket(bucketTokens).Get([]byte(hash))
+	if v == nil {
+		return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
+	}
+	t, err := decodeToken(v)
+	if err != nil {
+		return t, err
+	}
+	if !now.Before(t.ExpiresAt) || (t.SingleUse && (conn == "" || (!t.UsedAt.IsZero() && t.BoundTo != conn))) {
+		// Expired and spent tokens look like unknown ones: a caller
+		// learns nothing by probing.
+		return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
+	}
+	return t, nil
+}
+
+// spendToken redeems token hash for conn at now in tx, as UseToken does,
+// and records the watch event if it wrote.
+func spendToken(tx *bolt.Tx, ch *changes, hash string, now time.Time, conn string) (store.JoinToken, error) {
+	t, err := readToken(tx, hash, now, conn)
+	if err != nil || !t.SingleUse || !t.UsedAt.IsZero() {
+		// Refused, reusable, or used before on this connection: nothing
+		// to write.
+		return t, err
+	}
+	t.UsedAt, t.BoundTo = now, conn
+	val := encodeToken(&t)
+	out, err := decodeToken(val)
+	if err != nil {
 		return store.JoinToken{}, err
 	}
-	var out store.JoinToken
-	read := func(tx *bolt.Tx) (store.JoinToken, error) {
-		v := tx.Bucket(bucketTokens).Get([]byte(hash))
-		if v == nil {
-			return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
-		}
-		t, err := decodeToken(v)
-		if err != nil {
-			return t, err
-		}
-		if !now.Before(t.ExpiresAt) || (t.SingleUse && (conn == "" || (!t.UsedAt.IsZero() && t.BoundTo != conn))) {
-			// Expired and spent tokens look like unknown ones: a caller
-			// learns nothing by probing.
-			return store.JoinToken{}, fmt.Errorf("token: %w", store.ErrNotFound)
-		}
-		return t, nil
-	}
+	used := out
+	ch.add(store.Event{Kind: store.KindToken, Op: store.OpPut, Key: hash, Token: &used})
+	return out, tx.Bucket(bucketTokens).Put([]byte(hash), val)
+}
+
+// UseToken redeems a token; see store.Store.
+func (s *Store) UseToken(ctx context.Context, hash string, now time.Time, conn string) (store.JoinToken, error) {
+	out, err := s.PeekToken(ctx, hash, now, conn)
 	// A reusable token needs no write: redeem it in a read transaction, so
 	// proxies reconnecting do not cost an fsync each.
-	err := s.view("use token", func(tx *bolt.Tx) error {
-		t, err := read(tx)
-		out = t
-		return err
-	})
 	if err != nil || !out.SingleUse || !out.UsedAt.IsZero() {
 		// Reusable, or used before on this connection: nothing to write.
 		return out, err
 	}
 	err = s.commitWatched("use token", true, func(tx *bolt.Tx, ch *changes) error {
-		t, err := read(tx) // again, under the writer lock: one winner
-		if err != nil {
-			return err
-		}
-		if !t.UsedAt.IsZero() {
-			out = t // this connection won a moment ago
-			return nil
-		}
-		t.UsedAt, t.BoundTo = now, conn
-		val := encodeToken(&t)
-		if out, err = decodeToken(val); err != nil {
-			return err
-		}
-		used := out
-		ch.add(store.Event{Kind: store.KindToken, Op: store.OpPut, Key: hash, Token: &used})
-		return tx.Bucket(bucketTokens).Put([]byte(hash), val)
+		var err error
+		out, err = spendToken(tx, ch, hash, now, conn) // again, under the writer lock: one winner
+		return err
+	})
+	return out, err
+}
+
+// PeekToken is UseToken without the write; see store.Store.
+func (s *Store) PeekToken(ctx context.Context, hash string, now time.Time, conn string) (store.JoinToken, error) {
+	if err := ctx.Err(); err != nil {
+		return store.JoinToken{}, err
+	}
+	var out store.JoinToken
+	err := s.view("use token", func(tx *bolt.Tx) error {
+		var err error
+		out, err = readToken(tx, hash, now, conn)
+		return err
 	})
 	return out, err
 }

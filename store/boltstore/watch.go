@@ -44,42 +44,6 @@ type changes struct{ events []store.Event }
 
 func (c *changes) add(ev store.Event) { c.events = append(c.events, ev) }
 
-// commitWatched runs fn in a write transaction like update (gated is true)
-// or updateAlways, and if fn recorded changes, gives the commit the next
-// revision and publishes them. wmu is held from the transaction to the
-// publish, so that the log gets commits in the order bbolt made them.
-func (s *Store) commitWatched(op string, gated bool, fn func(*bolt.Tx, *changes) error) error {
-	if gated {
-		if err := s.Health(); err != nil {
-			return fmt.Errorf("%s: %w", op, err)
-		}
-	}
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	var (
-		ch  changes
-		rev int64
-	)
-	err := s.commitTx(op, func(tx *bolt.Tx) error {
-		if err := fn(tx, &ch); err != nil {
-			return err
-		}
-		if len(ch.events) == 0 {
-			return nil
-		}
-		meta := tx.Bucket(bucketMeta)
-		rev = readRevision(meta) + 1
-		for i := range ch.events {
-			ch.events[i].Revision = rev
-		}
-		return meta.Put(keyRevision, binary.BigEndian.AppendUint64(nil, uint64(rev)))
-	})
-	if err == nil && len(ch.events) > 0 {
-		s.hub.publish(store.WatchResponse{Revision: rev, Events: ch.events})
-	}
-	return err
-}
-
 func readRevision(meta *bolt.Bucket) int64 {
 	v := meta.Get(keyRevision)
 	if len(v) != 8 {

@@ -51,6 +51,8 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Tokens", testTokens},
 		{"TokenSingleUseRace", testTokenSingleUseRace},
 		{"Agents", testAgents},
+		{"AttestAgent", testAttestAgent},
+		{"AttestAgentRace", testAttestAgentRace},
 		{"Revocations", testRevocations},
 		{"CRLNumbers", testCRLNumbers},
 		{"CancelledContext", testCancelledContext},
