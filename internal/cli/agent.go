@@ -52,14 +52,26 @@ exits 0.
 The agent's own ID is spiffe://<trust domain>/meshid/agent/join/<node-id>
 (logged as node_id); entries made with 'meshid entry create --parent-id'
 that ID are served by this agent only, entries without a parent by every
-agent and by the server's own workload socket.`,
+agent and by the server's own workload socket.
+
+On Kubernetes (the DaemonSet in deploy/kubernetes), --node-attestor k8s_psat
+proves the node with the pod's projected service-account token
+(--k8s-token-path, audience meshid) on every start instead of a join token;
+the agent is then spiffe://<trust domain>/meshid/agent/k8s_psat/<cluster>/<node-uid>.
+With --kubeconfig or in a pod, the k8s workload attestor maps each caller to
+its pod (cgroup -> container ID -> a pod watched on --node-name, default
+$NODE_NAME) and adds k8s:ns, k8s:sa, k8s:pod-label:K:V, ... selectors; with the
+server's --k8s-default-identity every pod gets spiffe://<td>/ns/<ns>/sa/<sa>.`,
 		Example: `  # on the server's host
   meshid server --agent-listen 0.0.0.0:8443 ...
   meshid bundle show > bundle.pem
   meshid token create --agent --node-id web-1 --ttl 1h > web-1.token
   # on node web-1 (later restarts need only --server and --data-dir)
   meshid agent --server meshid.example:8443 --join-token-file web-1.token --trust-bundle bundle.pem \
-      --data-dir /var/lib/meshid-agent --socket /run/meshid/workload/workload.sock`,
+      --data-dir /var/lib/meshid-agent --socket /run/meshid/workload/workload.sock
+  # in a Kubernetes DaemonSet pod
+  meshid agent --server meshid.meshid.svc:8443 --node-attestor k8s_psat \
+      --k8s-token-path /var/run/secrets/meshid/token --trust-bundle /run/meshid/bundle/bundle.pem`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), logLevel, logFormat)

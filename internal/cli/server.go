@@ -172,7 +172,14 @@ socket (--socket) serves Envoy SDS v3 and the SPIFFE Workload API to local
 processes, told apart by their peer credentials; --sds-listen and
 --sds-rest-listen serve SDS to remote proxies. The CA rotates itself (see
 --ca-prepare-at and --ca-activate-at). SIGTERM or Ctrl-C drains in-flight
-requests and exits 0.`,
+requests and exits 0.
+
+On Kubernetes (--kubeconfig, or in a pod), --k8s-agent-service-account lets
+the agents of that service account attest with their projected token
+(k8s_psat, checked by a TokenReview and the pod's node), --k8s-default-identity
+serves every pod spiffe://<td>/ns/<ns>/sa/<sa> from its own node's agent with
+no entry, and --k8s-bundle-configmap keeps the trust bundle in a ConfigMap for
+the agents' first contact. deploy/kubernetes sets all three.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
