@@ -407,7 +407,26 @@ func BenchmarkK8sAttest200(b *testing.B) {
 	for err := range errs {
 		b.Fatal(err)
 	}
-	p := startK8sPlane(b, controlplane.Config{NodeAttestors: []attest.NodeAttestor{v}})
+	tokens, wants := make([]string, agents), make([]string, agents)
+	for i, a := range all {
+		tokens[i], wants[i] = a.token, a.want
+	}
+	// The server's defaults (no signing rate cap, 4 x GOMAXPROCS
+	// signatures in flight), and a server capped at 150 signatures a
+	// second: the 200 then queue on the signing limiter (burst 151) and
+	// must still all succeed (node attestations queue at most
+	// Config.SignQueueTimeout, 2 s: back-to-back rounds of 200 at 100/s would
+	// reach it).
+	for _, rate := range []float64{0, 150} {
+		b.Run(fmt.Sprintf("sign-rate=%g", rate), func(b *testing.B) {
+			attestAll(b, controlplane.Config{NodeAttestors: []attest.NodeAttestor{v}, SignRate: rate}, tokens, wants)
+		})
+	}
+}
+
+func attestAll(b *testing.B, cfg controlplane.Config, tokens, wants []string) {
+	agents := len(tokens)
+	p := startK8sPlane(b, cfg)
 	ctx := context.Background()
 	issued0 := p.scrape(b, "meshid_svid_issued_total", `kind="x509"`)
 	ok0 := p.scrape(b, "grpc_server_handled_total", `grpc_method="Attest"`, `grpc_code="OK"`)
@@ -432,13 +451,13 @@ func BenchmarkK8sAttest200(b *testing.B) {
 				defer wg.Done()
 				<-start
 				t0 := time.Now()
-				resp, err := clients[i].Attest(ctx, &agentv1.AttestRequest{Method: psat.Method, Payload: []byte(all[i].token), Csr: csrs[i]})
+				resp, err := clients[i].Attest(ctx, &agentv1.AttestRequest{Method: psat.Method, Payload: []byte(tokens[i]), Csr: csrs[i]})
 				took[i] = time.Since(t0)
 				switch {
 				case err != nil:
 					failed[i] = fmt.Errorf("agent %d: %s: %w", i, status.Code(err), err)
-				case resp.GetSpiffeId() != all[i].want:
-					failed[i] = fmt.Errorf("agent %d attested as %s, want %s", i, resp.GetSpiffeId(), all[i].want)
+				case resp.GetSpiffeId() != wants[i]:
+					failed[i] = fmt.Errorf("agent %d attested as %s, want %s", i, resp.GetSpiffeId(), wants[i])
 				}
 			}()
 		}
@@ -472,6 +491,14 @@ func BenchmarkK8sAttest200(b *testing.B) {
 	b.ReportMetric(issued/float64(rounds), "svids/round")
 	if waitN > 0 {
 		b.ReportMetric(waitSum/waitN*1000, "sign-wait-ms-mean")
+	}
+	b.ReportMetric(waitN/float64(rounds), "sign-waits/round")
+	if cfg.SignRate > 0 {
+		// Within the cap: the limiter's burst is floor(rate)+1, so 200
+		// signatures take at least (200 - burst) / rate.
+		if floor := time.Duration(float64(agents-int(cfg.SignRate)-1) / cfg.SignRate * float64(time.Second)); walls[0] < floor {
+			b.Fatalf("200 attestations in %s with signing capped at %g/s: faster than the cap allows (%s)", walls[0], cfg.SignRate, floor)
+		}
 	}
 	b.ReportMetric(0, "exhausted")
 }
