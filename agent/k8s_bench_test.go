@@ -214,6 +214,14 @@ func startK8sPlane(b *testing.B, cfg controlplane.Config) *k8sPlane {
 // as an agent does on first contact.
 func (p *k8sPlane) dial(b *testing.B) agentv1.AgentServiceClient {
 	b.Helper()
+	c, closeConn := p.dialConn(b)
+	b.Cleanup(closeConn)
+	return c
+}
+
+// dialConn is dial whose connection the caller closes.
+func (p *k8sPlane) dialConn(b *testing.B) (agentv1.AgentServiceClient, func()) {
+	b.Helper()
 	pool := x509.NewCertPool()
 	for _, c := range p.certs {
 		pool.AddCert(c)
@@ -222,8 +230,7 @@ func (p *k8sPlane) dial(b *testing.B) agentv1.AgentServiceClient {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { cc.Close() })
-	return agentv1.NewAgentServiceClient(cc)
+	return agentv1.NewAgentServiceClient(cc), func() { cc.Close() }
 }
 
 // scrape sums the samples of metric on the server's /metrics whose label
@@ -437,9 +444,11 @@ func attestAll(b *testing.B, cfg controlplane.Config, tokens, wants []string) {
 		rounds++
 		b.StopTimer()
 		clients := make([]agentv1.AgentServiceClient, agents)
+		closers := make([]func(), agents)
 		csrs := make([][]byte, agents)
 		for i := range agents {
-			clients[i], csrs[i] = p.dial(b), newCSR(b)
+			clients[i], closers[i] = p.dialConn(b)
+			csrs[i] = newCSR(b)
 		}
 		took := make([]time.Duration, agents)
 		failed := make([]error, agents)
@@ -466,6 +475,11 @@ func attestAll(b *testing.B, cfg controlplane.Config, tokens, wants []string) {
 		close(start)
 		wg.Wait()
 		walls = append(walls, time.Since(t0))
+		b.StopTimer()
+		for _, c := range closers {
+			c()
+		}
+		b.StartTimer()
 		for _, err := range failed {
 			if err != nil {
 				b.Fatal(err)
