@@ -220,9 +220,9 @@ func TestPodDefaultIdentity(t *testing.T) {
 
 	cg := newCgroupPlacer(t, false)
 	socket := filepath.Join(base, "agent", "workload.sock")
-	a := startMeshid(t, "agent", "--server", agentAPI, "--data-dir", filepath.Join(base, "agent-data"), "--socket", socket,
+	a := startMeshid(t, append([]string{"agent", "--server", agentAPI, "--data-dir", filepath.Join(base, "agent-data"), "--socket", socket,
 		"--trust-bundle", bundle, "--node-attestor", "k8s_psat", "--k8s-token-path", tok,
-		"--kubeconfig", bed.Kubeconfig, "--node-name", node.Name)
+		"--kubeconfig", bed.Kubeconfig, "--node-name", node.Name}, cg.agentArgs()...)...)
 	a.waitLine(t, "watching this node's pods")
 	a.waitLine(t, "connected to the server")
 
