@@ -357,7 +357,7 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 			if !a.canAttest() {
 				return fmt.Errorf("evicted by the server, must attest again: restart the agent with a new join token (meshid token create --agent): %s", st.Message())
 			}
-			a.log.Warn("evicted by the server: attesting again with the join token", "server", a.cfg.Server, "why", st.Message())
+			a.log.Warn("evicted by the server: attesting again", "method", a.cfg.NodeAttestor, "server", a.cfg.Server, "why", st.Message())
 			evicted = true
 			backoff = 0
 			continue

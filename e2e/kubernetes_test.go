@@ -162,6 +162,18 @@ func TestK8sNodeAttestation(t *testing.T) {
 	}
 	a.waitFor(t, "connected to the server")
 
+	// Evicted, it attests again by itself: the kubelet keeps its token
+	// fresh, so no operator step is needed (a join-token agent would need
+	// a new token).
+	if _, stderr, code := runCLI(t, "agent", "evict", adminFlag, wantID); code != 0 {
+		t.Fatalf("agent evict: %s", stderr)
+	}
+	a.waitFor(t, "evicted by the server: attesting again")
+	if l := a.waitLine(t, "attested"); !strings.Contains(l, "node_id="+wantID) {
+		t.Fatalf("agent attested after eviction as %s", l)
+	}
+	a.waitFor(t, "connected to the server")
+
 	refused := func(what, tokenFile, says string) {
 		t.Helper()
 		p := startK8sAgent(t, agentAPI, bundle, filepath.Join(base, what+"-data"), filepath.Join(base, what, "workload.sock"), tokenFile)
