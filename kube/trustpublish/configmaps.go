@@ -52,7 +52,7 @@ type ConfigMaps struct {
 	queue                workqueue.TypedRateLimitingInterface[string]
 
 	mu      sync.Mutex
-	lastErr map[string]error
+	lastErr map[string]error // namespace → its last reconcile's error (nil: done)
 }
 
 // NewConfigMaps returns the publisher for cfg; Run starts it.
@@ -124,9 +124,20 @@ func (p *ConfigMaps) Err() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for ns, err := range p.lastErr {
-		return fmt.Errorf("namespace %s: %w", ns, err)
+		if err != nil {
+			return fmt.Errorf("namespace %s: %w", ns, err)
+		}
 	}
 	return nil
+}
+
+// Reconciled reports whether namespace ns has been reconciled at least
+// once, and its last reconcile's error.
+func (p *ConfigMaps) Reconciled(ns string) (bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	err, ok := p.lastErr[ns]
+	return ok, err
 }
 
 // Run reconciles until ctx ends; it returns once its goroutines have.
@@ -160,11 +171,7 @@ func (p *ConfigMaps) next(ctx context.Context) bool {
 	defer p.queue.Done(ns)
 	err := p.reconcile(ctx, ns)
 	p.mu.Lock()
-	if err != nil {
-		p.lastErr[ns] = err
-	} else {
-		delete(p.lastErr, ns)
-	}
+	p.lastErr[ns] = err
 	p.mu.Unlock()
 	if err != nil {
 		p.cfg.Log.Warn("could not publish the trust bundle ConfigMap; retrying", "configmap", ns+"/"+p.cfg.Name, "err", err)
