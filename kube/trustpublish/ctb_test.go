@@ -61,7 +61,9 @@ func TestBundlesRotation(t *testing.T) {
 		if _, err := bed.Client.CertificatesV1().ClusterTrustBundles().Create(ctx, o, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = bed.Client.CertificatesV1().ClusterTrustBundles().Delete(ctx, o.Name, metav1.DeleteOptions{}) })
+		t.Cleanup(func() {
+			_ = bed.Client.CertificatesV1().ClusterTrustBundles().Delete(ctx, o.Name, metav1.DeleteOptions{})
+		})
 	}
 
 	var b bundleVar
