@@ -64,9 +64,7 @@ func NewBundles(cfg BundlesConfig) (*Bundles, error) {
 	if errs := validation.IsValidLabelValue(cfg.TrustDomain); len(errs) > 0 || cfg.TrustDomain == "" {
 		return nil, fmt.Errorf("trust domain %q cannot label ClusterTrustBundles (%s): a label value is at most 63 characters of [A-Za-z0-9._-]", cfg.TrustDomain, strings.Join(errs, "; "))
 	}
-	b := &Bundles{cfg: cfg, prefix: strings.ReplaceAll(cfg.SignerName, "/", ":") + ":",
-		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
-			workqueue.TypedRateLimitingQueueConfig[string]{Name: "meshid-cluster-trust-bundles"})}
+	b := &Bundles{cfg: cfg, prefix: strings.ReplaceAll(cfg.SignerName, "/", ":") + ":"}
 	// The suffix must be a DNS subdomain: the trust domain itself reads
 	// best in `kubectl get clustertrustbundles`; one that is not (e.g. with
 	// '_') stands as a hash.
@@ -78,6 +76,10 @@ func NewBundles(cfg BundlesConfig) (*Bundles, error) {
 	if n := len(b.Name("0123456789abcdef")); n > validation.DNS1123SubdomainMaxLength {
 		return nil, fmt.Errorf("ClusterTrustBundle names for signer %q would be %d characters, above %d", cfg.SignerName, n, validation.DNS1123SubdomainMaxLength)
 	}
+	// The queue's goroutine is made last: a rejected config leaves none
+	// behind (Run stops it).
+	b.queue = workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "meshid-cluster-trust-bundles"})
 	// Only this signer's bundles are watched; ownership is decided per
 	// object by its labels.
 	b.factory = informers.NewSharedInformerFactoryWithOptions(cfg.Client, 0,
