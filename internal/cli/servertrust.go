@@ -33,8 +33,8 @@ func (f *serverTrustFlags) on() bool { return f.ctbSigner != "" || f.caConfigMap
 // ConfigMap per namespace, and client-go's default (5/s, burst 10) would
 // take 20 s for 100 namespaces.
 const (
-	trustQPS   = 50
-	trustBurst = 100
+	trustQPS   = 100
+	trustBurst = 200
 )
 
 // publisher is what kubeRun runs for the trust bundle.
