@@ -84,6 +84,12 @@ func TestBundlesRotation(t *testing.T) {
 	b.set(old, next) // a rotation's overlap: the new CA prepared
 	p.Kick()
 	waitProjected(t, bed, td, "rotation overlap", old, next)
+	// The old CA's object was not rewritten meanwhile: reconciles that
+	// find it right leave it alone (no update loop on the API server's
+	// form of the PEM).
+	if o, err := bed.Client.CertificatesV1().ClusterTrustBundles().Get(ctx, got.Name, metav1.GetOptions{}); err != nil || o.ResourceVersion != got.ResourceVersion {
+		t.Fatalf("the unchanged CA's object was rewritten: %v (resourceVersion %s → %s)", err, got.ResourceVersion, o.ResourceVersion)
+	}
 	b.set(next) // the old CA retired
 	p.Kick()
 	waitProjected(t, bed, td, "after retirement", next)
