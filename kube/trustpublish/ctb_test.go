@@ -87,8 +87,10 @@ func TestBundlesRotation(t *testing.T) {
 	// The old CA's object was not rewritten meanwhile: reconciles that
 	// find it right leave it alone (no update loop on the API server's
 	// form of the PEM).
-	if o, err := bed.Client.CertificatesV1().ClusterTrustBundles().Get(ctx, got.Name, metav1.GetOptions{}); err != nil || o.ResourceVersion != got.ResourceVersion {
-		t.Fatalf("the unchanged CA's object was rewritten: %v (resourceVersion %s → %s)", err, got.ResourceVersion, o.ResourceVersion)
+	if o, err := bed.Client.CertificatesV1().ClusterTrustBundles().Get(ctx, got.Name, metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	} else if o.ResourceVersion != got.ResourceVersion {
+		t.Fatalf("the unchanged CA's object was rewritten (resourceVersion %s → %s)", got.ResourceVersion, o.ResourceVersion)
 	}
 	b.set(next) // the old CA retired
 	p.Kick()
