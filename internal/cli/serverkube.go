@@ -32,6 +32,7 @@ type serverKubeFlags struct {
 	excludeNS       []string
 	bundleConfigMap string
 	namespace       string
+	trust           serverTrustFlags
 }
 
 func (k *serverKubeFlags) register(fs *pflag.FlagSet) {
@@ -40,9 +41,10 @@ func (k *serverKubeFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&k.audience, "k8s-token-audience", "meshid", "audience agents' projected service-account tokens must carry")
 	fs.StringArrayVar(&k.agentSAs, "k8s-agent-service-account", nil, "NAMESPACE/NAME of a service account whose pods may attest as node agents (k8s_psat); repeatable, e.g. meshid/meshid-agent")
 	fs.BoolVar(&k.defaultIdentity, "k8s-default-identity", false, "give every pod spiffe://<td>/ns/<namespace>/sa/<serviceaccount> from the agent on its node, with no entry; an entry naming that SPIFFE ID replaces the default")
-	fs.StringArrayVar(&k.excludeNS, "k8s-exclude-namespace", nil, "namespace whose pods get no default identity; repeatable")
+	fs.StringArrayVar(&k.excludeNS, "k8s-exclude-namespace", nil, "namespace whose pods get no default identity and that gets no --k8s-ca-configmap-name; repeatable")
 	fs.StringVar(&k.bundleConfigMap, "k8s-bundle-configmap", "", "ConfigMap in --k8s-namespace the server keeps its trust bundle in (key bundle.pem), for agents to verify it on first contact; off when empty")
 	fs.StringVar(&k.namespace, "k8s-namespace", "", "the server's namespace (default $POD_NAMESPACE, else the pod's service-account namespace)")
+	k.trust.register(fs)
 }
 
 // used reports whether any Kubernetes setting asks for the API server.
@@ -52,15 +54,18 @@ func (k *serverKubeFlags) used() bool {
 
 // kubeRun is what the server runs for Kubernetes next to itself.
 type kubeRun struct {
-	pods *nodepods.Index
-	pub  *bundlecm.Publisher
-	srv  atomic.Pointer[controlplane.Server]
+	pods  *nodepods.Index
+	pub   *bundlecm.Publisher
+	trust []publisher
+	srv   atomic.Pointer[controlplane.Server]
 }
 
 // setup connects to the API server when a setting needs it and fills cfg.
 // It returns nil when Kubernetes is not used.
 func (k *serverKubeFlags) setup(cfg *controlplane.Config, log *slog.Logger) (*kubeRun, error) {
-	if !k.used() {
+	// The trust publishers are on by default, so they alone do not turn
+	// Kubernetes on, but a --kubeconfig with only them is enough.
+	if !k.used() && (k.kubeconfig == "" || !k.trust.on()) {
 		if k.kubeconfig != "" {
 			return nil, errors.New("--kubeconfig given, but no Kubernetes setting uses it: add --k8s-agent-service-account, --k8s-default-identity or --k8s-bundle-configmap")
 		}
@@ -108,7 +113,16 @@ func (k *serverKubeFlags) setup(cfg *controlplane.Config, log *slog.Logger) (*ku
 			}
 			return nil
 		}, log)
-		cfg.OnBundleChange = kr.pub.Kick
+		addBundleHook(cfg, kr.pub.Kick)
+	}
+	kr.trust, err = k.trust.setup(rc, cfg, k.excludeNS, func() []byte {
+		if s := kr.srv.Load(); s != nil {
+			return s.BundlePEM()
+		}
+		return nil
+	}, log)
+	if err != nil {
+		return nil, err
 	}
 	return kr, nil
 }
@@ -148,6 +162,10 @@ func (kr *kubeRun) start(ctx context.Context, srv *controlplane.Server) (wait fu
 	if kr.pub != nil {
 		wg.Go(func() { kr.pub.Run(ctx) })
 		kr.pub.Kick()
+	}
+	for _, p := range kr.trust {
+		wg.Go(func() { p.Run(ctx) })
+		p.Kick()
 	}
 	return wait, nil
 }
