@@ -331,6 +331,22 @@ var (
 		"meshid-server": {"authentication.k8s.io/tokenreviews/create",
 			"/pods/get", "/pods/list", "/pods/watch", "/nodes/get", "/nodes/list", "/nodes/watch"},
 		"meshid-agent": {"/pods/get", "/pods/list", "/pods/watch"},
+		// The trust bundle as ClusterTrustBundles and a ConfigMap per
+		// namespace (issue 12): reads come from informers, so no get.
+		"meshid-server-trust": {
+			"certificates.k8s.io/clustertrustbundles/list", "certificates.k8s.io/clustertrustbundles/watch",
+			"certificates.k8s.io/clustertrustbundles/create", "certificates.k8s.io/clustertrustbundles/update",
+			"certificates.k8s.io/clustertrustbundles/delete", "certificates.k8s.io/signers/attest",
+			"/namespaces/list", "/namespaces/watch",
+			"/configmaps/list", "/configmaps/watch", "/configmaps/update", "/configmaps/delete", "/configmaps/create"},
+	}
+	// ClusterRole grants that must be limited to resourceNames.
+	clusterRuleNames = map[string]map[string]string{
+		"meshid-server-trust": {
+			"certificates.k8s.io/signers/attest": "meshid.io/spiffe",
+			"/configmaps/list":                   "meshid-ca-root-cert", "/configmaps/watch": "meshid-ca-root-cert",
+			"/configmaps/update": "meshid-ca-root-cert", "/configmaps/delete": "meshid-ca-root-cert",
+		},
 	}
 	// Role -> "apiGroup/resource/verb" -> the resourceNames it must be
 	// limited to ("" for create, which RBAC cannot limit by name).
@@ -371,6 +387,9 @@ func (r *rendered) violations() []string {
 			eachGrant(rule, func(g, res, verb string) {
 				if !slices.Contains(allowed, g+"/"+res+"/"+verb) {
 					bad("ClusterRole %s grants %s on %s (group %q), beyond %v", cr.Name, verb, res, g, allowed)
+				}
+				if names, ok := clusterRuleNames[cr.Name][g+"/"+res+"/"+verb]; ok && !slices.Equal(rule.ResourceNames, []string{names}) {
+					bad("ClusterRole %s grants %s on %s without resourceNames [%s] (has %v)", cr.Name, verb, res, names, rule.ResourceNames)
 				}
 			})
 		}
