@@ -2,11 +2,11 @@ package controlplane
 
 import (
 	"context"
-	"errors"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"errors"
 	"math/big"
 	"strings"
 	"testing"
