@@ -101,11 +101,8 @@ type Signer struct {
 
 // New checks cfg and returns a Signer; Run starts it.
 func New(cfg Config) (*Signer, error) {
-	if cfg.SignerName == "" || !strings.Contains(cfg.SignerName, "/") {
-		return nil, fmt.Errorf("pod certificate signer name %q: want DOMAIN/NAME, e.g. %s", cfg.SignerName, DefaultSignerName)
-	}
-	if strings.HasPrefix(cfg.SignerName, "kubernetes.io/") || strings.HasSuffix(strings.SplitN(cfg.SignerName, "/", 2)[0], ".kubernetes.io") {
-		return nil, fmt.Errorf("pod certificate signer name %q: kubernetes.io signer names are reserved for Kubernetes", cfg.SignerName)
+	if err := CheckSignerName(cfg.SignerName); err != nil {
+		return nil, err
 	}
 	if cfg.Client == nil || cfg.Sign == nil {
 		return nil, errors.New("pod certificate signer: Client and Sign are required")
@@ -158,6 +155,19 @@ func New(cfg Config) (*Signer, error) {
 		Help:    "Time from the signer seeing a PodCertificateRequest to its Issued status being written.",
 		Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300}})
 	return s, nil
+}
+
+// CheckSignerName refuses names that are not DOMAIN/PATH and the ones
+// Kubernetes reserves (kubernetes.io and its subdomains).
+func CheckSignerName(name string) error {
+	domain, path, ok := strings.Cut(name, "/")
+	if !ok || domain == "" || path == "" || !strings.Contains(domain, ".") {
+		return fmt.Errorf("signer name %q: want DOMAIN/NAME, e.g. %s", name, DefaultSignerName)
+	}
+	if domain == "kubernetes.io" || strings.HasSuffix(domain, ".kubernetes.io") {
+		return fmt.Errorf("signer name %q: kubernetes.io signer names are reserved for Kubernetes", name)
+	}
+	return nil
 }
 
 // terminal reports whether p has its one permanent condition.
