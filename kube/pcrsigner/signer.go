@@ -69,7 +69,8 @@ type Config struct {
 	// while Run runs (nil: none).
 	Registerer prometheus.Registerer
 	Log        *slog.Logger
-	// Workers sign in parallel (default 8); MaxQueue bounds the queue
+	// Workers sign and write in parallel (default 32: a status write is a
+	// round trip, signing is bounded by the server's limiter); MaxQueue bounds the queue
 	// (default 20000).
 	Workers, MaxQueue int
 	// UpdateStatus writes a PCR's status (nil: the client's UpdateStatus);
@@ -108,7 +109,7 @@ func New(cfg Config) (*Signer, error) {
 		return nil, errors.New("pod certificate signer: Client and Sign are required")
 	}
 	if cfg.Workers <= 0 {
-		cfg.Workers = 8
+		cfg.Workers = 32
 	}
 	if cfg.MaxQueue <= 0 {
 		cfg.MaxQueue = 20000
