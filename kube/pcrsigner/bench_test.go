@@ -11,9 +11,10 @@ import (
 
 	certv1 "k8s.io/api/certificates/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/meshid/meshid/internal/k8stest"
 )
@@ -62,34 +63,37 @@ func newBenchBed(b *testing.B, nodes, want int) *benchBed {
 	for i := range nodes {
 		bb.kubelets = append(bb.kubelets, newKubelet(b, &fastBed, bb.ns, "pcr-bench", "sa-"+string(rune('a'+i)), "pod-"+string(rune('a'+i))))
 	}
-	w, err := bed.Client.CertificatesV1().PodCertificateRequests(bb.ns).Watch(context.Background(), metav1.ListOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for ev := range w.ResultChan() {
-			p, ok := ev.Object.(*certv1.PodCertificateRequest)
-			if !ok || ev.Type != watch.Modified || len(p.Status.Conditions) == 0 {
-				continue
-			}
-			at := time.Now()
-			bb.mu.Lock()
-			if p.Status.Conditions[0].Type != certv1.PodCertificateRequestConditionTypeIssued {
-				bb.failed++
-			}
-			// The event may come before create has noted the name:
-			// keep the time, subtract later.
-			if _, dup := bb.done[p.Name]; !dup {
-				bb.done[p.Name] = at
-				if len(bb.done) == bb.want {
-					close(bb.all)
-				}
-			}
-			bb.mu.Unlock()
+	// An informer, not a bare watch: a watch the server closes under
+	// load would lose events (seen here), the informer resumes.
+	f := informers.NewSharedInformerFactoryWithOptions(bed.Client, 0, informers.WithNamespace(bb.ns))
+	seen := func(o any) {
+		p, ok := o.(*certv1.PodCertificateRequest)
+		if !ok || len(p.Status.Conditions) == 0 {
+			return
 		}
+		at := time.Now()
+		bb.mu.Lock()
+		defer bb.mu.Unlock()
+		if _, dup := bb.done[p.Name]; dup {
+			return
+		}
+		if p.Status.Conditions[0].Type != certv1.PodCertificateRequestConditionTypeIssued {
+			bb.failed++
+		}
+		// The event may come before create has noted the name: keep the
+		// time, subtract later.
+		bb.done[p.Name] = at
+		if len(bb.done) == bb.want {
+			close(bb.all)
+		}
+	}
+	_, _ = f.Certificates().V1().PodCertificateRequests().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: seen, UpdateFunc: func(_, o any) { seen(o) },
 	})
-	b.Cleanup(func() { w.Stop(); wg.Wait() })
+	ctx, cancel := context.WithCancel(context.Background())
+	f.Start(ctx.Done())
+	f.WaitForCacheSync(ctx.Done())
+	b.Cleanup(func() { cancel(); f.Shutdown() })
 	return bb
 }
 
