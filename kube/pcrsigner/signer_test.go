@@ -145,6 +145,28 @@ func TestDenied(t *testing.T) {
 	if c.Type != certv1.PodCertificateRequestConditionTypeDenied || c.Reason != pcrsigner.ReasonNamespaceNotAllowed {
 		t.Fatalf("excluded namespace: %+v", c)
 	}
+
+	// --pcr-allow-namespace: a namespace not on the list is Denied, one on
+	// it is Issued.
+	name2 := signerName(t)
+	cfg2 := signerConfig(bed, p, name2)
+	cfg2.AllowNamespaces = []string{excluded}
+	runSigner(t, cfg2)
+	pcr, err = k.request(ctx, name2, p256(t), 86400, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c = condition(waitTerminal(t, bed, ns, pcr.Name, 20*time.Second))
+	if c.Type != certv1.PodCertificateRequestConditionTypeDenied || c.Reason != pcrsigner.ReasonNamespaceNotAllowed {
+		t.Fatalf("namespace not allowed: %+v", c)
+	}
+	pcr, err = kx.request(ctx, name2, p256(t), 86400, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c = condition(waitTerminal(t, bed, excluded, pcr.Name, 20*time.Second)); c.Type != certv1.PodCertificateRequestConditionTypeIssued {
+		t.Fatalf("allowed namespace: %+v", c)
+	}
 }
 
 // TestStatusWriteRefusedIsRetried: while the API refuses the status write
