@@ -367,14 +367,31 @@ func (s *Signer) decide(ctx context.Context, p *certv1.PodCertificateRequest) (*
 		return deny(certv1.PodCertificateRequestConditionInvalidUserConfig,
 			fmt.Sprintf("meshid knows no userAnnotations; got %s", strings.Join(keys, ", ")))
 	}
-	csr, err := x509.ParseCertificateRequest(p.Spec.StubPKCS10Request)
-	if err != nil || csr.CheckSignature() != nil {
-		// Only the API server's own checks could have let this in; it can
-		// never succeed, so the pod is better told than left waiting.
-		return deny(certv1.PodCertificateRequestConditionUnsupportedKeyType,
-			fmt.Sprintf("stubPKCS10Request is not a signed PKCS#10 request meshid can read; meshid signs keyType %s", strings.Join(AcceptedKeyTypes, ", ")))
+	var pub any
+	if len(p.Spec.StubPKCS10Request) == 0 {
+		// A 1.35 kubelet fills only v1beta1's pkixPublicKey (its proof of
+		// possession checked by the API server at creation), which v1
+		// does not show: read the same object through v1beta1.
+		beta, err := s.cfg.Client.CertificatesV1beta1().PodCertificateRequests(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("no stubPKCS10Request; read pkixPublicKey through v1beta1: %w", err)
+		}
+		if pub, err = x509.ParsePKIXPublicKey(beta.Spec.PKIXPublicKey); err != nil {
+			return deny(certv1.PodCertificateRequestConditionUnsupportedKeyType,
+				fmt.Sprintf("neither stubPKCS10Request nor a pkixPublicKey meshid can read (%v); meshid signs keyType %s", err, strings.Join(AcceptedKeyTypes, ", ")))
+		}
+	} else {
+		csr, err := x509.ParseCertificateRequest(p.Spec.StubPKCS10Request)
+		if err != nil || csr.CheckSignature() != nil {
+			// Only the API server's own checks could have let this in; it
+			// can never succeed, so the pod is better told than left
+			// waiting.
+			return deny(certv1.PodCertificateRequestConditionUnsupportedKeyType,
+				fmt.Sprintf("stubPKCS10Request is not a signed PKCS#10 request meshid can read; meshid signs keyType %s", strings.Join(AcceptedKeyTypes, ", ")))
+		}
+		pub = csr.PublicKey
 	}
-	if kt := keyType(csr.PublicKey); !slices.Contains(AcceptedKeyTypes, kt) && !strings.HasPrefix(kt, "RSA") {
+	if kt := keyType(pub); !slices.Contains(AcceptedKeyTypes, kt) && !strings.HasPrefix(kt, "RSA") {
 		return deny(certv1.PodCertificateRequestConditionUnsupportedKeyType,
 			fmt.Sprintf("meshid does not sign %s keys; use keyType %s", kt, strings.Join(AcceptedKeyTypes, ", ")))
 	} else if kt == "RSA<2048" {
@@ -393,11 +410,12 @@ func (s *Signer) decide(ctx context.Context, p *certv1.PodCertificateRequest) (*
 		if m := p.Spec.MaxExpirationSeconds; m != nil {
 			maxLife = time.Duration(*m) * time.Second
 		}
+		var err error
 		pc, err = s.cfg.Sign(ctx, controlplane.PodCertRequest{
 			Namespace: p.Namespace, ServiceAccount: p.Spec.ServiceAccountName,
 			PodName: p.Spec.PodName, PodUID: string(p.Spec.PodUID),
 			NodeName: string(p.Spec.NodeName), NodeUID: string(p.Spec.NodeUID),
-			PublicKey: csr.PublicKey, MaxLifetime: maxLife,
+			PublicKey: pub, MaxLifetime: maxLife,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("sign: %w", err)

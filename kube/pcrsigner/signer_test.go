@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"strings"
@@ -16,8 +17,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	certv1 "k8s.io/api/certificates/v1"
+	certv1beta1 "k8s.io/api/certificates/v1beta1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/meshid/meshid/internal/k8stest"
 	"github.com/meshid/meshid/kube/pcrsigner"
@@ -297,5 +301,47 @@ func TestRestartMidBurst(t *testing.T) {
 	}
 	if rows := countRows(t, p, id); rows != n {
 		t.Fatalf("%d certificates signed for %d requests (%d before the restart)", rows, n, before)
+	}
+}
+
+// TestIssueV1beta1PKIXKey: a request in a 1.35 kubelet's v1beta1 form
+// (pkixPublicKey and proofOfPossession, no stub CSR) is Issued on that key.
+func TestIssueV1beta1PKIXKey(t *testing.T) {
+	bed := k8stest.Shared(t)
+	p := startPlane(t)
+	name := signerName(t)
+	runSigner(t, signerConfig(bed, p, name))
+	ns := bed.Namespace(t)
+	k := newKubelet(t, bed, ns, "pcr-node", "web", "web-0")
+	key := p256(t)
+	pkix, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(k.pod.UID))
+	pop, err := ecdsa.SignASN1(rand.Reader, key, sum[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	maxSec := int32(86400)
+	pcr, err := bed.Client.CertificatesV1beta1().PodCertificateRequests(ns).Create(context.Background(), &certv1beta1.PodCertificateRequest{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "req-"},
+		Spec: certv1beta1.PodCertificateRequestSpec{SignerName: name, PodName: k.pod.Name, PodUID: k.pod.UID,
+			ServiceAccountName: k.sa.Name, ServiceAccountUID: k.sa.UID, NodeName: types.NodeName(k.node.Name), NodeUID: k.node.UID,
+			MaxExpirationSeconds: &maxSec, PKIXPublicKey: pkix, ProofOfPossession: pop},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create v1beta1: %v", err)
+	}
+	got := waitTerminal(t, bed, ns, pcr.Name, 20*time.Second)
+	if c := condition(got); c.Type != certv1.PodCertificateRequestConditionTypeIssued {
+		t.Fatalf("condition %+v", c)
+	}
+	leaf, err := x509.ParseCertificate(parseChain(t, got.Status.CertificateChain)[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !leaf.PublicKey.(*ecdsa.PublicKey).Equal(key.Public()) {
+		t.Fatal("leaf is not on the pkixPublicKey")
 	}
 }
