@@ -277,7 +277,7 @@ func (s *Signer) process(ctx context.Context, key string) (time.Duration, string
 		return 0, node, nil
 	}
 	if s.cfg.Leading != nil && !s.cfg.Leading() {
-		return 5 * time.Second, node, nil
+		return notLeadingRetry, node, nil
 	}
 	for attempt := 0; ; attempt++ {
 		status, denied := s.decide(ctx, p)
@@ -477,3 +477,7 @@ func keyType(pub any) string {
 	}
 	return fmt.Sprintf("%T", pub)
 }
+
+// notLeadingRetry is how often a replica that does not lead looks at a
+// request again: the new leader after a failover starts within it.
+const notLeadingRetry = 2 * time.Second

@@ -345,3 +345,35 @@ func TestIssueV1beta1PKIXKey(t *testing.T) {
 		t.Fatal("leaf is not on the pkixPublicKey")
 	}
 }
+
+// TestOnlyLeaderSigns: a replica that does not lead signs nothing; once it
+// leads it issues what waited.
+func TestOnlyLeaderSigns(t *testing.T) {
+	bed := k8stest.Shared(t)
+	p := startPlane(t)
+	name := signerName(t)
+	cfg := signerConfig(bed, p, name)
+	var leading, asked atomic.Bool
+	cfg.Leading = func() bool { asked.Store(true); return leading.Load() }
+	runSigner(t, cfg)
+	ns := bed.Namespace(t)
+	k := newKubelet(t, bed, ns, "pcr-node", "web", "web-0")
+	pcr, err := k.request(context.Background(), name, p256(t), 86400, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for !asked.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the signer never looked at the request")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := countRows(t, p, "spiffe://cluster.local/ns/"+ns+"/sa/web"); n != 0 {
+		t.Fatalf("a replica that does not lead signed %d", n)
+	}
+	leading.Store(true)
+	if c := condition(waitTerminal(t, bed, ns, pcr.Name, 20*time.Second)); c.Type != certv1.PodCertificateRequestConditionTypeIssued {
+		t.Fatalf("condition %+v", c)
+	}
+}
