@@ -54,6 +54,7 @@ type serverFlags struct {
 	minConv       float64
 	agentSignRate float64
 	kube          serverKubeFlags
+	pcr           serverPCRFlags
 }
 
 func defaultDataDir() string {
@@ -101,6 +102,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.IntVar(&f.maxConnsUID, "max-connections-per-uid", endpoint.DefaultMaxConnectionsPerUID, "most connections one local uid holds at once on --socket; -1: no cap")
 	fs.Float64Var(&f.agentSignRate, "agent-sign-rate", 100, "most X.509-SVIDs one node agent may have signed per second, sustained (bursts of twice that, at least 2,000, pass), so one agent cannot fill the inventory; -1: no limit")
 	f.kube.register(fs)
+	f.pcr.register(fs)
 	fs.BoolVar(&f.fastSign, "fast-sign", false, "sign X.509-SVIDs of in-process ECDSA CA keys without x509.CreateCertificate's post-sign self-check (about 2x the mint rate); a canary is checked at CA load and 1 in 64 SVIDs after signing, and any failure falls back to CreateCertificate")
 }
 
@@ -200,6 +202,13 @@ the agents' first contact. deploy/kubernetes sets all three.`,
 // runServer opens the server, calls onReady once it listens, and serves
 // until ctx is cancelled.
 func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onReady func(*controlplane.Server, controlplane.Listening) error) error {
+	pr, err := f.pcr.setup(f.kube.kubeconfig, cfg.Logger)
+	if err != nil {
+		return err
+	}
+	if pr != nil && !f.kube.used() {
+		f.kube.kubeconfig = "" // the signer's alone: no "unused --kubeconfig"
+	}
 	kr, err := f.kube.setup(&cfg, cfg.Logger)
 	if err != nil {
 		return err
@@ -211,6 +220,13 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	defer srv.Close()
 	if kr != nil {
 		wait, err := kr.start(ctx, srv)
+		if err != nil {
+			return err
+		}
+		defer wait()
+	}
+	if pr != nil {
+		wait, err := pr.start(ctx, srv)
 		if err != nil {
 			return err
 		}

@@ -1,0 +1,24 @@
+package pcrsigner_test
+
+import (
+	"fmt"
+	"os"
+	"testing"
+
+	"go.uber.org/goleak"
+
+	"github.com/meshid/meshid/internal/k8stest"
+)
+
+// TestMain checks that Run stops everything it started.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	k8stest.CloseIdle()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
