@@ -339,9 +339,15 @@ var (
 			"certificates.k8s.io/clustertrustbundles/delete", "certificates.k8s.io/signers/attest",
 			"/namespaces/list", "/namespaces/watch",
 			"/configmaps/list", "/configmaps/watch", "/configmaps/update", "/configmaps/delete", "/configmaps/create"},
+		// The pod certificate signer (issue 12).
+		"meshid-server-pcr": {
+			"certificates.k8s.io/podcertificaterequests/get", "certificates.k8s.io/podcertificaterequests/list",
+			"certificates.k8s.io/podcertificaterequests/watch", "certificates.k8s.io/podcertificaterequests/status/update",
+			"certificates.k8s.io/signers/sign"},
 	}
 	// ClusterRole grants that must be limited to resourceNames.
 	clusterRuleNames = map[string]map[string]string{
+		"meshid-server-pcr": {"certificates.k8s.io/signers/sign": "meshid.io/spiffe"},
 		"meshid-server-trust": {
 			"certificates.k8s.io/signers/attest": "meshid.io/spiffe",
 			"/configmaps/list":                   "meshid-ca-root-cert", "/configmaps/watch": "meshid-ca-root-cert",

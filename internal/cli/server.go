@@ -181,7 +181,10 @@ the agents of that service account attest with their projected token
 (k8s_psat, checked by a TokenReview and the pod's node), --k8s-default-identity
 serves every pod spiffe://<td>/ns/<ns>/sa/<sa> from its own node's agent with
 no entry, and --k8s-bundle-configmap keeps the trust bundle in a ConfigMap for
-the agents' first contact. deploy/kubernetes sets all three.`,
+the agents' first contact. deploy/kubernetes sets all three. --pcr-signer-name
+makes the server the signer of pods' podCertificate volumes (Kubernetes 1.37
+pod certificates), and the bundle is published as ClusterTrustBundles and a
+meshid-ca-root-cert ConfigMap per namespace.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
