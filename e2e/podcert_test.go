@@ -66,7 +66,7 @@ func TestPodCertificateSigner(t *testing.T) {
 	signer := fmt.Sprintf("meshid.test/e2e-%d", time.Now().UnixNano())
 	srv := startMeshid(t, "server", "--data-dir", filepath.Join(base, "data"), admin,
 		"--socket", filepath.Join(base, "w", "workload.sock"), "--metrics-listen", "127.0.0.1:0",
-		"--kubeconfig", bed.Kubeconfig, "--pcr-signer-name", signer)
+		"--kubeconfig", bed.Kubeconfig, "--pcr-signer-name", signer, "--k8s-trust-bundle-signer", signer)
 	serving := srv.waitLine(t, "msg=serving")
 	m := regexp.MustCompile(`\bmetrics=(\S+)`).FindStringSubmatch(serving)
 	if m == nil {
@@ -110,6 +110,50 @@ func TestPodCertificateSigner(t *testing.T) {
 		t.Fatal(err)
 	}
 	serial := leaf.SerialNumber.Text(16)
+
+	// The chain verifies against what a pod mounts: the ClusterTrustBundles
+	// published for this signer, selected by the trust-domain label, as the
+	// kubelet's clusterTrustBundle projection selects them.
+	var chain []*x509.Certificate
+	for rest := []byte(pcr.Status.CertificateChain); ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain = append(chain, c)
+	}
+	roots := x509.NewCertPool()
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		ctbs, err := bed.Client.CertificatesV1().ClusterTrustBundles().List(ctx, metav1.ListOptions{
+			FieldSelector: "spec.signerName=" + signer, LabelSelector: "meshid.io/trust-domain=cluster.local"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ctbs.Items) > 0 {
+			for _, ctb := range ctbs.Items {
+				roots.AppendCertsFromPEM([]byte(ctb.Spec.TrustBundle))
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no ClusterTrustBundle for %s within 30 s", signer)
+		}
+		time.Sleep(20 * time.Millisecond) // polling the API server for a condition, with a deadline
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		t.Fatalf("the pod certificate does not verify against the published ClusterTrustBundles: %v", err)
+	}
+	if got, want := chain[0].URIs, "spiffe://cluster.local/ns/"+ns+"/sa/web"; len(got) != 1 || got[0].String() != want {
+		t.Fatalf("leaf URIs %v, want %s", got, want)
+	}
 
 	out, errOut, code := runCLI(t, "certs", "list", admin, "-o", "json")
 	if code != 0 {

@@ -209,9 +209,9 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	if err != nil {
 		return err
 	}
-	if pr != nil && !f.kube.used() {
-		f.kube.kubeconfig = "" // the signer's alone: no "unused --kubeconfig"
-	}
+	// The pod certificate signer uses Kubernetes too: the trust bundle is
+	// then published for its pods as well.
+	f.kube.signer = pr != nil
 	kr, err := f.kube.setup(&cfg, cfg.Logger)
 	if err != nil {
 		return err

@@ -24,6 +24,10 @@ import (
 // of agents with projected service-account tokens, default pod
 // identities, and the trust bundle in a ConfigMap.
 type serverKubeFlags struct {
+	// signer is set when the pod certificate signer runs (serverpcr.go):
+	// Kubernetes is in use even without any setting here.
+	signer bool
+
 	kubeconfig      string
 	cluster         string
 	audience        string
@@ -65,7 +69,7 @@ type kubeRun struct {
 func (k *serverKubeFlags) setup(cfg *controlplane.Config, log *slog.Logger) (*kubeRun, error) {
 	// The trust publishers are on by default, so they alone do not turn
 	// Kubernetes on, but a --kubeconfig with only them is enough.
-	if !k.used() && (k.kubeconfig == "" || !k.trust.on()) {
+	if !k.used() && !k.signer && (k.kubeconfig == "" || !k.trust.on()) {
 		if k.kubeconfig != "" {
 			return nil, errors.New("--kubeconfig given, but no Kubernetes setting uses it: add --k8s-agent-service-account, --k8s-default-identity or --k8s-bundle-configmap")
 		}
