@@ -126,6 +126,9 @@ func (k *serverKubeFlags) setup(cfg *controlplane.Config, log *slog.Logger) (*ku
 		return nil
 	}, log)
 	if err != nil {
+		if kr.pub != nil {
+			kr.pub.Close() // its queue's goroutines would outlive the failed start
+		}
 		return nil, err
 	}
 	return kr, nil

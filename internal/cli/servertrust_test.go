@@ -86,6 +86,12 @@ func TestServerTrustFlags(t *testing.T) {
 		t.Fatalf("both publishers off: %v", err)
 	}
 	_, err = kubeFlags(t, "--kubeconfig", kc, "--k8s-trust-bundle-signer", "noslash").setup(&controlplane.Config{}, slog.New(slog.DiscardHandler))
+	if err == nil {
+		t.Fatal("a signer name without a slash accepted")
+	}
+	// The same refusal with the bundle ConfigMap set up before it: its
+	// queue must not outlive the failed start (goleak in TestMain).
+	_, err = kubeFlags(t, "--kubeconfig", kc, "--k8s-bundle-configmap", "b", "--k8s-namespace", "meshid", "--k8s-trust-bundle-signer", "noslash").setup(&controlplane.Config{}, slog.New(slog.DiscardHandler))
 	if err == nil || !strings.Contains(err.Error(), "--k8s-trust-bundle-signer") {
 		t.Fatalf("bad signer: %v", err)
 	}

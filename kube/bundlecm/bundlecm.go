@@ -71,6 +71,10 @@ func New(client kubernetes.Interface, namespace, name string, bundle func() []by
 	return p
 }
 
+// Close stops the queue of a Publisher that will never Run (its start
+// failed); Run stops it itself.
+func (p *Publisher) Close() { p.queue.ShutDown() }
+
 // Kick asks for a reconcile (the bundle changed); it never blocks.
 func (p *Publisher) Kick() { p.queue.Add(p.name) }
 
