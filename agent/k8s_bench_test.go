@@ -33,7 +33,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
-	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilnet "k8s.io/apimachinery/pkg/util/net"
@@ -525,23 +524,12 @@ type tokenOrErr struct {
 // agentPodNoFatal is agentPod for a goroutine other than the benchmark's.
 func (k *k8sBench) agentPodNoFatal(name, node string) tokenOrErr {
 	ctx := context.Background()
-	pod, err := k.client.CoreV1().Pods(k.ns).Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: "meshid-agent",
-			Containers: []corev1.Container{{Name: "agent", Image: "meshid:dev"}}},
-	}, metav1.CreateOptions{})
+	pod, err := k.bed.CreatePodOn(ctx, k.ns, name, "meshid-agent", node)
 	if err != nil {
-		return tokenOrErr{err: fmt.Errorf("create pod %s: %w", name, err)}
+		return tokenOrErr{err: err}
 	}
-	exp := int64(3600)
-	tr, err := k.client.CoreV1().ServiceAccounts(k.ns).CreateToken(ctx, "meshid-agent", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
-		Audiences: []string{"meshid"}, ExpirationSeconds: &exp,
-		BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
-	}}, metav1.CreateOptions{})
-	if err != nil {
-		return tokenOrErr{err: fmt.Errorf("token for %s: %w", name, err)}
-	}
-	return tokenOrErr{token: tr.Status.Token}
+	tok, err := k.bed.CreatePodToken(ctx, k.ns, "meshid-agent", "meshid", pod)
+	return tokenOrErr{token: tok, err: err}
 }
 
 // BenchmarkK8sPodToIdentity: a server with default identities from

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -18,41 +17,12 @@ import (
 	"github.com/meshid/meshid/internal/k8stest"
 )
 
-// k8sAgentPod creates service account sa and a pod of it on node, the
-// agent DaemonSet's pod as the API server sees it (no kubelet runs it).
-func k8sAgentPod(t *testing.T, c kubernetes.Interface, ns, sa, name, node string) *corev1.Pod {
-	t.Helper()
-	ctx := context.Background()
-	if _, err := c.CoreV1().ServiceAccounts(ns).Get(ctx, sa, metav1.GetOptions{}); err != nil {
-		if _, err := c.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	pod, err := c.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
-			Containers: []corev1.Container{{Name: "agent", Image: "meshid:dev"}}},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pod
-}
-
 // k8sTokenFile writes what the kubelet projects into the pod (a token of
 // sa for aud bound to pod) to a 0600 file and returns its path.
-func k8sTokenFile(t *testing.T, c kubernetes.Interface, dir, ns, sa, aud string, pod *corev1.Pod) string {
+func k8sTokenFile(t *testing.T, bed *k8stest.Bed, dir, ns, sa, aud string, pod *corev1.Pod) string {
 	t.Helper()
-	exp := int64(600)
-	tr, err := c.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa, &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
-		Audiences: []string{aud}, ExpirationSeconds: &exp,
-		BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
-	}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	f := filepath.Join(dir, pod.Name+"-"+aud+".token")
-	if err := os.WriteFile(f, []byte(tr.Status.Token), 0o600); err != nil {
+	if err := os.WriteFile(f, []byte(bed.PodToken(t, ns, sa, aud, pod)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -123,8 +93,8 @@ func TestK8sNodeAttestation(t *testing.T) {
 	_, agentAPI, adminFlag := k8sServer(t, bed, base, ns)
 	bundle := k8sBundleFile(t, c, ns, base)
 
-	pod := k8sAgentPod(t, c, ns, "meshid-agent", "meshid-agent-0", node.Name)
-	tok := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", pod)
+	pod := bed.PodOn(t, ns, "meshid-agent-0", "meshid-agent", node.Name)
+	tok := k8sTokenFile(t, bed, base, ns, "meshid-agent", "meshid", pod)
 	dataDir := filepath.Join(base, "agent-data")
 	a := startK8sAgent(t, agentAPI, bundle, dataDir, filepath.Join(base, "agent", "workload.sock"), tok)
 	wantID := "spiffe://cluster.local/meshid/agent/k8s_psat/testbed/" + string(node.UID)
@@ -155,7 +125,7 @@ func TestK8sNodeAttestation(t *testing.T) {
 	// A restart attests again, with a freshly projected token.
 	a.signal(t, 9)
 	a.wait(t)
-	tok2 := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", pod)
+	tok2 := k8sTokenFile(t, bed, base, ns, "meshid-agent", "meshid", pod)
 	a = startK8sAgent(t, agentAPI, bundle, dataDir, filepath.Join(base, "agent", "workload.sock"), tok2)
 	if l := a.waitLine(t, "attested"); !strings.Contains(l, "node_id="+wantID) {
 		t.Fatalf("restarted agent attested as %s", l)
@@ -181,11 +151,11 @@ func TestK8sNodeAttestation(t *testing.T) {
 			t.Fatalf("agent with %s: exit %d, want 1 saying %q:\n%s", what, code, says, p.output())
 		}
 	}
-	refused("audience", k8sTokenFile(t, c, base, ns, "meshid-agent", "kubernetes", pod), "audience")
-	intruder := k8sAgentPod(t, c, ns, "intruder", "intruder-0", node.Name)
-	refused("untrusted", k8sTokenFile(t, c, base, ns, "intruder", "meshid", intruder), "not trusted")
-	doomed := k8sAgentPod(t, c, ns, "meshid-agent", "meshid-agent-1", node.Name)
-	doomedTok := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", doomed)
+	refused("audience", k8sTokenFile(t, bed, base, ns, "meshid-agent", "kubernetes", pod), "audience")
+	intruder := bed.PodOn(t, ns, "intruder-0", "intruder", node.Name)
+	refused("untrusted", k8sTokenFile(t, bed, base, ns, "intruder", "meshid", intruder), "not trusted")
+	doomed := bed.PodOn(t, ns, "meshid-agent-1", "meshid-agent", node.Name)
+	doomedTok := k8sTokenFile(t, bed, base, ns, "meshid-agent", "meshid", doomed)
 	zero := int64(0)
 	if err := c.CoreV1().Pods(ns).Delete(context.Background(), doomed.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
 		t.Fatal(err)
@@ -227,8 +197,8 @@ func TestPodDefaultIdentity(t *testing.T) {
 	bin := workloadBinary(t, base)
 	_, agentAPI, adminFlag := k8sServer(t, bed, base, ns, "--k8s-exclude-namespace", excluded)
 	bundle := k8sBundleFile(t, c, ns, base)
-	agentPod := k8sAgentPod(t, c, ns, "meshid-agent", "meshid-agent-0", node.Name)
-	tok := k8sTokenFile(t, c, base, ns, "meshid-agent", "meshid", agentPod)
+	agentPod := bed.PodOn(t, ns, "meshid-agent-0", "meshid-agent", node.Name)
+	tok := k8sTokenFile(t, bed, base, ns, "meshid-agent", "meshid", agentPod)
 
 	cg := newCgroupPlacer(t, false)
 	socket := filepath.Join(base, "agent", "workload.sock")

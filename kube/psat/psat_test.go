@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -18,41 +17,6 @@ import (
 	"github.com/meshid/meshid/internal/k8stest"
 	"github.com/meshid/meshid/kube/psat"
 )
-
-// agentPod creates service account sa and a pod of it on node, as the
-// agent DaemonSet's would be (no kubelet runs it).
-func agentPod(t *testing.T, c kubernetes.Interface, ns, sa, name, node string) *corev1.Pod {
-	t.Helper()
-	ctx := context.Background()
-	if _, err := c.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	pod, err := c.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
-			Containers: []corev1.Container{{Name: "agent", Image: "meshid:dev"}}},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pod
-}
-
-// token mints what the kubelet projects into the pod: a token for sa
-// with audience aud, bound to pod (nil: bound to nothing).
-func token(t *testing.T, c kubernetes.Interface, ns, sa, aud string, pod *corev1.Pod) string {
-	t.Helper()
-	exp := int64(600)
-	req := &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{Audiences: []string{aud}, ExpirationSeconds: &exp}}
-	if pod != nil {
-		req.Spec.BoundObjectRef = &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
-	}
-	tr, err := c.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa, req, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tr.Status.Token
-}
 
 func wantRefused(t *testing.T, what string, err error, says string) {
 	t.Helper()
@@ -71,13 +35,13 @@ func TestVerifyAgainstAPIServer(t *testing.T) {
 	c := bed.Client
 	ns := bed.Namespace(t)
 	node := bed.Node(t, "psat")
-	pod := agentPod(t, c, ns, "meshid-agent", "agent-0", node.Name)
+	pod := bed.PodOn(t, ns, "agent-0", "meshid-agent", node.Name)
 	v, err := psat.New(psat.Config{Client: c, Cluster: "c1", ServiceAccounts: []string{ns + "/meshid-agent"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	good := token(t, c, ns, "meshid-agent", "meshid", pod)
+	good := bed.PodToken(t, ns, "meshid-agent", "meshid", pod)
 	claim, err := v.Attest(ctx, []byte(good+"\n"))
 	if err != nil {
 		t.Fatalf("good token: %v", err)
@@ -91,12 +55,12 @@ func TestVerifyAgainstAPIServer(t *testing.T) {
 		t.Fatalf("selectors %v, want %v", claim.Selectors, want)
 	}
 
-	_, err = v.Attest(ctx, []byte(token(t, c, ns, "meshid-agent", "kubernetes", pod)))
+	_, err = v.Attest(ctx, []byte(bed.PodToken(t, ns, "meshid-agent", "kubernetes", pod)))
 	wantRefused(t, "another audience", err, "audience")
-	_, err = v.Attest(ctx, []byte(token(t, c, ns, "meshid-agent", "meshid", nil)))
+	_, err = v.Attest(ctx, []byte(bed.PodToken(t, ns, "meshid-agent", "meshid", nil)))
 	wantRefused(t, "a token bound to no pod", err, "bound to no pod")
-	other := agentPod(t, c, ns, "intruder", "intruder-0", node.Name)
-	_, err = v.Attest(ctx, []byte(token(t, c, ns, "intruder", "meshid", other)))
+	other := bed.PodOn(t, ns, "intruder-0", "intruder", node.Name)
+	_, err = v.Attest(ctx, []byte(bed.PodToken(t, ns, "intruder", "meshid", other)))
 	wantRefused(t, "an untrusted service account", err, "not trusted")
 	_, err = v.Attest(ctx, []byte("not.a.token"))
 	wantRefused(t, "garbage", err, "does not accept")
@@ -121,8 +85,8 @@ func TestNodeRecreated(t *testing.T) {
 	c := bed.Client
 	ns := bed.Namespace(t)
 	node := bed.Node(t, "recreated")
-	pod := agentPod(t, c, ns, "meshid-agent", "agent-0", node.Name)
-	tok := token(t, c, ns, "meshid-agent", "meshid", pod)
+	pod := bed.PodOn(t, ns, "agent-0", "meshid-agent", node.Name)
+	tok := bed.PodToken(t, ns, "meshid-agent", "meshid", pod)
 	if err := c.CoreV1().Nodes().Delete(ctx, node.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
