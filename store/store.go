@@ -37,6 +37,11 @@ var (
 	// whose events the store no longer retains. The consumer re-lists the
 	// state and watches again from the revision it listed at.
 	ErrCompacted = errors.New("watch revision compacted")
+	// ErrNotLeader is returned by a write only the leader may make (a CA
+	// or JWT key record) when the caller's store no longer holds the
+	// leadership: a replica whose lease expired must not race the new
+	// leader. It maps to FailedPrecondition.
+	ErrNotLeader = errors.New("this replica does not hold the store's leadership")
 )
 
 // CAState is where a CA is in its life: prepared (published in the bundle,
@@ -404,4 +409,71 @@ type AgentStore interface {
 	// DeleteAgent removes a record and records the audit event atomically,
 	// returning the record as it was; ErrNotFound if there is none.
 	DeleteAgent(ctx context.Context, id string, audit AuditEvent) (AgentRecord, error)
+}
+
+// Snapshot is the whole persistent state of a store, as Export reads it and
+// Import writes it: what `meshid store migrate` copies between backends.
+// Rows are in each List method's order.
+type Snapshot struct {
+	CAs     []CARecord
+	Entries []Entry
+	SVIDs   []IssuedSVID
+	Audit   []AuditEvent // oldest first
+	Tokens  []JoinToken  // by Hash
+	Revoked []RevokedSerial
+	Agents  []AgentRecord
+	// CRLNumbers is the last CRL number handed out per CA ID.
+	CRLNumbers map[string]int64
+}
+
+// Migrator is implemented by backends that can be copied to another:
+// Export reads everything in one consistent view; Import writes a snapshot
+// verbatim (no audit events of its own) into a store that holds nothing,
+// and refuses (ErrAlreadyExists) one that holds anything. A failed Import
+// may leave part of the snapshot written; the migration tool then says so
+// and the target is wiped before a retry.
+type Migrator interface {
+	Export(ctx context.Context) (Snapshot, error)
+	Import(ctx context.Context, snap Snapshot) error
+}
+
+// ClusterStatus is what `meshid status` shows of the store: for etcd the
+// members, the replicas sharing it and which one leads.
+type ClusterStatus struct {
+	Backend  string // "bolt" or "etcd"
+	Revision int64
+	// Leader is the ReplicaID of the replica holding the leadership
+	// ("" when none does).
+	Leader   string
+	Replicas []Replica
+	Members  []Member // etcd members; none for bolt
+}
+
+// Replica is one server process sharing the store.
+type Replica struct {
+	ID        string // Options.Replica of its store: host name unless set
+	Version   string
+	StartedAt time.Time
+	// Addresses the replica serves agents and admins on, as it announced
+	// them (informational).
+	Addresses []string
+}
+
+// Member is one etcd member as the client sees it.
+type Member struct {
+	Name     string
+	Endpoint string
+	Healthy  bool
+	Leader   bool   // the etcd Raft leader
+	Error    string // why it is unhealthy
+	Revision int64
+	DBSize   int64
+}
+
+// Clustered is implemented by backends shared by several replicas
+// (etcdstore): Announce registers this replica for as long as the store is
+// open (a lease-bound key), Cluster reads the whole picture.
+type Clustered interface {
+	Announce(ctx context.Context, r Replica) error
+	Cluster(ctx context.Context) (ClusterStatus, error)
 }
