@@ -98,9 +98,12 @@ func (s *Server) bootstrap(ctx context.Context) (store.Leadership, error) {
 	if !needs(recs) {
 		return nil, nil
 	}
-	lead, err := s.store.Campaign(ctx)
+	lead, err := s.campaignUnlessBootstrapped(ctx, needs)
 	if err != nil {
-		return nil, fmt.Errorf("campaign to make the first CA: %w", err)
+		return nil, err
+	}
+	if lead == nil {
+		return nil, nil // another replica made what was missing
 	}
 	if recs, err = s.store.ListCAs(ctx); err != nil {
 		lead.Resign(context.Background())
@@ -113,29 +116,93 @@ func (s *Server) bootstrap(ctx context.Context) (store.Leadership, error) {
 	return lead, nil
 }
 
-func (s *Server) bootstrapLocked(ctx context.Context, recs []store.CARecord) error {
-	var active *store.CARecord
-	hasJWT := false
-	for i, r := range recs {
-		if r.State != store.CAActive {
-			continue
+// campaignUnlessBootstrapped campaigns for the leadership until it is
+// won, or until the store's CAs no longer need bootstrapping: replicas
+// starting together on an empty store wait while the first to lead makes
+// the CA, then start as followers instead of waiting for a leadership the
+// winner keeps for as long as it runs. It returns nil, nil in that case.
+func (s *Server) campaignUnlessBootstrapped(ctx context.Context, needs func([]store.CARecord) bool) (store.Leadership, error) {
+	rev, err := s.store.Revision(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read store revision: %w", err)
+	}
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	w, err := s.store.Watch(wctx, rev)
+	if err != nil {
+		return nil, fmt.Errorf("watch the store for the first CA: %w", err)
+	}
+	defer func() {
+		stop()
+		for range w.Responses() { // drained so the watch's goroutine is gone
 		}
-		if r.Kind == "jwt" {
-			hasJWT = true
-		}
-		if r.Kind == "x509" && (active == nil || !r.CreatedAt.Before(active.CreatedAt)) {
-			active = &recs[i]
+	}()
+	// Made between the first listing and the watch: seen here.
+	if recs, err := s.store.ListCAs(ctx); err != nil {
+		return nil, fmt.Errorf("load CAs: %w", err)
+	} else if !needs(recs) {
+		return nil, nil
+	}
+	type won struct {
+		l   store.Leadership
+		err error
+	}
+	cctx, cancelCampaign := context.WithCancel(ctx)
+	defer cancelCampaign()
+	res := make(chan won, 1)
+	go func() { // ends with cctx at the latest; its result is read below
+		l, err := s.store.Campaign(cctx)
+		res <- won{l, err}
+	}()
+	for {
+		select {
+		case r := <-res:
+			if r.err != nil {
+				return nil, fmt.Errorf("campaign to make the first CA: %w", r.err)
+			}
+			return r.l, nil
+		case resp, ok := <-w.Responses():
+			if !ok {
+				// The watch ended (compacted, closed): the campaign alone decides.
+				r := <-res
+				if r.err != nil {
+					return nil, fmt.Errorf("campaign to make the first CA: %w", r.err)
+				}
+				return r.l, nil
+			}
+			touched := false
+			for _, ev := range resp.Events {
+				touched = touched || ev.Kind == store.KindCA
+			}
+			if !touched {
+				continue
+			}
+			recs, err := s.store.ListCAs(ctx)
+			if err != nil {
+				return nil, fmt.Errorf("load CAs: %w", err)
+			}
+			if needs(recs) {
+				continue
+			}
+			cancelCampaign()
+			if r := <-res; r.err == nil {
+				// Won just as the other replica finished: not needed.
+				_ = r.l.Resign(context.Background())
+			}
+			s.log.Info("another replica made the first CA; starting as a follower")
+			return nil, nil
 		}
 	}
+}
+
+func (s *Server) bootstrapLocked(ctx context.Context, recs []store.CARecord) error {
+	active, err := s.repairActivation(ctx, recs)
+	if err != nil {
+		return err
+	}
+	hasJWT := false
 	for _, r := range recs {
-		if r.Kind == "x509" && r.State == store.CAActive && r.ID != active.ID {
-			r.State = store.CARetired
-			if err := s.store.PutCA(ctx, r, &store.AuditEvent{Time: s.now(), Actor: "server", Action: "ca.retire",
-				Target: r.ID, Detail: "repair: a rotation was interrupted after activating its successor"}); err != nil {
-				return fmt.Errorf("repair CA %s: %w", r.ID, err)
-			}
-			s.log.Warn("finished an interrupted CA rotation", "retired", r.ID, "active", active.ID)
-		}
+		hasJWT = hasJWT || (r.Kind == "jwt" && r.State == store.CAActive)
 	}
 	if active == nil {
 		_, rec, err := s.newCA(s.kek, store.CAActive)
@@ -162,6 +229,30 @@ func (s *Server) bootstrapLocked(ctx context.Context, recs []store.CARecord) err
 		s.log.Info("created JWT signing key", "kid", j.KeyID, "not_after", j.NotAfter)
 	}
 	return nil
+}
+
+// repairActivation finishes an activation interrupted between its two
+// writes (the successor made active, the old CA not yet retired): the
+// newest active X.509 CA wins and the others are retired. It returns the
+// one active CA, or nil if there is none.
+func (s *Server) repairActivation(ctx context.Context, recs []store.CARecord) (*store.CARecord, error) {
+	var active *store.CARecord
+	for i, r := range recs {
+		if r.Kind == "x509" && r.State == store.CAActive && (active == nil || !r.CreatedAt.Before(active.CreatedAt)) {
+			active = &recs[i]
+		}
+	}
+	for _, r := range recs {
+		if r.Kind == "x509" && r.State == store.CAActive && r.ID != active.ID {
+			r.State = store.CARetired
+			if err := s.store.PutCA(ctx, r, &store.AuditEvent{Time: s.now(), Actor: "server", Action: "ca.retire",
+				Target: r.ID, Detail: "repair: a rotation was interrupted after activating its successor"}); err != nil {
+				return nil, fmt.Errorf("repair CA %s: %w", r.ID, err)
+			}
+			s.log.Warn("finished an interrupted CA rotation", "retired", r.ID, "active", active.ID)
+		}
+	}
+	return active, nil
 }
 
 // loadLastNotAfter finds, from the inventory, how long each CA's SVIDs

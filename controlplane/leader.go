@@ -33,6 +33,9 @@ func (s *Server) lead(ctx context.Context, first store.Leadership) {
 				continue
 			}
 		}
+		if l != first {
+			s.takeOver(ctx)
+		}
 		s.leader.set(true)
 		s.log.Debug("leading: this server runs the CA lifecycle")
 		s.scheduleRotation() // a step may have fallen due while another led
@@ -46,6 +49,27 @@ func (s *Server) lead(ctx context.Context, first store.Leadership) {
 			s.log.Warn("lost leadership: another replica runs the CA lifecycle now")
 			l = nil
 		}
+	}
+}
+
+// takeOver readies a server that has just won the leadership from another
+// replica: its projection first catches up with everything the old leader
+// wrote (so it never prepares a second CA beside one it has not seen
+// yet), then a rotation the old leader left half done is finished.
+func (s *Server) takeOver(ctx context.Context) {
+	if err := s.synced(ctx); err != nil {
+		s.log.Error("taking over the leadership: catching up with the store failed", "err", err)
+		return
+	}
+	s.rotMu.Lock()
+	defer s.rotMu.Unlock()
+	recs, err := s.store.ListCAs(ctx)
+	if err != nil {
+		s.log.Error("taking over the leadership: load CAs", "err", err)
+		return
+	}
+	if _, err := s.repairActivation(ctx, recs); err != nil {
+		s.log.Error("taking over the leadership", "err", err)
 	}
 }
 

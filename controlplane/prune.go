@@ -15,7 +15,10 @@ const pruneInterval = time.Hour
 // pruneTick prunes the inventory and sweeps idle SVIDs every
 // pruneInterval, on the injected clock, until Close.
 func (s *Server) pruneTick(ctx context.Context) {
-	s.pruneInventory(ctx)
+	// Replicas share the inventory: one pruner is enough.
+	if s.Leading() {
+		s.pruneInventory(ctx)
+	}
 	s.ids.SweepIdle(s.now())
 	s.pruneTim.reset(pruneInterval)
 }

@@ -118,8 +118,12 @@ type Config struct {
 	// AfterFunc schedules renewals; tests may replace it together with Now.
 	// It returns a function that cancels the call.
 	AfterFunc func(d time.Duration, f func()) (stop func() bool)
-	// Store replaces the bbolt store in DataDir (tests, etcd later).
+	// Store replaces the bbolt store in DataDir (tests, etcd).
 	Store store.Store
+	// SharedKEK means replicas share the store and so the KEK: KEKFile
+	// must exist, and is never made (each replica making its own would
+	// seal CA keys the others cannot open).
+	SharedKEK bool
 	// AgentSignRate is the most X.509-SVIDs one node agent may have signed
 	// per second, sustained (a burst of twice that, at least 2,000, covers a
 	// node's whole set after a reconnect): it keeps one agent from filling
@@ -343,7 +347,13 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	// The store is opened first so that a missing KEK file is never replaced
 	// by a new key while the store holds CA keys sealed under the old one.
-	k, created, err := kek.LoadOrCreateUnlessSealed(cfg.KEKFile, func() (bool, error) { return s.storeHasSealedKeys(ctx) })
+	var k *kek.KEK
+	created := false
+	if cfg.SharedKEK {
+		k, err = kek.Load(cfg.KEKFile)
+	} else {
+		k, created, err = kek.LoadOrCreateUnlessSealed(cfg.KEKFile, func() (bool, error) { return s.storeHasSealedKeys(ctx) })
+	}
 	if err != nil {
 		s.store.Close()
 		return nil, fmt.Errorf("key-encryption key: %w", err)

@@ -129,6 +129,14 @@ func LoadOrCreateUnlessSealed(path string, hasSealed func() (bool, error)) (k *K
 // absent although the store holds keys sealed under it.
 var ErrMissing = errors.New("key-encryption key missing for sealed keys")
 
+// Load reads an existing key file; it never creates one. Replicas sharing
+// one store share one key: a replica that made its own could not open the
+// CA keys the others sealed.
+func Load(path string) (*KEK, error) { return load(path) }
+
+// Create writes a new key file at path (0600) and fails if one exists.
+func Create(path string) (*KEK, error) { return create(path) }
+
 func load(path string) (*KEK, error) {
 	f, err := os.Open(path)
 	if err != nil {

@@ -55,6 +55,7 @@ type serverFlags struct {
 	agentSignRate float64
 	kube          serverKubeFlags
 	pcr           serverPCRFlags
+	st            serverStoreFlags
 }
 
 func defaultDataDir() string {
@@ -103,6 +104,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	fs.Float64Var(&f.agentSignRate, "agent-sign-rate", 100, "most X.509-SVIDs one node agent may have signed per second, sustained (bursts of twice that, at least 2,000, pass), so one agent cannot fill the inventory; -1: no limit")
 	f.kube.register(fs)
 	f.pcr.register(fs)
+	f.st.register(fs)
 	fs.BoolVar(&f.fastSign, "fast-sign", false, "sign X.509-SVIDs of in-process ECDSA CA keys without x509.CreateCertificate's post-sign self-check (about 2x the mint rate); a canary is checked at CA load and 1 in 64 SVIDs after signing, and any failure falls back to CreateCertificate")
 }
 
@@ -184,7 +186,15 @@ no entry, and --k8s-bundle-configmap keeps the trust bundle in a ConfigMap for
 the agents' first contact. deploy/kubernetes sets all three. --pcr-signer-name
 makes the server the signer of pods' podCertificate volumes (Kubernetes 1.37
 pod certificates), and the bundle is published as ClusterTrustBundles and a
-meshid-ca-root-cert ConfigMap per namespace.`,
+meshid-ca-root-cert ConfigMap per namespace.
+
+--store etcd runs the server as one of N replicas sharing an etcd cluster
+(--etcd-endpoints, --etcd-ca, --etcd-cert, --etcd-key) and one CA: every
+replica serves every API, one elected leader runs the CA lifecycle, and
+agents given all replicas (meshid agent --server r1:8443,r2:8443) fail over.
+Every replica needs the same --kek-file (meshid kek create FILE, once).
+Without an etcd quorum, writes are refused with Unavailable while workloads
+keep their SVIDs; meshid store migrate moves a bolt data dir to etcd.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), f.logLevel, f.logFormat)
@@ -214,6 +224,9 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	f.kube.signer = pr != nil
 	kr, err := f.kube.setup(&cfg, cfg.Logger)
 	if err != nil {
+		return err
+	}
+	if err := f.st.setup(ctx, &cfg, f.kekFile, cfg.Logger); err != nil {
 		return err
 	}
 	srv, err := controlplane.Open(ctx, cfg)
