@@ -314,9 +314,9 @@ func (c *convergenceCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // Status implements adminv1.AdminServiceServer.
-func (a *AdminService) Status(_ context.Context, _ *adminv1.StatusRequest) (*adminv1.StatusResponse, error) {
+func (a *AdminService) Status(ctx context.Context, _ *adminv1.StatusRequest) (*adminv1.StatusResponse, error) {
 	s := a.srv
-	resp := &adminv1.StatusResponse{BundleVersion: s.newestBundle()}
+	resp := &adminv1.StatusResponse{BundleVersion: s.newestBundle(), Store: s.storeStatus(ctx)}
 	var root *x509.Certificate
 	if p := s.preparedCA(); p != nil {
 		resp.PreparedCa, root = p.rec.ID, p.root

@@ -324,6 +324,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 	s.log.Info("serving", "admin_socket", ep.AdminSocket, "socket", got.Socket, "sds_tcp", got.SDSAddr, "sds_rest", got.SDSRESTAddr, "agent_api", got.AgentAddr, "metrics", got.MetricsAddr, "trust_domain", s.td.String())
 	hs.serving()
 	s.ready.Store(true)
+	s.announce(ctx, got)
 	if ready != nil {
 		ready(got)
 	}

@@ -444,7 +444,9 @@ type ClusterStatus struct {
 	Revision int64
 	// Leader is the ReplicaID of the replica holding the leadership
 	// ("" when none does).
-	Leader   string
+	Leader string
+	// Self is the ReplicaID of the store answering.
+	Self     string
 	Replicas []Replica
 	Members  []Member // etcd members; none for bolt
 }

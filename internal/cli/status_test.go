@@ -3,6 +3,7 @@ package cli
 import (
 	"encoding/json"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -16,7 +17,8 @@ func TestStatusCommand(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("status: %s", errOut)
 	}
-	if !strings.Contains(out, "TOTAL (0 agents)") || !strings.Contains(out, "convergence 100.0%") {
+	if !strings.Contains(out, "TOTAL (0 agents)") || !strings.Contains(out, "convergence 100.0%") ||
+		!strings.Contains(out, "store bolt at revision") || !regexp.MustCompile(`(?m)^\S+\s+leader\s`).MatchString(out) {
 		t.Fatalf("status table:\n%s", out)
 	}
 	out, errOut, code = run(t, "status", admin, "-o", "json")
@@ -27,8 +29,15 @@ func TestStatusCommand(t *testing.T) {
 		BundleVersion    string  `json:"bundle_version"`
 		ConvergenceRatio float64 `json:"convergence_ratio"`
 		Agents           []any   `json:"agents"`
+		Store            struct {
+			Backend  string `json:"backend"`
+			Revision string `json:"revision"` // protojson: int64 as a string
+			Leader   string `json:"leader"`
+			Replica  string `json:"replica"`
+		} `json:"store"`
 	}
-	if err := json.Unmarshal([]byte(out), &doc); err != nil || doc.BundleVersion == "" || doc.ConvergenceRatio != 1 || len(doc.Agents) != 0 {
+	if err := json.Unmarshal([]byte(out), &doc); err != nil || doc.BundleVersion == "" || doc.ConvergenceRatio != 1 || len(doc.Agents) != 0 ||
+		doc.Store.Backend != "bolt" || doc.Store.Revision == "" || doc.Store.Leader == "" || doc.Store.Leader != doc.Store.Replica {
 		t.Fatalf("status -o json: %v\n%s", err, out)
 	}
 	_, errOut, code = run(t, "status", admin, "-o", "xml")

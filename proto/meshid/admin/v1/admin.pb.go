@@ -2215,8 +2215,10 @@ type StatusResponse struct {
 	// activation_held says why automatic activation of the prepared CA is
 	// held back; empty if it is not.
 	ActivationHeld string `protobuf:"bytes,8,opt,name=activation_held,json=activationHeld,proto3" json:"activation_held,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// store is the state store as the answering replica sees it.
+	Store         *StoreStatus `protobuf:"bytes,9,opt,name=store,proto3" json:"store,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -2305,6 +2307,276 @@ func (x *StatusResponse) GetActivationHeld() string {
 	return ""
 }
 
+func (x *StatusResponse) GetStore() *StoreStatus {
+	if x != nil {
+		return x.Store
+	}
+	return nil
+}
+
+// StoreStatus describes the store and, on etcd, the replicas sharing it.
+type StoreStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// backend is "bolt" or "etcd".
+	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	// revision is the store's current revision.
+	Revision int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	// leader is the replica that runs the CA lifecycle ("" while none does).
+	Leader string `protobuf:"bytes,3,opt,name=leader,proto3" json:"leader,omitempty"`
+	// replica is the answering replica's own ID.
+	Replica     string              `protobuf:"bytes,4,opt,name=replica,proto3" json:"replica,omitempty"`
+	Replicas    []*ReplicaStatus    `protobuf:"bytes,5,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	EtcdMembers []*EtcdMemberStatus `protobuf:"bytes,6,rep,name=etcd_members,json=etcdMembers,proto3" json:"etcd_members,omitempty"`
+	// health is empty while writes can be made durable, else why not (no
+	// etcd quorum, a full disk): writes are then refused with Unavailable.
+	Health        string `protobuf:"bytes,7,opt,name=health,proto3" json:"health,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StoreStatus) Reset() {
+	*x = StoreStatus{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoreStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoreStatus) ProtoMessage() {}
+
+func (x *StoreStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoreStatus.ProtoReflect.Descriptor instead.
+func (*StoreStatus) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *StoreStatus) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *StoreStatus) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *StoreStatus) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+func (x *StoreStatus) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
+}
+
+func (x *StoreStatus) GetReplicas() []*ReplicaStatus {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
+func (x *StoreStatus) GetEtcdMembers() []*EtcdMemberStatus {
+	if x != nil {
+		return x.EtcdMembers
+	}
+	return nil
+}
+
+func (x *StoreStatus) GetHealth() string {
+	if x != nil {
+		return x.Health
+	}
+	return ""
+}
+
+// ReplicaStatus is one server process sharing the store.
+type ReplicaStatus struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Version   string                 `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
+	StartedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	// addresses it serves on, as it announced them.
+	Addresses     []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplicaStatus) Reset() {
+	*x = ReplicaStatus{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplicaStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplicaStatus) ProtoMessage() {}
+
+func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
+func (*ReplicaStatus) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ReplicaStatus) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ReplicaStatus) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *ReplicaStatus) GetStartedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartedAt
+	}
+	return nil
+}
+
+func (x *ReplicaStatus) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+// EtcdMemberStatus is one etcd member as the answering replica sees it.
+type EtcdMemberStatus struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Endpoint string                 `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Healthy  bool                   `protobuf:"varint,3,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// leader is true for etcd's Raft leader.
+	Leader        bool   `protobuf:"varint,4,opt,name=leader,proto3" json:"leader,omitempty"`
+	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	Revision      int64  `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
+	DbSizeBytes   int64  `protobuf:"varint,7,opt,name=db_size_bytes,json=dbSizeBytes,proto3" json:"db_size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EtcdMemberStatus) Reset() {
+	*x = EtcdMemberStatus{}
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EtcdMemberStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EtcdMemberStatus) ProtoMessage() {}
+
+func (x *EtcdMemberStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EtcdMemberStatus.ProtoReflect.Descriptor instead.
+func (*EtcdMemberStatus) Descriptor() ([]byte, []int) {
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *EtcdMemberStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EtcdMemberStatus) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *EtcdMemberStatus) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *EtcdMemberStatus) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
+func (x *EtcdMemberStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *EtcdMemberStatus) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *EtcdMemberStatus) GetDbSizeBytes() int64 {
+	if x != nil {
+		return x.DbSizeBytes
+	}
+	return 0
+}
+
 // Agent is a node agent the server attested.
 type Agent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2329,7 +2601,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[37]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2341,7 +2613,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[37]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2354,7 +2626,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{37}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Agent) GetId() string {
@@ -2436,7 +2708,7 @@ type ListAgentsRequest struct {
 
 func (x *ListAgentsRequest) Reset() {
 	*x = ListAgentsRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[38]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2448,7 +2720,7 @@ func (x *ListAgentsRequest) String() string {
 func (*ListAgentsRequest) ProtoMessage() {}
 
 func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[38]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2461,7 +2733,7 @@ func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAgentsRequest.ProtoReflect.Descriptor instead.
 func (*ListAgentsRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{38}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{41}
 }
 
 // ListAgentsResponse lists the agents by id.
@@ -2474,7 +2746,7 @@ type ListAgentsResponse struct {
 
 func (x *ListAgentsResponse) Reset() {
 	*x = ListAgentsResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[39]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2486,7 +2758,7 @@ func (x *ListAgentsResponse) String() string {
 func (*ListAgentsResponse) ProtoMessage() {}
 
 func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[39]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2499,7 +2771,7 @@ func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAgentsResponse.ProtoReflect.Descriptor instead.
 func (*ListAgentsResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{39}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ListAgentsResponse) GetAgents() []*Agent {
@@ -2519,7 +2791,7 @@ type GetAgentRequest struct {
 
 func (x *GetAgentRequest) Reset() {
 	*x = GetAgentRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[40]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2531,7 +2803,7 @@ func (x *GetAgentRequest) String() string {
 func (*GetAgentRequest) ProtoMessage() {}
 
 func (x *GetAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[40]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2544,7 +2816,7 @@ func (x *GetAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAgentRequest.ProtoReflect.Descriptor instead.
 func (*GetAgentRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{40}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *GetAgentRequest) GetId() string {
@@ -2564,7 +2836,7 @@ type GetAgentResponse struct {
 
 func (x *GetAgentResponse) Reset() {
 	*x = GetAgentResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[41]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2576,7 +2848,7 @@ func (x *GetAgentResponse) String() string {
 func (*GetAgentResponse) ProtoMessage() {}
 
 func (x *GetAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[41]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2589,7 +2861,7 @@ func (x *GetAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAgentResponse.ProtoReflect.Descriptor instead.
 func (*GetAgentResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{41}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *GetAgentResponse) GetAgent() *Agent {
@@ -2609,7 +2881,7 @@ type EvictAgentRequest struct {
 
 func (x *EvictAgentRequest) Reset() {
 	*x = EvictAgentRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[42]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2621,7 +2893,7 @@ func (x *EvictAgentRequest) String() string {
 func (*EvictAgentRequest) ProtoMessage() {}
 
 func (x *EvictAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[42]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2634,7 +2906,7 @@ func (x *EvictAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvictAgentRequest.ProtoReflect.Descriptor instead.
 func (*EvictAgentRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{42}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *EvictAgentRequest) GetId() string {
@@ -2654,7 +2926,7 @@ type EvictAgentResponse struct {
 
 func (x *EvictAgentResponse) Reset() {
 	*x = EvictAgentResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[43]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2666,7 +2938,7 @@ func (x *EvictAgentResponse) String() string {
 func (*EvictAgentResponse) ProtoMessage() {}
 
 func (x *EvictAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[43]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2679,7 +2951,7 @@ func (x *EvictAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvictAgentResponse.ProtoReflect.Descriptor instead.
 func (*EvictAgentResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{43}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *EvictAgentResponse) GetAgent() *Agent {
@@ -2699,7 +2971,7 @@ type BanAgentRequest struct {
 
 func (x *BanAgentRequest) Reset() {
 	*x = BanAgentRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[44]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2711,7 +2983,7 @@ func (x *BanAgentRequest) String() string {
 func (*BanAgentRequest) ProtoMessage() {}
 
 func (x *BanAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[44]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2724,7 +2996,7 @@ func (x *BanAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BanAgentRequest.ProtoReflect.Descriptor instead.
 func (*BanAgentRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{44}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *BanAgentRequest) GetId() string {
@@ -2745,7 +3017,7 @@ type BanAgentResponse struct {
 
 func (x *BanAgentResponse) Reset() {
 	*x = BanAgentResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[45]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2757,7 +3029,7 @@ func (x *BanAgentResponse) String() string {
 func (*BanAgentResponse) ProtoMessage() {}
 
 func (x *BanAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[45]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2770,7 +3042,7 @@ func (x *BanAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BanAgentResponse.ProtoReflect.Descriptor instead.
 func (*BanAgentResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{45}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *BanAgentResponse) GetAgent() *Agent {
@@ -2797,7 +3069,7 @@ type UnbanAgentRequest struct {
 
 func (x *UnbanAgentRequest) Reset() {
 	*x = UnbanAgentRequest{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[46]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2809,7 +3081,7 @@ func (x *UnbanAgentRequest) String() string {
 func (*UnbanAgentRequest) ProtoMessage() {}
 
 func (x *UnbanAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[46]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2822,7 +3094,7 @@ func (x *UnbanAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnbanAgentRequest.ProtoReflect.Descriptor instead.
 func (*UnbanAgentRequest) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{46}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *UnbanAgentRequest) GetId() string {
@@ -2842,7 +3114,7 @@ type UnbanAgentResponse struct {
 
 func (x *UnbanAgentResponse) Reset() {
 	*x = UnbanAgentResponse{}
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[47]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2854,7 +3126,7 @@ func (x *UnbanAgentResponse) String() string {
 func (*UnbanAgentResponse) ProtoMessage() {}
 
 func (x *UnbanAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshid_admin_v1_admin_proto_msgTypes[47]
+	mi := &file_meshid_admin_v1_admin_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2867,7 +3139,7 @@ func (x *UnbanAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnbanAgentResponse.ProtoReflect.Descriptor instead.
 func (*UnbanAgentResponse) Descriptor() ([]byte, []int) {
-	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{47}
+	return file_meshid_admin_v1_admin_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *UnbanAgentResponse) GetAgent() *Agent {
@@ -3032,7 +3304,7 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\astreams\x18\x02 \x01(\x05R\astreams\x12%\n" +
 	"\x0estreams_newest\x18\x03 \x01(\x05R\rstreamsNewest\x12)\n" +
 	"\x10streams_prepared\x18\x04 \x01(\x05R\x0fstreamsPrepared\x12\x1a\n" +
-	"\breported\x18\x05 \x01(\bR\breported\"\xd0\x02\n" +
+	"\breported\x18\x05 \x01(\bR\breported\"\x84\x03\n" +
 	"\x0eStatusResponse\x12%\n" +
 	"\x0ebundle_version\x18\x01 \x01(\tR\rbundleVersion\x124\n" +
 	"\x06agents\x18\x02 \x03(\v2\x1c.meshid.admin.v1.AgentStatusR\x06agents\x12\x18\n" +
@@ -3042,7 +3314,30 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\vprepared_ca\x18\x06 \x01(\tR\n" +
 	"preparedCa\x12)\n" +
 	"\x10streams_prepared\x18\a \x01(\x05R\x0fstreamsPrepared\x12'\n" +
-	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld\"\x84\x03\n" +
+	"\x0factivation_held\x18\b \x01(\tR\x0eactivationHeld\x122\n" +
+	"\x05store\x18\t \x01(\v2\x1c.meshid.admin.v1.StoreStatusR\x05store\"\x8f\x02\n" +
+	"\vStoreStatus\x12\x18\n" +
+	"\abackend\x18\x01 \x01(\tR\abackend\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\x12\x16\n" +
+	"\x06leader\x18\x03 \x01(\tR\x06leader\x12\x18\n" +
+	"\areplica\x18\x04 \x01(\tR\areplica\x12:\n" +
+	"\breplicas\x18\x05 \x03(\v2\x1e.meshid.admin.v1.ReplicaStatusR\breplicas\x12D\n" +
+	"\fetcd_members\x18\x06 \x03(\v2!.meshid.admin.v1.EtcdMemberStatusR\vetcdMembers\x12\x16\n" +
+	"\x06health\x18\a \x01(\tR\x06health\"\x92\x01\n" +
+	"\rReplicaStatus\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\tR\aversion\x129\n" +
+	"\n" +
+	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12\x1c\n" +
+	"\taddresses\x18\x04 \x03(\tR\taddresses\"\xca\x01\n" +
+	"\x10EtcdMemberStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bendpoint\x18\x02 \x01(\tR\bendpoint\x12\x18\n" +
+	"\ahealthy\x18\x03 \x01(\bR\ahealthy\x12\x16\n" +
+	"\x06leader\x18\x04 \x01(\bR\x06leader\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\x12\x1a\n" +
+	"\brevision\x18\x06 \x01(\x03R\brevision\x12\"\n" +
+	"\rdb_size_bytes\x18\a \x01(\x03R\vdbSizeBytes\"\x84\x03\n" +
 	"\x05Agent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06method\x18\x02 \x01(\tR\x06method\x12\x12\n" +
@@ -3115,7 +3410,7 @@ func file_meshid_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshid_admin_v1_admin_proto_rawDescData
 }
 
-var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_meshid_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
 var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*Selector)(nil),                // 0: meshid.admin.v1.Selector
 	(*Entry)(nil),                   // 1: meshid.admin.v1.Entry
@@ -3154,107 +3449,114 @@ var file_meshid_admin_v1_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),           // 34: meshid.admin.v1.StatusRequest
 	(*AgentStatus)(nil),             // 35: meshid.admin.v1.AgentStatus
 	(*StatusResponse)(nil),          // 36: meshid.admin.v1.StatusResponse
-	(*Agent)(nil),                   // 37: meshid.admin.v1.Agent
-	(*ListAgentsRequest)(nil),       // 38: meshid.admin.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),      // 39: meshid.admin.v1.ListAgentsResponse
-	(*GetAgentRequest)(nil),         // 40: meshid.admin.v1.GetAgentRequest
-	(*GetAgentResponse)(nil),        // 41: meshid.admin.v1.GetAgentResponse
-	(*EvictAgentRequest)(nil),       // 42: meshid.admin.v1.EvictAgentRequest
-	(*EvictAgentResponse)(nil),      // 43: meshid.admin.v1.EvictAgentResponse
-	(*BanAgentRequest)(nil),         // 44: meshid.admin.v1.BanAgentRequest
-	(*BanAgentResponse)(nil),        // 45: meshid.admin.v1.BanAgentResponse
-	(*UnbanAgentRequest)(nil),       // 46: meshid.admin.v1.UnbanAgentRequest
-	(*UnbanAgentResponse)(nil),      // 47: meshid.admin.v1.UnbanAgentResponse
-	(*durationpb.Duration)(nil),     // 48: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 49: google.protobuf.Timestamp
+	(*StoreStatus)(nil),             // 37: meshid.admin.v1.StoreStatus
+	(*ReplicaStatus)(nil),           // 38: meshid.admin.v1.ReplicaStatus
+	(*EtcdMemberStatus)(nil),        // 39: meshid.admin.v1.EtcdMemberStatus
+	(*Agent)(nil),                   // 40: meshid.admin.v1.Agent
+	(*ListAgentsRequest)(nil),       // 41: meshid.admin.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),      // 42: meshid.admin.v1.ListAgentsResponse
+	(*GetAgentRequest)(nil),         // 43: meshid.admin.v1.GetAgentRequest
+	(*GetAgentResponse)(nil),        // 44: meshid.admin.v1.GetAgentResponse
+	(*EvictAgentRequest)(nil),       // 45: meshid.admin.v1.EvictAgentRequest
+	(*EvictAgentResponse)(nil),      // 46: meshid.admin.v1.EvictAgentResponse
+	(*BanAgentRequest)(nil),         // 47: meshid.admin.v1.BanAgentRequest
+	(*BanAgentResponse)(nil),        // 48: meshid.admin.v1.BanAgentResponse
+	(*UnbanAgentRequest)(nil),       // 49: meshid.admin.v1.UnbanAgentRequest
+	(*UnbanAgentResponse)(nil),      // 50: meshid.admin.v1.UnbanAgentResponse
+	(*durationpb.Duration)(nil),     // 51: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 52: google.protobuf.Timestamp
 }
 var file_meshid_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: meshid.admin.v1.Entry.selectors:type_name -> meshid.admin.v1.Selector
-	48, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
-	49, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	51, // 1: meshid.admin.v1.Entry.ttl:type_name -> google.protobuf.Duration
+	52, // 2: meshid.admin.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	1,  // 3: meshid.admin.v1.CreateEntryRequest.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 4: meshid.admin.v1.CreateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 5: meshid.admin.v1.DeleteEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	1,  // 6: meshid.admin.v1.ListEntriesResponse.entries:type_name -> meshid.admin.v1.Entry
 	1,  // 7: meshid.admin.v1.GetEntryResponse.entry:type_name -> meshid.admin.v1.Entry
 	0,  // 8: meshid.admin.v1.UpdateEntryRequest.selectors:type_name -> meshid.admin.v1.Selector
-	48, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
+	51, // 9: meshid.admin.v1.UpdateEntryRequest.ttl:type_name -> google.protobuf.Duration
 	1,  // 10: meshid.admin.v1.UpdateEntryResponse.entry:type_name -> meshid.admin.v1.Entry
-	48, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
-	49, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
-	49, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
-	49, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
-	49, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
+	51, // 11: meshid.admin.v1.MintX509SVIDRequest.ttl:type_name -> google.protobuf.Duration
+	52, // 12: meshid.admin.v1.MintX509SVIDResponse.not_before:type_name -> google.protobuf.Timestamp
+	52, // 13: meshid.admin.v1.MintX509SVIDResponse.not_after:type_name -> google.protobuf.Timestamp
+	52, // 14: meshid.admin.v1.CA.not_before:type_name -> google.protobuf.Timestamp
+	52, // 15: meshid.admin.v1.CA.not_after:type_name -> google.protobuf.Timestamp
 	16, // 16: meshid.admin.v1.ListCAsResponse.cas:type_name -> meshid.admin.v1.CA
 	16, // 17: meshid.admin.v1.PrepareCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 18: meshid.admin.v1.ActivateCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 19: meshid.admin.v1.RotateCAResponse.ca:type_name -> meshid.admin.v1.CA
 	16, // 20: meshid.admin.v1.RotateCAResponse.old:type_name -> meshid.admin.v1.CA
-	49, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
-	49, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	49, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
-	48, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
+	52, // 21: meshid.admin.v1.IssuedCert.not_before:type_name -> google.protobuf.Timestamp
+	52, // 22: meshid.admin.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	52, // 23: meshid.admin.v1.IssuedCert.issued_at:type_name -> google.protobuf.Timestamp
+	51, // 24: meshid.admin.v1.ListCertsRequest.expiring_within:type_name -> google.protobuf.Duration
 	27, // 25: meshid.admin.v1.ListCertsResponse.certs:type_name -> meshid.admin.v1.IssuedCert
-	48, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	49, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	49, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
+	51, // 26: meshid.admin.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	52, // 27: meshid.admin.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	52, // 28: meshid.admin.v1.GetServerInfoResponse.started_at:type_name -> google.protobuf.Timestamp
 	35, // 29: meshid.admin.v1.StatusResponse.agents:type_name -> meshid.admin.v1.AgentStatus
-	49, // 30: meshid.admin.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
-	49, // 31: meshid.admin.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
-	49, // 32: meshid.admin.v1.Agent.svid_expires_at:type_name -> google.protobuf.Timestamp
-	49, // 33: meshid.admin.v1.Agent.banned_at:type_name -> google.protobuf.Timestamp
-	37, // 34: meshid.admin.v1.ListAgentsResponse.agents:type_name -> meshid.admin.v1.Agent
-	37, // 35: meshid.admin.v1.GetAgentResponse.agent:type_name -> meshid.admin.v1.Agent
-	37, // 36: meshid.admin.v1.EvictAgentResponse.agent:type_name -> meshid.admin.v1.Agent
-	37, // 37: meshid.admin.v1.BanAgentResponse.agent:type_name -> meshid.admin.v1.Agent
-	37, // 38: meshid.admin.v1.UnbanAgentResponse.agent:type_name -> meshid.admin.v1.Agent
-	2,  // 39: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
-	4,  // 40: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
-	6,  // 41: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
-	8,  // 42: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
-	10, // 43: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
-	12, // 44: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
-	14, // 45: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	17, // 46: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
-	19, // 47: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
-	21, // 48: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
-	23, // 49: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
-	25, // 50: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
-	28, // 51: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
-	30, // 52: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
-	32, // 53: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
-	34, // 54: meshid.admin.v1.AdminService.Status:input_type -> meshid.admin.v1.StatusRequest
-	38, // 55: meshid.admin.v1.AdminService.ListAgents:input_type -> meshid.admin.v1.ListAgentsRequest
-	40, // 56: meshid.admin.v1.AdminService.GetAgent:input_type -> meshid.admin.v1.GetAgentRequest
-	42, // 57: meshid.admin.v1.AdminService.EvictAgent:input_type -> meshid.admin.v1.EvictAgentRequest
-	44, // 58: meshid.admin.v1.AdminService.BanAgent:input_type -> meshid.admin.v1.BanAgentRequest
-	46, // 59: meshid.admin.v1.AdminService.UnbanAgent:input_type -> meshid.admin.v1.UnbanAgentRequest
-	3,  // 60: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
-	5,  // 61: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
-	7,  // 62: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
-	9,  // 63: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
-	11, // 64: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
-	13, // 65: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
-	15, // 66: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
-	18, // 67: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
-	20, // 68: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
-	22, // 69: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
-	24, // 70: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
-	26, // 71: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
-	29, // 72: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
-	31, // 73: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
-	33, // 74: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
-	36, // 75: meshid.admin.v1.AdminService.Status:output_type -> meshid.admin.v1.StatusResponse
-	39, // 76: meshid.admin.v1.AdminService.ListAgents:output_type -> meshid.admin.v1.ListAgentsResponse
-	41, // 77: meshid.admin.v1.AdminService.GetAgent:output_type -> meshid.admin.v1.GetAgentResponse
-	43, // 78: meshid.admin.v1.AdminService.EvictAgent:output_type -> meshid.admin.v1.EvictAgentResponse
-	45, // 79: meshid.admin.v1.AdminService.BanAgent:output_type -> meshid.admin.v1.BanAgentResponse
-	47, // 80: meshid.admin.v1.AdminService.UnbanAgent:output_type -> meshid.admin.v1.UnbanAgentResponse
-	60, // [60:81] is the sub-list for method output_type
-	39, // [39:60] is the sub-list for method input_type
-	39, // [39:39] is the sub-list for extension type_name
-	39, // [39:39] is the sub-list for extension extendee
-	0,  // [0:39] is the sub-list for field type_name
+	37, // 30: meshid.admin.v1.StatusResponse.store:type_name -> meshid.admin.v1.StoreStatus
+	38, // 31: meshid.admin.v1.StoreStatus.replicas:type_name -> meshid.admin.v1.ReplicaStatus
+	39, // 32: meshid.admin.v1.StoreStatus.etcd_members:type_name -> meshid.admin.v1.EtcdMemberStatus
+	52, // 33: meshid.admin.v1.ReplicaStatus.started_at:type_name -> google.protobuf.Timestamp
+	52, // 34: meshid.admin.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
+	52, // 35: meshid.admin.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
+	52, // 36: meshid.admin.v1.Agent.svid_expires_at:type_name -> google.protobuf.Timestamp
+	52, // 37: meshid.admin.v1.Agent.banned_at:type_name -> google.protobuf.Timestamp
+	40, // 38: meshid.admin.v1.ListAgentsResponse.agents:type_name -> meshid.admin.v1.Agent
+	40, // 39: meshid.admin.v1.GetAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	40, // 40: meshid.admin.v1.EvictAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	40, // 41: meshid.admin.v1.BanAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	40, // 42: meshid.admin.v1.UnbanAgentResponse.agent:type_name -> meshid.admin.v1.Agent
+	2,  // 43: meshid.admin.v1.AdminService.CreateEntry:input_type -> meshid.admin.v1.CreateEntryRequest
+	4,  // 44: meshid.admin.v1.AdminService.DeleteEntry:input_type -> meshid.admin.v1.DeleteEntryRequest
+	6,  // 45: meshid.admin.v1.AdminService.ListEntries:input_type -> meshid.admin.v1.ListEntriesRequest
+	8,  // 46: meshid.admin.v1.AdminService.GetEntry:input_type -> meshid.admin.v1.GetEntryRequest
+	10, // 47: meshid.admin.v1.AdminService.UpdateEntry:input_type -> meshid.admin.v1.UpdateEntryRequest
+	12, // 48: meshid.admin.v1.AdminService.MintX509SVID:input_type -> meshid.admin.v1.MintX509SVIDRequest
+	14, // 49: meshid.admin.v1.AdminService.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	17, // 50: meshid.admin.v1.AdminService.ListCAs:input_type -> meshid.admin.v1.ListCAsRequest
+	19, // 51: meshid.admin.v1.AdminService.PrepareCA:input_type -> meshid.admin.v1.PrepareCARequest
+	21, // 52: meshid.admin.v1.AdminService.ActivateCA:input_type -> meshid.admin.v1.ActivateCARequest
+	23, // 53: meshid.admin.v1.AdminService.RotateCA:input_type -> meshid.admin.v1.RotateCARequest
+	25, // 54: meshid.admin.v1.AdminService.Revoke:input_type -> meshid.admin.v1.RevokeRequest
+	28, // 55: meshid.admin.v1.AdminService.ListCerts:input_type -> meshid.admin.v1.ListCertsRequest
+	30, // 56: meshid.admin.v1.AdminService.CreateJoinToken:input_type -> meshid.admin.v1.CreateJoinTokenRequest
+	32, // 57: meshid.admin.v1.AdminService.GetServerInfo:input_type -> meshid.admin.v1.GetServerInfoRequest
+	34, // 58: meshid.admin.v1.AdminService.Status:input_type -> meshid.admin.v1.StatusRequest
+	41, // 59: meshid.admin.v1.AdminService.ListAgents:input_type -> meshid.admin.v1.ListAgentsRequest
+	43, // 60: meshid.admin.v1.AdminService.GetAgent:input_type -> meshid.admin.v1.GetAgentRequest
+	45, // 61: meshid.admin.v1.AdminService.EvictAgent:input_type -> meshid.admin.v1.EvictAgentRequest
+	47, // 62: meshid.admin.v1.AdminService.BanAgent:input_type -> meshid.admin.v1.BanAgentRequest
+	49, // 63: meshid.admin.v1.AdminService.UnbanAgent:input_type -> meshid.admin.v1.UnbanAgentRequest
+	3,  // 64: meshid.admin.v1.AdminService.CreateEntry:output_type -> meshid.admin.v1.CreateEntryResponse
+	5,  // 65: meshid.admin.v1.AdminService.DeleteEntry:output_type -> meshid.admin.v1.DeleteEntryResponse
+	7,  // 66: meshid.admin.v1.AdminService.ListEntries:output_type -> meshid.admin.v1.ListEntriesResponse
+	9,  // 67: meshid.admin.v1.AdminService.GetEntry:output_type -> meshid.admin.v1.GetEntryResponse
+	11, // 68: meshid.admin.v1.AdminService.UpdateEntry:output_type -> meshid.admin.v1.UpdateEntryResponse
+	13, // 69: meshid.admin.v1.AdminService.MintX509SVID:output_type -> meshid.admin.v1.MintX509SVIDResponse
+	15, // 70: meshid.admin.v1.AdminService.GetBundle:output_type -> meshid.admin.v1.GetBundleResponse
+	18, // 71: meshid.admin.v1.AdminService.ListCAs:output_type -> meshid.admin.v1.ListCAsResponse
+	20, // 72: meshid.admin.v1.AdminService.PrepareCA:output_type -> meshid.admin.v1.PrepareCAResponse
+	22, // 73: meshid.admin.v1.AdminService.ActivateCA:output_type -> meshid.admin.v1.ActivateCAResponse
+	24, // 74: meshid.admin.v1.AdminService.RotateCA:output_type -> meshid.admin.v1.RotateCAResponse
+	26, // 75: meshid.admin.v1.AdminService.Revoke:output_type -> meshid.admin.v1.RevokeResponse
+	29, // 76: meshid.admin.v1.AdminService.ListCerts:output_type -> meshid.admin.v1.ListCertsResponse
+	31, // 77: meshid.admin.v1.AdminService.CreateJoinToken:output_type -> meshid.admin.v1.CreateJoinTokenResponse
+	33, // 78: meshid.admin.v1.AdminService.GetServerInfo:output_type -> meshid.admin.v1.GetServerInfoResponse
+	36, // 79: meshid.admin.v1.AdminService.Status:output_type -> meshid.admin.v1.StatusResponse
+	42, // 80: meshid.admin.v1.AdminService.ListAgents:output_type -> meshid.admin.v1.ListAgentsResponse
+	44, // 81: meshid.admin.v1.AdminService.GetAgent:output_type -> meshid.admin.v1.GetAgentResponse
+	46, // 82: meshid.admin.v1.AdminService.EvictAgent:output_type -> meshid.admin.v1.EvictAgentResponse
+	48, // 83: meshid.admin.v1.AdminService.BanAgent:output_type -> meshid.admin.v1.BanAgentResponse
+	50, // 84: meshid.admin.v1.AdminService.UnbanAgent:output_type -> meshid.admin.v1.UnbanAgentResponse
+	64, // [64:85] is the sub-list for method output_type
+	43, // [43:64] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_meshid_admin_v1_admin_proto_init() }
@@ -3269,7 +3571,7 @@ func file_meshid_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshid_admin_v1_admin_proto_rawDesc), len(file_meshid_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   48,
+			NumMessages:   51,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
