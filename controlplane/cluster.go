@@ -16,11 +16,10 @@ import (
 const clusterTimeout = 3 * time.Second
 
 // announce registers this replica in a store shared by several (etcd) once
-// it serves, so meshid status on any replica lists it; a store of one
-// process has nothing to announce.
-func (s *Server) announce(ctx context.Context, l Listening) {
-	c, ok := s.store.(store.Clustered)
-	if !ok {
+// it serves, with the addresses it serves on, so meshid status on any
+// replica lists it; a store of one process has nothing to announce.
+func (s *Server) announce(_ context.Context, l Listening) {
+	if _, ok := s.store.(store.Clustered); !ok {
 		return
 	}
 	var addrs []string
@@ -31,12 +30,11 @@ func (s *Server) announce(ctx context.Context, l Listening) {
 			addrs = append(addrs, a.name+"="+a.addr)
 		}
 	}
-	actx, cancel := context.WithTimeout(ctx, clusterTimeout)
-	defer cancel()
-	if err := c.Announce(actx, store.Replica{Version: s.cfg.Version, StartedAt: s.startedAt, Addresses: addrs}); err != nil {
-		// Informational only: the replica serves without it.
-		s.log.Warn("announcing this replica in the store failed; meshid status will not list it", "err", err)
-	}
+	s.peer.mu.Lock()
+	s.peer.addrs = addrs
+	s.peer.last = nil // announced again, with the addresses
+	s.peer.mu.Unlock()
+	s.peerTim.reset(0)
 }
 
 // storeStatus is the store part of meshid status.

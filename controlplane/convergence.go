@@ -211,6 +211,9 @@ func (s *Server) activationGate() gateState {
 			g.conv.Streams += a.streams
 			g.conv.Holding += a.preparedN
 		}
+		streams, holding := s.peerConvergence(g.preparedID)
+		g.conv.Streams += streams
+		g.conv.Holding += holding
 	}
 	g.gate = p.GateAt(now, *active, *prepared, g.conv, g.min)
 	return g
@@ -322,13 +325,37 @@ func (a *AdminService) Status(ctx context.Context, _ *adminv1.StatusRequest) (*a
 		resp.PreparedCa, root = p.rec.ID, p.root
 		resp.ActivationHeld = s.heldReasonFor(p.rec.ID)
 	}
+	self, peers := s.peerAgents()
 	for _, c := range s.convergence(resp.BundleVersion, root) {
 		resp.Agents = append(resp.Agents, &adminv1.AgentStatus{Id: c.id, Streams: int32(c.streams), StreamsNewest: int32(c.newest),
-			StreamsPrepared: int32(c.preparedN), Reported: c.reported})
+			StreamsPrepared: int32(c.preparedN), Reported: c.reported, Replica: self})
 		resp.Streams += int32(c.streams)
 		resp.StreamsNewest += int32(c.newest)
 		resp.StreamsPrepared += int32(c.preparedN)
 	}
+	// The peers' agents, as each replica last published them (within
+	// peerInterval): a status on any replica covers the whole mesh.
+	for id, p := range peers {
+		for _, a := range p.Agents {
+			prep := int32(0)
+			if p.PreparedCA == resp.PreparedCa {
+				prep = int32(a.Prepared)
+			}
+			resp.Agents = append(resp.Agents, &adminv1.AgentStatus{Id: a.ID, Streams: int32(a.Streams), StreamsNewest: int32(a.Newest),
+				StreamsPrepared: prep, Reported: a.Reported, Replica: id})
+		}
+		resp.Streams += int32(p.Streams)
+		resp.StreamsNewest += int32(p.Newest)
+		if p.PreparedCA == resp.PreparedCa {
+			resp.StreamsPrepared += int32(p.Prepared)
+		}
+	}
+	slices.SortFunc(resp.Agents, func(x, y *adminv1.AgentStatus) int {
+		if c := strings.Compare(x.Id, y.Id); c != 0 {
+			return c
+		}
+		return strings.Compare(x.Replica, y.Replica)
+	})
 	resp.ConvergenceRatio = lifecycle.Convergence{Holding: int(resp.StreamsNewest), Streams: int(resp.Streams)}.Ratio()
 	return resp, nil
 }

@@ -459,6 +459,10 @@ type Replica struct {
 	// Addresses the replica serves agents and admins on, as it announced
 	// them (informational).
 	Addresses []string
+	// Convergence is opaque to the store: what the replica tells its
+	// peers about the bundle its connected agents hold (the leader gates
+	// CA activation on every replica's agents, not only its own).
+	Convergence []byte
 }
 
 // Member is one etcd member as the client sees it.
@@ -474,7 +478,10 @@ type Member struct {
 
 // Clustered is implemented by backends shared by several replicas
 // (etcdstore): Announce registers this replica for as long as the store is
-// open (a lease-bound key), Cluster reads the whole picture.
+// open (a lease-bound key: a replica that dies leaves the list within the
+// lease), and called again replaces what it announced; Cluster reads the
+// whole picture. Announce fills Replica.ID from the store's own replica
+// name when it is empty.
 type Clustered interface {
 	Announce(ctx context.Context, r Replica) error
 	Cluster(ctx context.Context) (ClusterStatus, error)

@@ -46,7 +46,14 @@ activation of the prepared CA waits until that fraction reaches
 			}
 			prepared := resp.GetPreparedCa() != ""
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			withReplica := false
+			for _, a := range resp.GetAgents() {
+				withReplica = withReplica || a.GetReplica() != ""
+			}
 			header := "AGENT\tSTREAMS\tON NEWEST BUNDLE"
+			if withReplica {
+				header = "AGENT\tREPLICA\tSTREAMS\tON NEWEST BUNDLE"
+			}
 			if prepared {
 				header += "\tHOLD PREPARED CA"
 			}
@@ -56,13 +63,20 @@ activation of the prepared CA waits until that fraction reaches
 				if !a.GetReported() {
 					streams = "(no report yet)"
 				}
-				line := fmt.Sprintf("%s\t%s\t%d", a.GetId(), streams, a.GetStreamsNewest())
+				id := a.GetId()
+				if withReplica {
+					id += "\t" + a.GetReplica()
+				}
+				line := fmt.Sprintf("%s\t%s\t%d", id, streams, a.GetStreamsNewest())
 				if prepared {
 					line += fmt.Sprintf("\t%d", a.GetStreamsPrepared())
 				}
 				fmt.Fprintln(tw, line)
 			}
 			total := fmt.Sprintf("TOTAL (%d agents)\t%d\t%d", len(resp.GetAgents()), resp.GetStreams(), resp.GetStreamsNewest())
+			if withReplica {
+				total = fmt.Sprintf("TOTAL (%d agents)\t\t%d\t%d", len(resp.GetAgents()), resp.GetStreams(), resp.GetStreamsNewest())
+			}
 			if prepared {
 				total += fmt.Sprintf("\t%d", resp.GetStreamsPrepared())
 			}

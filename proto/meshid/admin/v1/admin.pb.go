@@ -2127,7 +2127,10 @@ type AgentStatus struct {
 	// streams_prepared of them hold a bundle with the prepared CA, if any.
 	StreamsPrepared int32 `protobuf:"varint,4,opt,name=streams_prepared,json=streamsPrepared,proto3" json:"streams_prepared,omitempty"`
 	// reported is false until the agent has sent its first report.
-	Reported      bool `protobuf:"varint,5,opt,name=reported,proto3" json:"reported,omitempty"`
+	Reported bool `protobuf:"varint,5,opt,name=reported,proto3" json:"reported,omitempty"`
+	// replica is the server replica the agent is connected to (with
+	// --store etcd; the answering replica's own agents have its ID too).
+	Replica       string `protobuf:"bytes,6,opt,name=replica,proto3" json:"replica,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2195,6 +2198,13 @@ func (x *AgentStatus) GetReported() bool {
 		return x.Reported
 	}
 	return false
+}
+
+func (x *AgentStatus) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
 }
 
 // StatusResponse is the convergence of every connected agent.
@@ -3298,13 +3308,14 @@ const file_meshid_admin_v1_admin_proto_rawDesc = "" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x129\n" +
 	"\n" +
 	"started_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\"\x0f\n" +
-	"\rStatusRequest\"\xa5\x01\n" +
+	"\rStatusRequest\"\xbf\x01\n" +
 	"\vAgentStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\x05R\astreams\x12%\n" +
 	"\x0estreams_newest\x18\x03 \x01(\x05R\rstreamsNewest\x12)\n" +
 	"\x10streams_prepared\x18\x04 \x01(\x05R\x0fstreamsPrepared\x12\x1a\n" +
-	"\breported\x18\x05 \x01(\bR\breported\"\x84\x03\n" +
+	"\breported\x18\x05 \x01(\bR\breported\x12\x18\n" +
+	"\areplica\x18\x06 \x01(\tR\areplica\"\x84\x03\n" +
 	"\x0eStatusResponse\x12%\n" +
 	"\x0ebundle_version\x18\x01 \x01(\tR\rbundleVersion\x124\n" +
 	"\x06agents\x18\x02 \x03(\v2\x1c.meshid.admin.v1.AgentStatusR\x06agents\x12\x18\n" +
