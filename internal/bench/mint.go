@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -29,6 +30,12 @@ import (
 // MintConfig describes a CSR-minting load.
 type MintConfig struct {
 	AdminSocket string
+	// AdminSockets, if set, spreads the clients over several replicas
+	// (AdminSocket is then ignored): client i starts on socket i mod n and
+	// moves to the next on Unavailable, so the load goes on while a
+	// replica is killed; the serials are checked against every replica's
+	// shared inventory.
+	AdminSockets []string
 	SpiffeID    string
 	Concurrency int // concurrent clients, each with its own connection
 	Requests    int
@@ -58,6 +65,11 @@ type MintResult struct {
 	// InventoryChecked is how many received serials were found in the
 	// inventory (only with VerifyInventory).
 	InventoryChecked int `json:"inventory_checked"`
+	// Duplicates counts serials received more than once (two replicas
+	// handing out one serial): always 0 unless something is wrong.
+	Duplicates int `json:"duplicate_serials"`
+	// Failovers counts clients moving to another replica.
+	Failovers int `json:"failovers,omitempty"`
 }
 
 func dial(path string) (*grpc.ClientConn, error) {
@@ -113,15 +125,24 @@ func Mint(ctx context.Context, cfg MintConfig) (MintResult, error) {
 		res.CSRPrep = time.Since(start)
 	}
 
-	conns := make([]*grpc.ClientConn, cfg.Concurrency)
-	for i := range conns {
-		c, err := dial(cfg.AdminSocket)
-		if err != nil {
-			return res, err
-		}
-		defer c.Close()
-		conns[i] = c
+	sockets := cfg.AdminSockets
+	if len(sockets) == 0 {
+		sockets = []string{cfg.AdminSocket}
 	}
+	// conns[w][k]: client w's own connection to socket k (dialled lazily
+	// by gRPC, so unused replicas cost nothing).
+	conns := make([][]*grpc.ClientConn, cfg.Concurrency)
+	for i := range conns {
+		for _, sock := range sockets {
+			c, err := dial(sock)
+			if err != nil {
+				return res, err
+			}
+			defer c.Close()
+			conns[i] = append(conns[i], c)
+		}
+	}
+	var failovers atomic.Int64
 
 	var next atomic.Int64
 	latencies := make([]time.Duration, cfg.Requests)
@@ -150,7 +171,8 @@ func Mint(ctx context.Context, cfg MintConfig) (MintResult, error) {
 	start := time.Now()
 	var wg sync.WaitGroup
 	for w := range cfg.Concurrency {
-		client := adminv1.NewAdminServiceClient(conns[w])
+		at := w % len(sockets)
+		client := adminv1.NewAdminServiceClient(conns[w][at])
 		wg.Go(func() {
 			for ctx.Err() == nil {
 				i := int(next.Add(1) - 1)
@@ -176,6 +198,11 @@ func Mint(ctx context.Context, cfg MintConfig) (MintResult, error) {
 				if err != nil {
 					errCount.Add(1)
 					firstErr.CompareAndSwap(nil, status.Convert(err).Message())
+					if len(sockets) > 1 && status.Code(err) == codes.Unavailable {
+						at = (at + 1) % len(sockets)
+						client = adminv1.NewAdminServiceClient(conns[w][at])
+						failovers.Add(1)
+					}
 					continue
 				}
 				serials[i] = resp.GetSerial()
@@ -201,15 +228,37 @@ func Mint(ctx context.Context, cfg MintConfig) (MintResult, error) {
 	res.P99 = latencies[len(latencies)*99/100]
 	res.Max = latencies[len(latencies)-1]
 
+	res.Failovers = int(failovers.Load())
+	seen := make(map[string]bool, len(serials))
+	for _, sr := range serials {
+		if sr != "" && seen[sr] {
+			res.Duplicates++
+		}
+		seen[sr] = true
+	}
 	if cfg.VerifyInventory {
-		n, err := checkInventory(ctx, adminv1.NewAdminServiceClient(conns[0]), serials)
+		// Any replica that answers has the whole (shared) inventory.
+		var err error
+		for k := range sockets {
+			var n int
+			if n, err = checkInventory(ctx, adminv1.NewAdminServiceClient(conns[0][k]), serials); err == nil || !errors.Is(err, errInventoryUnreadable) {
+				res.InventoryChecked = n
+				break
+			}
+		}
 		if err != nil {
 			return res, err
 		}
-		res.InventoryChecked = n
+	}
+	if res.Duplicates > 0 {
+		return res, fmt.Errorf("%d serials were handed out more than once", res.Duplicates)
 	}
 	return res, nil
 }
+
+// errInventoryUnreadable is a replica that could not list the inventory
+// (killed): another is asked.
+var errInventoryUnreadable = errors.New("inventory unreadable")
 
 // checkInventory confirms that every serial the clients received is in the
 // server's inventory: a certificate handed out but not recorded is a bug.
@@ -225,7 +274,7 @@ func checkInventory(ctx context.Context, c adminv1.AdminServiceClient, serials [
 	for {
 		resp, err := c.ListCerts(ctx, req)
 		if err != nil {
-			return 0, fmt.Errorf("read inventory: %w", err)
+			return 0, fmt.Errorf("read inventory: %w: %w", errInventoryUnreadable, err)
 		}
 		for _, r := range resp.GetCerts() {
 			if want[r.GetSerial()] {

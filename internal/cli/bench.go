@@ -32,8 +32,16 @@ received is looked up in the server's inventory.`,
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			if _, _, err := dialAdmin(cfg.AdminSocket); err != nil {
-				return err
+			if len(cfg.AdminSockets) == 1 {
+				cfg.AdminSocket, cfg.AdminSockets = cfg.AdminSockets[0], nil
+			}
+			for _, sock := range append([]string{cfg.AdminSocket}, cfg.AdminSockets...) {
+				if sock == "" {
+					continue
+				}
+				if _, _, err := dialAdmin(sock); err != nil {
+					return err
+				}
 			}
 			if output == "table" {
 				cfg.Progress = func(done int) { fmt.Fprintf(cmd.ErrOrStderr(), "\r%d/%d", done, cfg.Requests) }
@@ -56,7 +64,10 @@ received is looked up in the server's inventory.`,
 				fmt.Fprintf(w, "csr prep   %s (before the clock)\n", res.CSRPrep.Round(time.Millisecond))
 			}
 			if cfg.VerifyInventory {
-				fmt.Fprintf(w, "inventory  all %d serials recorded\n", res.InventoryChecked)
+				fmt.Fprintf(w, "inventory  all %d serials recorded, %d duplicates\n", res.InventoryChecked, res.Duplicates)
+			}
+			if res.Failovers > 0 {
+				fmt.Fprintf(w, "failovers  %d (clients moved to another replica)\n", res.Failovers)
 			}
 			if res.FirstError != "" {
 				fmt.Fprintf(w, "first error: %s\n", res.FirstError)
@@ -68,7 +79,7 @@ received is looked up in the server's inventory.`,
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&cfg.AdminSocket, "admin-socket", endpoint.DefaultLayout().AdminSocket, "admin API socket of the server under test")
+	fs.StringSliceVar(&cfg.AdminSockets, "admin-socket", []string{endpoint.DefaultLayout().AdminSocket}, "admin API socket of the server under test; a comma-separated list spreads the clients over replicas (--store etcd), each moving to the next replica on Unavailable")
 	fs.StringVar(&cfg.SpiffeID, "spiffe-id", "spiffe://cluster.local/ns/bench/sa/load", "SPIFFE ID to mint")
 	fs.IntVarP(&cfg.Concurrency, "concurrency", "c", 8, "concurrent clients")
 	fs.IntVarP(&cfg.Requests, "requests", "n", 10000, "SVIDs to mint")
