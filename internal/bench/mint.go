@@ -36,9 +36,9 @@ type MintConfig struct {
 	// replica is killed; the serials are checked against every replica's
 	// shared inventory.
 	AdminSockets []string
-	SpiffeID    string
-	Concurrency int // concurrent clients, each with its own connection
-	Requests    int
+	SpiffeID     string
+	Concurrency  int // concurrent clients, each with its own connection
+	Requests     int
 	// KeygenInline makes each client generate its key and CSR per request,
 	// on the clock. By default the CSRs are made before the clock starts so
 	// the figure measures the server, not the load generator sharing its
