@@ -24,4 +24,5 @@ env_line="$("$dir/k8sbed" up --bin "$bin" --dir "$dir/bed")"
 eval "$env_line"
 echo "with-k8s: bed up in $((SECONDS - start)) s ($MESHID_K8S_DIR)" >&2
 export MESHID_K8S_DIR MESHID_K8S_REQUIRED=1
+export MESHID_ETCD_BIN="$bin/etcd"
 "$@"
