@@ -16,7 +16,6 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/meshid/meshid/controlplane"
-	"github.com/meshid/meshid/store"
 	"github.com/meshid/meshid/store/etcdstore"
 )
 
@@ -72,8 +71,7 @@ func (f *serverStoreFlags) setup(ctx context.Context, cfg *controlplane.Config, 
 	if err != nil {
 		return fmt.Errorf("--store etcd: %w", err)
 	}
-	var anyStore any = st // until etcdstore implements store.Store (merge of k13-etcd)
-	cfg.Store = anyStore.(store.Store)
+	cfg.Store = st
 	cfg.SharedKEK = true
 	return nil
 }

@@ -50,7 +50,7 @@ func (s *Store) Announce(ctx context.Context, r store.Replica) error {
 // Cluster reads the etcd members (MemberList, then Status of each client
 // URL), the announced replicas and the election's current value.
 func (s *Store) Cluster(ctx context.Context) (store.ClusterStatus, error) {
-	st := store.ClusterStatus{Backend: "etcd"}
+	st := store.ClusterStatus{Backend: "etcd", Self: s.opts.Replica}
 	if err := s.check(ctx); err != nil {
 		return st, err
 	}
