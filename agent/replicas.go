@@ -106,7 +106,9 @@ type replicaKey struct{}
 
 // replicaCreds passes each handshake to the TLS credentials and tags the
 // resulting AuthInfo with the replica it was made with.
-type replicaCreds struct{ credentials.TransportCredentials }
+type replicaCreds struct {
+	credentials.TransportCredentials
+}
 
 // replicaInfo is the AuthInfo of a connection to a replica.
 type replicaInfo struct {
