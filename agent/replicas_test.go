@@ -424,3 +424,102 @@ func TestAgentRidesOutEveryReplicaDown(t *testing.T) {
 	waitFor(t, "the new entry's SVID", func() bool { return h.latest()["spiffe://cluster.local/ns/shop/sa/back"] != nil })
 	h.check("after the outage")
 }
+
+// lagStore delivers its watch's changes lag late (real time, each from
+// when it was committed), as a replica's etcd watch trails the writes of
+// another replica.
+type lagStore struct {
+	store.Store
+	lag time.Duration
+}
+
+type lagWatcher struct {
+	inner store.Watcher
+	out   chan store.WatchResponse
+}
+
+func (w *lagWatcher) Responses() <-chan store.WatchResponse { return w.out }
+func (w *lagWatcher) Err() error                            { return w.inner.Err() }
+
+func (l lagStore) Watch(ctx context.Context, fromRev int64) (store.Watcher, error) {
+	inner, err := l.Store.Watch(ctx, fromRev)
+	if err != nil {
+		return nil, err
+	}
+	type item struct {
+		resp store.WatchResponse
+		at   time.Time
+	}
+	w := &lagWatcher{inner: inner, out: make(chan store.WatchResponse)}
+	q := make(chan item, 4096)
+	// Both end when the watch's ctx does: the inner channel is drained
+	// until it closes, then out is closed.
+	go func() {
+		defer close(q)
+		for resp := range inner.Responses() {
+			select {
+			case q <- item{resp, time.Now().Add(l.lag)}:
+			case <-ctx.Done():
+			}
+		}
+	}()
+	go func() {
+		defer close(w.out)
+		for it := range q {
+			if ctx.Err() != nil {
+				continue
+			}
+			t := time.NewTimer(time.Until(it.at))
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				continue
+			}
+			select {
+			case w.out <- it.resp:
+			case <-ctx.Done():
+			}
+		}
+	}()
+	return w, nil
+}
+
+// TestReplicaBehindTheStoreAdmitsAFreshAgent: an agent attests on one
+// replica, which dies; the replica it fails over to learns of the
+// attestation only through its watch, here 2 s late. It must admit the
+// agent (deciding on a projection as new as the store), not refuse it as
+// evicted: refused so, the agent drops its node SVID and, its token
+// spent, can never come back.
+func TestReplicaBehindTheStoreAdmitsAFreshAgent(t *testing.T) {
+	dir := t.TempDir()
+	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bs.Close()
+	kekFile := filepath.Join(dir, "kek")
+	a := startPlaneWith(t, controlplane.Config{DataDir: t.TempDir(), Store: sharedStore{bs}, KEKFile: kekFile}, "127.0.0.1:0")
+	b := startPlaneWith(t, controlplane.Config{DataDir: t.TempDir(), Store: lagStore{sharedStore{bs}, 2 * time.Second}, KEKFile: kekFile}, "127.0.0.1:0")
+	cfg := nodeSetup(t, a, 1, 0)
+	cfg.Server = a.agentAddr
+	ag, _, stop := runAgent(t, cfg)
+	waitFor(t, "the agent on the first replica", ag.Connected)
+	serial := nodeSerial(t, cfg.DataDir)
+	stop()
+	a.stop()
+
+	cfg.JoinToken = "" // spent
+	cfg.Server = b.agentAddr
+	ag, l, stop := runAgent(t, cfg)
+	defer stop()
+	waitFor(t, "the agent on the lagging replica", ag.Connected)
+	if got := nodeSerial(t, cfg.DataDir); got != serial {
+		t.Fatalf("node SVID %s, want %s", got, serial)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if got := fetchAll(ctx, t, l.Socket); len(got) != 1 {
+		t.Fatalf("served %d SVIDs through the lagging replica, want 1", len(got))
+	}
+}
