@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -521,5 +522,95 @@ func TestReplicaBehindTheStoreAdmitsAFreshAgent(t *testing.T) {
 	defer cancel()
 	if got := fetchAll(ctx, t, l.Socket); len(got) != 1 {
 		t.Fatalf("served %d SVIDs through the lagging replica, want 1", len(got))
+	}
+}
+
+// countingProxy forwards TCP connections to target, counting them, until
+// the test ends.
+type countingProxy struct {
+	l     net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	n     int
+	conns []net.Conn
+}
+
+func startProxy(t *testing.T, target string) *countingProxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &countingProxy{l: l}
+	p.wg.Go(func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.n++
+			p.conns = append(p.conns, c, up)
+			p.mu.Unlock()
+			p.wg.Go(func() { io.Copy(up, c); up.Close() })
+			p.wg.Go(func() { io.Copy(c, up); c.Close() })
+		}
+	})
+	t.Cleanup(func() {
+		l.Close()
+		p.mu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+func (p *countingProxy) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.n
+}
+
+// TestAgentRefusesAnImpostorReplica: a list naming, besides the real
+// replica, a server of another CA that has the right SPIFFE ID
+// (spiffe://cluster.local/meshid/server). Each address is verified alike:
+// with the real one down, a new agent reaches the impostor, refuses its
+// SVID before presenting its join token (which the impostor would spend or
+// refuse), and attests on the real one once it is up.
+func TestAgentRefusesAnImpostorReplica(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	real := startPlaneWith(t, controlplane.Config{DataDir: dir}, "127.0.0.1:0")
+	impostor := startProxy(t, startPlane(t, t.TempDir()).agentAddr)
+	cfg := nodeSetup(t, real, 1, 0)
+	addr := real.agentAddr
+	real.stop()
+	cfg.Server = impostor.l.Addr().String() + "," + addr
+	logs := &logRecords{}
+	cfg.Logger = slog.New(logs)
+	a, l, stop := runAgent(t, cfg)
+	defer stop()
+	waitFor(t, "a round through the impostor", func() bool { return impostor.count() > 0 && len(logs.with("server unreachable")) > 0 })
+	if a.Connected() || len(logs.with("attested")) > 0 {
+		t.Fatal("attested or connected with only the impostor up")
+	}
+	real = startPlaneWith(t, controlplane.Config{DataDir: dir}, addr)
+	waitFor(t, "the agent on the real replica", func() bool { return a.Server() == addr })
+	if got := fetchAll(ctx, t, l.Socket); len(got) != 1 {
+		t.Fatalf("served %d SVIDs, want 1", len(got))
+	}
+	for _, r := range append(logs.with("connected to the server"), logs.with("attested")...) {
+		if r["server"] != addr {
+			t.Fatalf("the agent dealt with %s, want only the real replica %s: %v", r["server"], addr, r)
+		}
 	}
 }
