@@ -35,7 +35,9 @@ import (
 
 // Config is what an agent needs. Zero values take the defaults.
 type Config struct {
-	// Server is the server's agent API, host:port.
+	// Server is the server's agent API, host:port, or the replicas' (which
+	// share one store and CA) separated by commas: the agent starts at a
+	// random one and moves to the next when it loses it (ParseServers).
 	Server string
 	// TrustDomain is the server's (default cluster.local).
 	TrustDomain string
@@ -94,6 +96,7 @@ type Agent struct {
 	td       spiffeid.TrustDomain
 	serverID spiffeid.ID
 	dir      *dataDir
+	ring     ring // the replicas; connectLoop's alone
 	cache    *svidcache.Cache
 	index    *entry.Index
 	signer   *remoteSigner
@@ -107,6 +110,11 @@ type Agent struct {
 	// one), kept for the persisted cache.
 	lastBundle *agentv1.Bundle
 
+	// current is the replica the Sync stream is held with, lastServer the
+	// one it was last held with (failovers count moves away from it).
+	current, lastServer string
+	failovers           atomic.Uint64
+
 	connected atomic.Bool
 	lastSync  atomic.Int64 // unix nanos
 	// ws is the workload socket while Run serves it (bundle reports).
@@ -115,8 +123,9 @@ type Agent struct {
 
 // Open locks the data dir and loads the node identity kept there.
 func Open(cfg Config) (*Agent, error) {
-	if cfg.Server == "" {
-		return nil, errors.New("server address is required")
+	servers, err := ParseServers(cfg.Server)
+	if err != nil {
+		return nil, err
 	}
 	if cfg.TrustDomain == "" {
 		cfg.TrustDomain = "cluster.local"
@@ -177,7 +186,7 @@ func Open(cfg Config) (*Agent, error) {
 		return nil, errors.New("no trust bundle to verify the server with: give --trust-bundle (the server's bundle.pem) or --insecure-bootstrap")
 	}
 	serverID, _ := spiffeid.FromSegments(td, "meshid", "server")
-	a := &Agent{cfg: cfg, log: cfg.Logger, td: td, serverID: serverID, dir: dir, index: entry.NewIndex(), node: node, trust: trust}
+	a := &Agent{cfg: cfg, log: cfg.Logger, td: td, serverID: serverID, dir: dir, ring: newRing(servers), index: entry.NewIndex(), node: node, trust: trust}
 	a.signer = &remoteSigner{a: a}
 	if cfg.AvailabilityTarget <= 0 {
 		cfg.AvailabilityTarget = DefaultAvailabilityTarget
@@ -308,7 +317,10 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 }
 
 // connectLoop holds a session with the server, reconnecting with capped
-// exponential backoff and jitter; the cache serves meanwhile. It returns
+// exponential backoff and jitter; the cache serves meanwhile. With
+// replicas, a session lost (or refused, e.g. Unavailable) moves at once to
+// the next replica; the backoff is taken only once a full round of them
+// failed, so a dead replica is never waited on. It returns
 // only when ctx ends (nil), the server refuses the join token (the
 // agent cannot become anything without a new one: retrying would spin),
 // or an operator banned the agent, or evicted it and there is no join
@@ -316,12 +328,15 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) bool {
 func (a *Agent) connectLoop(ctx context.Context) error {
 	backoff := time.Duration(0)
 	evicted := false // attesting again after an eviction
+	missed := 0      // replicas failed in this round
 	for ctx.Err() == nil {
 		a.mu.Lock()
 		dialed := a.node
 		a.mu.Unlock()
-		synced, err := a.session(ctx)
+		started := a.cfg.Now()
+		synced, reached, err := a.session(ctx, a.ring.order())
 		a.connected.Store(false)
+		a.connectedTo("")
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -357,7 +372,7 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 			if !a.canAttest() {
 				return fmt.Errorf("evicted by the server, must attest again: restart the agent with a new join token (meshid token create --agent): %s", st.Message())
 			}
-			a.log.Warn("evicted by the server: attesting again", "method", a.cfg.NodeAttestor, "server", a.cfg.Server, "why", st.Message())
+			a.log.Warn("evicted by the server: attesting again", "method", a.cfg.NodeAttestor, "server", reached, "why", st.Message())
 			evicted = true
 			backoff = 0
 			continue
@@ -371,6 +386,10 @@ func (a *Agent) connectLoop(ctx context.Context) error {
 		}
 		if synced {
 			backoff = 0 // the server was there: start over
+		}
+		if !a.nextRound(reached, synced, a.cfg.Now().Sub(started), &missed) {
+			a.log.Warn("server replica lost: serving from cache, trying the next replica", "server", reached, "next", a.ring.order()[0], "err", err)
+			continue
 		}
 		backoff = min(max(2*backoff, minBackoff), maxBackoff)
 		d := a.boundBackoff(time.Duration(float64(backoff) * (0.8 + 0.4*rand.Float64())))

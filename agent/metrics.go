@@ -21,6 +21,7 @@ type collector struct {
 	a                                        *Agent
 	connected, lastSync, served, overdue, ob *prometheus.Desc
 	expired                                  *prometheus.Desc
+	serverInfo, failovers                    *prometheus.Desc
 }
 
 func newCollector(a *Agent) *collector {
@@ -33,11 +34,15 @@ func newCollector(a *Agent) *collector {
 			"How long every workload on this node stays valid if the server vanished now: the earliest expiry among served SVIDs, from now (0 when nothing is served, or once one expired).", nil, nil),
 		expired: prometheus.NewDesc("meshid_agent_expired_svids",
 			"Identities workloads hold whose SVID expired before it could be renewed: withdrawn (never served expired), so those workloads have none now.", nil, nil),
+		serverInfo: prometheus.NewDesc("meshid_agent_server_info",
+			"One series per server replica given to --server: 1 for the one the agent holds its Sync stream with, 0 for the others (all 0 while disconnected).", []string{"address"}, nil),
+		failovers: prometheus.NewDesc("meshid_agent_server_failovers_total",
+			"Times the agent's Sync stream moved to another server replica than the one it last held it with.", nil, nil),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.connected, c.lastSync, c.served, c.overdue, c.ob, c.expired} {
+	for _, d := range []*prometheus.Desc{c.connected, c.lastSync, c.served, c.overdue, c.ob, c.expired, c.serverInfo, c.failovers} {
 		ch <- d
 	}
 }
@@ -65,6 +70,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.overdue, prometheus.GaugeValue, float64(overdue))
 	ch <- prometheus.MustNewConstMetric(c.ob, prometheus.GaugeValue, budget)
 	ch <- prometheus.MustNewConstMetric(c.expired, prometheus.GaugeValue, float64(expired))
+	current := c.a.Server()
+	for _, s := range c.a.ring.servers {
+		v := 0.0
+		if s == current {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.serverInfo, prometheus.GaugeValue, v, s)
+	}
+	ch <- prometheus.MustNewConstMetric(c.failovers, prometheus.CounterValue, float64(c.a.Failovers()))
 }
 
 // Ready is nil while the agent can serve its node: it has been in touch
@@ -101,7 +115,12 @@ func (a *Agent) serveMetrics(ctx context.Context, l net.Listener) error {
 			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintln(w, "ready")
+		// Which replica, for an operator's curl: the metrics say it too.
+		if s := a.Server(); s != "" {
+			fmt.Fprintf(w, "ready: connected to server %s\n", s)
+		} else {
+			fmt.Fprintln(w, "ready: server unreachable, serving from cache")
+		}
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {

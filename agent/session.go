@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -52,7 +53,9 @@ func (a *Agent) verifyServer(insecure bool) func([][]byte, [][]*x509.Certificate
 	}
 }
 
-func (a *Agent) dial(withNode, insecure bool) (*grpc.ClientConn, error) {
+// dial is a client for the replicas in order (one, or pick_first over
+// them), each verified alike.
+func (a *Agent) dial(order []string, withNode, insecure bool) (*grpc.ClientConn, error) {
 	cfg := &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		// Verified by VerifyPeerCertificate, against the SPIFFE ID.
@@ -67,49 +70,52 @@ func (a *Agent) dial(withNode, insecure bool) (*grpc.ClientConn, error) {
 			return a.node.tlsCert(), nil
 		},
 	}
-	return grpc.NewClient(a.cfg.Server, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	return newConn(order, credentials.NewTLS(cfg))
 }
 
-// attest spends the join token for a node SVID and keeps it.
-func (a *Agent) attest(ctx context.Context) error {
+// attest spends the join token for a node SVID and keeps it. reached is
+// the replica that answered ("" if none).
+func (a *Agent) attest(ctx context.Context, order []string) (reached string, err error) {
 	a.mu.Lock()
 	insecure := len(a.trust) == 0 && a.cfg.InsecureBootstrap
 	a.mu.Unlock()
-	cc, err := a.dial(false, insecure)
+	cc, err := a.dial(order, false, insecure)
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer cc.Close()
 	key, csr, err := newNodeKey()
 	if err != nil {
-		return err
+		return "", err
 	}
 	proof, err := a.nodeProof()
 	if err != nil {
-		return err
+		return "", err
 	}
-	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: a.cfg.NodeAttestor, Payload: proof, Csr: csr})
+	var p peer.Peer
+	resp, err := agentv1.NewAgentServiceClient(cc).Attest(ctx, &agentv1.AttestRequest{Method: a.cfg.NodeAttestor, Payload: proof, Csr: csr}, grpc.Peer(&p))
+	reached = replicaOf(&p, order)
 	if c := status.Code(err); c == codes.PermissionDenied || c == codes.InvalidArgument {
-		return &attestRefused{err: status.Convert(err).Err(), method: a.cfg.NodeAttestor}
+		return reached, &attestRefused{err: status.Convert(err).Err(), method: a.cfg.NodeAttestor}
 	}
 	if err != nil {
-		return fmt.Errorf("attest: %w", err)
+		return reached, fmt.Errorf("attest: %w", err)
 	}
 	node, err := parseNode(key, resp.GetSvidChain())
 	if err != nil {
-		return err
+		return reached, err
 	}
 	if err := a.dir.saveNode(node); err != nil {
-		return fmt.Errorf("keep node identity: %w", err)
+		return reached, fmt.Errorf("keep node identity: %w", err)
 	}
 	a.mu.Lock()
 	a.node = node
 	a.mu.Unlock()
 	if err := a.setTrust(resp.GetBundle()); err != nil {
-		return err
+		return reached, err
 	}
-	a.log.Info("attested", "node_id", node.id.String(), "not_after", node.chain[0].NotAfter)
-	return nil
+	a.log.Info("attested", "node_id", node.id.String(), "not_after", node.chain[0].NotAfter, "server", reached)
+	return reached, nil
 }
 
 // setTrust replaces the CAs the server is verified with by the bundle
@@ -136,20 +142,22 @@ func (a *Agent) setTrust(b *agentv1.Bundle) error {
 	return nil
 }
 
-// session attests if it must, then holds one Sync stream until it fails.
-// synced says whether the server answered at all.
-func (a *Agent) session(ctx context.Context) (synced bool, err error) {
+// session attests if it must, then holds one Sync stream until it fails,
+// with the first of the replicas in order that answers. synced says
+// whether the server answered at all, reached which replica did ("" if
+// none could be reached).
+func (a *Agent) session(ctx context.Context, order []string) (synced bool, reached string, err error) {
 	a.mu.Lock()
 	node := a.node
 	a.mu.Unlock()
 	if node == nil {
-		if err := a.attest(ctx); err != nil {
-			return false, err
+		if reached, err := a.attest(ctx, order); err != nil {
+			return false, reached, err
 		}
 	}
-	cc, err := a.dial(true, false)
+	cc, err := a.dial(order, true, false)
 	if err != nil {
-		return false, err
+		return false, "", err
 	}
 	defer cc.Close()
 	client := agentv1.NewAgentServiceClient(cc)
@@ -157,8 +165,12 @@ func (a *Agent) session(ctx context.Context) (synced bool, err error) {
 	defer cancel()
 	stream, err := client.Sync(ctx)
 	if err != nil {
-		return false, fmt.Errorf("sync: %w", err)
+		return false, "", fmt.Errorf("sync: %w", err)
 	}
+	// The stream has its transport: the replica is known even if it
+	// refuses the stream.
+	p, _ := peer.FromContext(stream.Context())
+	reached = replicaOf(p, order)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
@@ -166,7 +178,7 @@ func (a *Agent) session(ctx context.Context) (synced bool, err error) {
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
-			return !first, fmt.Errorf("sync: %w", err)
+			return !first, reached, fmt.Errorf("sync %s: %w", reached, err)
 		}
 		if first {
 			a.mu.Lock()
@@ -177,8 +189,9 @@ func (a *Agent) session(ctx context.Context) (synced bool, err error) {
 				a.client = nil
 				a.mu.Unlock()
 			}()
+			a.connectedTo(reached)
 			a.connected.Store(true)
-			a.log.Info("connected to the server", "server", a.cfg.Server, "node_id", a.ID().String())
+			a.log.Info("connected to the server", "server", reached, "node_id", a.ID().String())
 			wg.Go(func() { a.renewNode(ctx, client) })
 			wg.Go(func() { a.reportLoop(ctx, stream) })
 			first = false

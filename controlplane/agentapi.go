@@ -290,7 +290,7 @@ func (a *AgentService) agentCaller(ctx context.Context) (spiffeid.ID, error) {
 		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "present the node SVID as TLS client certificate (attest first)")
 	}
 	leaf := info.State.PeerCertificates[0]
-	if err := a.srv.admitAgent(leaf); err != nil {
+	if err := a.srv.admitAgentSynced(ctx, leaf); err != nil {
 		return spiffeid.ID{}, err
 	}
 	if a.srv.isRevoked(leaf) {

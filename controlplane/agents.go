@@ -109,6 +109,39 @@ func (s *Server) admitAgent(leaf *x509.Certificate) error {
 	return nil
 }
 
+// agentAdmitWait bounds how long a call refused as evicted waits for this
+// replica to catch up with the store before the refusal stands.
+const agentAdmitWait = 5 * time.Second
+
+// admitAgentSynced is admitAgent, except that a refusal as evicted or
+// superseded is decided again once the projection holds every write
+// committed before the call: with replicas, the agent may have attested or
+// renewed its node SVID on another one a moment ago (that one syncs before
+// it answers, recordAttested; this one learns of it through its watch), and
+// an agent refused as evicted drops its node SVID. A current projection
+// costs nothing here; a ban is never waited on.
+func (s *Server) admitAgentSynced(ctx context.Context, leaf *x509.Certificate) error {
+	err := s.admitAgent(leaf)
+	if err == nil || !isEvictedRefusal(err) {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, agentAdmitWait)
+	defer cancel()
+	if s.synced(ctx) != nil {
+		return err
+	}
+	return s.admitAgent(leaf)
+}
+
+func isEvictedRefusal(err error) bool {
+	for _, d := range status.Convert(err).Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == AgentRefusalDomain && info.GetReason() == AgentReasonEvicted {
+			return true
+		}
+	}
+	return false
+}
+
 func listsSerial(rec store.AgentRecord, serial string) bool {
 	return slices.ContainsFunc(rec.NodeSVIDs, func(n store.AgentSVID) bool { return n.Serial == serial })
 }

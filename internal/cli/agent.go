@@ -25,7 +25,7 @@ func newAgentCmd() *cobra.Command {
 		k8s                        *agentK8sFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "agent --server HOST:PORT [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
+		Use:   "agent --server HOST:PORT[,HOST:PORT...] [--data-dir DIR] (the first start also: --join-token T and --trust-bundle FILE or --insecure-bootstrap)",
 		Short: "Run a node agent: serve SDS and the SPIFFE Workload API on this node from SVIDs the server signs",
 		Long: `Run the meshid node agent. It proves to the server (meshid server
 --agent-listen) which node it is, the first time with a join token made by
@@ -40,7 +40,16 @@ The server is verified by its SPIFFE ID (spiffe://<trust domain>/meshid/server)
 under --trust-bundle (the server's bundle, e.g. from 'meshid bundle show'),
 or, with --insecure-bootstrap, trusted on first contact and pinned from then
 on. While the server is unreachable the agent keeps serving what it holds and
-reconnects with backoff; it never serves an expired SVID. Each SVID is
+reconnects with backoff; it never serves an expired SVID.
+
+--server takes the replicas of one server separated by commas
+(r1:8443,r2:8443,r3:8443): replicas share the CA and the store, so the node
+SVID and everything synced stay valid on each. The agent starts at a random
+replica (agents spread over them), moves to the next at once when it loses the
+one it has (or is refused, e.g. Unavailable), and backs off only once every
+replica failed in a row. Each is verified by the same SPIFFE ID check. The
+replica in use is meshid_agent_server_info{address=...} 1 and in /readyz, moves
+are counted in meshid_agent_server_failovers_total. Each SVID is
 renewed when less than --availability-target of its life is left (never later
 than half its life): that is how long the node's workloads stay valid if the
 server vanishes, exported as meshid_agent_outage_budget_seconds. What the agent
@@ -69,6 +78,8 @@ server's --k8s-default-identity every pod gets spiffe://<td>/ns/<ns>/sa/<sa>.`,
   # on node web-1 (later restarts need only --server and --data-dir)
   meshid agent --server meshid.example:8443 --join-token-file web-1.token --trust-bundle bundle.pem \
       --data-dir /var/lib/meshid-agent --socket /run/meshid/workload/workload.sock
+  # three replicas of one server (meshid server --store etcd)
+  meshid agent --server r1:8443,r2:8443,r3:8443 --data-dir /var/lib/meshid-agent
   # in a Kubernetes DaemonSet pod
   meshid agent --server meshid.meshid.svc:8443 --node-attestor k8s_psat \
       --k8s-token-path /var/run/secrets/meshid/token --trust-bundle /run/meshid/bundle/bundle.pem`,
@@ -77,6 +88,9 @@ server's --k8s-default-identity every pod gets spiffe://<td>/ns/<ns>/sa/<sa>.`,
 			log, err := newLogger(cmd.ErrOrStderr(), logLevel, logFormat)
 			if err != nil {
 				return err
+			}
+			if _, err := agent.ParseServers(server); err != nil {
+				return fmt.Errorf("--server: %w", err)
 			}
 			if tokenFile != "" {
 				if token != "" {
@@ -124,7 +138,7 @@ server's --k8s-default-identity every pod gets spiffe://<td>/ns/<ns>/sa/<sa>.`,
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&server, "server", "", "the server's agent API, host:port (meshid server --agent-listen)")
+	fs.StringVar(&server, "server", "", "the server's agent API, host:port (meshid server --agent-listen), or its replicas' separated by commas (failover between them)")
 	fs.StringVar(&trustDomain, "trust-domain", "cluster.local", "the server's trust domain")
 	fs.StringVar(&token, "join-token", "", "agent join token for the first attestation (prefer --join-token-file: flags show in ps)")
 	fs.StringVar(&tokenFile, "join-token-file", "", "file holding the agent join token")
