@@ -85,7 +85,9 @@ func (a *AdminService) toStatus(op string, err error) error {
 		// A full or failing disk: nothing was written and nothing issued;
 		// the caller may retry once the store takes writes again. The store
 		// logged the failure once; a line per refused call would flood.
-		return status.Error(codes.Unavailable, op+" refused: the server cannot write to its store (see the server log); retry later")
+		// The cause goes to the caller (an administrator): "etcd: no
+		// quorum" and "disk full" call for different operators.
+		return status.Error(codes.Unavailable, op+" refused: the server cannot write to its store ("+err.Error()+"); retry later")
 	case errors.Is(err, store.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, store.ErrNotFound):

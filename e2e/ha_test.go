@@ -513,7 +513,7 @@ func TestHAKillReplicasUnderMint(t *testing.T) {
 	done := make(chan result, 1)
 	go func() {
 		res, err := bench.Mint(ctx, bench.MintConfig{AdminSockets: socks, SpiffeID: "spiffe://cluster.local/ns/ha/sa/mint",
-			Concurrency: 6, Requests: 4000, Progress: nil})
+			Concurrency: 6, Requests: 4000, VerifyInventory: true})
 		done <- result{res, err}
 	}()
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 13))
