@@ -141,8 +141,13 @@ func TestImportResetsWatches(t *testing.T) {
 	if err := dst.Import(ctx, snap); err != nil {
 		t.Fatal(err)
 	}
-	for range w.Responses() {
-		t.Fatal("the watch open across the import got a response")
+	select {
+	case r, ok := <-w.Responses():
+		if ok {
+			t.Fatalf("the watch open across the import got %+v", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watch open across the import did not end")
 	}
 	if !errors.Is(w.Err(), store.ErrCompacted) {
 		t.Fatalf("watch open across the import ended with %v, want ErrCompacted", w.Err())
