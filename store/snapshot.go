@@ -14,7 +14,7 @@ import (
 type SnapshotCounts struct {
 	CAs        int `json:"cas"`
 	Entries    int `json:"entries"`
-	SVIDs      int `json:"svids"`
+	SVIDs      int `json:"inventory_rows"`
 	Audit      int `json:"audit_events"`
 	Tokens     int `json:"join_tokens"`
 	Revoked    int `json:"revoked_serials"`
