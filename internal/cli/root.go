@@ -87,7 +87,7 @@ wins over the environment, which wins over the file.`,
 		newServerCmd(), newDevCmd(),
 		newEntryCmd(), newX509Cmd(), newBundleCmd(), newCACmd(), newCertsCmd(),
 		newVersionCmd(), newBenchCmd(), newEnvoyCmd(), newTokenCmd(), newRevokeCmd(), newHelperCmd(), newAgentCmd(),
-		newStatusCmd(), newKEKCmd(),
+		newStatusCmd(), newKEKCmd(), newStoreCmd(),
 	)
 	refuseUnknownSubcommands(root)
 	return root

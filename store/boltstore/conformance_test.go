@@ -22,4 +22,16 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+// TestMigratorConformance runs the backend-neutral Export/Import checks.
+func TestMigratorConformance(t *testing.T) {
+	storetest.RunMigrator(t, func(t *testing.T) store.Store {
+		s, err := Open(filepath.Join(t.TempDir(), "meshid.db"), Options{UnsafeNoSync: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	})
+}
+
 var _ storetest.Compacter = (*Store)(nil)

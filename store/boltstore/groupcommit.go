@@ -62,6 +62,10 @@ type svidReq struct {
 	fn  func(*bolt.Tx, *changes) error
 	ch  changes
 	rev int64
+	// resetWatch marks an Import: it takes a revision of its own but
+	// publishes no events; the watch log is reset to it instead (see
+	// hub.reset).
+	resetWatch bool
 }
 
 // opName names r in the errors it gets.
@@ -214,7 +218,7 @@ func (s *Store) commitGroup(batch []*svidReq) int {
 					failAt, failErr = i, err
 					return errGroupMemberFailed
 				}
-				if len(r.ch.events) > 0 {
+				if len(r.ch.events) > 0 || r.resetWatch {
 					// One revision per request, as if each had its own
 					// commit: a watcher cannot tell the groups apart.
 					rev++
@@ -259,7 +263,9 @@ func (s *Store) commitGroup(batch []*svidReq) int {
 			r.done <- fmt.Errorf("%s: %w", r.opName(), wrapTxErr("group commit", err))
 			continue
 		}
-		if len(r.ch.events) > 0 {
+		if r.resetWatch {
+			s.hub.reset(r.rev)
+		} else if len(r.ch.events) > 0 {
 			// Published before the caller hears back, in commit order:
 			// only this goroutine publishes.
 			s.hub.publish(store.WatchResponse{Revision: r.rev, Events: r.ch.events})
