@@ -392,6 +392,33 @@ func TestQuorumLoss(t *testing.T) {
 	if err := s.CreateEntry(bg, testEntry("before", "spiffe://example.org/before"), nop); err != nil {
 		t.Fatal(err)
 	}
+	if err := s.Announce(bg, store.Replica{Version: "test", StartedAt: t0, Addresses: []string{"127.0.0.1:8443"}}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := s.Campaign(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.Cluster(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaders := 0
+	for _, m := range st.Members {
+		if !m.Healthy || m.Revision == 0 || m.DBSize == 0 || m.Endpoint == "" {
+			t.Fatalf("member %+v", m)
+		}
+		if m.Leader {
+			leaders++
+		}
+	}
+	if st.Backend != "etcd" || len(st.Members) != 3 || leaders != 1 || st.Leader != s.opts.Replica || st.Revision == 0 ||
+		len(st.Replicas) != 1 || st.Replicas[0].ID != s.opts.Replica || st.Replicas[0].Version != "test" {
+		t.Fatalf("Cluster = %+v", st)
+	}
+	if err := l.Resign(bg); err != nil {
+		t.Fatal(err)
+	}
 	rev, _ := s.Revision(bg)
 	ctx, cancel := context.WithCancel(bg)
 	defer cancel()
@@ -400,7 +427,7 @@ func TestQuorumLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Stop(t, 0)
-	c.Stop(t, 1)
+	c.Kill(t, 1)
 	start := time.Now()
 	err = s.CreateEntry(bg, testEntry("lost", "spiffe://example.org/lost"), nop)
 	if !errors.Is(err, store.ErrUnavailable) {

@@ -287,7 +287,11 @@ func (s *Store) fail(ctx context.Context, what string, err error) error {
 	if s.closed.Load() && errors.Is(err, context.Canceled) {
 		return fmt.Errorf("%s: %w", what, store.ErrClosed)
 	}
-	return fmt.Errorf("%s: etcd: %w: %w", what, err, store.ErrUnavailable)
+	if errors.Is(err, context.DeadlineExceeded) {
+		// Our RequestTimeout: etcd neither committed nor refused.
+		return fmt.Errorf("%s: etcd %v did not answer within %v (no quorum, or no member reachable): %w: %w", what, s.opts.Endpoints, s.opts.RequestTimeout, err, store.ErrUnavailable)
+	}
+	return fmt.Errorf("%s: etcd %v: %w: %w", what, s.opts.Endpoints, err, store.ErrUnavailable)
 }
 
 func isCompacted(err error) bool {
