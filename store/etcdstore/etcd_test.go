@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -426,8 +427,19 @@ func TestQuorumLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Stop(t, 0)
-	c.Kill(t, 1)
+	// A follower stops gracefully, the Raft leader dies.
+	leader := -1
+	for _, m := range st.Members {
+		if m.Leader {
+			leader = slices.Index(c.Endpoints(), m.Endpoint)
+		}
+	}
+	if leader < 0 {
+		t.Fatalf("no Raft leader among %v", c.Endpoints())
+	}
+	follower := (leader + 1) % 3
+	c.Stop(t, follower)
+	c.Kill(t, leader)
 	start := time.Now()
 	err = s.CreateEntry(bg, testEntry("lost", "spiffe://example.org/lost"), nop)
 	if !errors.Is(err, store.ErrUnavailable) {
@@ -441,8 +453,8 @@ func TestQuorumLoss(t *testing.T) {
 		t.Fatalf("RecordSVID without quorum: %v, want ErrUnavailable", err)
 	}
 	waitFor(t, func() bool { return errors.Is(s.Health(), store.ErrUnavailable) })
-	c.Restart(t, 0)
-	c.Restart(t, 1)
+	c.Restart(t, follower)
+	c.Restart(t, leader)
 	waitFor(t, func() bool { return s.Health() == nil })
 	var after error
 	waitFor(t, func() bool {
