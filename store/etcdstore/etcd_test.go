@@ -453,6 +453,10 @@ func TestQuorumLoss(t *testing.T) {
 		t.Fatalf("RecordSVID without quorum: %v, want ErrUnavailable", err)
 	}
 	waitFor(t, func() bool { return errors.Is(s.Health(), store.ErrUnavailable) })
+	// Reads keep working (serializable, from the member left).
+	if es, _, err := s.ListEntries(bg, store.EntryQuery{}); err != nil || len(es) != 1 || es[0].ID != "before" {
+		t.Fatalf("ListEntries without quorum: %+v, %v", es, err)
+	}
 	c.Restart(t, follower)
 	c.Restart(t, leader)
 	waitFor(t, func() bool { return s.Health() == nil })
@@ -503,5 +507,32 @@ func TestTLS(t *testing.T) {
 			s2.Close()
 		}
 		t.Fatalf("Open without a client certificate: %v, want ErrUnavailable", err)
+	}
+}
+
+// TestLeaderCompacts: the leading store compacts etcd's history by itself,
+// to the revision it saw one interval earlier; a store that does not lead
+// does not.
+func TestLeaderCompacts(t *testing.T) {
+	s := openShared(t, Options{CompactInterval: 100 * time.Millisecond})
+	if err := s.CreateEntry(bg, testEntry("e", "spiffe://example.org/e"), nop); err != nil {
+		t.Fatal(err)
+	}
+	rev, _ := s.Revision(bg)
+	compacted := func() bool {
+		_, err := s.cli.Get(bg, s.k.marker, clientv3.WithRev(rev-1))
+		return err != nil && isCompacted(err)
+	}
+	if compacted() {
+		t.Fatal("history compacted before the test")
+	}
+	l, err := s.Campaign(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Resign(bg)
+	waitFor(t, compacted)
+	if _, err := s.Watch(bg, rev-1); !errors.Is(err, store.ErrCompacted) {
+		t.Fatalf("watch from before the leader's compaction: %v, want ErrCompacted", err)
 	}
 }

@@ -320,6 +320,28 @@ func (s *Store) get(ctx context.Context, what, key string, opts ...clientv3.OpOp
 	return resp, nil
 }
 
+// read is get for methods that only read: while etcd has no quorum (Health
+// failing, or this read timing out) it falls back to a serializable read
+// from whichever member answers, so listings keep working, possibly stale,
+// as store.ErrUnavailable promises.
+func (s *Store) read(ctx context.Context, what, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	var err error
+	if s.Health() == nil {
+		var resp *clientv3.GetResponse
+		if resp, err = s.get(ctx, what, key, opts...); err == nil || !errors.Is(err, store.ErrUnavailable) {
+			return resp, err
+		}
+	}
+	resp, serr := s.get(ctx, what, key, append(opts, clientv3.WithSerializable())...)
+	if serr != nil {
+		if err != nil {
+			return nil, err
+		}
+		return nil, serr
+	}
+	return resp, nil
+}
+
 // marker is the op every transaction changing watched state carries.
 func (s *Store) marker() clientv3.Op { return clientv3.OpPut(s.k.marker, "") }
 
@@ -463,7 +485,7 @@ func (s *Store) ListAudit(ctx context.Context, limit int) ([]store.AuditEvent, e
 	if limit < 0 {
 		return nil, fmt.Errorf("list audit: negative limit: %w", store.ErrInvalid)
 	}
-	resp, err := s.get(ctx, "list audit", s.k.audit, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(int64(limit)))
+	resp, err := s.read(ctx, "list audit", s.k.audit, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(int64(limit)))
 	if err != nil {
 		return nil, err
 	}
