@@ -374,6 +374,13 @@ func TestMigrate(t *testing.T) {
 	if err := dst.CreateEntry(bg, testEntry("e2", "spiffe://example.org/e1"), nop); !errors.Is(err, store.ErrAlreadyExists) {
 		t.Fatalf("duplicate after import: %v", err)
 	}
+	// Events written after the import are newer than the imported ones.
+	if err := dst.AppendAudit(bg, store.AuditEvent{Time: t0, Actor: "test", Action: "after.import"}); err != nil {
+		t.Fatal(err)
+	}
+	if au, err := dst.ListAudit(bg, 0); err != nil || len(au) != 4 || au[0].Action != "after.import" || !reflect.DeepEqual(au[1:], []store.AuditEvent{snap.Audit[2], snap.Audit[1], snap.Audit[0]}) {
+		t.Fatalf("audit after import: %+v, %v", au, err)
+	}
 	if err := dst.Import(bg, snap); !errors.Is(err, store.ErrAlreadyExists) {
 		t.Fatalf("import into a non-empty prefix: %v", err)
 	}
@@ -535,4 +542,54 @@ func TestLeaderCompacts(t *testing.T) {
 	if _, err := s.Watch(bg, rev-1); !errors.Is(err, store.ErrCompacted) {
 		t.Fatalf("watch from before the leader's compaction: %v, want ErrCompacted", err)
 	}
+}
+
+// TestCloseWaitsForRecordSVID closes a store while callers are recording:
+// every call that returned nil has its row, later ones fail with ErrClosed.
+func TestCloseWaitsForRecordSVID(t *testing.T) {
+	s := openShared(t, Options{})
+	const n = 300
+	var wg sync.WaitGroup
+	var ok sync.Map
+	started := make(chan struct{}, n)
+	for i := range n {
+		wg.Go(func() {
+			started <- struct{}{}
+			err := s.RecordSVID(bg, testSVID(i))
+			switch {
+			case err == nil:
+				ok.Store(testSVID(i).Serial, true)
+			case !errors.Is(err, store.ErrClosed):
+				t.Errorf("RecordSVID during Close: %v", err)
+			}
+		})
+	}
+	for range n / 2 {
+		<-started
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	r := openSame(t, s, Options{})
+	rows, _, err := r.ListSVIDs(bg, store.SVIDQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, row := range rows {
+		have[row.Serial] = true
+	}
+	acked := 0
+	ok.Range(func(k, _ any) bool {
+		acked++
+		if !have[k.(string)] {
+			t.Errorf("acknowledged serial %s missing", k)
+		}
+		return true
+	})
+	if acked == 0 {
+		t.Fatal("no call succeeded before Close")
+	}
+	t.Logf("%d acknowledged, %d rows", acked, len(rows))
 }

@@ -13,8 +13,9 @@
 //	p svid/x/<exp><serial> inventory row; <exp> is 16 hex digits of NotAfter
 //	                      so that keys sort by NotAfter, then serial
 //	p svid/s/<serial>     -> the row's key: one row per serial
-//	p audit/<hlc>-<tag>   audit events; <hlc> is 16 hex digits of a per-store
-//	                      hybrid clock (wall nanoseconds, strictly increasing)
+//	p audit/<hlc>-<tag>   audit events, newest first; <hlc> is 16 hex digits
+//	                      of the bitwise NOT of a per-store hybrid clock
+//	                      (wall nanoseconds, strictly increasing)
 //	p crl/<ca id>         last CRL number handed out
 //	p replica/<id>        Announce records, bound to a lease
 //	p election/           concurrency.Election keys
@@ -437,7 +438,10 @@ func (s *Store) nextAuditKey() string {
 	n := max(time.Now().UnixNano(), s.hlcLast+1)
 	s.hlcLast = n
 	s.hlcMu.Unlock()
-	return fmt.Sprintf("%s%016x-%s", s.k.audit, uint64(n), s.tag)
+	// Inverted, so that keys ascend from the newest: ListAudit is then a
+	// plain limited range, which etcd serves without reading the whole
+	// trail (a descending sort makes it read and sort every key).
+	return fmt.Sprintf("%s%016x-%s", s.k.audit, ^uint64(n), s.tag)
 }
 
 func (s *Store) auditOp(ev store.AuditEvent) (clientv3.Op, error) {
@@ -485,7 +489,7 @@ func (s *Store) ListAudit(ctx context.Context, limit int) ([]store.AuditEvent, e
 	if limit < 0 {
 		return nil, fmt.Errorf("list audit: negative limit: %w", store.ErrInvalid)
 	}
-	resp, err := s.read(ctx, "list audit", s.k.audit, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(int64(limit)))
+	resp, err := s.read(ctx, "list audit", s.k.audit, clientv3.WithPrefix(), clientv3.WithLimit(int64(limit)))
 	if err != nil {
 		return nil, err
 	}
