@@ -593,3 +593,39 @@ func TestCloseWaitsForRecordSVID(t *testing.T) {
 	}
 	t.Logf("%d acknowledged, %d rows", acked, len(rows))
 }
+
+// TestWatchOverflowResumes: a consumer that stops reading while more
+// commits arrive than the watch buffers gets every one of them, once and in
+// order, when it reads again (the etcd watch is paused and resumed from
+// etcd's history, not dropped).
+func TestWatchOverflowResumes(t *testing.T) {
+	s := openShared(t, Options{})
+	rev, _ := s.Revision(bg)
+	ctx, cancel := context.WithCancel(bg)
+	defer cancel()
+	w, err := s.Watch(ctx, rev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 3 * (watchChan + watchQueue)
+	for i := range n {
+		if err := s.RevokeSerials(bg, []store.RevokedSerial{{Serial: fmt.Sprintf("%04d", i), NotAfter: t0}}, nop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := rev
+	for i := range n {
+		select {
+		case r, ok := <-w.Responses():
+			if !ok {
+				t.Fatalf("watch ended after %d: %v", i, w.Err())
+			}
+			if r.Revision <= last || len(r.Events) != 1 || r.Events[0].Key != fmt.Sprintf("%04d", i) {
+				t.Fatalf("response %d: %+v after revision %d", i, r, last)
+			}
+			last = r.Revision
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %d of %d responses", i, n)
+		}
+	}
+}
