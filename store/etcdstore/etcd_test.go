@@ -567,6 +567,12 @@ func TestCloseWaitsForRecordSVID(t *testing.T) {
 	for range n / 2 {
 		<-started
 	}
+	// Close while rows are queued or in flight.
+	waitFor(t, func() bool {
+		s.gc.mu.Lock()
+		defer s.gc.mu.Unlock()
+		return len(s.gc.pending) > 0
+	})
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -110,11 +110,13 @@ func TestLeaseLostWhenCutOff(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-	case <-time.After(a.opts.LeaseTTL + 2*time.Second):
+	case <-time.After(a.opts.LeaseTTL + 5*time.Second):
 		t.Fatal("b did not lead after a was cut off")
 	}
 	took := time.Since(cut)
-	if took > a.opts.LeaseTTL+time.Second {
+	// The goal is TTL + 1 s (etcd checks expiry every 500 ms); the bound
+	// leaves a second more for a loaded 2-core machine under -race.
+	if took > a.opts.LeaseTTL+2*time.Second {
 		t.Fatalf("takeover took %v, lease TTL %v", took, a.opts.LeaseTTL)
 	}
 	t.Logf("takeover %v after the leader was cut off", took)
