@@ -251,6 +251,8 @@ func (c *Cluster) ClientTLS() *tls.Config {
 }
 
 // Stop sends member i SIGTERM and waits for it to exit (SIGKILL after 10 s).
+// A graceful stop of the Raft leader takes seconds (it hands the
+// leadership over first); Kill is immediate.
 func (c *Cluster) Stop(t testing.TB, i int) {
 	t.Helper()
 	if err := c.members[i].signal(syscall.SIGTERM, 10*time.Second); err != nil {
@@ -390,10 +392,13 @@ func (m *member) signal(sig syscall.Signal, grace time.Duration) error {
 	}
 }
 
+// stopAll kills every member: the data dirs are thrown away, and a
+// graceful stop costs seconds per member (etcd tries to hand its Raft
+// leadership over first).
 func (c *Cluster) stopAll() {
 	var wg sync.WaitGroup
 	for _, m := range c.members {
-		wg.Go(func() { _ = m.signal(syscall.SIGTERM, 10*time.Second) })
+		wg.Go(func() { _ = m.signal(syscall.SIGKILL, 0) })
 	}
 	wg.Wait()
 }

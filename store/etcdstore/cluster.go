@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"sync"
 
@@ -140,6 +141,7 @@ func (s *Store) Export(ctx context.Context) (store.Snapshot, error) {
 		}
 		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
+	slices.Reverse(snap.Audit)
 	return snap, nil
 }
 
@@ -186,7 +188,7 @@ func (s *Store) exportKV(snap *store.Snapshot, key string, v []byte) error {
 		if err := unmarshal(v, &r); err != nil {
 			return err
 		}
-		snap.Audit = append(snap.Audit, r) // keys sort oldest first
+		snap.Audit = append(snap.Audit, r) // newest first; reversed at the end
 	case strings.HasPrefix(key, s.k.crl):
 		var n int64
 		if _, err := fmt.Sscan(string(v), &n); err != nil {
@@ -237,9 +239,10 @@ func (s *Store) Import(ctx context.Context, snap store.Snapshot) error {
 		ops = append(ops, clientv3.OpPut(s.k.svidS+r.Serial, xk))
 	}
 	for i := range snap.Audit {
-		// Imported events keep their order below every key a store
-		// writes later (those start at the wall clock in nanoseconds).
-		if err := add(fmt.Sprintf("%s%016x-import", s.k.audit, i), &snap.Audit[i]); err != nil {
+		// Imported events keep their order, and sort after (older than)
+		// every key a store writes later: those invert the wall clock in
+		// nanoseconds, these the index.
+		if err := add(fmt.Sprintf("%s%016x-import", s.k.audit, ^uint64(i)), &snap.Audit[i]); err != nil {
 			return err
 		}
 	}

@@ -80,7 +80,7 @@ func (s *Store) ListCAs(ctx context.Context) ([]store.CARecord, error) {
 	if err := s.check(ctx); err != nil {
 		return nil, err
 	}
-	resp, err := s.get(ctx, "list cas", s.k.ca, clientv3.WithPrefix())
+	resp, err := s.read(ctx, "list cas", s.k.ca, clientv3.WithPrefix())
 	if err != nil {
 		return nil, err
 	}
@@ -163,7 +163,16 @@ func (s *Store) CreateEntry(ctx context.Context, e store.Entry, audit store.Audi
 
 // getOne reads key: its value and ModRevision, or ok false.
 func (s *Store) getOne(ctx context.Context, what, key string) (val []byte, rev int64, ok bool, err error) {
-	resp, err := s.get(ctx, what, key)
+	return s.getOneWith(ctx, what, key, s.get)
+}
+
+// readOne is getOne for methods that only read (see read).
+func (s *Store) readOne(ctx context.Context, what, key string) (val []byte, rev int64, ok bool, err error) {
+	return s.getOneWith(ctx, what, key, s.read)
+}
+
+func (s *Store) getOneWith(ctx context.Context, what, key string, get func(context.Context, string, string, ...clientv3.OpOption) (*clientv3.GetResponse, error)) (val []byte, rev int64, ok bool, err error) {
+	resp, err := get(ctx, what, key)
 	if err != nil {
 		return nil, 0, false, err
 	}
@@ -277,7 +286,7 @@ func (s *Store) GetEntry(ctx context.Context, id string) (store.Entry, error) {
 	if err := s.check(ctx); err != nil {
 		return store.Entry{}, err
 	}
-	v, _, ok, err := s.getOne(ctx, "get entry "+id, s.k.entry+id)
+	v, _, ok, err := s.readOne(ctx, "get entry "+id, s.k.entry+id)
 	if err != nil {
 		return store.Entry{}, err
 	}
@@ -308,7 +317,7 @@ func (s *Store) ListEntries(ctx context.Context, q store.EntryQuery) ([]store.En
 	if q.PageSize > 0 {
 		opts = append(opts, clientv3.WithLimit(int64(q.PageSize)+1))
 	}
-	resp, err := s.get(ctx, "list entries", from, opts...)
+	resp, err := s.read(ctx, "list entries", from, opts...)
 	if err != nil {
 		return nil, "", err
 	}
@@ -564,7 +573,7 @@ func (s *Store) ListRevoked(ctx context.Context) ([]store.RevokedSerial, error) 
 	if err := s.check(ctx); err != nil {
 		return nil, err
 	}
-	resp, err := s.get(ctx, "list revoked", s.k.revoked, clientv3.WithPrefix())
+	resp, err := s.read(ctx, "list revoked", s.k.revoked, clientv3.WithPrefix())
 	if err != nil {
 		return nil, err
 	}
@@ -774,7 +783,7 @@ func (s *Store) GetAgent(ctx context.Context, id string) (store.AgentRecord, err
 	if err := s.check(ctx); err != nil {
 		return store.AgentRecord{}, err
 	}
-	v, _, ok, err := s.getOne(ctx, "get agent", s.k.agent+id)
+	v, _, ok, err := s.readOne(ctx, "get agent", s.k.agent+id)
 	if err != nil {
 		return store.AgentRecord{}, err
 	}
@@ -793,7 +802,7 @@ func (s *Store) ListAgents(ctx context.Context) ([]store.AgentRecord, error) {
 	if err := s.check(ctx); err != nil {
 		return nil, err
 	}
-	resp, err := s.get(ctx, "list agents", s.k.agent, clientv3.WithPrefix())
+	resp, err := s.read(ctx, "list agents", s.k.agent, clientv3.WithPrefix())
 	if err != nil {
 		return nil, err
 	}

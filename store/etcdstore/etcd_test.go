@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -373,6 +374,13 @@ func TestMigrate(t *testing.T) {
 	if err := dst.CreateEntry(bg, testEntry("e2", "spiffe://example.org/e1"), nop); !errors.Is(err, store.ErrAlreadyExists) {
 		t.Fatalf("duplicate after import: %v", err)
 	}
+	// Events written after the import are newer than the imported ones.
+	if err := dst.AppendAudit(bg, store.AuditEvent{Time: t0, Actor: "test", Action: "after.import"}); err != nil {
+		t.Fatal(err)
+	}
+	if au, err := dst.ListAudit(bg, 0); err != nil || len(au) != 4 || au[0].Action != "after.import" || !reflect.DeepEqual(au[1:], []store.AuditEvent{snap.Audit[2], snap.Audit[1], snap.Audit[0]}) {
+		t.Fatalf("audit after import: %+v, %v", au, err)
+	}
 	if err := dst.Import(bg, snap); !errors.Is(err, store.ErrAlreadyExists) {
 		t.Fatalf("import into a non-empty prefix: %v", err)
 	}
@@ -392,6 +400,33 @@ func TestQuorumLoss(t *testing.T) {
 	if err := s.CreateEntry(bg, testEntry("before", "spiffe://example.org/before"), nop); err != nil {
 		t.Fatal(err)
 	}
+	if err := s.Announce(bg, store.Replica{Version: "test", StartedAt: t0, Addresses: []string{"127.0.0.1:8443"}}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := s.Campaign(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.Cluster(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaders := 0
+	for _, m := range st.Members {
+		if !m.Healthy || m.Revision == 0 || m.DBSize == 0 || m.Endpoint == "" {
+			t.Fatalf("member %+v", m)
+		}
+		if m.Leader {
+			leaders++
+		}
+	}
+	if st.Backend != "etcd" || len(st.Members) != 3 || leaders != 1 || st.Leader != s.opts.Replica || st.Revision == 0 ||
+		len(st.Replicas) != 1 || st.Replicas[0].ID != s.opts.Replica || st.Replicas[0].Version != "test" {
+		t.Fatalf("Cluster = %+v", st)
+	}
+	if err := l.Resign(bg); err != nil {
+		t.Fatal(err)
+	}
 	rev, _ := s.Revision(bg)
 	ctx, cancel := context.WithCancel(bg)
 	defer cancel()
@@ -399,8 +434,19 @@ func TestQuorumLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Stop(t, 0)
-	c.Stop(t, 1)
+	// A follower stops gracefully, the Raft leader dies.
+	leader := -1
+	for _, m := range st.Members {
+		if m.Leader {
+			leader = slices.Index(c.Endpoints(), m.Endpoint)
+		}
+	}
+	if leader < 0 {
+		t.Fatalf("no Raft leader among %v", c.Endpoints())
+	}
+	follower := (leader + 1) % 3
+	c.Stop(t, follower)
+	c.Kill(t, leader)
 	start := time.Now()
 	err = s.CreateEntry(bg, testEntry("lost", "spiffe://example.org/lost"), nop)
 	if !errors.Is(err, store.ErrUnavailable) {
@@ -414,8 +460,12 @@ func TestQuorumLoss(t *testing.T) {
 		t.Fatalf("RecordSVID without quorum: %v, want ErrUnavailable", err)
 	}
 	waitFor(t, func() bool { return errors.Is(s.Health(), store.ErrUnavailable) })
-	c.Restart(t, 0)
-	c.Restart(t, 1)
+	// Reads keep working (serializable, from the member left).
+	if es, _, err := s.ListEntries(bg, store.EntryQuery{}); err != nil || len(es) != 1 || es[0].ID != "before" {
+		t.Fatalf("ListEntries without quorum: %+v, %v", es, err)
+	}
+	c.Restart(t, follower)
+	c.Restart(t, leader)
 	waitFor(t, func() bool { return s.Health() == nil })
 	var after error
 	waitFor(t, func() bool {
@@ -464,5 +514,124 @@ func TestTLS(t *testing.T) {
 			s2.Close()
 		}
 		t.Fatalf("Open without a client certificate: %v, want ErrUnavailable", err)
+	}
+}
+
+// TestLeaderCompacts: the leading store compacts etcd's history by itself,
+// to the revision it saw one interval earlier; a store that does not lead
+// does not.
+func TestLeaderCompacts(t *testing.T) {
+	s := openShared(t, Options{CompactInterval: 100 * time.Millisecond})
+	if err := s.CreateEntry(bg, testEntry("e", "spiffe://example.org/e"), nop); err != nil {
+		t.Fatal(err)
+	}
+	rev, _ := s.Revision(bg)
+	compacted := func() bool {
+		_, err := s.cli.Get(bg, s.k.marker, clientv3.WithRev(rev-1))
+		return err != nil && isCompacted(err)
+	}
+	if compacted() {
+		t.Fatal("history compacted before the test")
+	}
+	l, err := s.Campaign(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Resign(bg)
+	waitFor(t, compacted)
+	if _, err := s.Watch(bg, rev-1); !errors.Is(err, store.ErrCompacted) {
+		t.Fatalf("watch from before the leader's compaction: %v, want ErrCompacted", err)
+	}
+}
+
+// TestCloseWaitsForRecordSVID closes a store while callers are recording:
+// every call that returned nil has its row, later ones fail with ErrClosed.
+func TestCloseWaitsForRecordSVID(t *testing.T) {
+	s := openShared(t, Options{})
+	const n = 300
+	var wg sync.WaitGroup
+	var ok sync.Map
+	started := make(chan struct{}, n)
+	for i := range n {
+		wg.Go(func() {
+			started <- struct{}{}
+			err := s.RecordSVID(bg, testSVID(i))
+			switch {
+			case err == nil:
+				ok.Store(testSVID(i).Serial, true)
+			case !errors.Is(err, store.ErrClosed):
+				t.Errorf("RecordSVID during Close: %v", err)
+			}
+		})
+	}
+	for range n / 2 {
+		<-started
+	}
+	// Close while rows are queued or in flight.
+	waitFor(t, func() bool {
+		s.gc.mu.Lock()
+		defer s.gc.mu.Unlock()
+		return len(s.gc.pending) > 0
+	})
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	r := openSame(t, s, Options{})
+	rows, _, err := r.ListSVIDs(bg, store.SVIDQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, row := range rows {
+		have[row.Serial] = true
+	}
+	acked := 0
+	ok.Range(func(k, _ any) bool {
+		acked++
+		if !have[k.(string)] {
+			t.Errorf("acknowledged serial %s missing", k)
+		}
+		return true
+	})
+	if acked == 0 {
+		t.Fatal("no call succeeded before Close")
+	}
+	t.Logf("%d acknowledged, %d rows", acked, len(rows))
+}
+
+// TestWatchOverflowResumes: a consumer that stops reading while more
+// commits arrive than the watch buffers gets every one of them, once and in
+// order, when it reads again (the etcd watch is paused and resumed from
+// etcd's history, not dropped).
+func TestWatchOverflowResumes(t *testing.T) {
+	s := openShared(t, Options{})
+	rev, _ := s.Revision(bg)
+	ctx, cancel := context.WithCancel(bg)
+	defer cancel()
+	w, err := s.Watch(ctx, rev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 3 * (watchChan + watchQueue)
+	for i := range n {
+		if err := s.RevokeSerials(bg, []store.RevokedSerial{{Serial: fmt.Sprintf("%04d", i), NotAfter: t0}}, nop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := rev
+	for i := range n {
+		select {
+		case r, ok := <-w.Responses():
+			if !ok {
+				t.Fatalf("watch ended after %d: %v", i, w.Err())
+			}
+			if r.Revision <= last || len(r.Events) != 1 || r.Events[0].Key != fmt.Sprintf("%04d", i) {
+				t.Fatalf("response %d: %+v after revision %d", i, r, last)
+			}
+			last = r.Revision
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %d of %d responses", i, n)
+		}
 	}
 }

@@ -13,8 +13,9 @@
 //	p svid/x/<exp><serial> inventory row; <exp> is 16 hex digits of NotAfter
 //	                      so that keys sort by NotAfter, then serial
 //	p svid/s/<serial>     -> the row's key: one row per serial
-//	p audit/<hlc>-<tag>   audit events; <hlc> is 16 hex digits of a per-store
-//	                      hybrid clock (wall nanoseconds, strictly increasing)
+//	p audit/<hlc>-<tag>   audit events, newest first; <hlc> is 16 hex digits
+//	                      of the bitwise NOT of a per-store hybrid clock
+//	                      (wall nanoseconds, strictly increasing)
 //	p crl/<ca id>         last CRL number handed out
 //	p replica/<id>        Announce records, bound to a lease
 //	p election/           concurrency.Election keys
@@ -287,7 +288,11 @@ func (s *Store) fail(ctx context.Context, what string, err error) error {
 	if s.closed.Load() && errors.Is(err, context.Canceled) {
 		return fmt.Errorf("%s: %w", what, store.ErrClosed)
 	}
-	return fmt.Errorf("%s: etcd: %w: %w", what, err, store.ErrUnavailable)
+	if errors.Is(err, context.DeadlineExceeded) {
+		// Our RequestTimeout: etcd neither committed nor refused.
+		return fmt.Errorf("%s: etcd %v did not answer within %v (no quorum, or no member reachable): %w: %w", what, s.opts.Endpoints, s.opts.RequestTimeout, err, store.ErrUnavailable)
+	}
+	return fmt.Errorf("%s: etcd %v: %w: %w", what, s.opts.Endpoints, err, store.ErrUnavailable)
 }
 
 func isCompacted(err error) bool {
@@ -312,6 +317,28 @@ func (s *Store) get(ctx context.Context, what, key string, opts ...clientv3.OpOp
 	resp, err := s.cli.Get(rctx, key, opts...)
 	if err != nil {
 		return nil, s.fail(ctx, what, err)
+	}
+	return resp, nil
+}
+
+// read is get for methods that only read: while etcd has no quorum (Health
+// failing, or this read timing out) it falls back to a serializable read
+// from whichever member answers, so listings keep working, possibly stale,
+// as store.ErrUnavailable promises.
+func (s *Store) read(ctx context.Context, what, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	var err error
+	if s.Health() == nil {
+		var resp *clientv3.GetResponse
+		if resp, err = s.get(ctx, what, key, opts...); err == nil || !errors.Is(err, store.ErrUnavailable) {
+			return resp, err
+		}
+	}
+	resp, serr := s.get(ctx, what, key, append(opts, clientv3.WithSerializable())...)
+	if serr != nil {
+		if err != nil {
+			return nil, err
+		}
+		return nil, serr
 	}
 	return resp, nil
 }
@@ -411,7 +438,10 @@ func (s *Store) nextAuditKey() string {
 	n := max(time.Now().UnixNano(), s.hlcLast+1)
 	s.hlcLast = n
 	s.hlcMu.Unlock()
-	return fmt.Sprintf("%s%016x-%s", s.k.audit, uint64(n), s.tag)
+	// Inverted, so that keys ascend from the newest: ListAudit is then a
+	// plain limited range, which etcd serves without reading the whole
+	// trail (a descending sort makes it read and sort every key).
+	return fmt.Sprintf("%s%016x-%s", s.k.audit, ^uint64(n), s.tag)
 }
 
 func (s *Store) auditOp(ev store.AuditEvent) (clientv3.Op, error) {
@@ -459,7 +489,7 @@ func (s *Store) ListAudit(ctx context.Context, limit int) ([]store.AuditEvent, e
 	if limit < 0 {
 		return nil, fmt.Errorf("list audit: negative limit: %w", store.ErrInvalid)
 	}
-	resp, err := s.get(ctx, "list audit", s.k.audit, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(int64(limit)))
+	resp, err := s.read(ctx, "list audit", s.k.audit, clientv3.WithPrefix(), clientv3.WithLimit(int64(limit)))
 	if err != nil {
 		return nil, err
 	}

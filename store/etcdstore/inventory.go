@@ -243,7 +243,7 @@ func (s *Store) ListSVIDs(ctx context.Context, q store.SVIDQuery) ([]store.Issue
 	if q.PageSize > 0 {
 		opts = append(opts, clientv3.WithLimit(int64(q.PageSize)+1))
 	}
-	resp, err := s.get(ctx, "list svids", from, opts...)
+	resp, err := s.read(ctx, "list svids", from, opts...)
 	if err != nil {
 		return nil, "", err
 	}

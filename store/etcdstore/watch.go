@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -159,6 +160,13 @@ func (s *Store) runWatch(ctx context.Context, w *watcher, next int64) {
 				}
 				if err := resp.Err(); err != nil {
 					s.log.Debug("etcd watch interrupted", "revision", next, "err", err)
+					// Not at once: a server refusing the watch would
+					// otherwise be asked again in a tight loop.
+					select {
+					case <-time.After(100 * time.Millisecond):
+					case <-ctx.Done():
+					case <-s.ctx.Done():
+					}
 					full = true
 					continue
 				}
