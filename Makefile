@@ -7,11 +7,23 @@ LDFLAGS  := -X github.com/meshid/meshid/internal/cli.Version=$(VERSION) \
             -X github.com/meshid/meshid/controlplane.Version=$(VERSION) \
             -X github.com/meshid/meshid/controlplane.Revision=$(REVISION)
 
-.PHONY: run test build install check-static generate check-generate lint bench testbed testbed-up testbed-down testbed-env
+.PHONY: run test build install check-static generate check-generate lint bench testbed testbed-up testbed-down testbed-env etcd run-ha
 
 ## run: a working identity plane on an embedded default, no config
 run:
 	$(GO) run -ldflags "$(LDFLAGS)" ./cmd/meshid dev
+
+## run-ha: meshid highly available on this machine, in the foreground: a
+## 3-member etcd on loopback, 3 `meshid server --store etcd` replicas and one
+## agent listing all three (testbed/run-ha.sh; state in ./.run-ha, Ctrl-C
+## stops it all). docs/ha.md walks through killing the leader.
+run-ha:
+	@GO=$(GO) testbed/run-ha.sh
+
+## etcd: find or build etcd v3.7.0 (the test bed's, a cached build from the
+## Go module proxy, or Debian's etcd-server >= 3.5); prints the binary's path
+etcd:
+	@GO=$(GO) testbed/etcd/build.sh | tail -n 1
 
 ## build: the meshid binary in ./bin, static (CGO_ENABLED=0) so it runs on
 ## distroless and Alpine as well as glibc systems

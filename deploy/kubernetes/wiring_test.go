@@ -90,6 +90,20 @@ func containerNamed(t *testing.T, p *corev1.PodSpec, name string) *corev1.Contai
 // help, and runs nothing. Each flag is tried alone first, so a failure
 // names every flag that does not exist, then all of them together.
 func TestManifestFlagsExist(t *testing.T) {
+	for _, c := range []struct{ file, workload, container, cmd string }{
+		{"base/server.yaml", "meshid-server", "server", "server"},
+		{"base/agent.yaml", "meshid-agent", "agent", "agent"},
+	} {
+		t.Run(c.cmd, func(t *testing.T) {
+			checkFlagsParse(t, c.file, c.cmd, containerNamed(t, podSpecs(t, c.file)[c.workload], c.container).Args)
+		})
+	}
+}
+
+// checkFlagsParse fails unless args (a container's, from what) start with
+// the subcommand cmd and each of them, then all together, parse.
+func checkFlagsParse(t *testing.T, what, cmd string, args []string) {
+	t.Helper()
 	help := func(args []string) (string, int) {
 		var out, errb bytes.Buffer
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -97,28 +111,20 @@ func TestManifestFlagsExist(t *testing.T) {
 		code := cli.Main(ctx, append(slices.Clone(args), "--help"), &out, &errb)
 		return strings.TrimSpace(errb.String()), code
 	}
-	for _, c := range []struct{ file, workload, container, cmd string }{
-		{"base/server.yaml", "meshid-server", "server", "server"},
-		{"base/agent.yaml", "meshid-agent", "agent", "agent"},
-	} {
-		t.Run(c.cmd, func(t *testing.T) {
-			args := containerNamed(t, podSpecs(t, c.file)[c.workload], c.container).Args
-			if len(args) < 2 || args[0] != c.cmd {
-				t.Fatalf("%s: args %q do not start with the subcommand %s", c.file, args, c.cmd)
-			}
-			var bad []string
-			for _, a := range args[1:] {
-				if msg, code := help([]string{c.cmd, a}); code != 0 {
-					bad = append(bad, a+" ("+msg+")")
-				}
-			}
-			if len(bad) > 0 {
-				t.Fatalf("%s passes flags meshid %s does not take:\n  %s", c.file, c.cmd, strings.Join(bad, "\n  "))
-			}
-			if msg, code := help(args); code != 0 {
-				t.Fatalf("meshid %s: exit %d: %s", strings.Join(args, " "), code, msg)
-			}
-		})
+	if len(args) < 2 || args[0] != cmd {
+		t.Fatalf("%s: args %q do not start with the subcommand %s", what, args, cmd)
+	}
+	var bad []string
+	for _, a := range args[1:] {
+		if msg, code := help([]string{cmd, a}); code != 0 {
+			bad = append(bad, a+" ("+msg+")")
+		}
+	}
+	if len(bad) > 0 {
+		t.Fatalf("%s passes flags meshid %s does not take:\n  %s", what, cmd, strings.Join(bad, "\n  "))
+	}
+	if msg, code := help(args); code != 0 {
+		t.Fatalf("meshid %s: exit %d: %s", strings.Join(args, " "), code, msg)
 	}
 }
 
