@@ -142,6 +142,8 @@ func (s *Store) Export(ctx context.Context) (store.Snapshot, error) {
 		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
 	slices.Reverse(snap.Audit)
+	// In ListCAs' order (keys are by ID).
+	slices.SortStableFunc(snap.CAs, func(a, b store.CARecord) int { return a.CreatedAt.Compare(b.CreatedAt) })
 	return snap, nil
 }
 

@@ -50,3 +50,9 @@ func TestConformance(t *testing.T) {
 }
 
 var _ storetest.Compacter = (*Store)(nil)
+
+// TestMigratorConformance: an etcd store round-trips every kind through
+// Export and Import as boltstore does, so store migrate works both ways.
+func TestMigratorConformance(t *testing.T) {
+	storetest.RunMigrator(t, func(t *testing.T) store.Store { return openShared(t, Options{}) })
+}
