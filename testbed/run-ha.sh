@@ -103,12 +103,10 @@ say "etcd: $etcd ($("$etcd" --version | head -n 1))"
 
 # One KEK for every replica: they unseal the same CA keys from etcd, and
 # with --store etcd the server refuses to make one itself.
-umask 077
 if [[ ! -s "$DIR/kek" ]]; then
-	od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$DIR/kek"
-	say "made the shared KEK $DIR/kek"
+	"$meshid" kek create "$DIR/kek" >/dev/null
+	say "made the shared KEK $DIR/kek (meshid kek create)"
 fi
-umask 022
 
 cluster=""
 for ((i = 0; i < N; i++)); do cluster+="${cluster:+,}e$i=http://127.0.0.1:${ETCD_PEER[i]}"; done
