@@ -269,6 +269,7 @@ func (h *haPlane) restart(r *haReplica) {
 // pushed to a workload waiting on an agent connected to the other, and the
 // same entry created on both at once is created exactly once.
 func TestHAEntryThroughAnotherReplica(t *testing.T) {
+	t.Parallel() // own etcd, ports and dirs; mostly waiting on lease and window timers
 	h := startHA(t, 2)
 	a, via := h.startAgent(0, "web-1")
 	other := h.replicas[0]
@@ -322,6 +323,7 @@ func TestHAEntryThroughAnotherReplica(t *testing.T) {
 // SVIDs and their handshakes; when the members return, writes work again
 // without restarting meshid.
 func TestHAQuorumLoss(t *testing.T) {
+	t.Parallel() // own etcd, ports and dirs; mostly waiting on lease and window timers
 	h := startHA(t, 2)
 	a1, _ := h.startAgent(0, "web-1")
 	a2, _ := h.startAgent(1, "web-2")
@@ -425,6 +427,7 @@ func stateOf(states map[string]string, state string) string {
 // workloads on agents given both replicas keep doing mTLS handshakes
 // through it with zero failures.
 func TestHALeaderKilledBetweenPrepareAndActivate(t *testing.T) {
+	t.Parallel() // own etcd, ports and dirs; mostly waiting on lease and window timers
 	// --svid-ttl 1m is the floor, and so the publication window: the
 	// activation falls a minute after the prepare.
 	h := startHA(t, 2, "--svid-ttl", "1m", "--ca-ttl", "2h", "--ca-prepare-at", "0.00001", "--ca-activate-at", "0.00002")
@@ -499,6 +502,7 @@ func TestHALeaderKilledBetweenPrepareAndActivate(t *testing.T) {
 // moments: every serial a client received is in the shared inventory, and
 // no serial was handed out twice.
 func TestHAKillReplicasUnderMint(t *testing.T) {
+	t.Parallel() // own etcd, ports and dirs; mostly waiting on lease and window timers
 	h := startHA(t, 3)
 	var socks []string
 	for _, r := range h.replicas {
