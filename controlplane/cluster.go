@@ -34,7 +34,7 @@ func (s *Server) announce(_ context.Context, l Listening) {
 	s.peer.addrs = addrs
 	s.peer.last = nil // announced again, with the addresses
 	s.peer.mu.Unlock()
-	s.peerTim.reset(0)
+	s.peer.poke()
 }
 
 // storeStatus is the store part of meshid status.

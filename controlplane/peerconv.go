@@ -22,7 +22,8 @@ import (
 
 // peerInterval is how often a replica publishes its agents' convergence
 // (when it changed) and reads its peers'. Activation is gated over hours;
-// a second is plenty.
+// a second is plenty. It is wall time, not the injected clock: it paces
+// I/O, it decides no expiry.
 const peerInterval = time.Second
 
 // maxPublishedAgents caps the per-agent rows one replica publishes; past
@@ -55,12 +56,35 @@ type peerState struct {
 	addrs []string
 	last  []byte // the announcement last made, to skip unchanged ones
 	peers map[string]peerSummary
+	kick  chan struct{} // a publication wanted now (announce)
+}
+
+func (p *peerState) poke() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// peerLoop runs peerTick at once and every peerInterval, and when poked,
+// until ctx ends.
+func (s *Server) peerLoop(ctx context.Context) {
+	t := time.NewTicker(peerInterval)
+	defer t.Stop()
+	for {
+		s.peerTick(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.peer.kick:
+		}
+	}
 }
 
 // peerTick publishes this replica's convergence if it changed, reads the
 // peers', and re-runs a held activation when they moved.
 func (s *Server) peerTick(ctx context.Context) {
-	defer s.peerTim.reset(peerInterval)
 	c, ok := s.store.(store.Clustered)
 	if !ok {
 		return

@@ -185,9 +185,7 @@ type Server struct {
 	byParent                       parentIndex
 	entryGen                       atomic.Int64
 	rotTimer, maintTimer, pruneTim *timer
-	// peerTim publishes and reads the replicas' convergence (peerconv.go).
-	peerTim *timer
-	peer    peerState
+	peer peerState // the replicas' convergence (peerconv.go)
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
 	rotMu sync.Mutex
@@ -322,7 +320,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	s.rotTimer = s.tasks.newTimer(s.rotationTick)
 	s.maintTimer = s.tasks.newTimer(s.maintenanceTick)
 	s.pruneTim = s.tasks.newTimer(s.pruneTick)
-	s.peerTim = s.tasks.newTimer(s.peerTick)
+	s.peer.kick = make(chan struct{}, 1)
 	s.ids = s.newCache()
 	s.sdsMetrics = sds.NewMetrics(s.metrics.Registry)
 	s.grpcMetrics = newGRPCMetrics(s.metrics.Registry)
@@ -406,7 +404,7 @@ func (s *Server) start(ctx context.Context) error {
 	s.pruneInventory(ctx)
 	s.pruneTim.reset(pruneInterval)
 	if _, ok := s.store.(store.Clustered); ok {
-		s.peerTim.reset(0)
+		s.tasks.goFn(s.peerLoop)
 	}
 	return nil
 }
