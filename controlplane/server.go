@@ -185,7 +185,7 @@ type Server struct {
 	byParent                       parentIndex
 	entryGen                       atomic.Int64
 	rotTimer, maintTimer, pruneTim *timer
-	peer peerState // the replicas' convergence (peerconv.go)
+	peer                           peerState // the replicas' convergence (peerconv.go)
 
 	// rotMu serialises CA lifecycle steps (manual and automatic).
 	rotMu sync.Mutex
