@@ -32,7 +32,6 @@ func (s *Server) announce(_ context.Context, l Listening) {
 	}
 	s.peer.mu.Lock()
 	s.peer.addrs = addrs
-	s.peer.last = nil // announced again, with the addresses
 	s.peer.mu.Unlock()
 	s.peer.poke()
 }

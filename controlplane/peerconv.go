@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"strings"
 	"sync"
 	"time"
 
@@ -97,7 +98,11 @@ func (s *Server) peerTick(ctx context.Context) {
 	}
 	s.peer.mu.Lock()
 	addrs := s.peer.addrs
-	changed := !bytes.Equal(body, s.peer.last)
+	// What is announced is the body and the addresses: compared together,
+	// so addresses set while an announcement without them was in flight
+	// still go out.
+	said := append(append([]byte(strings.Join(addrs, " ")), 0), body...)
+	changed := !bytes.Equal(said, s.peer.last)
 	s.peer.mu.Unlock()
 	tctx, cancel := context.WithTimeout(ctx, clusterTimeout)
 	defer cancel()
@@ -107,7 +112,7 @@ func (s *Server) peerTick(ctx context.Context) {
 			return
 		}
 		s.peer.mu.Lock()
-		s.peer.last = body
+		s.peer.last = said
 		s.peer.mu.Unlock()
 	}
 	cs, err := c.Cluster(tctx)

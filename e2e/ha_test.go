@@ -118,7 +118,8 @@ type haStatus struct {
 		Replica  string `json:"replica"`
 		Health   string `json:"health"`
 		Replicas []struct {
-			ID string `json:"id"`
+			ID        string   `json:"id"`
+			Addresses []string `json:"addresses"`
 		} `json:"replicas"`
 		EtcdMembers []struct {
 			Healthy bool `json:"healthy"`
@@ -169,6 +170,41 @@ func (h *haPlane) waitLeader(skip *haReplica) *haReplica {
 		}
 		if time.Now().After(deadline) {
 			h.t.Fatalf("the replicas did not agree on a leader within 30s: %s", last)
+		}
+		time.Sleep(100 * time.Millisecond) // polling a condition
+	}
+}
+
+// checkAnnounced waits until meshid status on every replica lists every
+// replica with the agent address it serves on (a replica that announced
+// itself before it listened must announce again once it does).
+func (h *haPlane) checkAnnounced() {
+	h.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		missing := ""
+		for _, r := range h.replicas {
+			st, err := h.status(r)
+			if err != nil {
+				h.t.Fatal(err)
+			}
+			have := map[string]bool{}
+			for _, rep := range st.Store.Replicas {
+				for _, a := range rep.Addresses {
+					have[rep.ID+"="+a] = true
+				}
+			}
+			for _, o := range h.replicas {
+				if !have[o.id+"=agent="+o.agentAddr] {
+					missing = fmt.Sprintf("%s does not list %s with agent=%s: %+v", r.id, o.id, o.agentAddr, st.Store.Replicas)
+				}
+			}
+		}
+		if missing == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatal(missing)
 		}
 		time.Sleep(100 * time.Millisecond) // polling a condition
 	}
@@ -271,6 +307,7 @@ func (h *haPlane) restart(r *haReplica) {
 func TestHAEntryThroughAnotherReplica(t *testing.T) {
 	t.Parallel() // own etcd, ports and dirs; mostly waiting on lease and window timers
 	h := startHA(t, 2)
+	h.checkAnnounced()
 	a, via := h.startAgent(0, "web-1")
 	other := h.replicas[0]
 	if other == via {
