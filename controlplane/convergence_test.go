@@ -66,33 +66,8 @@ func startGatePlane(t *testing.T, minConv float64) *gatePlane {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := agent.Open(agent.Config{Server: l.AgentAddr, JoinToken: tok, TrustBundle: srv.BundleCerts(), DataDir: t.TempDir(),
+	al, stopAgent := runTestAgent(t, ctx, agent.Config{Server: l.AgentAddr, JoinToken: tok, TrustBundle: srv.BundleCerts(), DataDir: t.TempDir(),
 		Socket: filepath.Join(dir, "workload.sock")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(ctx)
-	aready := make(chan agent.Listening, 1)
-	adone := make(chan error, 1)
-	go func() { adone <- a.Run(actx, func(l agent.Listening) { aready <- l }) }()
-	var al agent.Listening
-	select {
-	case al = <-aready:
-	case err := <-adone:
-		t.Fatalf("agent run: %v", err)
-	}
-	agentStopped := false
-	stopAgent := func() {
-		if agentStopped {
-			return
-		}
-		agentStopped = true
-		acancel()
-		if err := <-adone; err != nil {
-			t.Errorf("agent run: %v", err)
-		}
-		a.Close()
-	}
 	t.Cleanup(func() {
 		stopAgent()
 		conn.Close()
@@ -104,6 +79,39 @@ func startGatePlane(t *testing.T, minConv float64) *gatePlane {
 		os.RemoveAll(dir)
 	})
 	return &gatePlane{srv: srv, fc: fc, admin: adminv1.NewAdminServiceClient(conn), agentSock: al.Socket, stopAgent: stopAgent}
+}
+
+// runTestAgent opens and runs a real agent until the returned stop (which
+// may be called more than once) or ctx ends.
+func runTestAgent(t *testing.T, ctx context.Context, cfg agent.Config) (agent.Listening, func()) {
+	t.Helper()
+	a, err := agent.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, acancel := context.WithCancel(ctx)
+	aready := make(chan agent.Listening, 1)
+	adone := make(chan error, 1)
+	go func() { adone <- a.Run(actx, func(l agent.Listening) { aready <- l }) }()
+	var al agent.Listening
+	select {
+	case al = <-aready:
+	case err := <-adone:
+		acancel()
+		t.Fatalf("agent run: %v", err)
+	}
+	stopped := false
+	return al, func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		acancel()
+		if err := <-adone; err != nil {
+			t.Errorf("agent run: %v", err)
+		}
+		a.Close()
+	}
 }
 
 // proxy is one SDS stream on the agent's socket asking for ROOTCA, driven

@@ -94,27 +94,9 @@ func TestActivationGatedOnFollowersAgents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := agent.Open(agent.Config{Server: followerL.AgentAddr, JoinToken: tok, TrustBundle: follower.BundleCerts(), DataDir: t.TempDir(),
-		Socket: filepath.Join(dir, "workload.sock")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	aready := make(chan agent.Listening, 1)
-	adone := make(chan error, 1)
-	go func() { adone <- a.Run(ctx, func(l agent.Listening) { aready <- l }) }()
-	var al agent.Listening
-	select {
-	case al = <-aready:
-	case err := <-adone:
-		t.Fatalf("agent run: %v", err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		if err := <-adone; err != nil {
-			t.Errorf("agent run: %v", err)
-		}
-		a.Close()
-	})
+	al, stopAgent := runTestAgent(t, ctx, agent.Config{Server: followerL.AgentAddr, JoinToken: tok, TrustBundle: follower.BundleCerts(),
+		DataDir: t.TempDir(), Socket: filepath.Join(dir, "workload.sock")})
+	t.Cleanup(stopAgent)
 	good, lag := openProxy(t, al.Socket), openProxy(t, al.Socket)
 	_ = good
 	g := &gatePlane{srv: leader, fc: fc, admin: adminOf(t, leaderL)}
