@@ -465,18 +465,18 @@ func (s *Server) activateLocked(ctx context.Context, actor string, force bool) (
 	}
 	s.mu.RUnlock()
 
-	// New first, then old: a crash between leaves two active CAs, which
-	// loadCA resolves in favour of the newer.
+	// Both in one transaction: written apart, a crash or a lost
+	// leadership between them left two active CAs (repairActivation still
+	// finishes such a state from older versions).
 	next := p.rec
 	next.State = store.CAActive
-	if err := s.store.PutCA(ctx, next, &store.AuditEvent{Time: now, Actor: actor, Action: "ca.activate", Target: next.ID}); err != nil {
-		return store.CARecord{}, fmt.Errorf("activate CA: %w", err)
-	}
 	retired := old.rec
 	retired.State = store.CARetired
-	if err := s.store.PutCA(ctx, retired, &store.AuditEvent{Time: now, Actor: actor, Action: "ca.retire", Target: retired.ID,
-		Detail: "stays in the bundle until the last SVID it signed expires"}); err != nil {
-		return store.CARecord{}, fmt.Errorf("retire CA: %w", err)
+	if err := s.store.PutCAs(ctx, []store.CARecord{next, retired}, []store.AuditEvent{
+		{Time: now, Actor: actor, Action: "ca.activate", Target: next.ID},
+		{Time: now, Actor: actor, Action: "ca.retire", Target: retired.ID, Detail: "stays in the bundle until the last SVID it signed expires"},
+	}); err != nil {
+		return store.CARecord{}, fmt.Errorf("activate CA: %w", err)
 	}
 	if err := s.activateJWT(ctx, actor); err != nil {
 		return store.CARecord{}, err

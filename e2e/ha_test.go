@@ -413,9 +413,9 @@ func TestHAQuorumLoss(t *testing.T) {
 }
 
 // caStates is the state of every CA in the bundle, by ID, as replica r
-// shows them; it fails t unless one is active (two for the moment between
-// an activation's two writes) and at most one prepared (two replicas each
-// preparing one would show two).
+// shows them; it fails t unless exactly one is active (an activation is
+// one transaction) and at most one prepared (two replicas each preparing
+// one would show two).
 func (h *haPlane) caStates(r *haReplica) map[string]string {
 	h.t.Helper()
 	out, stderr, code := runCLI(h.t, "ca", "show", "--admin-socket="+r.admin, "-o", "json")
@@ -435,14 +435,14 @@ func (h *haPlane) caStates(r *haReplica) map[string]string {
 		states[c.ID] = c.State
 		n[c.State]++
 	}
-	if n["active"] < 1 || n["active"] > 2 || n["prepared"] > 1 {
+	if n["active"] != 1 || n["prepared"] > 1 {
 		h.t.Fatalf("CAs on %s: %v; want one active and at most one prepared", r.id, states)
 	}
 	return states
 }
 
-// stateOf returns the ID of the one CA in state, or "" (the newest of
-// two active ones cannot be told here: "" then too).
+// stateOf returns the ID of the one CA in state, or "" if there is none
+// or more than one.
 func stateOf(states map[string]string, state string) string {
 	found := ""
 	for id, s := range states {
@@ -496,13 +496,13 @@ func TestHALeaderKilledBetweenPrepareAndActivate(t *testing.T) {
 	deadline = time.Now().Add(150 * time.Second)
 	for {
 		states := h.caStates(next)
-		if states[prepared] == "active" && states[first] != "active" { // not between the two writes
+		if states[prepared] == "active" {
 			if states[first] != "retired" {
 				t.Fatalf("CAs %v: the first CA %s is not retired", states, first)
 			}
 			break
 		}
-		if p := stateOf(states, "prepared"); states[prepared] != "active" && (p != prepared || states[first] != "active") {
+		if p := stateOf(states, "prepared"); p != prepared || states[first] != "active" {
 			t.Fatalf("CAs %v before %s was activated: want %s active and it prepared", states, prepared, first)
 		}
 		if time.Now().After(deadline) {

@@ -161,6 +161,11 @@ type EntryQuery struct {
 type Store interface {
 	// PutCA inserts or replaces a CA record (by ID).
 	PutCA(ctx context.Context, rec CARecord, audit *AuditEvent) error
+	// PutCAs inserts or replaces several CA records and records the audit
+	// events in one transaction: all or nothing. An activation is two
+	// records (the successor active, the old CA retired); written apart, a
+	// crash or a leader change between them left two active CAs.
+	PutCAs(ctx context.Context, recs []CARecord, audits []AuditEvent) error
 	// ListCAs returns every CA record, oldest CreatedAt first.
 	ListCAs(ctx context.Context) ([]CARecord, error)
 

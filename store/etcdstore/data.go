@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -40,32 +41,53 @@ func conflict(what string) error {
 
 // ---- CAs ----
 
-// PutCA inserts or replaces a CA record with its audit event. It is fenced:
-// a store holding the leadership writes only while its election key is
-// still the one it won with; a store not holding it writes only while no
-// replica campaigns at all (tools, a single replica before its first
-// Campaign). Otherwise it fails with store.ErrNotLeader and writes nothing.
+// PutCA is PutCAs of one record.
 func (s *Store) PutCA(ctx context.Context, rec store.CARecord, audit *store.AuditEvent) error {
+	var audits []store.AuditEvent
+	if audit != nil {
+		audits = []store.AuditEvent{*audit}
+	}
+	return s.PutCAs(ctx, []store.CARecord{rec}, audits)
+}
+
+// PutCAs writes recs and audits in one transaction. It is fenced: a store
+// holding the leadership writes only while its election key is still the
+// one it won with; a store not holding it writes only while no replica
+// campaigns at all (tools, a single replica before its first Campaign).
+// Otherwise it fails with store.ErrNotLeader and writes nothing.
+func (s *Store) PutCAs(ctx context.Context, recs []store.CARecord, audits []store.AuditEvent) error {
 	if err := s.check(ctx); err != nil {
 		return err
 	}
-	if rec.ID == "" {
-		return fmt.Errorf("put ca: empty id: %w", store.ErrInvalid)
+	if len(recs) == 0 {
+		return fmt.Errorf("put cas: no record: %w", store.ErrInvalid)
 	}
-	val, _, err := roundTrip(&rec)
-	if err != nil {
-		return fmt.Errorf("put ca %s: %w", rec.ID, err)
+	ops := []clientv3.Op{s.marker()}
+	var ids []string
+	for i := range recs {
+		if recs[i].ID == "" {
+			return fmt.Errorf("put ca: empty id: %w", store.ErrInvalid)
+		}
+		val, _, err := roundTrip(&recs[i])
+		if err != nil {
+			return fmt.Errorf("put ca %s: %w", recs[i].ID, err)
+		}
+		ops = append(ops, clientv3.OpPut(s.k.ca+recs[i].ID, val))
+		ids = append(ids, recs[i].ID)
 	}
-	ops, err := s.withAudit([]clientv3.Op{clientv3.OpPut(s.k.ca+rec.ID, val), s.marker()}, audit)
-	if err != nil {
-		return err
+	for i := range audits {
+		var err error
+		if ops, err = s.withAudit(ops, &audits[i]); err != nil {
+			return err
+		}
 	}
-	resp, err := s.txn(ctx, "put ca "+rec.ID, []clientv3.Cmp{s.fence()}, ops)
+	what := "put ca " + strings.Join(ids, ",")
+	resp, err := s.txn(ctx, what, []clientv3.Cmp{s.fence()}, ops)
 	if err != nil {
 		return err
 	}
 	if !resp.Succeeded {
-		return fmt.Errorf("put ca %s: %w", rec.ID, store.ErrNotLeader)
+		return fmt.Errorf("%s: %w", what, store.ErrNotLeader)
 	}
 	return nil
 }

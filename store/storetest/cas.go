@@ -37,6 +37,35 @@ func testCAs(t *testing.T, s store.Store) {
 	unchanged(t, s, "PutCA empty id", store.ErrInvalid, func() error {
 		return s.PutCA(bg, store.CARecord{Kind: "x509"}, &a2)
 	})
+
+	// An activation: two records and two audit events in one commit, seen
+	// by a watch as one response.
+	rev, err := s.Revision(bg)
+	must(t, err)
+	a.State, b.State = store.CARetired, store.CAActive
+	must(t, s.PutCAs(bg, []store.CARecord{b, a}, []store.AuditEvent{auditFor("ca.activate", "ca-a"), auditFor("ca.retire", "ca-b")}))
+	got, _ = s.ListCAs(bg)
+	if want := []store.CARecord{j, b, a}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("after PutCAs ListCAs = %+v, want %+v", got, want)
+	}
+	if ev, _ := s.ListAudit(bg, 0); len(ev) != 3 {
+		t.Fatalf("audit = %+v, want the two PutCAs events too", ev)
+	}
+	w, err := s.Watch(bg, rev)
+	must(t, err)
+	select {
+	case resp := <-w.Responses():
+		if len(resp.Events) != 2 || resp.Events[0].Key != "ca-a" || resp.Events[1].Key != "ca-b" {
+			t.Fatalf("PutCAs watched as %+v, want one response with ca-a then ca-b", resp.Events)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("PutCAs not seen by a watch")
+	}
+	unchanged(t, s, "PutCAs with one empty id", store.ErrInvalid, func() error {
+		c := b
+		c.State = store.CARetired
+		return s.PutCAs(bg, []store.CARecord{c, {Kind: "x509"}}, []store.AuditEvent{a2})
+	})
 }
 
 func revoked(serial string, notAfter time.Time) store.RevokedSerial {
