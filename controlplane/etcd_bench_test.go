@@ -1,0 +1,151 @@
+package controlplane
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/meshid/meshid/internal/etcdtest"
+	"github.com/meshid/meshid/kek"
+	"github.com/meshid/meshid/store"
+	"github.com/meshid/meshid/store/etcdstore"
+)
+
+// Benchmarks of issue 13 on a real 3-member etcd (fsync on, loopback, a
+// data dir per member). They need MESHID_ETCD_BIN and are skipped without
+// it; being benchmarks, `go test` never runs them. See BENCHMARKS.md,
+// "Replicas on etcd (issue 13)".
+
+// etcdReplica opens a store on c under prefix and a server on it, sharing
+// the KEK file, as `meshid server --store etcd` does.
+func etcdReplica(b *testing.B, c *etcdtest.Cluster, prefix, name, kekFile string) *Server {
+	b.Helper()
+	ctx := context.Background()
+	st, err := etcdstore.Open(ctx, etcdstore.Options{Endpoints: c.Endpoints(), Prefix: prefix, Replica: name})
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv, err := Open(ctx, Config{Store: st, SharedKEK: true, KEKFile: kekFile, DataDir: b.TempDir(), DisableAutoRotate: true})
+	if err != nil {
+		_ = st.Close()
+		b.Fatal(err)
+	}
+	return srv
+}
+
+func benchKEK(b *testing.B) string {
+	b.Helper()
+	p := filepath.Join(b.TempDir(), "kek")
+	if _, err := kek.Create(p); err != nil {
+		b.Fatal(err)
+	}
+	return p
+}
+
+// pct is the q-quantile of sorted d, in milliseconds.
+func pct(d []time.Duration, q float64) float64 {
+	return float64(d[int(float64(len(d)-1)*q)]) / float64(time.Millisecond)
+}
+
+// BenchmarkEtcdPropagation: an entry created through replica A, until it is
+// in replica B's entry index (what B's Workload API, SDS and agent streams
+// serve from), over one 3-member cluster. Run with -benchtime 300x.
+func BenchmarkEtcdPropagation(b *testing.B) {
+	c := etcdtest.Start(b, 3)
+	kf := benchKEK(b)
+	a := etcdReplica(b, c, "/bench/", "a", kf)
+	defer a.Close()
+	r := etcdReplica(b, c, "/bench/", "b", kf)
+	defer r.Close()
+	ctx := context.Background()
+	var fromReturn, fromCall []time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		t0 := time.Now()
+		e, err := a.CreateEntry(ctx, EntrySpec{SpiffeID: fmt.Sprintf("spiffe://cluster.local/ns/bench/sa/p%d", i),
+			Selectors: []store.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", 200000+i)}}}, "bench")
+		if err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		// Poll B's index: a 50 µs step is far below what is measured and
+		// costs little CPU.
+		deadline := t1.Add(10 * time.Second)
+		for {
+			if _, ok := r.entries.get(e.ID); ok {
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("entry %s not at replica b after 10 s", e.ID)
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+		t2 := time.Now()
+		fromReturn = append(fromReturn, t2.Sub(t1))
+		fromCall = append(fromCall, t2.Sub(t0))
+	}
+	slices.Sort(fromReturn)
+	slices.Sort(fromCall)
+	b.ReportMetric(pct(fromReturn, 0.5), "p50-ms")
+	b.ReportMetric(pct(fromReturn, 0.99), "p99-ms")
+	b.ReportMetric(pct(fromReturn, 1), "max-ms")
+	b.ReportMetric(pct(fromCall, 0.5), "call-p50-ms")
+	b.ReportMetric(pct(fromCall, 0.99), "call-p99-ms")
+}
+
+// BenchmarkEtcdStartup100k: a replica (etcdstore.Open + Open) starting
+// against a prefix holding 100,000 entries and 100,000 live inventory rows,
+// filled by Import of a snapshot built in memory around the CA and JWT
+// keys a first server made.
+func BenchmarkEtcdStartup100k(b *testing.B) {
+	const n = 100_000
+	c := etcdtest.Start(b, 3)
+	kf := benchKEK(b)
+	ctx := context.Background()
+	seed := etcdReplica(b, c, "/seed/", "seed", kf)
+	snap, err := seed.Store().(store.Migrator).Export(ctx)
+	caID := seed.activeID
+	seed.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now()
+	for i := range n {
+		e := store.Entry{ID: fmt.Sprintf("e-%07d", i), SpiffeID: fmt.Sprintf("spiffe://cluster.local/ns/n%d/sa/s%d", i%100, i),
+			Selectors: []store.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", 100000+i)}}, CreatedAt: now}
+		snap.Entries = append(snap.Entries, e)
+		snap.SVIDs = append(snap.SVIDs, store.IssuedSVID{Serial: fmt.Sprintf("%032x", i+1), SpiffeID: e.SpiffeID, NotBefore: now,
+			NotAfter: now.Add(24 * time.Hour), EntryID: e.ID, CAID: caID, IssuedAt: now})
+	}
+	imp, err := etcdstore.Open(ctx, etcdstore.Options{Endpoints: c.Endpoints(), Prefix: "/bench/", Replica: "import"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	t0 := time.Now()
+	err = imp.Import(ctx, snap)
+	_ = imp.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("imported %d entries and %d inventory rows in %s", len(snap.Entries), len(snap.SVIDs), time.Since(t0).Round(time.Millisecond))
+
+	var worst time.Duration
+	for b.Loop() {
+		t := time.Now()
+		srv := etcdReplica(b, c, "/bench/", "r", kf)
+		d := time.Since(t)
+		if got := srv.entries.len(); got != n {
+			b.Fatalf("%d entries loaded, want %d", got, n)
+		}
+		b.StopTimer()
+		b.Logf("start-up %s", d.Round(time.Millisecond))
+		worst = max(worst, d)
+		srv.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(worst)/float64(time.Second), "max-s")
+}

@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Benchmarks of issue 13 (replicas on etcd) with real processes; see
+# BENCHMARKS.md, "Replicas on etcd (issue 13)". Not part of `make test`.
+#
+#   testbed/bench-ha.sh mint      # bench mint: 1 replica on a 3-member etcd,
+#                                 # spread over 3 replicas, bolt, and SPIRE
+#                                 # when $SPIRE and $SPIRE_LOAD are set
+#   testbed/bench-ha.sh failover  # kill -9 the leader, time the first
+#                                 # `ca prepare|activate` that succeeds
+#
+# etcd runs with fsync on, each member with its own data dir, on loopback
+# ports 23379/23479/23579 (peers +1). State under $BENCH_HA_DIR (default
+# /tmp/meshid-bench-ha), wiped before every run. Tunables: RUNS (3),
+# N (20000), TTLS ("10 3"), FAILOVERS (3).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+DIR="${BENCH_HA_DIR:-/tmp/meshid-bench-ha}"
+RUNS="${RUNS:-3}"
+N="${N:-20000}"
+ETCD_CLIENT=(23379 23479 23579)
+ETCD_PEER=(23380 23480 23580)
+mkdir -p "$DIR/bin"
+meshid="$DIR/bin/meshid"
+(cd "$root" && go build -o "$meshid" ./cmd/meshid)
+etcd="${MESHID_ETCD_BIN:-$("$root/testbed/k8s/build.sh" | tail -n 1)/etcd}"
+
+stamp() { echo "=== $* $(date -u +%H:%M:%S) load: $(cut -d' ' -f1-3 /proc/loadavg)"; }
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+endpoints=""
+for i in 0 1 2; do endpoints+="${endpoints:+,}http://127.0.0.1:${ETCD_CLIENT[i]}"; done
+
+etcd_up() { # a fresh 3-member cluster
+	local cluster="" i
+	for i in 0 1 2; do cluster+="${cluster:+,}e$i=http://127.0.0.1:${ETCD_PEER[i]}"; done
+	ETCDPIDS=()
+	for i in 0 1 2; do
+		rm -rf "$DIR/etcd/e$i"
+		"$etcd" --name "e$i" --data-dir "$DIR/etcd/e$i" \
+			--listen-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" \
+			--listen-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" \
+			--initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench-ha \
+			--log-level warn >"$DIR/e$i.log" 2>&1 &
+		ETCDPIDS+=($!)
+		PIDS+=($!)
+	done
+	for i in 0 1 2; do
+		until curl -fsS -o /dev/null "http://127.0.0.1:${ETCD_CLIENT[i]}/readyz" 2>/dev/null; do sleep 0.1; done
+	done
+}
+etcd_down() { kill "${ETCDPIDS[@]}"; wait "${ETCDPIDS[@]}" 2>/dev/null || true; }
+
+# replica I [ARGS...]: start replica rI on the cluster; its pid in RPID[I].
+declare -A RPID=()
+replica() {
+	local i="$1"
+	shift
+	mkdir -p "$DIR/r$i"
+	"$meshid" server --store etcd --etcd-endpoints "$endpoints" --etcd-prefix /bench/ \
+		--replica-id "r$i" --kek-file "$DIR/kek" --data-dir "$DIR/r$i/data" \
+		--admin-socket "$DIR/r$i/a.sock" --socket= --log-level warn "$@" >>"$DIR/r$i.log" 2>&1 &
+	RPID[$i]=$!
+	PIDS+=($!)
+}
+wait_admin() { until "$meshid" bundle show --admin-socket "$1" >/dev/null 2>&1; do sleep 0.05; done; }
+stop_replicas() {
+	local p
+	for p in "${RPID[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${RPID[@]}"; do wait "$p" 2>/dev/null || true; done
+	RPID=()
+}
+fresh() { # etcd cluster + KEK, no replica yet
+	rm -rf "$DIR/r0" "$DIR/r1" "$DIR/r2" "$DIR/kek" "$DIR"/r?.log
+	etcd_up
+	"$meshid" kek create "$DIR/kek" >/dev/null
+}
+
+mint_etcd() { # $1 clients, $2 replicas (1 or 3)
+	fresh
+	local socks="" i
+	for ((i = 0; i < $2; i++)); do
+		replica "$i"
+		wait_admin "$DIR/r$i/a.sock"
+		socks+="${socks:+,}$DIR/r$i/a.sock"
+	done
+	stamp "meshid etcd, $2 replica(s), -c $1 -n $N"
+	"$meshid" bench mint --admin-socket "$socks" -c "$1" -n "$N"
+	stop_replicas
+	etcd_down
+}
+
+mint_bolt() { # $1 clients
+	rm -rf "$DIR/bolt"
+	mkdir -p "$DIR/bolt"
+	"$meshid" server --data-dir "$DIR/bolt/data" --admin-socket "$DIR/bolt/a.sock" --socket= --log-level warn >"$DIR/bolt.log" 2>&1 &
+	local pid=$!
+	PIDS+=($pid)
+	wait_admin "$DIR/bolt/a.sock"
+	stamp "meshid bolt, -c $1 -n $N"
+	"$meshid" bench mint --admin-socket "$DIR/bolt/a.sock" -c "$1" -n "$N"
+	kill "$pid"
+	wait "$pid" 2>/dev/null || true
+}
+
+# SPIRE's server on sqlite3 (see BENCHMARKS.md for how it was built), and a
+# load client calling svid.v1 MintX509SVID as bench mint calls meshid.
+mint_spire() { # $1 clients
+	local D="$DIR/spire"
+	rm -rf "$D"
+	mkdir -p "$D/data" "$D/s"
+	cat >"$D/server.conf" <<CONF
+server {
+    bind_address = "127.0.0.1"
+    bind_port = "18981"
+    socket_path = "$D/s/api.sock"
+    trust_domain = "cluster.local"
+    data_dir = "$D/data"
+    log_level = "WARN"
+    ca_key_type = "ec-p256"
+    ca_ttl = "8760h"
+    default_x509_svid_ttl = "24h"
+}
+plugins {
+    DataStore "sql" { plugin_data { database_type = "sqlite3"
+        connection_string = "$D/data/datastore.sqlite3" } }
+    NodeAttestor "join_token" { plugin_data {} }
+    KeyManager "disk" { plugin_data { keys_path = "$D/data/keys.json" } }
+}
+CONF
+	"$SPIRE" run -config "$D/server.conf" >"$DIR/spire.log" 2>&1 &
+	local pid=$!
+	PIDS+=($pid)
+	until "$SPIRE" healthcheck -socketPath "$D/s/api.sock" >/dev/null 2>&1; do sleep 0.1; done
+	stamp "SPIRE sqlite3, -c $1 -n $N"
+	"$SPIRE_LOAD" -socket "$D/s/api.sock" -c "$1" -n "$N"
+	kill "$pid"
+	wait "$pid" 2>/dev/null || true
+}
+
+do_mint() {
+	stamp "mint; commit $(git -C "$root" rev-parse --short HEAD)"
+	local r c
+	for c in 8 32; do
+		for ((r = 1; r <= RUNS; r++)); do
+			mint_etcd "$c" 1
+			[[ -n "${SPIRE:-}" ]] && mint_spire "$c"
+			mint_bolt "$c"
+			mint_etcd "$c" 3
+		done
+	done
+}
+
+leader_of() { # replica index of the leader, as r0's.. status says
+	local i out
+	for i in 0 1 2; do
+		[[ -n "${RPID[$i]:-}" ]] || continue
+		out="$("$meshid" status -o json --admin-socket "$DIR/r$i/a.sock" 2>/dev/null)" || continue
+		out="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["store"].get("leader",""))' <<<"$out")"
+		[[ "$out" == r? ]] && { echo "${out#r}"; return; }
+	done
+	return 1
+}
+
+# One TTL: 3 replicas; FAILOVERS times: find the leader, kill -9 it, poll
+# the other two with the next lifecycle step until one succeeds, restart
+# the killed one.
+do_failover() {
+	local ttl="$1" k step=prepare
+	fresh
+	for i in 0 1 2; do replica "$i" --etcd-lease-ttl "${ttl}s"; done
+	for i in 0 1 2; do wait_admin "$DIR/r$i/a.sock"; done
+	for ((k = 1; k <= ${FAILOVERS:-3}; k++)); do
+		local l
+		until l="$(leader_of)"; do sleep 0.1; done
+		# Let the others settle as followers before the kill.
+		sleep 1
+		stamp "failover ttl ${ttl}s run $k: kill -9 r$l (pid ${RPID[$l]}), then ca $step"
+		local t0 t1 ok=""
+		t0=$(date +%s.%N)
+		kill -KILL "${RPID[$l]}"
+		wait "${RPID[$l]}" 2>/dev/null || true
+		unset "RPID[$l]"
+		while [[ -z "$ok" ]]; do
+			for i in 0 1 2; do
+				[[ -n "${RPID[$i]:-}" ]] || continue
+				if "$meshid" ca $step --admin-socket "$DIR/r$i/a.sock" >"$DIR/step.out" 2>&1; then ok="r$i"; break; fi
+			done
+		done
+		t1=$(date +%s.%N)
+		echo "failover ttl=${ttl}s run=$k killed=r$l step="ca $step" on=$ok seconds=$(echo "$t1 - $t0" | bc)"
+		# activate --force: the publication window is not what is timed.
+		[[ "$step" == prepare ]] && step="activate --force" || step=prepare
+		replica "$l" --etcd-lease-ttl "${ttl}s"
+		wait_admin "$DIR/r$l/a.sock"
+	done
+	stop_replicas
+	etcd_down
+}
+
+case "${1:-}" in
+mint) do_mint ;;
+failover) for t in ${TTLS:-10 3}; do do_failover "$t"; done ;;
+*) echo "usage: $0 mint|failover" >&2; exit 2 ;;
+esac
