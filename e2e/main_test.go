@@ -19,8 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/meshid/meshid/internal/cli"
 	"github.com/meshid/meshid/internal/k8stest"
 )
@@ -37,7 +35,7 @@ func TestMain(m *testing.M) {
 	// bed for the whole run; it is closed before goroutines are counted.
 	k8stest.CloseIdle()
 	if code == 0 {
-		if err := goleak.Find(); err != nil {
+		if err := k8stest.FindLeaks(); err != nil {
 			fmt.Fprintf(os.Stderr, "goleak: errors on successful test run: %v\n", err)
 			code = 1
 		}

@@ -5,8 +5,6 @@ import (
 	"os"
 	"testing"
 
-	"go.uber.org/goleak"
-
 	"github.com/meshid/meshid/internal/k8stest"
 )
 
@@ -16,7 +14,7 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	k8stest.CloseIdle()
 	if code == 0 {
-		if err := goleak.Find(); err != nil {
+		if err := k8stest.FindLeaks(); err != nil {
 			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
 			code = 1
 		}
