@@ -82,7 +82,7 @@ func BenchmarkEtcdPropagation(b *testing.B) {
 			if time.Now().After(deadline) {
 				b.Fatalf("entry %s not at replica b after 10 s", e.ID)
 			}
-			time.Sleep(50 * time.Microsecond)
+			time.Sleep(50 * time.Microsecond) // polling the measured condition: adds at most 50 µs to each figure
 		}
 		t2 := time.Now()
 		fromReturn = append(fromReturn, t2.Sub(t1))
