@@ -2,13 +2,11 @@ package controlplane
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/meshid/meshid/kek"
 	"github.com/meshid/meshid/store"
-	"github.com/meshid/meshid/store/boltstore"
 )
 
 func countActive(t *testing.T, st store.Store) (x509, jwt int, newest string) {
@@ -38,13 +36,7 @@ func countActive(t *testing.T, st store.Store) (x509, jwt int, newest string) {
 // leadership the winner keeps for as long as it runs, so they never
 // started.
 func TestReplicasStartTogetherOnEmptyStore(t *testing.T) {
-	dir := t.TempDir()
-	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bs.Close()
-	kekFile := filepath.Join(dir, "kek")
+	bs, kekFile := sharedBolt(t)
 	if _, err := kek.Create(kekFile); err != nil {
 		t.Fatal(err)
 	}
@@ -88,13 +80,7 @@ func TestReplicasStartTogetherOnEmptyStore(t *testing.T) {
 // step at once, not only at its next restart.
 func TestTakeoverFinishesInterruptedActivation(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bs.Close()
-	kekFile := filepath.Join(dir, "kek")
+	bs, kekFile := sharedBolt(t)
 	a := openReplica(t, bs, kekFile)
 	aClosed := false
 	defer func() {

@@ -115,14 +115,14 @@ func (s *Server) peerTick(ctx context.Context) {
 		s.peer.last = said
 		s.peer.mu.Unlock()
 	}
-	cs, err := c.Cluster(tctx)
+	self, replicas, err := c.Replicas(tctx)
 	if err != nil {
 		s.log.Debug("reading the peers' convergence failed", "err", err)
 		return
 	}
 	peers := map[string]peerSummary{}
-	for _, r := range cs.Replicas {
-		if r.ID == cs.Self || len(r.Convergence) == 0 {
+	for _, r := range replicas {
+		if r.ID == self || len(r.Convergence) == 0 {
 			continue
 		}
 		var p peerSummary
@@ -133,7 +133,7 @@ func (s *Server) peerTick(ctx context.Context) {
 		peers[r.ID] = p
 	}
 	s.peer.mu.Lock()
-	s.peer.self = cs.Self
+	s.peer.self = self
 	moved := !peersEqual(s.peer.peers, peers)
 	s.peer.peers = peers
 	s.peer.mu.Unlock()

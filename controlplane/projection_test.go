@@ -31,6 +31,19 @@ func openReplica(t *testing.T, st store.Store, kekFile string) *Server {
 	return srv
 }
 
+// sharedBolt opens a bbolt store for replicas to share (closed when t
+// ends) and names the KEK file they share.
+func sharedBolt(t *testing.T) (*boltstore.Store, string) {
+	t.Helper()
+	dir := t.TempDir()
+	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bs.Close() })
+	return bs, filepath.Join(dir, "kek")
+}
+
 // crlNumbers parses the number of every CRL s publishes now and says
 // whether one of them lists serial.
 func crlState(t *testing.T, s *Server, serial *big.Int) (numbers []*big.Int, listed bool) {
@@ -60,13 +73,7 @@ func crlState(t *testing.T, s *Server, serial *big.Int) (numbers []*big.Int, lis
 // over when it goes.
 func TestReplicasShareOneStore(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bs.Close()
-	kekFile := filepath.Join(dir, "kek")
+	bs, kekFile := sharedBolt(t)
 	a := openReplica(t, bs, kekFile)
 	aClosed := false
 	defer func() {
@@ -179,13 +186,7 @@ func TestReplicasShareOneStore(t *testing.T) {
 // and any other connection is still refused.
 func TestSingleUseTokenBindingIsInTheStore(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bs.Close()
-	kekFile := filepath.Join(dir, "kek")
+	bs, kekFile := sharedBolt(t)
 	a := openReplica(t, bs, kekFile)
 	defer a.Close()
 	b := openReplica(t, bs, kekFile)

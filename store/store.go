@@ -490,4 +490,8 @@ type Member struct {
 type Clustered interface {
 	Announce(ctx context.Context, r Replica) error
 	Cluster(ctx context.Context) (ClusterStatus, error)
+	// Replicas is the replicas part of Cluster alone, and the answering
+	// replica's ID: one read, for callers that poll it (Cluster also asks
+	// every etcd member for its status).
+	Replicas(ctx context.Context) (self string, replicas []Replica, err error)
 }

@@ -62,6 +62,21 @@ func CloseIdle() {
 	}
 }
 
+// Main runs a test binary that uses Shared and fails it, once its tests
+// passed, if any goroutine is left (FindLeaks): every controller must stop
+// what it started. Use it as
+// `func TestMain(m *testing.M) { os.Exit(k8stest.Main(m)) }`.
+func Main(m *testing.M) int {
+	code := m.Run()
+	if code == 0 {
+		if err := FindLeaks(); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
+			code = 1
+		}
+	}
+	return code
+}
+
 // FindLeaks is goleak.Find for a test binary that used Shared: the shared
 // client's idle connections are closed first, and again until goleak
 // finds nothing or 5 s have passed. A connection that carried an

@@ -1,7 +1,6 @@
 package trustpublish_test
 
 import (
-	"fmt"
 	"os"
 	"testing"
 
@@ -10,14 +9,4 @@ import (
 
 // TestMain checks that Run stops everything it started: the informer and
 // its watch, and the worker.
-func TestMain(m *testing.M) {
-	code := m.Run()
-	k8stest.CloseIdle()
-	if code == 0 {
-		if err := k8stest.FindLeaks(); err != nil {
-			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(k8stest.Main(m)) }

@@ -90,11 +90,7 @@ func (s *Store) Cluster(ctx context.Context) (store.ClusterStatus, error) {
 		})
 	}
 	wg.Wait()
-	rep, err := s.get(ctx, "cluster replicas", s.k.replica, clientv3.WithPrefix())
-	if err != nil {
-		return st, err
-	}
-	if st.Replicas, err = decodeAll[store.Replica](rep); err != nil {
+	if _, st.Replicas, err = s.Replicas(ctx); err != nil {
 		return st, err
 	}
 	lead, err := s.get(ctx, "cluster leader", s.k.election, clientv3.WithFirstCreate()...)
@@ -108,6 +104,19 @@ func (s *Store) Cluster(ctx context.Context) (store.ClusterStatus, error) {
 		return st, err
 	}
 	return st, nil
+}
+
+// Replicas reads the announced replicas.
+func (s *Store) Replicas(ctx context.Context) (string, []store.Replica, error) {
+	if err := s.check(ctx); err != nil {
+		return s.opts.Replica, nil, err
+	}
+	rep, err := s.get(ctx, "cluster replicas", s.k.replica, clientv3.WithPrefix())
+	if err != nil {
+		return s.opts.Replica, nil, err
+	}
+	rs, err := decodeAll[store.Replica](rep)
+	return s.opts.Replica, rs, err
 }
 
 // Export reads the whole prefix at one revision, in pages.
