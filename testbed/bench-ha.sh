@@ -9,12 +9,23 @@
 #                                 # `ca prepare|activate` that succeeds
 #
 # etcd runs with fsync on, each member with its own data dir, on loopback
-# ports 23379/23479/23579 (peers +1). State under $BENCH_HA_DIR (default
-# /tmp/meshid-bench-ha), wiped before every run. Tunables: RUNS (3),
+# ports 23379/23479/23579 (peers +1). State under $BENCH_HA_DIR (default: a
+# fresh mktemp -d directory, so nobody else's pre-made /tmp path holds the
+# binary it runs or the KEK), wiped before every run. Tunables: RUNS (3),
 # N (20000), TTLS ("10 3"), FAILOVERS (3).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-DIR="${BENCH_HA_DIR:-/tmp/meshid-bench-ha}"
+if [[ -n "${BENCH_HA_DIR:-}" ]]; then
+	DIR="$BENCH_HA_DIR"
+	mkdir -p -m 0700 "$DIR"
+	# It will hold a binary run as this user and a KEK: only ours.
+	if [[ "$(stat -c %u "$DIR")" != "$(id -u)" ]] || [[ -n "$(find "$DIR" -maxdepth 0 -perm /022)" ]]; then
+		echo "bench-ha: $DIR is not owned by $(id -un) or is writable by others; refusing" >&2
+		exit 1
+	fi
+else
+	DIR="$(mktemp -d "${TMPDIR:-/tmp}/meshid-bench-ha.XXXXXX")"
+fi
 RUNS="${RUNS:-3}"
 N="${N:-20000}"
 ETCD_CLIENT=(23379 23479 23579)
