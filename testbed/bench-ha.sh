@@ -188,18 +188,33 @@ do_failover() {
 		# Let the others settle as followers before the kill.
 		sleep 1
 		stamp "failover ttl ${ttl}s run $k: kill -9 r$l (pid ${RPID[$l]}), then ca $step"
-		local t0 t1 ok=""
+		local t0 t1 ok="" pollers=()
+		rm -f "$DIR"/won.*
 		t0=$(date +%s.%N)
 		kill -KILL "${RPID[$l]}"
 		wait "${RPID[$l]}" 2>/dev/null || true
 		unset "RPID[$l]"
-		while [[ -z "$ok" ]]; do
-			for i in 0 1 2; do
-				[[ -n "${RPID[$i]:-}" ]] || continue
-				if "$meshid" ca $step --admin-socket "$DIR/r$i/a.sock" >"$DIR/step.out" 2>&1; then ok="r$i"; break; fi
-			done
+		# Every survivor is asked at once, each in its own loop: a
+		# follower holds a lifecycle request up to 2 s (leaderWait) before
+		# refusing it, so asking them in turn timed that wait, not the
+		# failover. The replica that wins answers its pending request as
+		# soon as it has taken over.
+		for i in 0 1 2; do
+			[[ -n "${RPID[$i]:-}" ]] || continue
+			(
+				until compgen -G "$DIR/won.*" >/dev/null; do
+					if "$meshid" ca $step --admin-socket "$DIR/r$i/a.sock" >"$DIR/step.r$i.out" 2>&1; then
+						date +%s.%N >"$DIR/won.r$i"
+						break
+					fi
+				done
+			) &
+			pollers+=($!)
 		done
-		t1=$(date +%s.%N)
+		wait "${pollers[@]}"
+		for f in "$DIR"/won.*; do
+			if [[ -z "$ok" ]] || [[ "$(cat "$f")" < "$t1" ]]; then ok="${f##*/won.}" t1="$(cat "$f")"; fi
+		done
 		echo "failover ttl=${ttl}s run=$k killed=r$l step="ca $step" on=$ok seconds=$(echo "$t1 - $t0" | bc)"
 		# activate --force: the publication window is not what is timed.
 		[[ "$step" == prepare ]] && step="activate --force" || step=prepare
