@@ -81,6 +81,14 @@ type Config struct {
 	// persisted cache; default DataDir/cache.kek, made on first use. Kept
 	// elsewhere, a copy of the data dir alone reveals no workload key.
 	CacheKeyFile string
+	// ServerKeepalive is how long the connection to the server may be
+	// silent before the agent pings it; a ping unanswered for a third of
+	// that (at least 5 s; gRPC's floor for the interval is 10 s) ends it and
+	// the agent moves to the next replica (default DefaultServerKeepalive).
+	// Without it a replica gone without a TCP reset (its machine lost
+	// power, a partition) held the agent for TCP's retransmission timeout,
+	// about 15 minutes, with no pushes from any replica.
+	ServerKeepalive time.Duration
 
 	// Pods, if set, turns on the k8s workload attestor: Run watches this
 	// node's pods (podattest) before it serves, and callers in a pod's
@@ -129,6 +137,9 @@ func Open(cfg Config) (*Agent, error) {
 	}
 	if cfg.TrustDomain == "" {
 		cfg.TrustDomain = "cluster.local"
+	}
+	if cfg.ServerKeepalive <= 0 {
+		cfg.ServerKeepalive = DefaultServerKeepalive
 	}
 	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
 	if err != nil {

@@ -28,6 +28,13 @@ import (
 // data dir and address.
 func startPlaneWith(t testing.TB, cfg controlplane.Config, listen string) *plane {
 	t.Helper()
+	return startPlaneEndpoints(t, cfg, controlplane.Endpoints{AgentListen: listen})
+}
+
+// startPlaneEndpoints is startPlaneWith with the server's endpoints given
+// (the admin socket is the test's own).
+func startPlaneEndpoints(t testing.TB, cfg controlplane.Config, ep controlplane.Endpoints) *plane {
+	t.Helper()
 	if cfg.SVIDTTL == 0 {
 		cfg.SVIDTTL, cfg.CATTL = time.Hour, 48*time.Hour
 	}
@@ -43,8 +50,8 @@ func startPlaneWith(t testing.TB, cfg controlplane.Config, listen string) *plane
 	ready := make(chan controlplane.Listening, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- srv.Run(ctx, controlplane.Endpoints{AdminSocket: filepath.Join(sockDir, "admin.sock"), AgentListen: listen},
-			func(l controlplane.Listening) { ready <- l })
+		ep.AdminSocket = filepath.Join(sockDir, "admin.sock")
+		done <- srv.Run(ctx, ep, func(l controlplane.Listening) { ready <- l })
 	}()
 	var l controlplane.Listening
 	select {

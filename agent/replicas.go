@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/attributes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/resolver/manual"
@@ -100,6 +101,11 @@ func (r *ring) passed(addr string) bool {
 	return true
 }
 
+// DefaultServerKeepalive is Config.ServerKeepalive's default: a lost
+// replica is left within ~20 s. The server (--agent-keepalive) admits pings
+// down to gRPC's 10 s floor.
+const DefaultServerKeepalive = 15 * time.Second
+
 // replicaKey is the resolver.Address attribute naming the replica as
 // --server does (the peer's address is only an IP).
 type replicaKey struct{}
@@ -134,10 +140,15 @@ func (c replicaCreds) Clone() credentials.TransportCredentials {
 
 // newConn is a client for the replicas in order. One address is dialed
 // exactly as before replicas existed (grpc's dns resolver on it).
-func newConn(order []string, creds credentials.TransportCredentials) (*grpc.ClientConn, error) {
-	creds = replicaCreds{creds}
+func newConn(order []string, creds credentials.TransportCredentials, ka time.Duration) (*grpc.ClientConn, error) {
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(replicaCreds{creds}),
+		// PermitWithoutStream: between a lost Sync stream and the next
+		// there is none, and a dead replica must still be noticed.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: ka, Timeout: max(ka/3, 5*time.Second), PermitWithoutStream: true}),
+	}
 	if len(order) == 1 {
-		return grpc.NewClient(order[0], grpc.WithTransportCredentials(creds))
+		return grpc.NewClient(order[0], opts...)
 	}
 	r := manual.NewBuilderWithScheme("meshid-replicas")
 	eps := make([]resolver.Endpoint, len(order))
@@ -150,7 +161,7 @@ func newConn(order []string, creds credentials.TransportCredentials) (*grpc.Clie
 	r.InitialState(resolver.State{Endpoints: eps})
 	// pick_first (the default) in the order given: no shuffle, the
 	// agent chose the start.
-	return grpc.NewClient(r.Scheme()+":///replicas", grpc.WithResolvers(r), grpc.WithTransportCredentials(creds))
+	return grpc.NewClient(r.Scheme()+":///replicas", append(opts, grpc.WithResolvers(r))...)
 }
 
 // replicaOf names the replica a call reached ("" if none), from its peer.

@@ -41,6 +41,12 @@ type replicas struct {
 
 func startReplicas(t *testing.T, n int, fc *fakeclock.Clock) *replicas {
 	t.Helper()
+	return startReplicasEndpoints(t, n, fc, controlplane.Endpoints{AgentListen: "127.0.0.1:0"})
+}
+
+// startReplicasEndpoints is startReplicas with each server's endpoints.
+func startReplicasEndpoints(t *testing.T, n int, fc *fakeclock.Clock, ep controlplane.Endpoints) *replicas {
+	t.Helper()
 	dir := t.TempDir()
 	bs, err := boltstore.Open(filepath.Join(dir, "meshid.db"), boltstore.Options{Now: fc.Now})
 	if err != nil {
@@ -54,7 +60,7 @@ func startReplicas(t *testing.T, n int, fc *fakeclock.Clock) *replicas {
 	}}
 	for i := range n {
 		dirs[i] = t.TempDir()
-		r.planes = append(r.planes, startPlaneWith(t, r.cfg(i), "127.0.0.1:0"))
+		r.planes = append(r.planes, startPlaneEndpoints(t, r.cfg(i), ep))
 	}
 	return r
 }

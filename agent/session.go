@@ -70,7 +70,7 @@ func (a *Agent) dial(order []string, withNode, insecure bool) (*grpc.ClientConn,
 			return a.node.tlsCert(), nil
 		},
 	}
-	return newConn(order, credentials.NewTLS(cfg))
+	return newConn(order, credentials.NewTLS(cfg), a.cfg.ServerKeepalive)
 }
 
 // attest spends the join token for a node SVID and keeps it. reached is

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
@@ -457,9 +458,20 @@ func (st *serverTLS) bannedAgentCert(raw [][]byte) bool {
 //   - the client may not index headers (HeaderTableSize 0): an agent
 //     makes a few calls an hour, and the table held ~1.5 KiB of them per
 //     connection.
-func agentConnOptions(st *serverTLS) []grpc.ServerOption {
+//
+// Keepalive: the server pings an agent silent for ka and drops it if the
+// ping is not answered (grpc also sets TCP_USER_TIMEOUT to the same
+// bound); agents ping too (agent.DefaultServerKeepalive), down to gRPC's
+// 10 s floor, and are not sent GOAWAY for it.
+func agentConnOptions(st *serverTLS, ka time.Duration) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.SharedWriteBuffer(true), grpc.ReadBufferSize(0), grpc.HeaderTableSize(0),
 		grpc.Creds(credentials.NewTLS(st.agentTLS())),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: ka, Timeout: max(ka/3, time.Second)}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: agentMinPing, PermitWithoutStream: true}),
 	}
 }
+
+// agentMinPing is the shortest ping interval an agent may use: gRPC's own
+// floor for clients, so no agent setting can earn a GOAWAY.
+const agentMinPing = 10 * time.Second

@@ -70,6 +70,13 @@ type Endpoints struct {
 	// RESTReadTimeout bounds reading one REST SDS request, headers and
 	// body (0: 10 s).
 	RESTReadTimeout time.Duration
+	// AgentKeepalive is how long an agent connection may be silent before
+	// the server pings it; an unanswered ping (or data unacknowledged by
+	// TCP) for a third of that, at least 1 s, closes it (0: 30 s). A node
+	// that vanishes without a reset (power loss, a partition) would
+	// otherwise hold its Sync stream, and its vote in the convergence gate,
+	// for TCP's retransmission timeout: about 15 minutes.
+	AgentKeepalive time.Duration
 }
 
 func (ep *Endpoints) defaults() error {
@@ -93,6 +100,9 @@ func (ep *Endpoints) defaults() error {
 	}
 	if ep.RESTReadTimeout <= 0 {
 		ep.RESTReadTimeout = 10 * time.Second
+	}
+	if ep.AgentKeepalive <= 0 {
+		ep.AgentKeepalive = 30 * time.Second
 	}
 	// gRPC reads a relative path in a unix:// target as an authority, and
 	// the sockets are removed on exit, whatever the working directory is.
@@ -249,7 +259,7 @@ func (s *Server) Run(ctx context.Context, ep Endpoints, ready func(Listening)) e
 			// No idle timeout: an agent's one Sync stream is open for
 			// as long as it runs.
 			agentSrv = grpc.NewServer(append(append(s.grpcMetrics.options(), grpc.ConnectionTimeout(ep.HandshakeTimeout)),
-				agentConnOptions(st)...)...)
+				agentConnOptions(st, ep.AgentKeepalive)...)...)
 			agentSvc = NewAgentService(s)
 			agentv1.RegisterAgentServiceServer(agentSrv, agentSvc)
 			hs.register(agentSrv)

@@ -17,9 +17,10 @@ func newAgentCmd() *cobra.Command {
 		server, trustDomain, token, tokenFile, bundle, dataDir, socket, logLevel, logFormat, metricsListen string
 		insecure                                                                                           bool
 		// The outage settings (issue 10 part 3).
-		availability time.Duration
-		noPersist    bool
-		cacheKeyFile string
+		availability   time.Duration
+		keepaliveEvery time.Duration
+		noPersist      bool
+		cacheKeyFile   string
 		// Node attestation (k8s_psat: the Kubernetes issue).
 		nodeAttestor, k8sTokenPath string
 		k8s                        *agentK8sFlags
@@ -105,12 +106,15 @@ server's --k8s-default-identity every pod gets spiffe://<td>/ns/<ns>/sa/<sa>.`,
 			cfg := agent.Config{Server: server, TrustDomain: trustDomain, JoinToken: token, InsecureBootstrap: insecure,
 				DataDir: dataDir, Socket: socket, MetricsListen: metricsListen, Logger: log,
 				AvailabilityTarget: availability, NoPersistCache: noPersist, CacheKeyFile: cacheKeyFile,
-				NodeAttestor: nodeAttestor, K8sTokenPath: k8sTokenPath}
+				NodeAttestor: nodeAttestor, K8sTokenPath: k8sTokenPath, ServerKeepalive: keepaliveEvery}
 			if nodeAttestor == agent.MethodK8sPSAT && token != "" {
 				return fmt.Errorf("--node-attestor k8s_psat proves the node with the service-account token: drop --join-token")
 			}
 			if availability <= 0 {
 				return fmt.Errorf("--availability-target %s: must be positive", availability)
+			}
+			if keepaliveEvery < 10*time.Second {
+				return fmt.Errorf("--server-keepalive %s: must be at least 10s (gRPC's floor, and the server's --agent-keepalive admits no faster pings)", keepaliveEvery)
 			}
 			if noPersist && cacheKeyFile != "" {
 				return fmt.Errorf("give --cache-key-file or --no-persist-cache, not both")
@@ -151,6 +155,8 @@ server's --k8s-default-identity every pod gets spiffe://<td>/ns/<ns>/sa/<sa>.`,
 	fs.StringVar(&metricsListen, "metrics-listen", "", "host:port for Prometheus /metrics (meshid_agent_*), /healthz and /readyz (off when empty)")
 	fs.DurationVar(&availability, "availability-target", agent.DefaultAvailabilityTarget,
 		"renew each SVID when less than this of its life is left (never later than half its life): how long workloads stay valid if the server vanishes")
+	fs.DurationVar(&keepaliveEvery, "server-keepalive", agent.DefaultServerKeepalive,
+		"ping the server when the connection has been silent this long; unanswered for a third of it (at least 5s), the agent moves to the next replica (a replica gone without a TCP reset is otherwise noticed after ~15 min)")
 	fs.BoolVar(&noPersist, "no-persist-cache", false, "do not keep the served SVIDs (and their keys) sealed in --data-dir; a restart then serves nothing until the server is reached")
 	fs.StringVar(&cacheKeyFile, "cache-key-file", "", "AES-256 key file (64 hex characters, 0600; made if missing) sealing the persisted SVID cache (default <data-dir>/"+agent.DefaultCacheKeyFile+"; keep it off the data dir's volume so a copy of that alone reveals no key)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

@@ -20,6 +20,8 @@ func TestAgentOutageFlags(t *testing.T) {
 		{[]string{"--availability-target", "-1h"}, "must be positive"},
 		{[]string{"--no-persist-cache", "--cache-key-file", filepath.Join(dir, "k")}, "not both"},
 		{[]string{"--availability-target", "soon"}, "invalid argument"},
+		{[]string{"--server-keepalive", "5s"}, "--server-keepalive 5s: must be at least 10s"},
+		{[]string{"--server-keepalive", "-1s"}, "must be at least 10s"},
 	} {
 		_, errOut, code := run(t, append(append([]string{}, base...), tc.args...)...)
 		if code != 1 || !strings.Contains(errOut, tc.want) || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {

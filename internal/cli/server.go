@@ -22,40 +22,41 @@ import (
 )
 
 type serverFlags struct {
-	dataDir       string
-	trustDomain   string
-	adminSocket   string
-	socket        string
-	svidTTL       time.Duration
-	caTTL         time.Duration
-	caKeyType     string
-	kekFile       string
-	logLevel      string
-	logFormat     string
-	metricsListen string
-	prepareAt     float64
-	activateAt    float64
-	prepareWindow time.Duration
-	rotateOnAct   bool
-	jwtTTL        time.Duration
-	upCert, upKey string
-	retention     time.Duration
-	signRate      float64
-	signConc      int
-	sdsListen     string
-	sdsREST       string
-	agentListen   string
-	serverDNS     []string
-	maxConns      int
-	maxConnsUID   int
-	crlValidity   time.Duration
-	maxCRLSerials int
-	fastSign      bool
-	minConv       float64
-	agentSignRate float64
-	kube          serverKubeFlags
-	pcr           serverPCRFlags
-	st            serverStoreFlags
+	dataDir        string
+	trustDomain    string
+	adminSocket    string
+	socket         string
+	svidTTL        time.Duration
+	caTTL          time.Duration
+	caKeyType      string
+	kekFile        string
+	logLevel       string
+	logFormat      string
+	metricsListen  string
+	prepareAt      float64
+	activateAt     float64
+	prepareWindow  time.Duration
+	rotateOnAct    bool
+	jwtTTL         time.Duration
+	upCert, upKey  string
+	retention      time.Duration
+	signRate       float64
+	signConc       int
+	sdsListen      string
+	sdsREST        string
+	agentListen    string
+	agentKeepalive time.Duration
+	serverDNS      []string
+	maxConns       int
+	maxConnsUID    int
+	crlValidity    time.Duration
+	maxCRLSerials  int
+	fastSign       bool
+	minConv        float64
+	agentSignRate  float64
+	kube           serverKubeFlags
+	pcr            serverPCRFlags
+	st             serverStoreFlags
 }
 
 func defaultDataDir() string {
@@ -94,6 +95,7 @@ func (f *serverFlags) register(cmd *cobra.Command, dataDirDefault, dataDirHelp s
 	logFormatFlag(fs, &f.logFormat)
 	fs.StringVar(&f.sdsListen, "sds-listen", "", "host:port for SDS over TCP+TLS for remote proxies (SVID client certificate or join token); off when empty")
 	fs.StringVar(&f.agentListen, "agent-listen", "", "host:port for the agent API (node agents: meshid agent), TLS with the server's SVID; off when empty")
+	durationFlag(fs, &f.agentKeepalive, "agent-keepalive", 30*time.Second, "ping an agent connection silent this long and drop it when a third of it (at least 1 s) passes unanswered: a node gone without a TCP reset stops counting as connected")
 	fs.StringVar(&f.sdsREST, "sds-rest-listen", "", "host:port for Envoy's REST SDS (HTTPS POST /v3/discovery:secrets), same authentication; off when empty")
 	fs.StringSliceVar(&f.serverDNS, "server-dns", []string{"localhost"}, "DNS names in the server's own certificate on the TCP endpoints")
 	durationFlag(fs, &f.crlValidity, "crl-validity", controlplane.DefaultCRLValidity, "how far ahead a CRL's nextUpdate lies (never less than 2 x --svid-ttl); CRLs are re-signed and pushed at half of it")
@@ -137,6 +139,9 @@ func (f *serverFlags) config(log *slog.Logger) (controlplane.Config, error) {
 	}
 	if f.crlValidity <= 0 || f.maxCRLSerials <= 0 {
 		return controlplane.Config{}, errors.New("--crl-validity and --max-crl-serials must be positive")
+	}
+	if f.agentKeepalive < time.Second {
+		return controlplane.Config{}, fmt.Errorf("--agent-keepalive %s: must be at least 1s", f.agentKeepalive)
 	}
 	return controlplane.Config{
 		DataDir:     f.dataDir,
@@ -253,7 +258,7 @@ func runServer(ctx context.Context, cfg controlplane.Config, f serverFlags, onRe
 	defer cancel()
 	err = srv.Run(runCtx, controlplane.Endpoints{
 		AdminSocket: f.adminSocket, Socket: f.socket, MetricsListen: f.metricsListen,
-		SDSListen: f.sdsListen, SDSRESTListen: f.sdsREST, AgentListen: f.agentListen, ServerDNS: f.serverDNS,
+		SDSListen: f.sdsListen, SDSRESTListen: f.sdsREST, AgentListen: f.agentListen, AgentKeepalive: f.agentKeepalive, ServerDNS: f.serverDNS,
 		MaxConnections: f.maxConns, MaxConnectionsPerUID: f.maxConnsUID,
 	}, func(l controlplane.Listening) {
 		if onReady != nil {

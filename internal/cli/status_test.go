@@ -54,3 +54,12 @@ func TestMinConvergenceFlagRange(t *testing.T) {
 		}
 	}
 }
+
+func TestAgentKeepaliveFlagRange(t *testing.T) {
+	for _, v := range []string{"0s", "500ms", "-1s"} {
+		_, errOut, code := run(t, "server", "--data-dir", filepath.Join(t.TempDir(), "d"), "--agent-keepalive", v)
+		if code != 1 || strings.Count(errOut, "\n") != 1 || !strings.Contains(errOut, "--agent-keepalive "+v+": must be at least 1s") {
+			t.Fatalf("--agent-keepalive %s: exit %d, %q", v, code, errOut)
+		}
+	}
+}
