@@ -16,10 +16,11 @@ import (
 )
 
 // svidChunk rows go in one transaction: each row is a compare (serial
-// absent) and two puts, and etcd's default --max-txn-ops of 128 bounds the
-// puts. At ~300 bytes a row a chunk stays far below the 1.5 MiB request
-// limit.
-const svidChunk = 64
+// absent) and two puts, the chunk puts a key per CA in it (calast.go), and
+// etcd's default --max-txn-ops of 128 bounds the puts: 63 rows leave room
+// for two CAs. At ~300 bytes a row a chunk stays far below the 1.5 MiB
+// request limit.
+const svidChunk = 63
 
 var (
 	minNanoTime = time.Unix(0, math.MinInt64)
@@ -120,6 +121,10 @@ func (g *groupCommit) flush(batch []*svidReq) {
 // ErrAlreadyExists and the rest are retried without them.
 func (g *groupCommit) commit(c []*svidReq) {
 	s := g.s
+	if n := calastFit(c); n < len(c) {
+		g.commit(c[n:])
+		c = c[:n]
+	}
 	for len(c) > 0 {
 		cmps := make([]clientv3.Cmp, 0, len(c))
 		ops := make([]clientv3.Op, 0, 2*len(c))
@@ -130,6 +135,7 @@ func (g *groupCommit) commit(c []*svidReq) {
 			ops = append(ops, clientv3.OpPut(sk, xk), clientv3.OpPut(xk, r.val))
 			gets = append(gets, clientv3.OpGet(sk, clientv3.WithCountOnly()))
 		}
+		ops = append(ops, s.calastOps(chunkRows(c))...)
 		// Not the callers' contexts: the rows are shared, and a write
 		// is bounded by RequestTimeout.
 		resp, err := s.txn(context.Background(), fmt.Sprintf("record %d svids", len(c)), cmps, ops, gets...)
@@ -302,6 +308,9 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 		if len(resp.Kvs) < pruneChunk {
 			break
 		}
+	}
+	if err := s.pruneCalast(ctx, cutoff); err != nil {
+		return n, err
 	}
 	if n > 0 {
 		s.log.Debug("pruned svid inventory", "rows", n, "cutoff", cutoff)
