@@ -33,21 +33,27 @@ func (a *Agent) bundleReport() *agentv1.BundleReport {
 	return r
 }
 
-// reportLoop sends a BundleReport on the session's Sync stream at once and
+// reportLoop reports the node's BundleReport (ReportBundles) at once and
 // then whenever the counts change, at most once per reportInterval, until
-// ctx (the session's) ends. A failed Send ends it: the session's Recv sees
-// the same failure and reconnects, and the next session reports afresh.
-func (a *Agent) reportLoop(ctx context.Context, stream agentv1.AgentService_SyncClient) {
+// ctx (the session's) ends. Each call is made with the counts of the
+// moment and waited for, so at most one is in flight and the server holds
+// the latest; one that fails is made again at the next tick with the
+// counts then. The session calls it once its Sync stream delivered its
+// first response: a report applies to an open stream, and every new
+// stream (a reconnect, another replica) gets the current counts afresh.
+func (a *Agent) reportLoop(ctx context.Context, client agentv1.AgentServiceClient) {
 	var last *agentv1.BundleReport
 	for {
 		if r := a.bundleReport(); last == nil || !proto.Equal(r, last) {
-			if err := stream.Send(&agentv1.SyncRequest{Report: r}); err != nil {
-				if ctx.Err() == nil {
-					a.log.Debug("bundle report not sent", "err", err)
-				}
+			_, err := client.ReportBundles(ctx, &agentv1.ReportBundlesRequest{Report: r})
+			switch {
+			case err == nil:
+				last = r
+			case ctx.Err() != nil:
 				return
+			default:
+				a.log.Debug("bundle report not taken; retrying", "err", err)
 			}
-			last = r
 		}
 		if !a.sleep(ctx, reportInterval) {
 			return

@@ -163,7 +163,7 @@ func (a *Agent) session(ctx context.Context, order []string) (synced bool, reach
 	client := agentv1.NewAgentServiceClient(cc)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := client.Sync(ctx)
+	stream, err := client.Sync(ctx, &agentv1.SyncRequest{})
 	if err != nil {
 		return false, "", fmt.Errorf("sync: %w", err)
 	}
@@ -193,7 +193,7 @@ func (a *Agent) session(ctx context.Context, order []string) (synced bool, reach
 			a.connected.Store(true)
 			a.log.Info("connected to the server", "server", reached, "node_id", a.ID().String())
 			wg.Go(func() { a.renewNode(ctx, client) })
-			wg.Go(func() { a.reportLoop(ctx, stream) })
+			wg.Go(func() { a.reportLoop(ctx, client) })
 			first = false
 		}
 		a.apply(ctx, resp)

@@ -183,6 +183,9 @@ type agentHub struct {
 	// recs are the agents' records as the store's watch last said
 	// (agents.go): an agent without one, or banned, is refused.
 	recs map[string]store.AgentRecord
+	// byAgent are the agents with a Sync stream open here, by ID: how
+	// many and their last report (agentreport.go).
+	byAgent map[string]*agentSessions
 }
 
 type agentStream struct {
@@ -190,14 +193,10 @@ type agentStream struct {
 	notify chan struct{} // buffered 1: changes coalesce
 	kill   chan error    // buffered 1: why the stream must end now (ban, evict)
 	serial string        // of the node SVID it authenticated with; guarded by agentHub.mu
-	report struct {
-		sync.Mutex
-		r *agentv1.BundleReport
-	}
 }
 
 // maxSyncPerAgent bounds one agent's open Sync streams: it needs one (two
-// while it reconnects); each holds a goroutine and a copy of what it sent.
+// while it reconnects); each holds a goroutine and what it sent.
 const maxSyncPerAgent = 4
 
 // add registers st, or refuses it when its agent holds maxSyncPerAgent
@@ -207,24 +206,37 @@ func (h *agentHub) add(st *agentStream) error {
 	defer h.mu.Unlock()
 	if h.streams == nil {
 		h.streams = map[*agentStream]struct{}{}
+		h.byAgent = map[string]*agentSessions{}
 	}
-	n := 0
-	for o := range h.streams {
-		if o.id == st.id {
-			n++
-		}
+	id := st.id.String()
+	sess := h.byAgent[id]
+	if sess == nil {
+		sess = &agentSessions{}
+		h.byAgent[id] = sess
 	}
-	if n >= maxSyncPerAgent {
-		return status.Errorf(codes.ResourceExhausted, "agent %s holds %d Sync streams already; it needs one", st.id, n)
+	if sess.n >= maxSyncPerAgent {
+		return status.Errorf(codes.ResourceExhausted, "agent %s holds %d Sync streams already; it needs one", st.id, sess.n)
 	}
+	sess.n++
 	h.streams[st] = struct{}{}
 	return nil
 }
 
+// remove unregisters st; with its agent's last stream on this server its
+// report goes too (a session's counts vanish when its stream ends).
 func (h *agentHub) remove(st *agentStream) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if _, ok := h.streams[st]; !ok {
+		return
+	}
 	delete(h.streams, st)
+	id := st.id.String()
+	if sess := h.byAgent[id]; sess != nil {
+		if sess.n--; sess.n <= 0 {
+			delete(h.byAgent, id)
+		}
+	}
 }
 
 // wake tells every stream to compare what it sent with what is now.

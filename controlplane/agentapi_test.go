@@ -173,7 +173,7 @@ func TestAgentAttestSyncSign(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := a.dial(t, cert)
-	stream, err := c.Sync(ctx)
+	stream, err := c.Sync(ctx, &agentv1.SyncRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,7 +352,7 @@ func TestAgentSyncStreamsBounded(t *testing.T) {
 	cert, _ := a.attest(t, tok)
 	c := a.dial(t, cert)
 	for i := range maxSyncPerAgent {
-		st, err := c.Sync(ctx)
+		st, err := c.Sync(ctx, &agentv1.SyncRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -360,7 +360,7 @@ func TestAgentSyncStreamsBounded(t *testing.T) {
 			t.Fatalf("stream %d: %v", i, err)
 		}
 	}
-	st, err := c.Sync(ctx)
+	st, err := c.Sync(ctx, &agentv1.SyncRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}

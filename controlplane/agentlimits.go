@@ -29,6 +29,12 @@ const (
 	// reportCoalesce is how often, at most, reports re-evaluate a held
 	// activation (each evaluation visits every connected agent).
 	reportCoalesce = 100 * time.Millisecond
+	// reportRate/reportBurst bound one agent's ReportBundles calls: it
+	// sends at most one a second (agent/report.go) and one more on each
+	// new Sync stream, so a burst covers a few reconnects and a flood is
+	// refused before its report is looked at.
+	reportRate  = 2
+	reportBurst = 8
 )
 
 // agentLimits holds the agent API's rate limits.
@@ -41,6 +47,8 @@ type agentLimits struct {
 	signRate  rate.Limit
 	signBurst int
 
+	report map[string]*rate.Limiter // by agent ID; guarded by mu
+
 	reportPending atomic.Bool
 }
 
@@ -48,7 +56,7 @@ type agentLimits struct {
 // (0: signRate; negative: no limit).
 func newAgentLimits(signPerSec float64) *agentLimits {
 	l := &agentLimits{attest: rate.NewLimiter(attestRate, attestBurst), sign: map[string]*rate.Limiter{},
-		signRate: signRate, signBurst: signBurst}
+		report: map[string]*rate.Limiter{}, signRate: signRate, signBurst: signBurst}
 	switch {
 	case signPerSec < 0:
 		l.signRate = rate.Inf
@@ -77,6 +85,21 @@ func (l *agentLimits) allowSign(agent string, n int) error {
 	l.mu.Unlock()
 	if !lim.AllowN(time.Now(), n) {
 		return status.Errorf(codes.ResourceExhausted, "agent %s asked for %d signatures, over its rate (%v/s, burst %d): retry later", agent, n, l.signRate, l.signBurst)
+	}
+	return nil
+}
+
+// allowReport takes one report from agent's bucket.
+func (l *agentLimits) allowReport(agent string) error {
+	l.mu.Lock()
+	lim, ok := l.report[agent]
+	if !ok {
+		lim = rate.NewLimiter(reportRate, reportBurst)
+		l.report[agent] = lim
+	}
+	l.mu.Unlock()
+	if !lim.Allow() {
+		return status.Errorf(codes.ResourceExhausted, "agent %s reports more often than %d/s (burst %d): report when the counts change", agent, reportRate, reportBurst)
 	}
 	return nil
 }

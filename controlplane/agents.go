@@ -333,13 +333,10 @@ func (h *agentHub) endLocked(end func(*agentStream) bool, why func(*agentStream)
 func (h *agentHub) streamsOf(id string) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	n := 0
-	for st := range h.streams {
-		if st.id.String() == id {
-			n++
-		}
+	if sess := h.byAgent[id]; sess != nil {
+		return sess.n
 	}
-	return n
+	return 0
 }
 
 // applyAgent follows one agent record change from the watch. The record

@@ -68,7 +68,7 @@ func agentToken(t *testing.T, s *Server, node string) string {
 // openSync opens a Sync stream and reads the first snapshot.
 func openSync(t *testing.T, ctx context.Context, c agentv1.AgentServiceClient) agentv1.AgentService_SyncClient {
 	t.Helper()
-	stream, err := c.Sync(ctx)
+	stream, err := c.Sync(ctx, &agentv1.SyncRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -203,7 +203,7 @@ func TestAgentRecordBanUnban(t *testing.T) {
 	_, csr = newKeyCSR(t, "")
 	_, err = c.Renew(ctx, &agentv1.RenewRequest{Csr: csr})
 	wantCode(t, "renew after the ban", err, codes.PermissionDenied)
-	if s2, err := c.Sync(ctx); err == nil {
+	if s2, err := c.Sync(ctx, &agentv1.SyncRequest{}); err == nil {
 		err = syncEnds(t, s2)
 		wantCode(t, "a new Sync after the ban", err, codes.PermissionDenied)
 	} else {

@@ -1,8 +1,8 @@
 package controlplane
 
 import (
-	"context"
-	"errors"
+	"encoding/binary"
+	"hash/maphash"
 	"slices"
 	"strings"
 	"sync"
@@ -14,7 +14,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
 
 // parentIndex is the entry IDs by parent ("" for none): what one agent may
@@ -114,11 +113,58 @@ func agentEntryProto(e store.Entry) *agentv1.Entry {
 	return p
 }
 
+// sentEntry is what a Sync stream remembers of an entry it sent: its ID
+// (the server's own string, not a copy) and a digest of what was sent.
+// The stream used to keep the protos themselves, ~4 KiB per agent of ten
+// entries, only to compare them with the next pass.
+type sentEntry struct {
+	id   string
+	hash uint64
+}
+
+// entrySeed keys entryHash; digests are compared only within this process.
+var entrySeed = maphash.MakeSeed()
+
+// entryHash digests every field of e that agentEntryProto sends, each
+// length-prefixed so that no two entries run together alike. Two
+// different entries digest alike with probability 2^-64: the change would
+// then reach the agent with the entry's next one, or its next stream.
+func entryHash(e store.Entry) uint64 {
+	var h maphash.Hash
+	h.SetSeed(entrySeed)
+	var b [8]byte
+	num := func(v uint64) {
+		binary.LittleEndian.PutUint64(b[:], v)
+		_, _ = h.Write(b[:])
+	}
+	str := func(v string) {
+		num(uint64(len(v)))
+		_, _ = h.WriteString(v)
+	}
+	str(e.ID)
+	str(e.SpiffeID)
+	num(uint64(e.TTL / time.Second))
+	num(uint64(len(e.DNSNames)))
+	for _, d := range e.DNSNames {
+		str(d)
+	}
+	str(e.Hint)
+	str(e.ParentID)
+	num(uint64(len(e.Selectors)))
+	for _, sel := range e.Selectors {
+		str(sel.Type)
+		str(sel.Value)
+	}
+	return h.Sum64()
+}
+
 // Sync implements agentv1.AgentServiceServer: a full snapshot, then every
 // change, each computed as the difference between what this stream sent
-// and what the agent may see now, so changes that come faster than the
-// agent reads coalesce instead of queueing.
-func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
+// (IDs and digests, sorted by ID) and what the agent may see now, so
+// changes that come faster than the agent reads coalesce instead of
+// queueing. It is a server stream: the agent reports by ReportBundles,
+// and the only goroutine a stream holds is this one.
+func (a *AgentService) Sync(_ *agentv1.SyncRequest, stream agentv1.AgentService_SyncServer) error {
 	ctx := stream.Context()
 	id, err := a.agentCaller(ctx)
 	if err != nil {
@@ -139,51 +185,41 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 	a.srv.log.Info("agent connected", "agent", id.String())
 	defer a.srv.log.Info("agent disconnected", "agent", id.String())
 
-	recvErr := make(chan error, 1)
-	go func() { // ends when the stream does: Recv fails once the handler returns
-		for {
-			req, err := stream.Recv()
-			if err != nil {
-				recvErr <- err
-				return
-			}
-			if r := req.GetReport(); r != nil {
-				st.report.Lock()
-				st.report.r = r
-				st.report.Unlock()
-				a.srv.reportChanged()
-			}
-		}
-	}()
-
-	sent := map[string]*agentv1.Entry{}
+	var sent []sentEntry
 	bundleVersion, jwtVersion := "", ""
 	full := true
 	var sentGen [2]uint64
 	for {
 		resp := &agentv1.SyncResponse{Full: full}
-		now := sent
 		// Entries are compared only when one changed since the last
 		// pass: a bundle change (a revocation, a CA step) wakes every
 		// stream, and must not cost each a walk of its entries.
 		if gen := a.srv.entriesGen(id); full || gen != sentGen {
 			sentGen = gen
-			now = map[string]*agentv1.Entry{}
-			for _, e := range a.srv.agentEntries(id) {
-				p := agentEntryProto(e)
-				now[e.ID] = p
-				if old, ok := sent[e.ID]; full || !ok || !proto.Equal(old, p) {
-					resp.Entries = append(resp.Entries, p)
+			entries := a.srv.agentEntries(id) // sorted by ID
+			now := make([]sentEntry, 0, len(entries))
+			k := 0 // sent[k:] are the IDs not yet passed
+			for _, e := range entries {
+				for ; k < len(sent) && sent[k].id < e.ID; k++ {
+					resp.DeletedEntryIds = append(resp.DeletedEntryIds, sent[k].id)
+				}
+				h := entryHash(e)
+				now = append(now, sentEntry{id: e.ID, hash: h})
+				same := k < len(sent) && sent[k].id == e.ID && sent[k].hash == h
+				if k < len(sent) && sent[k].id == e.ID {
+					k++
+				}
+				if full || !same {
+					resp.Entries = append(resp.Entries, agentEntryProto(e))
 				}
 			}
-			if !full {
-				for eid := range sent {
-					if _, ok := now[eid]; !ok {
-						resp.DeletedEntryIds = append(resp.DeletedEntryIds, eid)
-					}
-				}
-				slices.Sort(resp.DeletedEntryIds)
+			for ; k < len(sent); k++ {
+				resp.DeletedEntryIds = append(resp.DeletedEntryIds, sent[k].id)
 			}
+			if full {
+				resp.DeletedEntryIds = nil
+			}
+			sent = now
 		}
 		if b := a.srv.agentBundle(); full || b.Version != bundleVersion || b.JwtVersion != jwtVersion {
 			resp.Bundle = b
@@ -198,15 +234,10 @@ func (a *AgentService) Sync(stream agentv1.AgentService_SyncServer) error {
 				return err
 			}
 		}
-		sent, full = now, false
+		full = false
 		select {
 		case <-st.notify:
 		case err := <-st.kill:
-			return err
-		case err := <-recvErr:
-			if status.Code(err) == codes.Canceled || errors.Is(err, context.Canceled) {
-				return nil
-			}
 			return err
 		case <-ctx.Done():
 			return nil

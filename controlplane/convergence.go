@@ -32,8 +32,10 @@ import (
 // take the snapshot the agent gets on reconnecting.
 //
 // An agent that has not reported yet counts no streams: it got the newest
-// bundle in its first snapshot, and reports within a second. A
-// disconnected agent stops counting. Each replica counts the agents
+// bundle in its first snapshot, and reports within a second. An agent
+// counts its last report (ReportBundles, agentreport.go) once, however
+// many Sync streams it holds here; when its last one ends it stops
+// counting. Each replica counts the agents
 // connected to it; only the leader gates.
 
 // maxBundleVersions bounds the versions remembered.
@@ -76,7 +78,7 @@ func (b *bundleCAs) contains(v string, h [32]byte) bool {
 	return b.cas[v][h]
 }
 
-// agentConvergence is one agent's streams, summed over its Sync streams.
+// agentConvergence is one agent's streams, as its last report says.
 type agentConvergence struct {
 	id                         string
 	reported                   bool
@@ -91,48 +93,29 @@ func (s *Server) convergence(newest string, prepared *x509.Certificate) []agentC
 	if prepared != nil {
 		h = sha256.Sum256(prepared.Raw)
 	}
-	s.agents.mu.Lock()
-	streams := make([]*agentStream, 0, len(s.agents.streams))
-	for st := range s.agents.streams {
-		streams = append(streams, st)
-	}
-	s.agents.mu.Unlock()
-	byID := map[string]*agentConvergence{}
-	for _, st := range streams {
-		id := st.id.String()
-		a := byID[id]
-		if a == nil {
-			a = &agentConvergence{id: id}
-			byID[id] = a
-		}
-		st.report.Lock()
-		r := st.report.r
-		st.report.Unlock()
-		if r == nil {
-			continue
-		}
-		a.reported = true
-		n := int(max(r.GetStreams(), 0))
-		a.streams += n
-		var onNewest, onPrepared int
-		for v, c := range r.GetStreamsByVersion() {
-			c := int(max(c, 0))
-			if v == newest {
-				onNewest += c
+	reports := s.agents.reports()
+	out := make([]agentConvergence, 0, len(reports))
+	for _, ar := range reports {
+		a := agentConvergence{id: ar.id}
+		if r := ar.r; r != nil {
+			a.reported = true
+			a.streams = r.streams
+			var onNewest, onPrepared int
+			for _, vc := range r.byVersion {
+				if vc.version == newest {
+					onNewest += vc.n
+				}
+				if prepared != nil && s.agents.versions.contains(vc.version, h) {
+					onPrepared += vc.n
+				}
 			}
-			if prepared != nil && s.agents.versions.contains(v, h) {
-				onPrepared += c
-			}
+			// parseBundleReport refuses more held than open; min keeps
+			// the ratio at most 1 all the same.
+			a.newest = min(onNewest, r.streams)
+			a.preparedN = min(onPrepared, r.streams)
 		}
-		// A report claiming more than its streams counts as all of them.
-		a.newest += min(onNewest, n)
-		a.preparedN += min(onPrepared, n)
+		out = append(out, a)
 	}
-	out := make([]agentConvergence, 0, len(byID))
-	for _, a := range byID {
-		out = append(out, *a)
-	}
-	slices.SortFunc(out, func(x, y agentConvergence) int { return strings.Compare(x.id, y.id) })
 	return out
 }
 

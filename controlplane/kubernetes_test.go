@@ -112,7 +112,7 @@ func TestDefaultIdentities(t *testing.T) {
 	certB, _ := a.attestPSAT(t, "node-b")
 
 	ca := a.dial(t, certA)
-	stream, err := ca.Sync(ctx)
+	stream, err := ca.Sync(ctx, &agentv1.SyncRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}

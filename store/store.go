@@ -196,6 +196,15 @@ type Store interface {
 	// PruneSVIDs deletes rows whose NotAfter is before cutoff and returns how
 	// many it deleted.
 	PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error)
+	// LastSVIDNotAfter returns, for each of caIDs with inventory rows, the
+	// latest NotAfter among its rows rounded up to a whole second (exact
+	// for certificate times, which are whole seconds); a CA without rows
+	// is absent. A CA whose rows were all pruned by a cutoff less than a
+	// second after that latest NotAfter may still be reported. It does not
+	// decode the inventory: a starting server asks it how long each
+	// retired CA must stay in the bundle, and reading 100k rows for that
+	// cost most of the start-up.
+	LastSVIDNotAfter(ctx context.Context, caIDs []string) (map[string]time.Time, error)
 
 	// AppendAudit records an admin action that has no store change of its own
 	// (e.g. an admin mint).

@@ -4,7 +4,13 @@
 #
 #   testbed/bench-ha.sh mint      # bench mint: 1 replica on a 3-member etcd,
 #                                 # spread over 3 replicas, bolt, and SPIRE
-#                                 # when $SPIRE and $SPIRE_LOAD are set
+#                                 # when $SPIRE and $SPIRE_LOAD are set;
+#                                 # MINT_KINDS picks and orders them
+#                                 # ("etcd spire bolt etcd3"; "old" is 1
+#                                 # replica run by the binary $MESHID_OLD),
+#                                 # CLIENTS the -c values ("8 32"), and
+#                                 # BENCH_LOCK a file each timed run holds
+#                                 # with flock
 #   testbed/bench-ha.sh failover  # kill -9 the leader, time the first
 #                                 # `ca prepare|activate` that succeeds
 #
@@ -36,6 +42,11 @@ meshid="$DIR/bin/meshid"
 etcd="${MESHID_ETCD_BIN:-$("$root/testbed/k8s/build.sh" | tail -n 1)/etcd}"
 
 stamp() { echo "=== $* $(date -u +%H:%M:%S) load: $(cut -d' ' -f1-3 /proc/loadavg)"; }
+# timed CMD...: one timed run, holding $BENCH_LOCK if set, the load after it.
+timed() {
+	if [[ -n "${BENCH_LOCK:-}" ]]; then flock "$BENCH_LOCK" "$@"; else "$@"; fi
+	echo "=== after $(date -u +%H:%M:%S) load: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -69,7 +80,7 @@ replica() {
 	local i="$1"
 	shift
 	mkdir -p "$DIR/r$i"
-	"$meshid" server --store etcd --etcd-endpoints "$endpoints" --etcd-prefix /bench/ \
+	"${REPLICA_BIN:-$meshid}" server --store etcd --etcd-endpoints "$endpoints" --etcd-prefix /bench/ \
 		--replica-id "r$i" --kek-file "$DIR/kek" --data-dir "$DIR/r$i/data" \
 		--admin-socket "$DIR/r$i/a.sock" --socket= --log-level warn "$@" >>"$DIR/r$i.log" 2>&1 &
 	RPID[$i]=$!
@@ -96,8 +107,8 @@ mint_etcd() { # $1 clients, $2 replicas (1 or 3)
 		wait_admin "$DIR/r$i/a.sock"
 		socks+="${socks:+,}$DIR/r$i/a.sock"
 	done
-	stamp "meshid etcd, $2 replica(s), -c $1 -n $N"
-	"$meshid" bench mint --admin-socket "$socks" -c "$1" -n "$N"
+	stamp "meshid${REPLICA_BIN:+ $REPLICA_BIN} etcd, $2 replica(s), -c $1 -n $N"
+	timed "$meshid" bench mint --admin-socket "$socks" -c "$1" -n "$N"
 	stop_replicas
 	etcd_down
 }
@@ -110,7 +121,7 @@ mint_bolt() { # $1 clients
 	PIDS+=($pid)
 	wait_admin "$DIR/bolt/a.sock"
 	stamp "meshid bolt, -c $1 -n $N"
-	"$meshid" bench mint --admin-socket "$DIR/bolt/a.sock" -c "$1" -n "$N"
+	timed "$meshid" bench mint --admin-socket "$DIR/bolt/a.sock" -c "$1" -n "$N"
 	kill "$pid"
 	wait "$pid" 2>/dev/null || true
 }
@@ -145,7 +156,7 @@ CONF
 	PIDS+=($pid)
 	until "$SPIRE" healthcheck -socketPath "$D/s/api.sock" >/dev/null 2>&1; do sleep 0.1; done
 	stamp "SPIRE sqlite3, -c $1 -n $N"
-	"$SPIRE_LOAD" -socket "$D/s/api.sock" -c "$1" -n "$N"
+	timed "$SPIRE_LOAD" -socket "$D/s/api.sock" -c "$1" -n "$N"
 	kill "$pid"
 	wait "$pid" 2>/dev/null || true
 }
@@ -153,12 +164,20 @@ CONF
 do_mint() {
 	stamp "mint; commit $(git -C "$root" rev-parse --short HEAD)"
 	local r c
-	for c in 8 32; do
+	local kinds="${MINT_KINDS:-etcd spire bolt etcd3}" k
+	for c in ${CLIENTS:-8 32}; do
 		for ((r = 1; r <= RUNS; r++)); do
-			mint_etcd "$c" 1
-			[[ -n "${SPIRE:-}" ]] && mint_spire "$c"
-			mint_bolt "$c"
-			mint_etcd "$c" 3
+			for k in $kinds; do
+				echo "--- run $r -c $c $k"
+				case "$k" in
+				etcd) mint_etcd "$c" 1 ;;
+				old) REPLICA_BIN="$MESHID_OLD" mint_etcd "$c" 1 ;;
+				etcd3) mint_etcd "$c" 3 ;;
+				bolt) mint_bolt "$c" ;;
+				spire) if [[ -n "${SPIRE:-}" ]]; then mint_spire "$c"; fi ;;
+				*) echo "bench-ha: unknown MINT_KINDS entry $k" >&2; exit 2 ;;
+				esac
+			done
 		done
 	done
 }

@@ -109,7 +109,7 @@ func (r *agentsRun) runAgent(ctx context.Context, a *simAgent, slot func()) {
 	}
 	defer cc.Close()
 	client := agentv1.NewAgentServiceClient(cc)
-	stream, err := client.Sync(ctx)
+	stream, err := client.Sync(ctx, &agentv1.SyncRequest{})
 	if err != nil {
 		fail("sync: %v", err)
 		return
@@ -183,6 +183,17 @@ func (r *agentsRun) runAgent(ctx context.Context, a *simAgent, slot func()) {
 		}
 	}
 	t3 := time.Now()
+	// As meshid agent does once its stream is up: report which bundle its
+	// callers hold (here one proxy per entry, all on the bundle held), so
+	// the server keeps what it keeps for a real agent.
+	a.mu.Lock()
+	v := a.bundleVersion
+	a.mu.Unlock()
+	n := int32(len(ids))
+	if _, err := client.ReportBundles(ctx, &agentv1.ReportBundlesRequest{Report: &agentv1.BundleReport{Streams: n, StreamsByVersion: map[string]int32{v: n}}}); err != nil {
+		fail("report: %v", err)
+		return
+	}
 	a.attest, a.sync, a.sign, a.total = t1.Sub(t0), t2.Sub(t1), t3.Sub(t2), t3.Sub(t0)
 	a.entries = ids
 	a.mu.Lock()

@@ -146,3 +146,48 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 	}
 	return n, nil
 }
+
+// LastSVIDNotAfter walks the expiry index from its newest row back until it
+// has seen every one of caIDs (or the oldest row). bbolt has one writer, so
+// the index is the whole truth and needs no second structure kept beside
+// it; a CA found early (the active one, a retired one whose rows are the
+// newest but for its successor's) costs a few rows.
+func (s *Store) LastSVIDNotAfter(ctx context.Context, caIDs []string) (map[string]time.Time, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	want := make(map[string]bool, len(caIDs))
+	for _, id := range caIDs {
+		want[id] = true
+	}
+	out := map[string]time.Time{}
+	err := s.view("last svid notafter", func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketSVIDExpiry).Cursor()
+		var r store.IssuedSVID
+		i := 0
+		for k, v := c.Last(); k != nil && len(out) < len(want); k, v = c.Prev() {
+			if i++; i%4096 == 0 {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+			}
+			if err := decodeSVIDInto(&r, v); err != nil {
+				return fmt.Errorf("svid index key %x: %w", k, err)
+			}
+			if _, seen := out[r.CAID]; want[r.CAID] && !seen {
+				// Rounded up as the etcd backend keeps it, so both
+				// answer alike.
+				t := r.NotAfter.Truncate(time.Second)
+				if t.Before(r.NotAfter) {
+					t = t.Add(time.Second)
+				}
+				out[r.CAID] = t
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}

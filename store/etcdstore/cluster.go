@@ -275,7 +275,15 @@ func (s *Store) Import(ctx context.Context, snap store.Snapshot) error {
 	for id, n := range snap.CRLNumbers {
 		ops = append(ops, clientv3.OpPut(s.k.crl+id, fmt.Sprint(n)))
 	}
-	ops = append(ops, s.marker())
+	// The CAs' last-NotAfter keys are rebuilt from the rows, not copied.
+	ops = append(ops, s.calastOps(func(yield func(*store.IssuedSVID) bool) {
+		for i := range snap.SVIDs {
+			if !yield(&snap.SVIDs[i]) {
+				return
+			}
+		}
+	})...)
+	ops = append(ops, clientv3.OpPut(s.calastDone(), ""), s.marker())
 	first := true
 	for len(ops) > 0 {
 		n := min(len(ops), importChunk)

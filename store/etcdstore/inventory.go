@@ -16,10 +16,11 @@ import (
 )
 
 // svidChunk rows go in one transaction: each row is a compare (serial
-// absent) and two puts, and etcd's default --max-txn-ops of 128 bounds the
-// puts. At ~300 bytes a row a chunk stays far below the 1.5 MiB request
-// limit.
-const svidChunk = 64
+// absent) and two puts, the chunk puts a key per CA in it (calast.go), and
+// etcd's default --max-txn-ops of 128 bounds the puts: 63 rows leave room
+// for two CAs. At ~300 bytes a row a chunk stays far below the 1.5 MiB
+// request limit.
+const svidChunk = 63
 
 var (
 	minNanoTime = time.Unix(0, math.MinInt64)
@@ -41,58 +42,98 @@ type svidReq struct {
 	done chan error
 }
 
-// groupCommit batches concurrent RecordSVID callers: while one flush is
-// in etcd, new rows queue, and the next flush takes them all, in chunks of
-// svidChunk sent in parallel.
+// flights bounds the flushes in etcd at once. One at a time made a row
+// queued during a flush wait for that flush and then its own commit (~1.5
+// quorum rounds with closed-loop clients), and a commit carried at most as
+// many rows as there were clients. etcd puts concurrent proposals into one
+// raft batch and one WAL fsync, so overlapping flushes cost little more
+// than one; the bound keeps the txns per fsync, and etcd's CPU per row,
+// from growing with every caller.
+const flights = 4
+
+// groupCommit batches concurrent RecordSVID callers: up to flights
+// flushes are in etcd at once, each taking every row queued when it
+// starts, in chunks of svidChunk sent in parallel; rows queued while all
+// flights are busy go with the next one to finish.
 type groupCommit struct {
 	s       *Store
-	mu      sync.Mutex
-	pending []*svidReq
-	closed  bool
-	kick    chan struct{}
-	stopped chan struct{}
+	flights int
+	// hold, if set (tests only), runs in a flush's goroutine before it
+	// commits, so a test can keep one flush in etcd while others run.
+	hold     func(batch []*svidReq)
+	mu       sync.Mutex
+	pending  []*svidReq
+	inflight int
+	closed   bool
+	kick     chan struct{}
+	stopped  chan struct{}
 }
 
 func newGroupCommit(s *Store) *groupCommit {
-	g := &groupCommit{s: s, kick: make(chan struct{}, 1), stopped: make(chan struct{})}
+	g := &groupCommit{s: s, flights: flights, kick: make(chan struct{}, 1), stopped: make(chan struct{})}
 	go g.run()
 	return g
 }
 
-// close refuses new rows, lets the flusher commit the queued ones and
-// waits for it.
+// close refuses new rows, lets the flushes commit the queued ones and
+// waits for them.
 func (g *groupCommit) close() {
 	g.mu.Lock()
 	g.closed = true
 	g.mu.Unlock()
+	g.poke()
+	<-g.stopped
+}
+
+func (g *groupCommit) poke() {
 	select {
 	case g.kick <- struct{}{}:
 	default:
 	}
-	<-g.stopped
 }
 
+// run starts a flush whenever rows are queued and a flight is free; a
+// flush that ends pokes it, since it may free the flight queued rows wait
+// for, or queue a serial again. It returns once closed with nothing
+// queued or in flight, so no flush goroutine outlives it.
 func (g *groupCommit) run() {
 	defer close(g.stopped)
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	for range g.kick {
 		for {
 			g.mu.Lock()
-			batch, closed := g.pending, g.closed
-			g.pending = nil
-			g.mu.Unlock()
-			if len(batch) == 0 {
-				if closed {
+			if len(g.pending) == 0 || g.inflight == g.flights {
+				done := g.closed && len(g.pending) == 0 && g.inflight == 0
+				g.mu.Unlock()
+				if done {
 					return
 				}
 				break
 			}
-			g.flush(batch)
+			batch := g.pending
+			g.pending = nil
+			g.inflight++
+			g.mu.Unlock()
+			wg.Go(func() {
+				if g.hold != nil {
+					g.hold(batch)
+				}
+				g.flush(batch)
+				g.mu.Lock()
+				g.inflight--
+				g.mu.Unlock()
+				g.poke()
+			})
 		}
 	}
 }
 
-// flush commits batch. A serial twice in the batch waits for the next
-// flush, so it fails against the first's committed row.
+// flush commits batch. A serial twice in the batch is queued again once
+// this flush is done, so it fails against the first's committed row. A
+// serial in two overlapping flushes is settled by etcd: the chunk txns
+// compare its absence, so one commits it and the other's row fails with
+// ErrAlreadyExists.
 func (g *groupCommit) flush(batch []*svidReq) {
 	seen := make(map[string]bool, len(batch))
 	var now, later []*svidReq
@@ -120,6 +161,10 @@ func (g *groupCommit) flush(batch []*svidReq) {
 // ErrAlreadyExists and the rest are retried without them.
 func (g *groupCommit) commit(c []*svidReq) {
 	s := g.s
+	if n := calastFit(c); n < len(c) {
+		g.commit(c[n:])
+		c = c[:n]
+	}
 	for len(c) > 0 {
 		cmps := make([]clientv3.Cmp, 0, len(c))
 		ops := make([]clientv3.Op, 0, 2*len(c))
@@ -130,6 +175,7 @@ func (g *groupCommit) commit(c []*svidReq) {
 			ops = append(ops, clientv3.OpPut(sk, xk), clientv3.OpPut(xk, r.val))
 			gets = append(gets, clientv3.OpGet(sk, clientv3.WithCountOnly()))
 		}
+		ops = append(ops, s.calastOps(chunkRows(c))...)
 		// Not the callers' contexts: the rows are shared, and a write
 		// is bounded by RequestTimeout.
 		resp, err := s.txn(context.Background(), fmt.Sprintf("record %d svids", len(c)), cmps, ops, gets...)
@@ -169,7 +215,8 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	if rec.NotAfter.IsZero() || !nanosInRange(rec.NotAfter) {
 		return fmt.Errorf("record svid %s: NotAfter %s out of range: %w", rec.Serial, rec.NotAfter, store.ErrInvalid)
 	}
-	val, _, err := roundTrip(&rec)
+	// marshal, not roundTrip: nothing reads the decoded copy back.
+	val, err := marshal(&rec)
 	if err != nil {
 		return fmt.Errorf("record svid %s: %w", rec.Serial, err)
 	}
@@ -182,10 +229,7 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	}
 	g.pending = append(g.pending, r)
 	g.mu.Unlock()
-	select {
-	case g.kick <- struct{}{}:
-	default:
-	}
+	g.poke()
 	select {
 	case err := <-r.done:
 		return err
@@ -302,6 +346,9 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 		if len(resp.Kvs) < pruneChunk {
 			break
 		}
+	}
+	if err := s.pruneCalast(ctx, cutoff); err != nil {
+		return n, err
 	}
 	if n > 0 {
 		s.log.Debug("pruned svid inventory", "rows", n, "cutoff", cutoff)

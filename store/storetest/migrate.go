@@ -315,6 +315,25 @@ func checkImportedBehaves(t *testing.T, s store.Store, snap store.Snapshot, rev0
 	if n, err := s.NextCRLNumber(bg, migCA, 1); err != nil || n != snap.CRLNumbers[migCA]+1 {
 		t.Fatalf("NextCRLNumber after import = %d, %v; want %d", n, err, snap.CRLNumbers[migCA]+1)
 	}
+	// Import rebuilds each CA's latest NotAfter from the rows.
+	lastWant := map[string]time.Time{}
+	var lastIDs []string
+	for _, r := range snap.SVIDs {
+		ceil := r.NotAfter.Truncate(time.Second)
+		if ceil.Before(r.NotAfter) {
+			ceil = ceil.Add(time.Second)
+		}
+		if w, ok := lastWant[r.CAID]; !ok {
+			lastIDs = append(lastIDs, r.CAID)
+			lastWant[r.CAID] = ceil
+		} else if ceil.After(w) {
+			lastWant[r.CAID] = ceil
+		}
+	}
+	if len(lastWant) == 0 {
+		t.Fatal("the migration fill has no inventory rows")
+	}
+	wantLast(t, s, "after import", lastIDs, lastWant)
 	dupe := entry("e-dupe", "spiffe://example.org/web", "unix:uid:1000") // e-1's ID and selectors
 	wantErr(t, "CreateEntry duplicating an imported entry", s.CreateEntry(bg, dupe, nop), store.ErrAlreadyExists)
 	wantErr(t, "CreateEntry with an imported entry's ID", s.CreateEntry(bg, entry("e-1", "spiffe://example.org/new"), nop), store.ErrAlreadyExists)

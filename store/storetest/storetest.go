@@ -47,6 +47,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"EntryPaging", testEntryPaging},
 		{"SVIDs", testSVIDs},
 		{"SVIDPaging", testSVIDPaging},
+		{"LastSVIDNotAfter", testLastSVIDNotAfter},
 		{"Audit", testAudit},
 		{"Tokens", testTokens},
 		{"TokenSingleUseRace", testTokenSingleUseRace},
