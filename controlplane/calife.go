@@ -70,22 +70,34 @@ func (s *Server) unsealAuthority(k *kek.KEK, rec store.CARecord) (*ca.Authority,
 }
 
 // loadLastNotAfter finds, from the inventory, how long each CA's SVIDs
-// live, so retired CAs leave the bundle exactly when they may.
+// live, so retired CAs leave the bundle exactly when they may. The store
+// keeps the latest NotAfter per CA beside the rows: decoding every live
+// row for it was most of a start-up against a large inventory. A value
+// already past is not kept, as a row already expired was not before.
 func (s *Server) loadLastNotAfter(ctx context.Context, views []*caView) error {
 	if len(views) == 0 {
 		return nil
 	}
-	rows, _, err := s.store.ListSVIDs(ctx, store.SVIDQuery{NotExpiredAt: s.now()})
+	ids := make([]string, len(views))
+	for i, v := range views {
+		ids[i] = v.rec.ID
+	}
+	last, err := s.store.LastSVIDNotAfter(ctx, ids)
 	if err != nil {
 		return fmt.Errorf("read inventory: %w", err)
 	}
-	byID := map[string]*caView{}
+	now := s.now()
 	for _, v := range views {
-		byID[v.rec.ID] = v
-	}
-	for _, r := range rows {
-		if v := byID[r.CAID]; v != nil && r.NotAfter.UnixNano() > v.lastNotAfter.Load() {
-			v.lastNotAfter.Store(r.NotAfter.UnixNano())
+		t, ok := last[v.rec.ID]
+		if !ok || !t.After(now) {
+			continue
+		}
+		n := t.UnixNano()
+		for {
+			old := v.lastNotAfter.Load()
+			if n <= old || v.lastNotAfter.CompareAndSwap(old, n) {
+				break
+			}
 		}
 	}
 	return nil

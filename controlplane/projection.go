@@ -377,7 +377,13 @@ func (s *Server) refreshCAs(ctx context.Context, initial bool) (bool, error) {
 	// signed expires: what this replica signed is in lastNotAfter, what
 	// others signed is in the inventory.
 	if initial {
-		retiring = views
+		// An active or prepared CA's value is read when it retires (the
+		// reload above): asking for it here would only add its rows.
+		for _, v := range views {
+			if v.rec.State != store.CAActive && v.rec.State != store.CAPrepared {
+				retiring = append(retiring, v)
+			}
+		}
 	}
 	if err := s.loadLastNotAfter(ctx, retiring); err != nil {
 		errs = append(errs, err)
