@@ -42,98 +42,58 @@ type svidReq struct {
 	done chan error
 }
 
-// flights bounds the flushes in etcd at once. One at a time made a row
-// queued during a flush wait for that flush and then its own commit (~1.5
-// quorum rounds with closed-loop clients), and a commit carried at most as
-// many rows as there were clients. etcd puts concurrent proposals into one
-// raft batch and one WAL fsync, so overlapping flushes cost little more
-// than one; the bound keeps the txns per fsync, and etcd's CPU per row,
-// from growing with every caller.
-const flights = 4
-
-// groupCommit batches concurrent RecordSVID callers: up to flights
-// flushes are in etcd at once, each taking every row queued when it
-// starts, in chunks of svidChunk sent in parallel; rows queued while all
-// flights are busy go with the next one to finish.
+// groupCommit batches concurrent RecordSVID callers: while one flush is
+// in etcd, new rows queue, and the next flush takes them all, in chunks of
+// svidChunk sent in parallel.
 type groupCommit struct {
 	s       *Store
-	flights int
-	// hold, if set (tests only), runs in a flush's goroutine before it
-	// commits, so a test can keep one flush in etcd while others run.
-	hold     func(batch []*svidReq)
-	mu       sync.Mutex
-	pending  []*svidReq
-	inflight int
-	closed   bool
-	kick     chan struct{}
-	stopped  chan struct{}
+	mu      sync.Mutex
+	pending []*svidReq
+	closed  bool
+	kick    chan struct{}
+	stopped chan struct{}
 }
 
 func newGroupCommit(s *Store) *groupCommit {
-	g := &groupCommit{s: s, flights: flights, kick: make(chan struct{}, 1), stopped: make(chan struct{})}
+	g := &groupCommit{s: s, kick: make(chan struct{}, 1), stopped: make(chan struct{})}
 	go g.run()
 	return g
 }
 
-// close refuses new rows, lets the flushes commit the queued ones and
-// waits for them.
+// close refuses new rows, lets the flusher commit the queued ones and
+// waits for it.
 func (g *groupCommit) close() {
 	g.mu.Lock()
 	g.closed = true
 	g.mu.Unlock()
-	g.poke()
-	<-g.stopped
-}
-
-func (g *groupCommit) poke() {
 	select {
 	case g.kick <- struct{}{}:
 	default:
 	}
+	<-g.stopped
 }
 
-// run starts a flush whenever rows are queued and a flight is free; a
-// flush that ends pokes it, since it may free the flight queued rows wait
-// for, or queue a serial again. It returns once closed with nothing
-// queued or in flight, so no flush goroutine outlives it.
 func (g *groupCommit) run() {
 	defer close(g.stopped)
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	for range g.kick {
 		for {
 			g.mu.Lock()
-			if len(g.pending) == 0 || g.inflight == g.flights {
-				done := g.closed && len(g.pending) == 0 && g.inflight == 0
-				g.mu.Unlock()
-				if done {
+			batch, closed := g.pending, g.closed
+			g.pending = nil
+			g.mu.Unlock()
+			if len(batch) == 0 {
+				if closed {
 					return
 				}
 				break
 			}
-			batch := g.pending
-			g.pending = nil
-			g.inflight++
-			g.mu.Unlock()
-			wg.Go(func() {
-				if g.hold != nil {
-					g.hold(batch)
-				}
-				g.flush(batch)
-				g.mu.Lock()
-				g.inflight--
-				g.mu.Unlock()
-				g.poke()
-			})
+			g.flush(batch)
 		}
 	}
 }
 
-// flush commits batch. A serial twice in the batch is queued again once
-// this flush is done, so it fails against the first's committed row. A
-// serial in two overlapping flushes is settled by etcd: the chunk txns
-// compare its absence, so one commits it and the other's row fails with
-// ErrAlreadyExists.
+// flush commits batch. A serial twice in the batch waits for the next
+// flush, so it fails against the first's committed row.
 func (g *groupCommit) flush(batch []*svidReq) {
 	seen := make(map[string]bool, len(batch))
 	var now, later []*svidReq
@@ -215,8 +175,7 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	if rec.NotAfter.IsZero() || !nanosInRange(rec.NotAfter) {
 		return fmt.Errorf("record svid %s: NotAfter %s out of range: %w", rec.Serial, rec.NotAfter, store.ErrInvalid)
 	}
-	// marshal, not roundTrip: nothing reads the decoded copy back.
-	val, err := marshal(&rec)
+	val, _, err := roundTrip(&rec)
 	if err != nil {
 		return fmt.Errorf("record svid %s: %w", rec.Serial, err)
 	}
@@ -229,7 +188,10 @@ func (s *Store) RecordSVID(ctx context.Context, rec store.IssuedSVID) error {
 	}
 	g.pending = append(g.pending, r)
 	g.mu.Unlock()
-	g.poke()
+	select {
+	case g.kick <- struct{}{}:
+	default:
+	}
 	select {
 	case err := <-r.done:
 		return err
