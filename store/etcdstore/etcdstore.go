@@ -139,6 +139,10 @@ type Store struct {
 
 	annMu   sync.Mutex
 	annSess *concurrency.Session
+
+	// pruneListed, if set (tests only), runs in PruneSVIDs between a
+	// chunk's listing and its delete: where another replica's write lands.
+	pruneListed func()
 }
 
 type keys struct {

@@ -271,12 +271,17 @@ func (s *Store) ListSVIDs(ctx context.Context, q store.SVIDQuery) ([]store.Issue
 	return out, next, nil
 }
 
-// pruneChunk rows per transaction: one range delete of their index keys
-// plus a delete of each serial key.
-const pruneChunk = 120
+// pruneChunk rows per transaction: two deletes a row (its index key and
+// its serial key), within etcd's default --max-txn-ops of 128.
+const pruneChunk = 64
 
 // PruneSVIDs deletes rows whose NotAfter is before cutoff, in transactions
-// of pruneChunk rows.
+// of pruneChunk rows. Each row's two keys are deleted by name, never by a
+// range: a row another replica records between the listing and the delete
+// (a backdated NotAfter, or a clock behind this one) is not in the
+// listing, so a range over it would take its index key and leave its
+// serial key pointing at nothing. Named deletes leave it whole for the
+// next pass.
 func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 	if err := s.check(ctx); err != nil {
 		return 0, err
@@ -294,17 +299,21 @@ func (s *Store) PruneSVIDs(ctx context.Context, cutoff time.Time) (int, error) {
 		if len(resp.Kvs) == 0 {
 			break
 		}
-		first, last := string(resp.Kvs[0].Key), string(resp.Kvs[len(resp.Kvs)-1].Key)
-		ops := []clientv3.Op{clientv3.OpDelete(first, clientv3.WithRange(last+"\x00"))}
+		if s.pruneListed != nil {
+			s.pruneListed()
+		}
+		ops := make([]clientv3.Op, 0, 2*len(resp.Kvs))
 		for _, kv := range resp.Kvs {
 			serial := string(kv.Key)[len(s.k.svidX)+16:]
-			ops = append(ops, clientv3.OpDelete(s.k.svidS+serial))
+			ops = append(ops, clientv3.OpDelete(string(kv.Key)), clientv3.OpDelete(s.k.svidS+serial))
 		}
 		tr, err := s.txn(ctx, "prune svids", nil, ops)
 		if err != nil {
 			return n, err
 		}
-		n += int(tr.Responses[0].GetResponseDeleteRange().Deleted)
+		for i := 0; i < len(tr.Responses); i += 2 {
+			n += int(tr.Responses[i].GetResponseDeleteRange().Deleted)
+		}
 		if len(resp.Kvs) < pruneChunk {
 			break
 		}
