@@ -18,7 +18,10 @@
 # ports 23379/23479/23579 (peers +1). State under $BENCH_HA_DIR (default: a
 # fresh mktemp -d directory, so nobody else's pre-made /tmp path holds the
 # binary it runs or the KEK), wiped before every run. Tunables: RUNS (3),
-# N (20000), TTLS ("10 3"), FAILOVERS (3).
+# N (20000), TTLS ("10 3"), FAILOVERS (3), and for mint ETCD_CPUS and
+# MINT_CPUS: taskset -c lists for the etcd members and for everything on
+# the mint path (meshid or SPIRE server, and the load client), so etcd can
+# be given its own core as it has its own machines in production.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if [[ -n "${BENCH_HA_DIR:-}" ]]; then
@@ -41,6 +44,10 @@ meshid="$DIR/bin/meshid"
 (cd "$root" && go build -o "$meshid" ./cmd/meshid)
 etcd="${MESHID_ETCD_BIN:-$("$root/testbed/k8s/build.sh" | tail -n 1)/etcd}"
 
+# pin VAR: the taskset prefix that pins a command to the CPUs in $VAR, or
+# nothing. A prefix, not a wrapper function, so `$(pin V) cmd &` leaves
+# the command's own pid in $! (taskset execs it).
+pin() { if [[ -n "${!1:-}" ]]; then echo "taskset -c ${!1}"; fi; }
 stamp() { echo "=== $* $(date -u +%H:%M:%S) load: $(cut -d' ' -f1-3 /proc/loadavg)"; }
 # timed CMD...: one timed run, holding $BENCH_LOCK if set, the load after it.
 timed() {
@@ -60,7 +67,7 @@ etcd_up() { # a fresh 3-member cluster
 	ETCDPIDS=()
 	for i in 0 1 2; do
 		rm -rf "$DIR/etcd/e$i"
-		"$etcd" --name "e$i" --data-dir "$DIR/etcd/e$i" \
+		$(pin ETCD_CPUS) "$etcd" --name "e$i" --data-dir "$DIR/etcd/e$i" \
 			--listen-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" \
 			--listen-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" \
 			--initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench-ha \
@@ -80,7 +87,7 @@ replica() {
 	local i="$1"
 	shift
 	mkdir -p "$DIR/r$i"
-	"${REPLICA_BIN:-$meshid}" server --store etcd --etcd-endpoints "$endpoints" --etcd-prefix /bench/ \
+	$(pin MINT_CPUS) "${REPLICA_BIN:-$meshid}" server --store etcd --etcd-endpoints "$endpoints" --etcd-prefix /bench/ \
 		--replica-id "r$i" --kek-file "$DIR/kek" --data-dir "$DIR/r$i/data" \
 		--admin-socket "$DIR/r$i/a.sock" --socket= --log-level warn "$@" >>"$DIR/r$i.log" 2>&1 &
 	RPID[$i]=$!
@@ -108,7 +115,7 @@ mint_etcd() { # $1 clients, $2 replicas (1 or 3)
 		socks+="${socks:+,}$DIR/r$i/a.sock"
 	done
 	stamp "meshid${REPLICA_BIN:+ $REPLICA_BIN} etcd, $2 replica(s), -c $1 -n $N"
-	timed "$meshid" bench mint --admin-socket "$socks" -c "$1" -n "$N"
+	timed $(pin MINT_CPUS) "$meshid" bench mint --admin-socket "$socks" -c "$1" -n "$N"
 	stop_replicas
 	etcd_down
 }
@@ -116,12 +123,12 @@ mint_etcd() { # $1 clients, $2 replicas (1 or 3)
 mint_bolt() { # $1 clients
 	rm -rf "$DIR/bolt"
 	mkdir -p "$DIR/bolt"
-	"$meshid" server --data-dir "$DIR/bolt/data" --admin-socket "$DIR/bolt/a.sock" --socket= --log-level warn >"$DIR/bolt.log" 2>&1 &
+	$(pin MINT_CPUS) "$meshid" server --data-dir "$DIR/bolt/data" --admin-socket "$DIR/bolt/a.sock" --socket= --log-level warn >"$DIR/bolt.log" 2>&1 &
 	local pid=$!
 	PIDS+=($pid)
 	wait_admin "$DIR/bolt/a.sock"
 	stamp "meshid bolt, -c $1 -n $N"
-	timed "$meshid" bench mint --admin-socket "$DIR/bolt/a.sock" -c "$1" -n "$N"
+	timed $(pin MINT_CPUS) "$meshid" bench mint --admin-socket "$DIR/bolt/a.sock" -c "$1" -n "$N"
 	kill "$pid"
 	wait "$pid" 2>/dev/null || true
 }
@@ -151,18 +158,18 @@ plugins {
     KeyManager "disk" { plugin_data { keys_path = "$D/data/keys.json" } }
 }
 CONF
-	"$SPIRE" run -config "$D/server.conf" >"$DIR/spire.log" 2>&1 &
+	$(pin MINT_CPUS) "$SPIRE" run -config "$D/server.conf" >"$DIR/spire.log" 2>&1 &
 	local pid=$!
 	PIDS+=($pid)
 	until "$SPIRE" healthcheck -socketPath "$D/s/api.sock" >/dev/null 2>&1; do sleep 0.1; done
 	stamp "SPIRE sqlite3, -c $1 -n $N"
-	timed "$SPIRE_LOAD" -socket "$D/s/api.sock" -c "$1" -n "$N"
+	timed $(pin MINT_CPUS) "$SPIRE_LOAD" -socket "$D/s/api.sock" -c "$1" -n "$N"
 	kill "$pid"
 	wait "$pid" 2>/dev/null || true
 }
 
 do_mint() {
-	stamp "mint; commit $(git -C "$root" rev-parse --short HEAD)"
+	stamp "mint; commit $(git -C "$root" rev-parse --short HEAD); etcd on CPUs ${ETCD_CPUS:-any}, mint path on ${MINT_CPUS:-any}"
 	local r c
 	local kinds="${MINT_KINDS:-etcd spire bolt etcd3}" k
 	for c in ${CLIENTS:-8 32}; do
