@@ -21,6 +21,7 @@ import (
 
 	"github.com/meshid/meshid/controlplane"
 	"github.com/meshid/meshid/internal/fakeclock"
+	adminv1 "github.com/meshid/meshid/proto/meshid/admin/v1"
 	"github.com/meshid/meshid/store"
 	"github.com/meshid/meshid/store/boltstore"
 )
@@ -253,6 +254,15 @@ func TestAgentFailsOverBetweenReplicas(t *testing.T) {
 	waitFor(t, "the workload's SVIDs", func() bool { return len(h.latest()) == 2 })
 	held := h.latest()
 	serial := nodeSerial(t, cfg.DataDir)
+	// The agent's bundle report reaches the replica it is on (the agent
+	// looks again each second of its clock)...
+	waitFor(t, "the agent's report of its workload's bundle on its replica", func() bool {
+		fc.Advance(time.Second)
+		return holdsNewest(t, r.planes[from], a.ID().String())
+	})
+	if holdsNewest(t, r.planes[1-from], a.ID().String()) {
+		t.Fatal("the other replica has the agent's report before the agent moved there")
+	}
 	rec, err := r.planes[0].srv.Store().GetAgent(ctx, a.ID().String())
 	if err != nil {
 		t.Fatal(err)
@@ -275,6 +285,13 @@ func TestAgentFailsOverBetweenReplicas(t *testing.T) {
 	if !after.FirstSeen.Equal(rec.FirstSeen) || len(after.NodeSVIDs) != len(rec.NodeSVIDs) || after.NodeSVIDs[len(after.NodeSVIDs)-1].Serial != serial {
 		t.Fatalf("agent record %+v after the failover, was %+v: attested again", after, rec)
 	}
+	// ...and is made again to the survivor: a new Sync stream starts with
+	// no report. The survivor signed its own CRLs, so its bundle differs
+	// in bytes and version: the agent serves it, then reports again.
+	waitFor(t, "the agent's report on the survivor", func() bool {
+		fc.Advance(time.Second)
+		return holdsNewest(t, survivor, a.ID().String())
+	})
 	h.check("across the failover")
 	for id, leaf := range h.latest() {
 		if leaf.SerialNumber.Cmp(held[id].SerialNumber) != 0 {
@@ -293,6 +310,22 @@ func TestAgentFailsOverBetweenReplicas(t *testing.T) {
 	if a.Server() != survivor.agentAddr || a.Failovers() != 1 {
 		t.Fatalf("on %q after %d failovers, want %q after 1", a.Server(), a.Failovers(), survivor.agentAddr)
 	}
+}
+
+// holdsNewest reports whether p's `meshid status` has agent id reported,
+// with open streams all on p's newest bundle.
+func holdsNewest(t *testing.T, p *plane, id string) bool {
+	t.Helper()
+	resp, err := controlplane.NewAdminService(p.srv).Status(context.Background(), &adminv1.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range resp.Agents {
+		if a.Id == id && a.Reported && a.Streams > 0 && a.StreamsNewest == a.Streams {
+			return true
+		}
+	}
+	return false
 }
 
 // logRecords keeps the agent's log records (message and attributes).
