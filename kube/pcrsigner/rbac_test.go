@@ -64,8 +64,10 @@ func clientAs(t *testing.T, bed *k8stest.Bed, ns string, rules []rbacv1.PolicyRu
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Unwrapped: client-go's round-trippers do not pass it on.
+	// Unwrapped: client-go's round-trippers do not pass it on. Tracked
+	// too: a connection still carrying a watch at cleanup closes later.
 	t.Cleanup(func() { utilnet.CloseIdleConnectionsFor(hc.Transport) })
+	k8stest.Track(hc.Transport)
 	c, err := kubernetes.NewForConfigAndClient(rc, hc)
 	if err != nil {
 		t.Fatal(err)

@@ -58,7 +58,14 @@ func asServiceAccount(t *testing.T, bed *k8stest.Bed, ns string, rules []rbacv1.
 	})
 	cfg := rest.CopyConfig(bed.Config)
 	cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:" + ns + ":default"}
-	c, err := kubernetes.NewForConfig(cfg)
+	hc, err := rest.HTTPClientFor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its idle connections are closed before the leak check (TestMain),
+	// including one whose last watch ends after the test.
+	k8stest.Track(hc.Transport)
+	c, err := kubernetes.NewForConfigAndClient(cfg, hc)
 	if err != nil {
 		t.Fatal(err)
 	}
