@@ -59,13 +59,15 @@ var (
 	tracked   []http.RoundTripper
 )
 
-// Track has CloseIdle (and so FindLeaks, again and again until nothing is
-// left) close rt's idle connections too. A test's own t.Cleanup closing
-// them is not enough: a connection that carried a watch as the test
+// Track closes rt's idle connections when t ends, and has CloseIdle (and
+// so FindLeaks, again and again until nothing is left) close them too. The
+// first is not enough alone: a connection that carried a watch as the test
 // stopped its controller turns idle only once the cancellation has gone
-// through, after the cleanup ran, and its read loop was counted as a leak
+// through, after t's cleanup ran, and its read loop was counted as a leak
 // (kube/pcrsigner failed so in CI).
-func Track(rt http.RoundTripper) {
+func Track(t testing.TB, rt http.RoundTripper) {
+	// Unwrapped: client-go's round-trippers do not pass it on.
+	t.Cleanup(func() { utilnet.CloseIdleConnectionsFor(rt) })
 	trackedMu.Lock()
 	defer trackedMu.Unlock()
 	tracked = append(tracked, rt)

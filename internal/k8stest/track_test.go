@@ -46,12 +46,7 @@ func TestTrackClosesATestsOwnTransport(t *testing.T) {
 		t.Fatal("CloseIdle closed a transport nobody tracked: the test shows nothing")
 	case <-time.After(200 * time.Millisecond): // a bound on a negative, not a synchronisation
 	}
-	Track(hc.Transport)
-	t.Cleanup(func() {
-		trackedMu.Lock()
-		tracked = tracked[:len(tracked)-1]
-		trackedMu.Unlock()
-	})
+	Track(t, hc.Transport)
 	CloseIdle()
 	select {
 	case <-closed:

@@ -12,7 +12,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -64,10 +63,7 @@ func clientAs(t *testing.T, bed *k8stest.Bed, ns string, rules []rbacv1.PolicyRu
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Unwrapped: client-go's round-trippers do not pass it on. Tracked
-	// too: a connection still carrying a watch at cleanup closes later.
-	t.Cleanup(func() { utilnet.CloseIdleConnectionsFor(hc.Transport) })
-	k8stest.Track(hc.Transport)
+	k8stest.Track(t, hc.Transport)
 	c, err := kubernetes.NewForConfigAndClient(rc, hc)
 	if err != nil {
 		t.Fatal(err)

@@ -62,9 +62,7 @@ func asServiceAccount(t *testing.T, bed *k8stest.Bed, ns string, rules []rbacv1.
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Its idle connections are closed before the leak check (TestMain),
-	// including one whose last watch ends after the test.
-	k8stest.Track(hc.Transport)
+	k8stest.Track(t, hc.Transport)
 	c, err := kubernetes.NewForConfigAndClient(cfg, hc)
 	if err != nil {
 		t.Fatal(err)
