@@ -7,6 +7,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/meshid/meshid/entry"
@@ -247,6 +248,13 @@ type Store interface {
 	// issuer). A floor such as the current time in milliseconds keeps
 	// numbers meaningful after the counter is lost with a wiped store.
 	NextCRLNumber(ctx context.Context, caID string, floor int64) (int64, error)
+	// PutCRLs replaces the signed CRL set every replica serves (see
+	// SignedCRLs), watched as KindCRLs. Like PutCAs it is a leader's write:
+	// a backend shared by replicas refuses it with ErrNotLeader from a
+	// store that does not hold the leadership while another does.
+	PutCRLs(ctx context.Context, c SignedCRLs) error
+	// GetCRLs returns the signed CRL set, or ErrNotFound if none was put.
+	GetCRLs(ctx context.Context) (SignedCRLs, error)
 
 	// Revision returns the store's current revision: every commit that
 	// changes watched state (entries, CAs and JWT keys, revoked serials,
@@ -298,6 +306,38 @@ const (
 	KindToken   Kind = "token"   // Key is JoinToken.Hash
 )
 
+// KindCRLs is the watched kind of the signed CRL set; Key is empty.
+const KindCRLs Kind = "crls"
+
+// SignedCRLs is one set of CRLs, one per CA a peer may meet in a chain,
+// signed by the leader and served by every replica while it lists what
+// the replica's own view would: replicas that each signed their own would
+// serve different bytes for the same revocations, and so a different
+// trust-bundle version, and every agent that fails over would be pushed a
+// bundle that differs only in CRL signatures.
+type SignedCRLs struct {
+	// Covers says what the CRLs list: the CAs and their revoked serials,
+	// as the server spells them. A replica compares it with its own.
+	Covers    string
+	Number    int64 // the CRL number every CRL of the set carries
+	SignedAt  time.Time
+	RefreshAt time.Time // when the leader re-signs the set
+	DER       [][]byte
+}
+
+// Validate reports whether c can be stored (it wraps ErrInvalid).
+func (c SignedCRLs) Validate() error {
+	if len(c.DER) == 0 || c.Number <= 0 || c.RefreshAt.IsZero() {
+		return fmt.Errorf("signed crls: no CRL, a non-positive number or no refresh time: %w", ErrInvalid)
+	}
+	for i, d := range c.DER {
+		if len(d) == 0 {
+			return fmt.Errorf("signed crls: CRL %d is empty: %w", i, ErrInvalid)
+		}
+	}
+	return nil
+}
+
 // KindAgent is the watched kind of node agent records; Key is
 // AgentRecord.ID. It is watched so that a ban or an eviction on one
 // replica ends the agent's streams on every other.
@@ -312,8 +352,8 @@ const (
 	OpDelete Op = "delete" // removed; the value is the last one it had
 )
 
-// Event is one key's change in a commit. Exactly one of Entry, CA, Revoked
-// and Token is set, the one Kind names.
+// Event is one key's change in a commit. Exactly one of Entry, CA, Revoked,
+// Token, Agent and CRLs is set, the one Kind names.
 type Event struct {
 	Kind     Kind
 	Op       Op
@@ -325,6 +365,7 @@ type Event struct {
 	Revoked *RevokedSerial
 	Token   *JoinToken
 	Agent   *AgentRecord
+	CRLs    *SignedCRLs
 }
 
 // WatchResponse is one commit's changes, in the order the commit made them.

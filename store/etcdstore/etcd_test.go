@@ -226,6 +226,17 @@ func TestLeaderFencing(t *testing.T) {
 	if err := a.PutCA(bg, ca, nil); err != nil {
 		t.Fatalf("leader PutCA: %v", err)
 	}
+	// The signed CRL set every replica serves is the leader's alone.
+	crls := store.SignedCRLs{Covers: "ca-1;", Number: 1, SignedAt: t0, RefreshAt: t0.Add(time.Hour), DER: [][]byte{{0x30}}}
+	if err := b.PutCRLs(bg, crls); !errors.Is(err, store.ErrNotLeader) {
+		t.Fatalf("non-leader PutCRLs: %v, want ErrNotLeader", err)
+	}
+	if _, err := a.GetCRLs(bg); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("after a refused PutCRLs: %v, want ErrNotFound", err)
+	}
+	if err := a.PutCRLs(bg, crls); err != nil {
+		t.Fatalf("leader PutCRLs: %v", err)
+	}
 	st, err := b.Cluster(bg)
 	if err != nil || st.Leader != "a" {
 		t.Fatalf("Cluster leader = %q, %v; want a", st.Leader, err)
@@ -237,6 +248,10 @@ func TestLeaderFencing(t *testing.T) {
 	ca.State = store.CAActive
 	if err := a.PutCA(bg, ca, nil); !errors.Is(err, store.ErrNotLeader) {
 		t.Fatalf("PutCA after the lease was lost: %v, want ErrNotLeader", err)
+	}
+	crls.Number = 2
+	if err := a.PutCRLs(bg, crls); !errors.Is(err, store.ErrNotLeader) {
+		t.Fatalf("PutCRLs after the lease was lost: %v, want ErrNotLeader", err)
 	}
 	select {
 	case <-la.Done():

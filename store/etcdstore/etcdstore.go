@@ -9,6 +9,7 @@
 //	p w/revoked/<serial>  revoked serials    (watched)
 //	p w/token/<hash>      join tokens        (watched)
 //	p w/agent/<id>        node agents        (watched)
+//	p w/crls              the leader's signed CRL set (watched)
 //	p uniq/<sha256>       entry uniqueness claim -> entry ID
 //	p svid/x/<exp><serial> inventory row; <exp> is 16 hex digits of NotAfter
 //	                      so that keys sort by NotAfter, then serial
@@ -146,13 +147,13 @@ type Store struct {
 }
 
 type keys struct {
-	p, w, marker, entry, ca, revoked, token, agent, uniq, svidX, svidS, audit, crl, replica, election string
+	p, w, marker, entry, ca, revoked, token, agent, crls, uniq, svidX, svidS, audit, crl, replica, election string
 }
 
 func newKeys(p string) keys {
 	return keys{
 		p: p, w: p + "w/", marker: p + "w/rev",
-		entry: p + "w/entry/", ca: p + "w/ca/", revoked: p + "w/revoked/", token: p + "w/token/", agent: p + "w/agent/",
+		entry: p + "w/entry/", ca: p + "w/ca/", revoked: p + "w/revoked/", token: p + "w/token/", agent: p + "w/agent/", crls: p + "w/crls",
 		uniq: p + "uniq/", svidX: p + "svid/x/", svidS: p + "svid/s/", audit: p + "audit/", crl: p + "crl/",
 		replica: p + "replica/", election: p + "election/",
 	}

@@ -244,6 +244,10 @@ func (s *Store) event(e *clientv3.Event) (store.Event, bool) {
 		ev.Kind, ev.Key = store.KindToken, key[len(s.k.token):]
 		ev.Token = &store.JoinToken{Hash: ev.Key}
 		dec(ev.Token)
+	case key == s.k.crls:
+		ev.Kind = store.KindCRLs
+		ev.CRLs = &store.SignedCRLs{}
+		dec(ev.CRLs)
 	case strings.HasPrefix(key, s.k.agent):
 		ev.Kind, ev.Key = store.KindAgent, key[len(s.k.agent):]
 		ev.Agent = &store.AgentRecord{ID: ev.Key}

@@ -56,6 +56,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"AttestAgentRace", testAttestAgentRace},
 		{"Revocations", testRevocations},
 		{"CRLNumbers", testCRLNumbers},
+		{"SignedCRLs", testSignedCRLs},
 		{"CancelledContext", testCancelledContext},
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"WatchOrder", testWatchOrder},
@@ -129,6 +130,7 @@ type state struct {
 	SVIDs   []store.IssuedSVID
 	Audit   []store.AuditEvent
 	Revoked []store.RevokedSerial
+	CRLs    *store.SignedCRLs
 	Rev     int64
 }
 
@@ -152,6 +154,12 @@ func snapshot(t *testing.T, s store.Store) state {
 		t.Fatal(err)
 	}
 	slices.SortFunc(st.Revoked, func(a, b store.RevokedSerial) int { return strings.Compare(a.Serial, b.Serial) })
+	switch c, err := s.GetCRLs(bg); {
+	case err == nil:
+		st.CRLs = &c
+	case !errors.Is(err, store.ErrNotFound):
+		t.Fatal(err)
+	}
 	if st.Rev, err = s.Revision(bg); err != nil {
 		t.Fatal(err)
 	}
@@ -182,6 +190,7 @@ func testCancelledContext(t *testing.T, s store.Store) {
 			return s.RevokeSerials(ctx, []store.RevokedSerial{revoked("01", t0)}, nop)
 		},
 		"NextCRLNumber": func() error { _, err := s.NextCRLNumber(ctx, "ca", 1); return err },
+		"PutCRLs":       func() error { return s.PutCRLs(ctx, signedCRLs(1)) },
 		"Watch":         func() error { _, err := s.Watch(ctx, 0); return err },
 		"Campaign":      func() error { _, err := s.Campaign(ctx); return err },
 	}
@@ -344,6 +353,8 @@ func testClosed(t *testing.T, s store.Store) {
 	errs["AppendAudit"] = s.AppendAudit(bg, nop)
 	errs["RevokeSerials"] = s.RevokeSerials(bg, []store.RevokedSerial{revoked("01", t0)}, nop)
 	_, errs["NextCRLNumber"] = s.NextCRLNumber(bg, "ca", 1)
+	errs["PutCRLs"] = s.PutCRLs(bg, signedCRLs(1))
+	_, errs["GetCRLs"] = s.GetCRLs(bg)
 	_, errs["Revision"] = s.Revision(bg)
 	_, errs["Watch"] = s.Watch(bg, 0)
 	for name, err := range errs {
