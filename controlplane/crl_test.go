@@ -374,7 +374,10 @@ func TestRevokePastCRLBoundRefused(t *testing.T) {
 		t.Fatalf("old CA state %q after --drop-old, want revoked", rot.GetOld().GetState())
 	}
 	listed := 0
-	for _, der := range ts.srv.crlCache {
+	ts.srv.pubMu.Lock()
+	served := ts.srv.crl.served.DER
+	ts.srv.pubMu.Unlock()
+	for _, der := range served {
 		rl, err := x509.ParseRevocationList(der)
 		if err != nil {
 			t.Fatal(err)

@@ -76,6 +76,7 @@ func (s *Server) armMaintenance() {
 	now := s.now()
 	s.pubMu.Lock()
 	due := s.maint.crlRefreshAt
+	waiting, waitUntil := s.crl.waitCovers != "", s.crl.waitUntil
 	s.pubMu.Unlock()
 	s.mu.RLock()
 	tainting := s.taintedLocked() != nil
@@ -83,6 +84,9 @@ func (s *Server) armMaintenance() {
 	if !due.After(now) {
 		// The refresh is overdue: it failed. Retry soon, but not in a loop.
 		due = now.Add(min(time.Minute, s.cfg.crlValidity()/8))
+	}
+	if waiting && waitUntil.Before(due) {
+		due = waitUntil // a follower's wait for the leader's CRLs ends
 	}
 	if check := now.Add(taintCheckInterval); tainting && check.Before(due) {
 		due = check

@@ -38,6 +38,11 @@ func (s *Server) lead(ctx context.Context, first store.Leadership) {
 		}
 		s.leader.set(true)
 		s.log.Debug("leading: this server runs the CA lifecycle")
+		// The CRLs every replica serves are the leader's now: store the
+		// set this server serves, or sign one, if the store's is not it.
+		if err := s.publishBundles(); err != nil {
+			s.log.Error("publish bundles on taking the leadership", "err", err)
+		}
 		s.scheduleRotation() // a step may have fallen due while another led
 		select {
 		case <-ctx.Done():

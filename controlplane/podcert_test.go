@@ -97,7 +97,9 @@ func TestSignPodCertificate(t *testing.T) {
 	if _, err := s.Revoke(ctx, "", pc.Serial, "test"); err != nil {
 		t.Fatalf("revoke: %v", err)
 	}
+	s.pubMu.Lock()
 	crls, err := s.crls()
+	s.pubMu.Unlock()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,7 +25,8 @@ import (
 // revision after it (synced), so its caller reads its own write.
 //
 // Only the watch goroutine (and Open, before it starts) applies changes.
-// Applying never writes watched state, so it never waits on itself.
+// Applying never waits for a write of its own to be applied: the one
+// watched write it makes, the leader's CRL set (crlset.go), it only makes.
 
 // projection tracks how far the watch has been applied.
 type projection struct {
@@ -95,6 +96,9 @@ func (s *Server) load(ctx context.Context, initial bool) error {
 	s.mu.Lock()
 	s.revoked = revocation.New(list)
 	s.mu.Unlock()
+	if err := s.loadStoredCRLs(ctx); err != nil {
+		return err
+	}
 	entries, _, err := s.store.ListEntries(ctx, store.EntryQuery{})
 	if err != nil {
 		return fmt.Errorf("load entries: %w", err)
@@ -172,6 +176,7 @@ func (s *Server) watch(ctx context.Context, rev int64) {
 // changeSet says what a commit changed, for what follows from it.
 type changeSet struct {
 	cas, revoked, entries bool
+	crls                  bool // the leader stored a new CRL set
 	activeChanged         bool
 	newRevoked            []store.RevokedSerial
 }
@@ -195,6 +200,11 @@ func (s *Server) apply(ctx context.Context, resp store.WatchResponse) {
 			s.applyToken(ev)
 		case store.KindAgent:
 			s.applyAgent(ev)
+		case store.KindCRLs:
+			if ev.CRLs != nil {
+				s.setStoredCRLs(*ev.CRLs)
+				cs.crls = true
+			}
 		}
 	}
 	if cs.cas {
@@ -212,10 +222,12 @@ func (s *Server) apply(ctx context.Context, resp store.WatchResponse) {
 // authenticated by a newly revoked certificate ended and SVIDs that were
 // revoked replaced.
 func (s *Server) afterChange(ctx context.Context, cs changeSet) {
-	if cs.cas || cs.revoked {
+	if cs.cas || cs.revoked || cs.crls {
 		if err := s.publishBundles(); err != nil {
 			s.log.Error("publish bundles", "err", err)
 		}
+	}
+	if cs.cas || cs.revoked {
 		s.scheduleRotation()
 	}
 	if cs.activeChanged && s.cfg.RotateSVIDsOnActivation {

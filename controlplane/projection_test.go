@@ -44,12 +44,12 @@ func sharedBolt(t *testing.T) (*boltstore.Store, string) {
 	return bs, filepath.Join(dir, "kek")
 }
 
-// crlNumbers parses the number of every CRL s publishes now and says
+// servedCRLState parses the number of every CRL s publishes now and says
 // whether one of them lists serial.
-func crlState(t *testing.T, s *Server, serial *big.Int) (numbers []*big.Int, listed bool) {
+func servedCRLState(t *testing.T, s *Server, serial *big.Int) (numbers []*big.Int, listed bool) {
 	t.Helper()
 	s.pubMu.Lock()
-	crls := s.crlCache
+	crls := s.crl.served.DER
 	s.pubMu.Unlock()
 	for _, der := range crls {
 		rl, err := x509.ParseRevocationList(der)
@@ -145,7 +145,7 @@ func TestReplicasShareOneStore(t *testing.T) {
 	if !ok {
 		t.Fatalf("serial %q", svid.Serial)
 	}
-	before, listed := crlState(t, b, serial)
+	before, listed := servedCRLState(t, b, serial)
 	if listed {
 		t.Fatal("listed before revocation")
 	}
@@ -155,16 +155,20 @@ func TestReplicasShareOneStore(t *testing.T) {
 	if err := b.synced(ctx); err != nil {
 		t.Fatal(err)
 	}
-	afterB, listed := crlState(t, b, serial)
+	afterB, listed := servedCRLState(t, b, serial)
 	if !listed {
 		t.Fatal("replica B's CRLs do not list the serial revoked through A")
 	}
-	afterA, listedA := crlState(t, a, serial)
+	afterA, listedA := servedCRLState(t, a, serial)
 	if !listedA {
 		t.Fatal("replica A's CRLs do not list the serial it revoked")
 	}
-	if afterA[0].Cmp(afterB[0]) == 0 || afterB[0].Cmp(before[0]) <= 0 || afterA[0].Cmp(before[0]) <= 0 {
-		t.Fatalf("CRL numbers: before %v, A %v, B %v; want both above before and distinct", before[0], afterA[0], afterB[0])
+	if afterA[0].Cmp(afterB[0]) != 0 || afterB[0].Cmp(before[0]) <= 0 {
+		t.Fatalf("CRL numbers: before %v, A %v, B %v; want A's and B's the same, above before", before[0], afterA[0], afterB[0])
+	}
+	// One set for both: the leader's bytes, so one bundle version.
+	if va, vb := a.newestBundle(), b.newestBundle(); va != vb || va == "" {
+		t.Fatalf("bundle versions after the revocation: A %s, B %s; want one", va, vb)
 	}
 
 	// A goes; B takes over the lifecycle.

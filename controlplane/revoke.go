@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/store"
 	"github.com/meshid/meshid/svidcache"
 )
@@ -128,95 +127,6 @@ func (s *Server) revokeRows(ctx context.Context, match func(store.IssuedSVID) bo
 // entriesFor lists the registration entries for a SPIFFE ID.
 func (s *Server) entriesFor(spiffeID string) []store.Entry {
 	return s.entries.bySpiffeID(spiffeID)
-}
-
-// crls signs one CRL per CA peers may meet in a chain: every meshid CA in
-// the bundle and, with an upstream CA, the upstream certificate. Envoy
-// demands a CRL for every CA of a chain once it is given any, so CAs with
-// nothing revoked get an empty one. The caller holds pubMu; what is signed
-// is gathered under mu, and signed after it is released, so a re-sign
-// never stalls mints or matching.
-func (s *Server) crls() ([][]byte, error) {
-	now := s.now()
-	type crlJob struct {
-		v       *caView
-		entries []ca.RevokedCert
-	}
-	var jobs []crlJob
-	var key strings.Builder
-	var upRevoked []ca.RevokedCert
-	s.mu.RLock()
-	for _, v := range s.cas {
-		if !v.inBundle(now) || v.auth == nil {
-			continue
-		}
-		key.WriteString(v.rec.ID)
-		entries, err := s.revoked.CRLEntries(v.rec.ID, now)
-		if err != nil {
-			s.mu.RUnlock()
-			return nil, err
-		}
-		for _, e := range entries {
-			key.WriteString("," + e.Serial.Text(16))
-		}
-		key.WriteString(";")
-		jobs = append(jobs, crlJob{v, entries})
-	}
-	if s.cfg.Upstream != nil {
-		upRevoked = s.revokedIntermediatesLocked(now)
-		for _, r := range upRevoked {
-			key.WriteString("^" + r.Serial.Text(16))
-		}
-	}
-	s.mu.RUnlock()
-	// Same CAs, same revocations: same CRLs. Re-signing would change the
-	// bundle's bytes and push it to every peer for nothing.
-	if key.String() == s.crlKey && now.Before(s.maint.crlRefreshAt) {
-		return s.crlCache, nil
-	}
-	number := s.nextCRLNumber(now)
-	var out [][]byte
-	for _, j := range jobs {
-		v, entries := j.v, j.entries
-		der, err := ca.SignCRL(v.cert, v.auth.Key, entries, number, now, s.crlNextUpdate(now, v.cert.NotAfter))
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, der)
-	}
-	if up := s.cfg.Upstream; up != nil {
-		der, err := ca.SignCRL(up.Cert, up.Key, upRevoked, number, now, s.crlNextUpdate(now, up.Cert.NotAfter))
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, der)
-	}
-	s.crlKey, s.crlCache = key.String(), out
-	s.maint.crlRefreshAt = now.Add(s.cfg.crlValidity() / 2)
-	return out, nil
-}
-
-// crlCounter is the store counter CRL numbers come from: one for every
-// issuer, so each issuer's numbers grow too (RFC 5280 5.2.3), across
-// restarts and across replicas.
-const crlCounter = "crl"
-
-// nextCRLNumber is the number for the CRLs signed now. The store's counter
-// keeps numbers growing across restarts and replicas; milliseconds are its
-// floor, which keeps them growing after a store was wiped. If the store
-// cannot count (a full disk), the CRLs are still re-signed, numbered
-// locally, rather than left to go stale.
-func (s *Server) nextCRLNumber(now time.Time) int64 {
-	floor := max(now.UnixMilli(), s.crlNumber+1)
-	ctx, cancel := context.WithTimeout(s.tasks.ctx, 5*time.Second)
-	defer cancel()
-	n, err := s.store.NextCRLNumber(ctx, crlCounter, floor)
-	if err != nil {
-		s.log.Warn("CRL number from the store failed; numbering locally", "err", err)
-		n = floor
-	}
-	s.crlNumber = max(n, floor)
-	return s.crlNumber
 }
 
 // nextRevokedExpiry is when the soonest revoked certificate expires: its

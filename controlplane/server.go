@@ -193,14 +193,12 @@ type Server struct {
 	// replaced, never changed in place).
 	revMu   sync.Mutex
 	revoked revocation.List
-	// pubMu serialises publishing bundles; it guards the CRL cache and
-	// the last CRL number, so CRLs are signed outside mu.
-	pubMu     sync.Mutex
-	lastX509  *identity.Bundle
-	lastJWT   *identity.JWTBundle
-	crlNumber int64
-	crlKey    string
-	crlCache  [][]byte
+	// pubMu serialises publishing bundles; it guards the CRL set
+	// (crlset.go), so CRLs are signed outside mu.
+	pubMu    sync.Mutex
+	lastX509 *identity.Bundle
+	lastJWT  *identity.JWTBundle
+	crl      crlState
 	// maint re-signs CRLs before their nextUpdate and finishes emergency
 	// rotations (crlmaint.go).
 	maint maintenance
