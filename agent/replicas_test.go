@@ -267,6 +267,11 @@ func TestAgentFailsOverBetweenReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Both replicas serve the leader's CRLs: one bundle, one version.
+	version := bundleVersion(t, r.planes[from])
+	if v := bundleVersion(t, r.planes[1-from]); v != version {
+		t.Fatalf("the replicas publish bundle versions %s and %s; want one", version, v)
+	}
 
 	r.planes[from].stop()
 	survivor := r.planes[1-from]
@@ -286,12 +291,14 @@ func TestAgentFailsOverBetweenReplicas(t *testing.T) {
 		t.Fatalf("agent record %+v after the failover, was %+v: attested again", after, rec)
 	}
 	// ...and is made again to the survivor: a new Sync stream starts with
-	// no report. The survivor signed its own CRLs, so its bundle differs
-	// in bytes and version: the agent serves it, then reports again.
+	// no report. The survivor's bundle is the one the workload holds.
 	waitFor(t, "the agent's report on the survivor", func() bool {
 		fc.Advance(time.Second)
 		return holdsNewest(t, survivor, a.ID().String())
 	})
+	if v := bundleVersion(t, survivor); v != version {
+		t.Fatalf("the survivor publishes bundle version %s after the failover, was %s", v, version)
+	}
 	h.check("across the failover")
 	for id, leaf := range h.latest() {
 		if leaf.SerialNumber.Cmp(held[id].SerialNumber) != 0 {
@@ -310,6 +317,16 @@ func TestAgentFailsOverBetweenReplicas(t *testing.T) {
 	if a.Server() != survivor.agentAddr || a.Failovers() != 1 {
 		t.Fatalf("on %q after %d failovers, want %q after 1", a.Server(), a.Failovers(), survivor.agentAddr)
 	}
+}
+
+// bundleVersion is the trust bundle version p's `meshid status` shows.
+func bundleVersion(t *testing.T, p *plane) string {
+	t.Helper()
+	resp, err := controlplane.NewAdminService(p.srv).Status(context.Background(), &adminv1.StatusRequest{})
+	if err != nil || resp.GetBundleVersion() == "" {
+		t.Fatalf("status: %v, bundle version %q", err, resp.GetBundleVersion())
+	}
+	return resp.GetBundleVersion()
 }
 
 // holdsNewest reports whether p's `meshid status` has agent id reported,
