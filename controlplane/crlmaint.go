@@ -29,6 +29,9 @@ type maintenance struct {
 	// reissueUntil is when the last re-issue an emergency rotation
 	// scheduled is due; guarded by Server.rotMu.
 	reissueUntil time.Time
+	// armedFor is when the maintenance timer fires next; guarded by
+	// Server.pubMu, under which every arming happens.
+	armedFor time.Time
 }
 
 // crlValidity is how long a CRL stays fresh: never less than two SVID
@@ -74,23 +77,39 @@ func (s *Server) startMaintenance() {
 // emergency rotation, the next recount, whichever is first.
 func (s *Server) armMaintenance() {
 	now := s.now()
-	s.pubMu.Lock()
-	due := s.maint.crlRefreshAt
-	waiting, waitUntil := s.crl.waitCovers != "", s.crl.waitUntil
-	s.pubMu.Unlock()
 	s.mu.RLock()
 	tainting := s.taintedLocked() != nil
 	s.mu.RUnlock()
+	// pubMu is held through the reset: a follower starting to wait for
+	// the leader's CRLs (crlset.go) arms the timer under it too, and must
+	// not have its deadline replaced by a later one computed before.
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
+	due := s.maint.crlRefreshAt
 	if !due.After(now) {
 		// The refresh is overdue: it failed. Retry soon, but not in a loop.
 		due = now.Add(min(time.Minute, s.cfg.crlValidity()/8))
 	}
-	if waiting && waitUntil.Before(due) {
-		due = waitUntil // a follower's wait for the leader's CRLs ends
+	if w := s.crl.waitUntil; !w.IsZero() && w.Before(due) {
+		due = w // a follower's wait for the leader's CRLs ends
+	}
+	if r := s.crl.putRetryAt; s.crl.putFailed && r.Before(due) {
+		due = r // the leader stores its CRLs again
 	}
 	if check := now.Add(taintCheckInterval); tainting && check.Before(due) {
 		due = check
 	}
+	s.maint.armedFor = due
+	s.maintTimer.reset(due.Sub(now))
+}
+
+// maintenanceBy makes the maintenance timer fire by due, keeping an
+// earlier arming. The caller holds pubMu.
+func (s *Server) maintenanceBy(now, due time.Time) {
+	if a := s.maint.armedFor; a.After(now) && !due.Before(a) {
+		return
+	}
+	s.maint.armedFor = due
 	s.maintTimer.reset(due.Sub(now))
 }
 

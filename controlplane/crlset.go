@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -20,30 +21,59 @@ import (
 // trust-bundle version: every agent that failed over was pushed a bundle
 // that differed only in CRL signatures, and reported it again.
 //
-// A follower whose view has moved ahead of the stored set (a revocation,
-// a new CA) keeps serving what it has for crlLeaderGrace, the time the
-// leader needs to sign and store the set that matches; only if none comes
-// (no leader, or one that cannot write) does it sign its own, so that no
-// revocation waits on a lost leader and no CRL goes stale.
+// A follower whose view has moved ahead of the stored set (a revocation)
+// keeps serving what it has for crlLeaderGrace, the time the leader needs
+// to sign and store the set that matches; only if none comes (no leader,
+// or one that cannot write) does it sign its own, so that no revocation
+// waits on a lost leader and no CRL goes stale. A CA new to its bundle it
+// does not wait for. A stored set is served only once its CRLs check
+// against the replica's own CAs and list exactly what its own view would
+// (checkStored).
 
-// crlLeaderGrace is how long a follower waits for the leader's CRLs. The
-// leader's set normally arrives within a few milliseconds of the change.
+// crlLeaderGrace is how long a follower waits for the leader's CRLs,
+// counted from the first moment its view differed from what it serves,
+// however often the view changes meanwhile. The leader's set normally
+// arrives within a few milliseconds of the change.
 const crlLeaderGrace = time.Second
 
 // crlPutTimeout bounds the leader's write of a new set: it is made under
 // pubMu, and a store without quorum must not hold publishing for long.
 const crlPutTimeout = 2 * time.Second
 
+// crlPutRetryMax caps the backoff between a leader's attempts to store its
+// set after a failed write (no quorum, a set too large for etcd). Each
+// attempt signs the set anew, so its number is above any a follower drew
+// for its own meanwhile, and the followers adopt it.
+const crlPutRetryMax = time.Minute
+
+// crlStaleMargin: a stored set is not served once any of its CRLs is this
+// close to its nextUpdate, whatever its RefreshAt says.
+const crlStaleMargin = time.Minute
+
 // crlState is the server's CRL set; guarded by Server.pubMu.
 type crlState struct {
-	served *store.SignedCRLs // what the bundle carries
-	stored *store.SignedCRLs // the leader's, as last read from the store
-	number int64             // the last CRL number this server signed with
-	// waitCovers and waitUntil: a follower waiting for the leader's set
-	// for this view, until then.
-	waitCovers string
-	waitUntil  time.Time
-	putTried   int64 // the number of the last set this leader tried to store
+	served    *store.SignedCRLs // what the bundle carries
+	servedCAs map[string]bool   // the CA IDs served has a CRL for
+	refreshAt time.Time         // when served is due for re-signing
+	stored    *store.SignedCRLs // the leader's, as last read from the store
+	checked   storedCheck       // stored, verified against this server's CAs
+	number    int64             // the last CRL number this server signed with
+	// waitUntil, if set, is when a follower stops waiting for the
+	// leader's set and signs its own.
+	waitUntil time.Time
+	// A leader whose write of its set failed tries again at putRetryAt.
+	putFailed  bool
+	putRetryAt time.Time
+	putBackoff time.Duration
+}
+
+// storedCheck memoises checkStored for one stored set and one set of CAs.
+type storedCheck struct {
+	set     *store.SignedCRLs
+	cas     string
+	cover   string
+	refresh time.Time
+	ok      bool
 }
 
 // crlCover is what a CRL set lists: for each CA ID (upstreamCover for the
@@ -52,22 +82,34 @@ type crlCover map[string][]string
 
 const upstreamCover = "^upstream"
 
-// String is the canonical form compared across replicas.
+// String is the canonical form compared across replicas: CA IDs and each
+// CA's serials sorted, so the order revocations were applied in (which
+// differs between a replica that listed them and one that watched them
+// arrive) does not matter.
 func (c crlCover) String() string {
-	ids := make([]string, 0, len(c))
-	for id := range c {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
 	var b strings.Builder
-	for _, id := range ids {
+	for _, id := range slices.Sorted(maps.Keys(c)) {
 		b.WriteString(id)
-		for _, s := range c[id] {
+		for _, s := range slices.Sorted(slices.Values(c[id])) {
 			b.WriteString("," + s)
 		}
 		b.WriteString(";")
 	}
 	return b.String()
+}
+
+func (c crlCover) ids() map[string]bool {
+	out := make(map[string]bool, len(c))
+	for id := range c {
+		out[id] = true
+	}
+	return out
+}
+
+// crlJob is one CRL to sign: a CA in the bundle and its revoked serials.
+type crlJob struct {
+	v       *caView
+	entries []ca.RevokedCert
 }
 
 // crls returns one CRL per CA peers may meet in a chain: every meshid CA
@@ -78,10 +120,6 @@ func (c crlCover) String() string {
 // never stalls mints or matching.
 func (s *Server) crls() ([][]byte, error) {
 	now := s.now()
-	type crlJob struct {
-		v       *caView
-		entries []ca.RevokedCert
-	}
 	var jobs []crlJob
 	var upRevoked []ca.RevokedCert
 	cover := crlCover{}
@@ -95,20 +133,12 @@ func (s *Server) crls() ([][]byte, error) {
 			s.mu.RUnlock()
 			return nil, err
 		}
-		serials := make([]string, len(entries))
-		for i, e := range entries {
-			serials[i] = e.Serial.Text(16)
-		}
-		cover[v.rec.ID] = serials
+		cover[v.rec.ID] = serialsOf(entries)
 		jobs = append(jobs, crlJob{v, entries})
 	}
 	if s.cfg.Upstream != nil {
 		upRevoked = s.revokedIntermediatesLocked(now)
-		serials := make([]string, len(upRevoked))
-		for i, r := range upRevoked {
-			serials[i] = r.Serial.Text(16)
-		}
-		cover[upstreamCover] = serials
+		cover[upstreamCover] = serialsOf(upRevoked)
 	}
 	s.mu.RUnlock()
 	covers := cover.String()
@@ -119,15 +149,25 @@ func (s *Server) crls() ([][]byte, error) {
 	if !leading {
 		slack = crlLeaderGrace
 	}
-	fresh := func(c *store.SignedCRLs) bool { return c != nil && now.Before(c.RefreshAt.Add(slack)) }
 	st := &s.crl
+	// A leader whose last write failed signs anew when its retry is due.
+	resign := leading && st.putFailed && !now.Before(st.putRetryAt)
+	var adopt bool
+	var adoptRefresh time.Time
+	if !resign && st.stored != nil && (st.served == nil || st.stored.Number >= st.served.Number) {
+		c := s.checkStored(st.stored, jobs)
+		adopt = c.ok && c.cover == covers && now.Before(c.refresh.Add(slack))
+		adoptRefresh = c.refresh
+	}
 	switch {
-	case fresh(st.stored) && st.stored.Covers == covers && (st.served == nil || st.stored.Number >= st.served.Number):
-		st.served = st.stored
-	case fresh(st.served) && st.served.Covers == covers:
+	case adopt:
+		st.served, st.servedCAs, st.refreshAt = st.stored, cover.ids(), adoptRefresh
+	case !resign && st.served != nil && st.served.Covers == covers && now.Before(st.refreshAt.Add(slack)):
 		// Same CAs, same revocations: same CRLs. Re-signing would change
 		// the bundle's bytes and push it to every peer for nothing.
-	case !leading && fresh(st.served) && s.waitForLeader(covers, now):
+	case !leading && st.served != nil && now.Before(st.refreshAt.Add(slack)) && subset(cover.ids(), st.servedCAs) && s.waitForLeader(now):
+		// A CA new to the bundle is not waited for: until its CRL comes,
+		// Envoy would refuse every chain through it.
 		return st.served.DER, nil
 	default:
 		set := &store.SignedCRLs{Covers: covers, Number: s.nextCRLNumber(now), SignedAt: now,
@@ -146,67 +186,157 @@ func (s *Server) crls() ([][]byte, error) {
 			}
 			set.DER = append(set.DER, der)
 		}
-		st.served = set
+		st.served, st.servedCAs, st.refreshAt = set, cover.ids(), set.RefreshAt
 	}
-	st.waitCovers, st.waitUntil = "", time.Time{}
+	st.waitUntil = time.Time{}
 	st.number = max(st.number, st.served.Number)
-	s.maint.crlRefreshAt = st.served.RefreshAt.Add(slack)
+	s.maint.crlRefreshAt = st.refreshAt.Add(slack)
+	s.maintenanceBy(now, s.maint.crlRefreshAt)
 	if leading {
-		s.storeCRLs(*st.served)
+		s.storeCRLs(now, *st.served)
 	}
 	return st.served.DER, nil
 }
 
-// waitForLeader reports whether a follower whose view is covers should
-// still wait for the leader's set: for crlLeaderGrace from the first time
-// it saw this view. The caller holds pubMu.
-func (s *Server) waitForLeader(covers string, now time.Time) bool {
+func serialsOf(entries []ca.RevokedCert) []string {
+	out := make([]string, len(entries))
+	for i, e := range entries {
+		out[i] = e.Serial.Text(16)
+	}
+	return out
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func subset(a, b map[string]bool) bool {
+	for k := range a {
+		if !b[k] {
+			return false
+		}
+	}
+	return true
+}
+
+// checkStored verifies a set from the store against this server's CAs
+// before it is served: every CRL parses, carries the set's number and is
+// signed by a CA this server would sign one for, one CRL per CA; what it
+// covers is read from the CRLs themselves, not taken from the set's
+// Covers, and it is due for refresh no later than crlStaleMargin before
+// the first of its CRLs goes stale. A store is shared state: a bug or a
+// stolen etcd credential must not get a replica to serve an old CRL that
+// leaves a revocation out. The caller holds pubMu.
+func (s *Server) checkStored(set *store.SignedCRLs, jobs []crlJob) storedCheck {
+	var cas strings.Builder
+	for _, j := range jobs {
+		cas.WriteString(j.v.rec.ID + ";")
+	}
+	up := s.cfg.Upstream
+	if up != nil {
+		cas.WriteString(upstreamCover)
+	}
 	st := &s.crl
-	if st.waitCovers != covers {
-		st.waitCovers, st.waitUntil = covers, now.Add(crlLeaderGrace)
+	if st.checked.set == set && st.checked.cas == cas.String() {
+		return st.checked
+	}
+	res := storedCheck{set: set, cas: cas.String(), refresh: set.RefreshAt}
+	cover := crlCover{}
+	bad := func(why string, args ...any) storedCheck {
+		s.log.Warn("the stored CRL set does not check against this replica's CAs; signing its own", append([]any{"number", set.Number, "why", why}, args...)...)
+		st.checked = res
+		return res
+	}
+	if len(set.DER) != len(jobs)+btoi(up != nil) {
+		// Not an error: the leader's view and this one differ by a CA
+		// for a moment around a CA change.
+		st.checked = res
+		return res
+	}
+	for i, der := range set.DER {
+		rl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			return bad("undecodable", "crl", i, "err", err)
+		}
+		if rl.Number == nil || !rl.Number.IsInt64() || rl.Number.Int64() != set.Number {
+			return bad("number differs from the set's", "crl", i)
+		}
+		id := ""
+		for _, j := range jobs {
+			if rl.CheckSignatureFrom(j.v.cert) == nil {
+				id = j.v.rec.ID
+				break
+			}
+		}
+		if id == "" && up != nil && rl.CheckSignatureFrom(up.Cert) == nil {
+			id = upstreamCover
+		}
+		if _, dup := cover[id]; id == "" || dup {
+			return bad("not signed by a CA in this replica's bundle, or a second CRL for one", "crl", i)
+		}
+		serials := make([]string, len(rl.RevokedCertificateEntries))
+		for k, e := range rl.RevokedCertificateEntries {
+			serials[k] = e.SerialNumber.Text(16)
+		}
+		cover[id] = serials
+		if r := rl.NextUpdate.Add(-crlStaleMargin); r.Before(res.refresh) {
+			res.refresh = r
+		}
+	}
+	res.cover, res.ok = cover.String(), true
+	st.checked = res
+	return res
+}
+
+// waitForLeader reports whether a follower should still wait for the
+// leader's set: for crlLeaderGrace from the first time its view differed
+// from what it serves. The caller holds pubMu.
+func (s *Server) waitForLeader(now time.Time) bool {
+	st := &s.crl
+	if st.waitUntil.IsZero() {
+		st.waitUntil = now.Add(crlLeaderGrace)
 		// The maintenance tick signs this replica's own set if the
 		// leader's has not come by then.
-		s.maintTimer.reset(crlLeaderGrace)
+		s.maintenanceBy(now, st.waitUntil)
 	}
 	return now.Before(st.waitUntil)
 }
 
-// storeCRLs makes set the one every replica serves, unless it already is
-// or this leader already tried it: a store that cannot write is not asked
-// again at every publish, and the followers sign their own meanwhile. The
-// caller holds pubMu.
-func (s *Server) storeCRLs(set store.SignedCRLs) {
+// storeCRLs makes set the one every replica serves, unless it already is.
+// After a failed write the next attempt waits for a backoff and signs anew
+// (crls); the followers sign their own meanwhile. The caller holds pubMu.
+func (s *Server) storeCRLs(now time.Time, set store.SignedCRLs) {
 	st := &s.crl
-	if (st.stored != nil && st.stored.Number == set.Number && st.stored.Covers == set.Covers) || st.putTried == set.Number {
+	if st.stored != nil && st.stored.Number == set.Number {
 		return
 	}
-	st.putTried = set.Number
+	if st.putFailed && now.Before(st.putRetryAt) {
+		return
+	}
 	ctx, cancel := context.WithTimeout(s.tasks.ctx, crlPutTimeout)
 	defer cancel()
-	if err := s.store.PutCRLs(ctx, set); err != nil {
-		level := s.log.Warn
-		if errors.Is(err, store.ErrNotLeader) {
-			level = s.log.Debug // the next leader stores its own
-		}
-		level("storing the CRLs for the other replicas failed; they sign their own", "number", set.Number, "err", err)
+	err := s.store.PutCRLs(ctx, set)
+	if err == nil {
+		st.putFailed, st.putBackoff = false, 0
+		return
 	}
+	st.putBackoff = min(max(2*st.putBackoff, time.Second), crlPutRetryMax)
+	st.putFailed, st.putRetryAt = true, now.Add(st.putBackoff)
+	s.maintenanceBy(now, st.putRetryAt)
+	level := s.log.Warn
+	if errors.Is(err, store.ErrNotLeader) {
+		level = s.log.Debug // the next leader stores its own
+	}
+	level("storing the CRLs for the other replicas failed; they sign their own until it works",
+		"number", set.Number, "retry_in", st.putBackoff, "err", err)
 }
 
-// setStoredCRLs records the leader's set from the store (Open's listing or
-// the watch), if it is one this server can serve.
-func (s *Server) setStoredCRLs(set store.SignedCRLs) {
-	for i, der := range set.DER {
-		if _, err := x509.ParseRevocationList(der); err != nil {
-			s.log.Error("the store's CRL set is undecodable; signing this replica's own", "number", set.Number, "crl", i, "err", err)
-			return
-		}
-	}
-	s.pubMu.Lock()
-	s.crl.stored = &set
-	s.pubMu.Unlock()
-}
-
-// loadStoredCRLs reads the leader's set at start-up or after a compaction.
+// loadStoredCRLs reads the leader's set: at start-up, after a compaction,
+// and when the watch says it changed (the event does not carry the CRLs,
+// so that a watch log holding many changes stays small).
 func (s *Server) loadStoredCRLs(ctx context.Context) error {
 	set, err := s.store.GetCRLs(ctx)
 	switch {
@@ -215,7 +345,9 @@ func (s *Server) loadStoredCRLs(ctx context.Context) error {
 	case err != nil:
 		return fmt.Errorf("load the signed CRLs: %w", err)
 	}
-	s.setStoredCRLs(set)
+	s.pubMu.Lock()
+	s.crl.stored = &set
+	s.pubMu.Unlock()
 	return nil
 }
 

@@ -3,6 +3,8 @@ package controlplane
 import (
 	"context"
 	"math/big"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -169,7 +171,182 @@ func TestReplicasServeTheLeadersCRLs(t *testing.T) {
 			t.Fatalf("the new leader did not store its CRL set %d (stored: %d)", want.Number, stored.Number)
 		}
 	}
-	if stored.Covers != want.Covers || !b.Leading() {
+	if stored, err = bs.GetCRLs(ctx); err != nil || stored.Number != want.Number || stored.Covers != want.Covers || !b.Leading() {
 		t.Fatalf("stored covers %q, B leading %v; want B's %q", stored.Covers, b.Leading(), want.Covers)
+	}
+}
+
+// crlPair is a leader A (whose PutCRLs can be made to fail) and a
+// follower B on one bbolt store and one fake clock, and an entry to mint
+// for.
+type crlPair struct {
+	t      *testing.T
+	fc     *fakeclock.Clock
+	bs     store.Store
+	kek    string
+	aStore *crlFaultStore
+	a, b   *Server
+	e      store.Entry
+}
+
+func newCRLPair(t *testing.T) *crlPair {
+	t.Helper()
+	bs, kekFile := sharedBolt(t)
+	p := &crlPair{t: t, fc: fakeclock.New(time.Now()), bs: bs, kek: kekFile, aStore: &crlFaultStore{sharedStore: sharedStore{bs}}}
+	p.a = openClockedReplica(t, p.aStore, kekFile, p.fc)
+	t.Cleanup(func() { p.a.Close() })
+	p.b = openClockedReplica(t, sharedStore{bs}, kekFile, p.fc)
+	t.Cleanup(func() { p.b.Close() })
+	var err error
+	p.e, err = p.a.CreateEntry(context.Background(), EntrySpec{SpiffeID: "spiffe://cluster.local/ns/a/sa/web",
+		Selectors: []store.Selector{{Type: "unix", Value: "uid:4242"}}}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.sync()
+	return p
+}
+
+func (p *crlPair) sync(more ...*Server) {
+	p.t.Helper()
+	for _, s := range append([]*Server{p.a, p.b}, more...) {
+		if err := s.synced(context.Background()); err != nil {
+			p.t.Fatal(err)
+		}
+	}
+}
+
+func (p *crlPair) mint() (string, *big.Int) {
+	p.t.Helper()
+	svid, err := p.a.MintX509SVID(context.Background(), MintRequest{SpiffeID: p.e.SpiffeID, KeyType: "ec-p256", EntryID: p.e.ID, Requester: "test"})
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	n, _ := new(big.Int).SetString(svid.Serial, 16)
+	return svid.Serial, n
+}
+
+func (p *crlPair) revoke(serial string) {
+	p.t.Helper()
+	if _, err := p.a.Revoke(context.Background(), "", serial, "test"); err != nil {
+		p.t.Fatal(err)
+	}
+	p.sync()
+}
+
+// TestCRLSetMatchesWhateverTheRevocationOrder: serials revoked out of
+// order are listed in commit order by a replica that watched them, and in
+// key order by one that loaded them at start-up; a replica started after
+// them still serves the leader's set. (Its view used to compare unequal,
+// so it signed its own and waited out the grace at every change.)
+func TestCRLSetMatchesWhateverTheRevocationOrder(t *testing.T) {
+	p := newCRLPair(t)
+	var serials []*big.Int
+	var hexes []string
+	for range 4 {
+		h, n := p.mint()
+		serials, hexes = append(serials, n), append(hexes, h)
+	}
+	slices.SortFunc(hexes, func(x, y string) int { return -strings.Compare(x, y) })
+	for _, h := range hexes {
+		p.revoke(h)
+	}
+	c := openClockedReplica(t, sharedStore{p.bs}, p.kek, p.fc)
+	defer c.Close()
+	p.sync(c)
+	if sa, sc := servedSet(p.a), servedSet(c); sa.Number != sc.Number {
+		t.Fatalf("a replica started after out-of-order revocations serves set %d, the leader %d: it signed its own", sc.Number, sa.Number)
+	}
+	for _, n := range serials {
+		if _, listed := servedCRLState(t, c, n); !listed {
+			t.Fatalf("serial %x not on the new replica's CRLs", n)
+		}
+	}
+}
+
+// TestFollowerWaitIsBounded: while the leader cannot store its set,
+// revocations keep coming every 0.6 s; the follower lists the first one
+// crlLeaderGrace after it, not later (its wait used to start again at
+// every change). An unrelated maintenance tick re-arming the timer in
+// between does not lose the wait's deadline.
+func TestFollowerWaitIsBounded(t *testing.T) {
+	p := newCRLPair(t)
+	p.aStore.fail.Store(true)
+	first, firstN := p.mint()
+	second, _ := p.mint()
+	p.revoke(first)
+	if _, listed := servedCRLState(t, p.b, firstN); listed {
+		t.Fatal("the follower signed its own CRLs at once instead of waiting for the leader's")
+	}
+	p.b.armMaintenance()
+	p.fc.Advance(600 * time.Millisecond)
+	p.revoke(second)
+	if _, listed := servedCRLState(t, p.b, firstN); listed {
+		t.Fatal("the follower stopped waiting before crlLeaderGrace")
+	}
+	p.fc.Advance(600 * time.Millisecond)
+	if _, listed := servedCRLState(t, p.b, firstN); !listed {
+		t.Fatalf("1.2 s after a revocation, under more revocations, the follower's CRLs still do not list it (grace %s)", crlLeaderGrace)
+	}
+	// The store works again: the leader's next attempt (after its
+	// backoff) signs anew, above the follower's own, and both serve it.
+	p.aStore.fail.Store(false)
+	p.fc.Advance(2 * time.Second)
+	p.sync()
+	if sa, sb := servedSet(p.a), servedSet(p.b); sa.Number != sb.Number || p.a.newestBundle() != p.b.newestBundle() {
+		t.Fatalf("after the leader's store came back: A serves set %d, B %d; want one", sa.Number, sb.Number)
+	}
+}
+
+// TestFollowerDoesNotWaitForANewCA: a CA new to a follower's bundle gets
+// a CRL from the follower at once, without the leader's set: Envoy
+// refuses every chain through a CA it has no CRL for.
+func TestFollowerDoesNotWaitForANewCA(t *testing.T) {
+	p := newCRLPair(t)
+	p.aStore.fail.Store(true)
+	if _, err := p.a.PrepareCA(context.Background(), "test"); err != nil {
+		t.Fatal(err)
+	}
+	p.sync()
+	if n := len(p.b.BundleCerts()); n != 2 {
+		t.Fatalf("the follower's bundle has %d CAs after a prepare, want 2", n)
+	}
+	if got := servedSet(p.b); len(got.DER) != 2 {
+		t.Fatalf("the follower serves %d CRLs for 2 CAs", len(got.DER))
+	}
+}
+
+// TestReplicaRefusesAStaleCRLSet: a set in the store whose Covers claims
+// a revocation its CRLs do not list (an older set replayed by a bug or by
+// whoever holds etcd credentials) is not served: a replica reads what the
+// CRLs cover from the CRLs, and signs its own.
+func TestReplicaRefusesAStaleCRLSet(t *testing.T) {
+	p := newCRLPair(t)
+	ctx := context.Background()
+	old, err := p.bs.GetCRLs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, n := p.mint()
+	p.revoke(serial)
+	cur, err := p.bs.GetCRLs(ctx)
+	if err != nil || cur.Number == old.Number {
+		t.Fatalf("stored set %d after the revocation (%v); want a new one after %d", cur.Number, err, old.Number)
+	}
+	// The leader can no longer repair the store; the replay goes in.
+	p.aStore.fail.Store(true)
+	forged := old
+	forged.Covers, forged.RefreshAt = cur.Covers, cur.RefreshAt
+	if err := p.bs.PutCRLs(ctx, forged); err != nil {
+		t.Fatal(err)
+	}
+	c := openClockedReplica(t, sharedStore{p.bs}, p.kek, p.fc)
+	defer c.Close()
+	p.sync(c)
+	if got := servedSet(c); got.Number == old.Number {
+		t.Fatal("a new replica serves the replayed set")
+	}
+	if _, listed := servedCRLState(t, c, n); !listed {
+		t.Fatal("a new replica's CRLs do not list the revoked serial")
 	}
 }

@@ -201,10 +201,12 @@ func (s *Server) apply(ctx context.Context, resp store.WatchResponse) {
 		case store.KindAgent:
 			s.applyAgent(ev)
 		case store.KindCRLs:
-			if ev.CRLs != nil {
-				s.setStoredCRLs(*ev.CRLs)
-				cs.crls = true
-			}
+			cs.crls = true
+		}
+	}
+	if cs.crls {
+		if err := s.loadStoredCRLs(ctx); err != nil {
+			s.log.Error("apply the leader's CRL set", "revision", resp.Revision, "err", err)
 		}
 	}
 	if cs.cas {

@@ -306,7 +306,10 @@ const (
 	KindToken   Kind = "token"   // Key is JoinToken.Hash
 )
 
-// KindCRLs is the watched kind of the signed CRL set; Key is empty.
+// KindCRLs is the watched kind of the signed CRL set; Key is empty. Its
+// event carries the set without DER and Covers (which may be hundreds of
+// kilobytes, and a watch log retains thousands of events): the consumer
+// reads the set with GetCRLs.
 const KindCRLs Kind = "crls"
 
 // SignedCRLs is one set of CRLs, one per CA a peer may meet in a chain,

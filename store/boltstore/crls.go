@@ -29,10 +29,13 @@ func (s *Store) PutCRLs(ctx context.Context, c store.SignedCRLs) error {
 	if err != nil {
 		return fmt.Errorf("put crls: %w", err)
 	}
+	// What a read returns, less what the watch leaves out (see
+	// store.KindCRLs).
 	var stored store.SignedCRLs
-	if err := json.Unmarshal(val, &stored); err != nil { // what a read returns, for the watch
+	if err := json.Unmarshal(val, &stored); err != nil {
 		return fmt.Errorf("put crls: %w", err)
 	}
+	stored.DER, stored.Covers = nil, ""
 	return s.commitWatched("put crls", false, func(tx *bolt.Tx, ch *changes) error {
 		if err := tx.Bucket(bucketMeta).Put(keyCRLs, val); err != nil {
 			return err

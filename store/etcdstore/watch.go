@@ -248,6 +248,7 @@ func (s *Store) event(e *clientv3.Event) (store.Event, bool) {
 		ev.Kind = store.KindCRLs
 		ev.CRLs = &store.SignedCRLs{}
 		dec(ev.CRLs)
+		ev.CRLs.DER, ev.CRLs.Covers = nil, "" // see store.KindCRLs
 	case strings.HasPrefix(key, s.k.agent):
 		ev.Kind, ev.Key = store.KindAgent, key[len(s.k.agent):]
 		ev.Agent = &store.AgentRecord{ID: ev.Key}
