@@ -61,6 +61,8 @@ type crlState struct {
 	// waitUntil, if set, is when a follower stops waiting for the
 	// leader's set and signs its own.
 	waitUntil time.Time
+	// toStore: the leader has yet to store served (storeServedCRLs).
+	toStore bool
 	// A leader whose write of its set failed tries again at putRetryAt.
 	putFailed  bool
 	putRetryAt time.Time
@@ -192,10 +194,18 @@ func (s *Server) crls() ([][]byte, error) {
 	st.number = max(st.number, st.served.Number)
 	s.maint.crlRefreshAt = st.refreshAt.Add(slack)
 	s.maintenanceBy(now, s.maint.crlRefreshAt)
-	if leading {
-		s.storeCRLs(now, *st.served)
-	}
+	st.toStore = leading
 	return st.served.DER, nil
+}
+
+// storeServedCRLs is publishBundles' last step on the leader: the set goes
+// to the store after this server's own peers have it, so that the write
+// does not delay them. The caller holds pubMu.
+func (s *Server) storeServedCRLs() {
+	if st := &s.crl; st.toStore {
+		st.toStore = false
+		s.storeCRLs(s.now(), *st.served)
+	}
 }
 
 func serialsOf(entries []ca.RevokedCert) []string {

@@ -488,5 +488,6 @@ func (s *Server) publishBundles() error {
 			f()
 		}
 	}
+	s.storeServedCRLs()
 	return nil
 }
