@@ -4,7 +4,7 @@
 #
 #   testbed/bench-ha.sh mint      # bench mint: 1 replica on a 3-member etcd,
 #                                 # spread over 3 replicas, bolt, and SPIRE
-#                                 # when $SPIRE and $SPIRE_LOAD are set;
+#                                 # when $SPIRE and $SPIRE_LOAD are set (spire-server and spire-mintload from testbed/spire/build.sh);
 #                                 # MINT_KINDS picks and orders them
 #                                 # ("etcd spire bolt etcd3"; "old" is 1
 #                                 # replica run by the binary $MESHID_OLD),
