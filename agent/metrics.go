@@ -20,7 +20,7 @@ import (
 type collector struct {
 	a                                        *Agent
 	connected, lastSync, served, overdue, ob *prometheus.Desc
-	expired                                  *prometheus.Desc
+	expired, persisted                       *prometheus.Desc
 	serverInfo, failovers                    *prometheus.Desc
 }
 
@@ -34,6 +34,8 @@ func newCollector(a *Agent) *collector {
 			"How long every workload on this node stays valid if the server vanished now: the earliest expiry among served SVIDs, from now (0 when nothing is served, or once one expired).", nil, nil),
 		expired: prometheus.NewDesc("meshid_agent_expired_svids",
 			"Identities workloads hold whose SVID expired before it could be renewed: withdrawn (never served expired), so those workloads have none now.", nil, nil),
+		persisted: prometheus.NewDesc("meshid_agent_persisted_svids",
+			"X.509-SVIDs in the sealed cache in --data-dir: what a restart during a server outage serves before the server is reached. Below meshid_agent_served_svids for long, the cache is not being written (see the log). Absent with --no-persist-cache.", nil, nil),
 		serverInfo: prometheus.NewDesc("meshid_agent_server_info",
 			"One series per server replica given to --server: 1 for the one the agent holds its Sync stream with, 0 for the others (all 0 while disconnected).", []string{"address"}, nil),
 		failovers: prometheus.NewDesc("meshid_agent_server_failovers_total",
@@ -42,7 +44,7 @@ func newCollector(a *Agent) *collector {
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.connected, c.lastSync, c.served, c.overdue, c.ob, c.expired, c.serverInfo, c.failovers} {
+	for _, d := range []*prometheus.Desc{c.connected, c.lastSync, c.served, c.overdue, c.ob, c.expired, c.persisted, c.serverInfo, c.failovers} {
 		ch <- d
 	}
 }
@@ -70,6 +72,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.overdue, prometheus.GaugeValue, float64(overdue))
 	ch <- prometheus.MustNewConstMetric(c.ob, prometheus.GaugeValue, budget)
 	ch <- prometheus.MustNewConstMetric(c.expired, prometheus.GaugeValue, float64(expired))
+	if p := c.a.persist; p != nil {
+		ch <- prometheus.MustNewConstMetric(c.persisted, prometheus.GaugeValue, float64(p.saved.Load()))
+	}
 	current := c.a.Server()
 	for _, s := range c.a.ring.servers {
 		v := 0.0

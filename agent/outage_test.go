@@ -164,14 +164,19 @@ func signCalls(t *testing.T, p *plane) int {
 	return int(n)
 }
 
-func waitCacheFile(t *testing.T, dataDir string) os.FileInfo {
+// waitCacheFile waits until the sealed cache holds n SVIDs
+// (meshid_agent_persisted_svids on metricsAddr): that the file exists says
+// nothing of what the last write had in it.
+func waitCacheFile(t *testing.T, dataDir, metricsAddr string, n int) os.FileInfo {
 	t.Helper()
-	var fi os.FileInfo
-	waitFor(t, "the persisted cache", func() bool {
-		var err error
-		fi, err = os.Stat(filepath.Join(dataDir, agent.CacheFile))
-		return err == nil
+	waitFor(t, fmt.Sprintf("the persisted cache to hold %d SVIDs", n), func() bool {
+		v, _ := scrape(t, metricsAddr, "meshid_agent_persisted_svids")
+		return v == float64(n)
 	})
+	fi, err := os.Stat(filepath.Join(dataDir, agent.CacheFile))
+	if err != nil {
+		t.Fatal(err)
+	}
 	return fi
 }
 
@@ -187,13 +192,14 @@ func TestRestartDuringOutageServesPersistedSVIDs(t *testing.T) {
 	p := startPlaneWith(t, controlplane.Config{DataDir: serverDir}, "127.0.0.1:0")
 	const n = 5
 	cfg := nodeSetup(t, p, n, 0)
+	cfg.MetricsListen = "127.0.0.1:0"
 	a, l, stop := runAgent(t, cfg)
 	waitFor(t, "the agent to connect", a.Connected)
 	before := fetchAll(ctx, t, l.Socket)
 	if len(before) != n {
 		t.Fatalf("served %d SVIDs, want %d", len(before), n)
 	}
-	fi := waitCacheFile(t, cfg.DataDir)
+	fi := waitCacheFile(t, cfg.DataDir, l.MetricsAddr, n)
 	if fi.Mode().Perm() != 0o600 {
 		t.Fatalf("persisted cache mode %s, want 0600", fi.Mode().Perm())
 	}
@@ -266,13 +272,14 @@ func TestPersistedCacheNeedsItsKey(t *testing.T) {
 	defer cancel()
 	p := startPlaneWith(t, controlplane.Config{DataDir: t.TempDir()}, "127.0.0.1:0")
 	cfg := nodeSetup(t, p, 1, 0)
+	cfg.MetricsListen = "127.0.0.1:0"
 	a, l, stop := runAgent(t, cfg)
 	waitFor(t, "the agent to connect", a.Connected)
 	xs, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+l.Socket))
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitCacheFile(t, cfg.DataDir)
+	waitCacheFile(t, cfg.DataDir, l.MetricsAddr, 1)
 	p.stop()
 	stop()
 	path := filepath.Join(cfg.DataDir, agent.CacheFile)

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -77,6 +78,9 @@ type persister struct {
 	timers sync.WaitGroup // an armed or running write timer
 
 	writeMu sync.Mutex // one write at a time
+	// saved is how many X.509-SVIDs the sealed file on disk holds: what a
+	// restart during a server outage would serve.
+	saved atomic.Int64
 }
 
 // openPersister loads (or makes, 0600) the cache key. With persistence
@@ -221,7 +225,11 @@ func (p *persister) write() error {
 	if err != nil {
 		return err
 	}
-	return fsutil.WriteFileAtomic(p.path, sealed, 0o600)
+	if err := fsutil.WriteFileAtomic(p.path, sealed, 0o600); err != nil {
+		return err
+	}
+	p.saved.Store(int64(len(pc.SVIDs)))
+	return nil
 }
 
 // load reads the sealed cache; (nil, nil) if there is none.
@@ -245,6 +253,7 @@ func (p *persister) load() (*persistedCache, error) {
 	if pc.Version != cacheVersion {
 		return nil, fmt.Errorf("format version %d, this agent reads %d", pc.Version, cacheVersion)
 	}
+	p.saved.Store(int64(len(pc.SVIDs)))
 	return &pc, nil
 }
 
