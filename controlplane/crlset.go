@@ -189,7 +189,13 @@ func (s *Server) crls() ([][]byte, error) {
 			set.DER = append(set.DER, der)
 		}
 		st.served, st.servedCAs, st.refreshAt = set, cover.ids(), set.RefreshAt
+		role := "follower"
+		if leading {
+			role = "leader"
+		}
+		s.metrics.CRLSetsSigned.WithLabelValues(role).Inc()
 	}
+	s.metrics.CRLNumber.Set(float64(st.served.Number))
 	st.waitUntil = time.Time{}
 	st.number = max(st.number, st.served.Number)
 	s.maint.crlRefreshAt = st.refreshAt.Add(slack)
@@ -333,6 +339,7 @@ func (s *Server) storeCRLs(now time.Time, set store.SignedCRLs) {
 		st.putFailed, st.putBackoff = false, 0
 		return
 	}
+	s.metrics.CRLStoreFailures.Inc()
 	st.putBackoff = min(max(2*st.putBackoff, time.Second), crlPutRetryMax)
 	st.putFailed, st.putRetryAt = true, now.Add(st.putBackoff)
 	s.maintenanceBy(now, st.putRetryAt)

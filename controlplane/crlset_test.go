@@ -284,9 +284,16 @@ func TestFollowerWaitIsBounded(t *testing.T) {
 	if _, listed := servedCRLState(t, p.b, firstN); listed {
 		t.Fatal("the follower stopped waiting before crlLeaderGrace")
 	}
+	followerSigned := metricValue(p.b.metrics.CRLSetsSigned.WithLabelValues("follower"))
 	p.fc.Advance(600 * time.Millisecond)
 	if _, listed := servedCRLState(t, p.b, firstN); !listed {
 		t.Fatalf("1.2 s after a revocation, under more revocations, the follower's CRLs still do not list it (grace %s)", crlLeaderGrace)
+	}
+	if got := metricValue(p.b.metrics.CRLSetsSigned.WithLabelValues("follower")); got != followerSigned+1 {
+		t.Fatalf("meshid_crl_sets_signed_total{role=follower} %v after the follower signed its own, was %v", got, followerSigned)
+	}
+	if got := metricValue(p.a.metrics.CRLStoreFailures); got < 1 {
+		t.Fatalf("meshid_crl_store_failures_total on the leader = %v after failed writes", got)
 	}
 	// The store works again: the leader's next attempt (after its
 	// backoff) signs anew, above the follower's own, and both serve it.
@@ -295,6 +302,9 @@ func TestFollowerWaitIsBounded(t *testing.T) {
 	p.sync()
 	if sa, sb := servedSet(p.a), servedSet(p.b); sa.Number != sb.Number || p.a.newestBundle() != p.b.newestBundle() {
 		t.Fatalf("after the leader's store came back: A serves set %d, B %d; want one", sa.Number, sb.Number)
+	}
+	if na, nb := metricValue(p.a.metrics.CRLNumber), metricValue(p.b.metrics.CRLNumber); na != nb || na != float64(servedSet(p.a).Number) {
+		t.Fatalf("meshid_crl_number: A %v, B %v; want both %d", na, nb, servedSet(p.a).Number)
 	}
 }
 

@@ -27,6 +27,14 @@ type Metrics struct {
 	SignWait prometheus.Histogram
 	// Conns are the connection limits' open and refused counts.
 	Conns *endpoint.ConnMetrics
+	// CRLSetsSigned counts the CRL sets this server signed, by its role
+	// then: the leader's are served by every replica; a follower signs its
+	// own only when the leader's did not come (crlset.go).
+	CRLSetsSigned *prometheus.CounterVec
+	// CRLStoreFailures counts the leader's failed writes of its CRL set.
+	CRLStoreFailures prometheus.Counter
+	// CRLNumber is the CRL number of the set this server serves.
+	CRLNumber prometheus.Gauge
 }
 
 // NewMetrics creates the metrics and registers them with Go runtime and
@@ -61,7 +69,20 @@ func NewMetrics() *Metrics {
 		Buckets: []float64{0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
 	})
 	m.WorkloadStreams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshid_workload_streams", Help: "Open SPIFFE Workload API streams."})
+	m.CRLSetsSigned = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshid_crl_sets_signed_total",
+		Help: "CRL sets this server signed, by its role then (leader, follower). Every replica serves the leader's; a follower signs its own only when the leader's set did not come within a second of a change, so replicas then serve different bytes and bundle versions.",
+	}, []string{"role"})
+	m.CRLStoreFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "meshid_crl_store_failures_total",
+		Help: "Failed writes of the leader's CRL set to the store (retried with backoff; the followers sign their own meanwhile).",
+	})
+	m.CRLNumber = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meshid_crl_number",
+		Help: "The CRL number of the CRL set this server serves; replicas serving the leader's set report the same.",
+	})
 	m.Registry.MustRegister(m.Issued, m.IssueErrors, m.RenewalFailures, m.MintFailures, m.RotationFailures, m.SignWait, m.WorkloadStreams,
+		m.CRLSetsSigned, m.CRLStoreFailures, m.CRLNumber,
 		newBuildInfo(),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -71,6 +92,8 @@ func NewMetrics() *Metrics {
 	for _, r := range []string{"invalid", "busy", "canceled", "other"} {
 		m.MintFailures.WithLabelValues(r)
 	}
+	m.CRLSetsSigned.WithLabelValues("leader")
+	m.CRLSetsSigned.WithLabelValues("follower")
 	return m
 }
 
