@@ -2,6 +2,7 @@ package sds_test
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"net"
 	"os"
@@ -92,14 +93,24 @@ func startVersionServer(t *testing.T, src *liveSource) (*sds.Server, string) {
 // waitVersions polls BundleVersions until it is want.
 func waitVersions(t *testing.T, srv *sds.Server, want map[string]int) {
 	t.Helper()
+	waitServer(t, func() (bool, string) {
+		got := srv.BundleVersions()
+		return maps.Equal(got, want), fmt.Sprintf("BundleVersions = %v, want %v", got, want)
+	})
+}
+
+// waitServer polls cond, which the server's goroutines make true, for up
+// to 10 s; on time-out it fails with cond's description.
+func waitServer(t *testing.T, cond func() (bool, string)) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		got := srv.BundleVersions()
-		if maps.Equal(got, want) {
+		ok, what := cond()
+		if ok {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("BundleVersions = %v, want %v", got, want)
+			t.Fatal(what)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -173,9 +184,12 @@ func TestBundleVersionsCountACKedBundle(t *testing.T) {
 	ack(good, []string{"ROOTCA"}, r2good, false)
 	ack(bad, []string{"ALL"}, r2bad, true)
 	waitVersions(t, srv, map[string]int{"v2": 1, "v1": 2})
-	if n := sds.NACKCount(srv); n != 1 {
-		t.Fatalf("NACKs = %v, want 1", n)
-	}
+	// The versions are already right before the NACK is handled (bad
+	// stays on v1 either way): wait for the count itself.
+	waitServer(t, func() (bool, string) {
+		n := sds.NACKCount(srv)
+		return n == 1, fmt.Sprintf("NACKs = %v, want 1", n)
+	})
 
 	cancelSlow()
 	waitVersions(t, srv, map[string]int{"v2": 1, "v1": 1})
@@ -212,12 +226,6 @@ func TestBundleVersionsCountACKedBundle(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Wait until the NACK is read, then check the delta stream stayed on v2.
-	deadline := time.Now().Add(10 * time.Second)
-	for sds.NACKCount(srv) != 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("delta NACK not read")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitServer(t, func() (bool, string) { return sds.NACKCount(srv) == 2, "delta NACK not read" })
 	waitVersions(t, srv, map[string]int{"v2": 2, "v1": 1})
 }
