@@ -83,18 +83,26 @@ func (s *Server) armMaintenance() {
 	// pubMu is held through the reset: a follower starting to wait for
 	// the leader's CRLs (crlset.go) arms the timer under it too, and must
 	// not have its deadline replaced by a later one computed before.
+	leading := s.Leading()
 	s.pubMu.Lock()
 	defer s.pubMu.Unlock()
 	due := s.maint.crlRefreshAt
-	if !due.After(now) {
-		// The refresh is overdue: it failed. Retry soon, but not in a loop.
-		due = now.Add(min(time.Minute, s.cfg.crlValidity()/8))
-	}
 	if w := s.crl.waitUntil; !w.IsZero() && w.Before(due) {
 		due = w // a follower's wait for the leader's CRLs ends
 	}
-	if r := s.crl.putRetryAt; s.crl.putFailed && r.Before(due) {
+	if r := s.crl.putRetryAt; leading && s.crl.putFailed && r.Before(due) {
 		due = r // the leader stores its CRLs again
+	}
+	if !due.After(now) {
+		// What was due has just been done by this tick, so this one
+		// failed (a re-sign, a wait that could not end in a set): retry
+		// soon, but not in a loop.
+		due = now.Add(min(time.Minute, s.cfg.crlValidity()/8))
+	}
+	if s.crl.reload {
+		if r := now.Add(time.Second); r.Before(due) {
+			due = r // read the stored set again
+		}
 	}
 	if check := now.Add(taintCheckInterval); tainting && check.Before(due) {
 		due = check
@@ -122,6 +130,14 @@ func (s *Server) maintenanceTick(ctx context.Context) {
 			s.log.Error("emergency CA rotation: recount failed; retrying", "err", err)
 		}
 		s.rotMu.Unlock()
+	}
+	s.pubMu.Lock()
+	reload := s.crl.reload
+	s.pubMu.Unlock()
+	if reload {
+		if err := s.loadStoredCRLs(ctx); err != nil {
+			s.log.Warn("read the leader's CRL set again", "err", err)
+		}
 	}
 	// publishBundles re-signs the CRLs once crlRefreshAt has passed; the
 	// new bytes change the bundle's version, so every peer gets them.

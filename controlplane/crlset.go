@@ -52,7 +52,10 @@ const crlStaleMargin = time.Minute
 
 // crlState is the server's CRL set; guarded by Server.pubMu.
 type crlState struct {
-	served    *store.SignedCRLs // what the bundle carries
+	served *store.SignedCRLs // what the bundle carries
+	// servedOwn: served is a set this server signed as a follower, when
+	// the leader's did not come in time.
+	servedOwn bool
 	servedCAs map[string]bool   // the CA IDs served has a CRL for
 	refreshAt time.Time         // when served is due for re-signing
 	stored    *store.SignedCRLs // the leader's, as last read from the store
@@ -63,6 +66,9 @@ type crlState struct {
 	waitUntil time.Time
 	// toStore: the leader has yet to store served (storeServedCRLs).
 	toStore bool
+	// reload: the last read of the stored set failed; the maintenance
+	// tick reads it again.
+	reload bool
 	// A leader whose write of its set failed tries again at putRetryAt.
 	putFailed  bool
 	putRetryAt time.Time
@@ -152,11 +158,19 @@ func (s *Server) crls() ([][]byte, error) {
 		slack = crlLeaderGrace
 	}
 	st := &s.crl
+	if !leading {
+		st.putFailed = false // retrying is the leader's, whoever that is now
+	}
 	// A leader whose last write failed signs anew when its retry is due.
 	resign := leading && st.putFailed && !now.Before(st.putRetryAt)
 	var adopt bool
 	var adoptRefresh time.Time
-	if !resign && st.stored != nil && (st.served == nil || st.stored.Number >= st.served.Number) {
+	// A replica never goes back to a lower CRL number, except from a set
+	// of its own it signed because the leader's was late: then the
+	// leader's, when it comes, is worth the one step back (validators
+	// pick a CRL by issuer and time, not by comparing numbers across
+	// loads), or the fleet would stay split until the next change.
+	if !resign && st.stored != nil && (st.served == nil || st.stored.Number >= st.served.Number || st.servedOwn) {
 		c := s.checkStored(st.stored, jobs)
 		adopt = c.ok && c.cover == covers && now.Before(c.refresh.Add(slack))
 		adoptRefresh = c.refresh
@@ -164,6 +178,7 @@ func (s *Server) crls() ([][]byte, error) {
 	switch {
 	case adopt:
 		st.served, st.servedCAs, st.refreshAt = st.stored, cover.ids(), adoptRefresh
+		st.servedOwn = false
 	case !resign && st.served != nil && st.served.Covers == covers && now.Before(st.refreshAt.Add(slack)):
 		// Same CAs, same revocations: same CRLs. Re-signing would change
 		// the bundle's bytes and push it to every peer for nothing.
@@ -189,6 +204,7 @@ func (s *Server) crls() ([][]byte, error) {
 			set.DER = append(set.DER, der)
 		}
 		st.served, st.servedCAs, st.refreshAt = set, cover.ids(), set.RefreshAt
+		st.servedOwn = !leading
 		role := "follower"
 		if leading {
 			role = "leader"
@@ -290,8 +306,15 @@ func (s *Server) checkStored(set *store.SignedCRLs, jobs []crlJob) storedCheck {
 		if id == "" && up != nil && rl.CheckSignatureFrom(up.Cert) == nil {
 			id = upstreamCover
 		}
-		if _, dup := cover[id]; id == "" || dup {
-			return bad("not signed by a CA in this replica's bundle, or a second CRL for one", "crl", i)
+		if _, dup := cover[id]; dup {
+			return bad("a second CRL for one CA", "crl", i)
+		}
+		if id == "" {
+			// Usually not tampering: the leader's view and this one
+			// differ by a CA for a moment around a CA change.
+			s.log.Debug("the stored CRL set has a CRL of a CA outside this replica's bundle; not serving it", "number", set.Number, "crl", i)
+			st.checked = res
+			return res
 		}
 		serials := make([]string, len(rl.RevokedCertificateEntries))
 		for k, e := range rl.RevokedCertificateEntries {
@@ -336,7 +359,9 @@ func (s *Server) storeCRLs(now time.Time, set store.SignedCRLs) {
 	defer cancel()
 	err := s.store.PutCRLs(ctx, set)
 	if err == nil {
-		st.putFailed, st.putBackoff = false, 0
+		// Stored: a publish before the watch says so must not write it
+		// again.
+		st.putFailed, st.putBackoff, st.stored = false, 0, &set
 		return
 	}
 	s.metrics.CRLStoreFailures.Inc()
@@ -356,15 +381,21 @@ func (s *Server) storeCRLs(now time.Time, set store.SignedCRLs) {
 // so that a watch log holding many changes stays small).
 func (s *Server) loadStoredCRLs(ctx context.Context) error {
 	set, err := s.store.GetCRLs(ctx)
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
 	switch {
 	case errors.Is(err, store.ErrNotFound):
+		s.crl.reload = false
 		return nil
 	case err != nil:
+		// Read again from the maintenance tick; meanwhile a follower
+		// signs its own once its wait ends.
+		s.crl.reload = true
+		now := s.now()
+		s.maintenanceBy(now, now.Add(time.Second))
 		return fmt.Errorf("load the signed CRLs: %w", err)
 	}
-	s.pubMu.Lock()
-	s.crl.stored = &set
-	s.pubMu.Unlock()
+	s.crl.stored, s.crl.reload = &set, false
 	return nil
 }
 

@@ -2,6 +2,10 @@ package controlplane
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"math/big"
 	"slices"
 	"strings"
@@ -9,22 +13,38 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/internal/fakeclock"
 	"github.com/meshid/meshid/store"
 )
 
-// crlFaultStore is a shared store whose PutCRLs fails on demand: a leader
-// that cannot write its set.
+// crlFaultStore is a shared store whose PutCRLs fails on demand (a leader
+// that cannot write its set) or waits at a gate (a slow write), and whose
+// GetCRLs fails a given number of times.
 type crlFaultStore struct {
 	sharedStore
-	fail atomic.Bool
+	fail     atomic.Bool
+	gate     chan struct{} // if set, PutCRLs waits for it to close
+	entered  chan struct{} // PutCRLs at the gate
+	getFails atomic.Int32
 }
 
 func (f *crlFaultStore) PutCRLs(ctx context.Context, c store.SignedCRLs) error {
 	if f.fail.Load() {
 		return store.ErrUnavailable
 	}
+	if f.gate != nil {
+		f.entered <- struct{}{}
+		<-f.gate
+	}
 	return f.sharedStore.PutCRLs(ctx, c)
+}
+
+func (f *crlFaultStore) GetCRLs(ctx context.Context) (store.SignedCRLs, error) {
+	if f.getFails.Add(-1) >= 0 {
+		return store.SignedCRLs{}, store.ErrUnavailable
+	}
+	return f.sharedStore.GetCRLs(ctx)
 }
 
 func openClockedReplica(t *testing.T, st store.Store, kekFile string, fc *fakeclock.Clock) *Server {
@@ -185,6 +205,7 @@ type crlPair struct {
 	bs     store.Store
 	kek    string
 	aStore *crlFaultStore
+	bStore *crlFaultStore
 	a, b   *Server
 	e      store.Entry
 }
@@ -192,10 +213,11 @@ type crlPair struct {
 func newCRLPair(t *testing.T) *crlPair {
 	t.Helper()
 	bs, kekFile := sharedBolt(t)
-	p := &crlPair{t: t, fc: fakeclock.New(time.Now()), bs: bs, kek: kekFile, aStore: &crlFaultStore{sharedStore: sharedStore{bs}}}
+	p := &crlPair{t: t, fc: fakeclock.New(time.Now()), bs: bs, kek: kekFile,
+		aStore: &crlFaultStore{sharedStore: sharedStore{bs}}, bStore: &crlFaultStore{sharedStore: sharedStore{bs}}}
 	p.a = openClockedReplica(t, p.aStore, kekFile, p.fc)
 	t.Cleanup(func() { p.a.Close() })
-	p.b = openClockedReplica(t, sharedStore{bs}, kekFile, p.fc)
+	p.b = openClockedReplica(t, p.bStore, kekFile, p.fc)
 	t.Cleanup(func() { p.b.Close() })
 	var err error
 	p.e, err = p.a.CreateEntry(context.Background(), EntrySpec{SpiffeID: "spiffe://cluster.local/ns/a/sa/web",
@@ -358,5 +380,131 @@ func TestReplicaRefusesAStaleCRLSet(t *testing.T) {
 	}
 	if _, listed := servedCRLState(t, c, n); !listed {
 		t.Fatal("a new replica's CRLs do not list the revoked serial")
+	}
+}
+
+// same fails unless A and B serve one CRL set and bundle version.
+func (p *crlPair) same(when string) {
+	p.t.Helper()
+	if sa, sb := servedSet(p.a), servedSet(p.b); sa.Number != sb.Number || p.a.newestBundle() != p.b.newestBundle() {
+		p.t.Fatalf("%s: A serves CRL set %d, B %d; want one", when, sa.Number, sb.Number)
+	}
+}
+
+// TestFollowerTakesALateLeaderSet: the leader's write takes longer than
+// the follower's grace, so the follower signs its own, numbered above the
+// leader's; when the leader's set lands the follower serves it anyway
+// (it used to keep its own until the next change, up to 12 h).
+func TestFollowerTakesALateLeaderSet(t *testing.T) {
+	p := newCRLPair(t)
+	serial, n := p.mint()
+	p.aStore.entered, p.aStore.gate = make(chan struct{}, 1), make(chan struct{})
+	revoked := make(chan error, 1)
+	go func() { _, err := p.a.Revoke(context.Background(), "", serial, "test"); revoked <- err }()
+	<-p.aStore.entered // the leader signed and is writing
+	if err := p.b.synced(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p.fc.Advance(crlLeaderGrace)
+	own := servedSet(p.b)
+	if _, listed := servedCRLState(t, p.b, n); !listed {
+		t.Fatal("the follower's own CRLs do not list the serial")
+	}
+	close(p.aStore.gate)
+	if err := <-revoked; err != nil {
+		t.Fatal(err)
+	}
+	p.sync()
+	if servedSet(p.a).Number >= own.Number {
+		t.Fatalf("set-up: the leader's set %d is not below the follower's own %d", servedSet(p.a).Number, own.Number)
+	}
+	p.same("after the late leader's set landed")
+}
+
+// TestFollowerReadsTheStoredSetAgain: a failed read of the leader's set
+// (the watch said it changed) is retried from the maintenance tick, before
+// the follower's wait ends and it would sign its own.
+func TestFollowerReadsTheStoredSetAgain(t *testing.T) {
+	p := newCRLPair(t)
+	serial, _ := p.mint()
+	p.bStore.getFails.Store(1)
+	p.revoke(serial)
+	if servedSet(p.a).Number == servedSet(p.b).Number {
+		t.Fatal("set-up: the follower has the leader's set although its read failed")
+	}
+	p.fc.Advance(crlLeaderGrace)
+	p.same("after the follower read the stored set again")
+	if got := metricValue(p.b.metrics.CRLSetsSigned.WithLabelValues("follower")); got != 0 {
+		t.Fatalf("the follower signed %v set(s) of its own; want it to have read the leader's", got)
+	}
+}
+
+// TestNoTimerLoopAfterLosingTheLead: a leader whose write failed, then
+// lost the leadership, does not keep its retry: its maintenance timer is
+// next armed in the future, not at the past retry time (which fired it
+// again at once, in a loop burning a core).
+func TestNoTimerLoopAfterLosingTheLead(t *testing.T) {
+	p := newCRLPair(t)
+	p.aStore.fail.Store(true)
+	serial, _ := p.mint()
+	p.revoke(serial)
+	p.a.leader.set(false)
+	p.fc.Advance(1500 * time.Millisecond)
+	p.a.pubMu.Lock()
+	armed := p.a.maint.armedFor
+	p.a.pubMu.Unlock()
+	if !armed.After(p.fc.Now()) {
+		t.Fatalf("maintenance timer armed for %s, not after now %s: it fires again at once", armed, p.fc.Now())
+	}
+}
+
+// TestCheckStoredRefuses: a stored set is not served if a CRL is signed by
+// a key outside the bundle, carries another number than the set, or is
+// within crlStaleMargin of its nextUpdate.
+func TestCheckStoredRefuses(t *testing.T) {
+	p := newCRLPair(t)
+	s := p.a
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
+	now := s.now()
+	s.mu.RLock()
+	var jobs []crlJob
+	for _, v := range s.cas {
+		if v.inBundle(now) && v.auth != nil {
+			jobs = append(jobs, crlJob{v: v})
+		}
+	}
+	s.mu.RUnlock()
+	if len(jobs) != 1 {
+		t.Fatalf("set-up: %d CAs in the bundle, want 1", len(jobs))
+	}
+	v := jobs[0].v
+	good := *s.crl.served
+	if c := s.checkStored(&good, jobs); !c.ok {
+		t.Fatal("the leader's own set does not check")
+	}
+	sign := func(key crypto.Signer, number int64, next time.Time) store.SignedCRLs {
+		der, err := ca.SignCRL(v.cert, key, nil, number, now, next)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return store.SignedCRLs{Covers: good.Covers, Number: number, SignedAt: now, RefreshAt: now.Add(time.Hour), DER: [][]byte{der}}
+	}
+	other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign := sign(other, good.Number+1, now.Add(24*time.Hour))
+	if c := s.checkStored(&foreign, jobs); c.ok {
+		t.Fatal("a CRL signed by a key outside the bundle checks")
+	}
+	renumbered := sign(v.auth.Key, good.Number+1, now.Add(24*time.Hour))
+	renumbered.Number++
+	if c := s.checkStored(&renumbered, jobs); c.ok {
+		t.Fatal("a CRL whose number is not the set's checks")
+	}
+	soon := sign(v.auth.Key, good.Number+2, now.Add(30*time.Second))
+	if c := s.checkStored(&soon, jobs); !c.ok || now.Before(c.refresh) {
+		t.Fatalf("a CRL 30 s from its nextUpdate: ok %v, refresh %s; want it due now (%s)", c.ok, c.refresh, now)
 	}
 }
