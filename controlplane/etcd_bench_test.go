@@ -47,6 +47,19 @@ func benchKEK(b *testing.B) string {
 	return p
 }
 
+// twoEtcdReplicas starts a 3-member cluster and two servers on it, a
+// (which leads: it starts first) and b, closed when b ends.
+func twoEtcdReplicas(b *testing.B) (*Server, *Server) {
+	b.Helper()
+	c := etcdtest.Start(b, 3)
+	kf := benchKEK(b)
+	a := etcdReplica(b, c, "/bench/", "a", kf)
+	b.Cleanup(func() { a.Close() })
+	r := etcdReplica(b, c, "/bench/", "b", kf)
+	b.Cleanup(func() { r.Close() })
+	return a, r
+}
+
 // pct is the q-quantile of sorted d, in milliseconds.
 func pct(d []time.Duration, q float64) float64 {
 	return float64(d[int(float64(len(d)-1)*q)]) / float64(time.Millisecond)
@@ -56,12 +69,7 @@ func pct(d []time.Duration, q float64) float64 {
 // in replica B's entry index (what B's Workload API, SDS and agent streams
 // serve from), over one 3-member cluster. Run with -benchtime 300x.
 func BenchmarkEtcdPropagation(b *testing.B) {
-	c := etcdtest.Start(b, 3)
-	kf := benchKEK(b)
-	a := etcdReplica(b, c, "/bench/", "a", kf)
-	defer a.Close()
-	r := etcdReplica(b, c, "/bench/", "b", kf)
-	defer r.Close()
+	a, r := twoEtcdReplicas(b)
 	ctx := context.Background()
 	var fromReturn, fromCall []time.Duration
 	i := 0
@@ -159,12 +167,7 @@ func BenchmarkEtcdStartup100k(b *testing.B) {
 // through B first (not timed). It fails if B ever served CRLs the leader
 // did not sign.
 func BenchmarkEtcdRevokeThroughFollower(b *testing.B) {
-	c := etcdtest.Start(b, 3)
-	kf := benchKEK(b)
-	a := etcdReplica(b, c, "/bench/", "a", kf)
-	defer a.Close()
-	r := etcdReplica(b, c, "/bench/", "b", kf)
-	defer r.Close()
+	a, r := twoEtcdReplicas(b)
 	ctx := context.Background()
 	e, err := a.CreateEntry(ctx, EntrySpec{SpiffeID: "spiffe://cluster.local/ns/bench/sa/revoked",
 		Selectors: []store.Selector{{Type: "unix", Value: "uid:300000"}}}, "bench")

@@ -15,29 +15,7 @@ run_spire() {
 	local D="$DIR/spire"
 	rm -rf "$D"
 	mkdir -p "$D/data" "$D/s"
-	cat >"$D/server.conf" <<CONF
-server {
-    bind_address = "127.0.0.1"
-    bind_port = "18981"
-    socket_path = "$D/s/api.sock"
-    trust_domain = "cluster.local"
-    data_dir = "$D/data"
-    log_level = "WARN"
-    ca_key_type = "ec-p256"
-    ca_ttl = "8760h"
-    default_x509_svid_ttl = "24h"
-    ratelimit {
-        attestation = false
-        signing = false
-    }
-}
-plugins {
-    DataStore "sql" { plugin_data { database_type = "sqlite3"
-        connection_string = "$D/data/datastore.sqlite3" } }
-    NodeAttestor "join_token" { plugin_data {} }
-    KeyManager "disk" { plugin_data { keys_path = "$D/data/keys.json" } }
-}
-CONF
+	"$(dirname "$0")/server-conf.sh" "$D" >"$D/server.conf"
 	"$SPIRE_DIR/spire-server" run -config "$D/server.conf" >"$D/spire.log" 2>&1 &
 	local pid=$!
 	until "$SPIRE_DIR/spire-server" healthcheck -socketPath "$D/s/api.sock" >/dev/null 2>&1; do sleep 0.2; done
