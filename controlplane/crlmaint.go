@@ -73,8 +73,10 @@ func (s *Server) startMaintenance() {
 	s.armMaintenance()
 }
 
-// armMaintenance arms the timer for the next CRL refresh or, during an
-// emergency rotation, the next recount, whichever is first.
+// armMaintenance arms the timer for whichever is first: the next CRL
+// refresh, the end of a follower's wait for the leader's CRLs, the
+// leader's next attempt to store its set, a read of the stored set again,
+// or, during an emergency rotation, the next recount.
 func (s *Server) armMaintenance() {
 	now := s.now()
 	s.mu.RLock()
