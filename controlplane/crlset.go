@@ -177,7 +177,12 @@ func (s *Server) crls() ([][]byte, error) {
 	}
 	switch {
 	case adopt:
-		st.served, st.servedCAs, st.refreshAt = st.stored, cover.ids(), adoptRefresh
+		// Served with what its CRLs were checked to list: the stored
+		// Covers is only the store's word, and the keep case below
+		// compares it with later views.
+		adopted := *st.stored
+		adopted.Covers = covers
+		st.served, st.servedCAs, st.refreshAt = &adopted, cover.ids(), adoptRefresh
 		st.servedOwn = false
 	case !resign && st.served != nil && st.served.Covers == covers && now.Before(st.refreshAt.Add(slack)):
 		// Same CAs, same revocations: same CRLs. Re-signing would change

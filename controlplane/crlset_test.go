@@ -508,3 +508,38 @@ func TestCheckStoredRefuses(t *testing.T) {
 		t.Fatalf("a CRL 30 s from its nextUpdate: ok %v, refresh %s; want it due now (%s)", c.ok, c.refresh, now)
 	}
 }
+
+// TestAdoptedSetKeepsItsCheckedCover: a stored set whose Covers claims a
+// revocation its CRLs do not list yet (forged to match a view to come)
+// is served for the view its CRLs do list; when that revocation comes,
+// the replica does not take the forged claim for its CRLs: it lists the
+// serial once its wait for the leader ends.
+func TestAdoptedSetKeepsItsCheckedCover(t *testing.T) {
+	p := newCRLPair(t)
+	ctx := context.Background()
+	serial, n := p.mint()
+	cur, err := p.bs.GetCRLs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.aStore.fail.Store(true) // the leader cannot repair the store
+	forged := cur
+	forged.Covers = strings.TrimSuffix(cur.Covers, ";") + "," + n.Text(16) + ";"
+	if err := p.bs.PutCRLs(ctx, forged); err != nil {
+		t.Fatal(err)
+	}
+	c := openClockedReplica(t, sharedStore{p.bs}, p.kek, p.fc)
+	defer c.Close()
+	p.sync(c)
+	if got := servedSet(c); got.Number != cur.Number || got.Covers != cur.Covers {
+		t.Fatalf("set-up: the new replica serves set %d covering %q; want the stored %d as its CRLs cover it, %q", got.Number, got.Covers, cur.Number, cur.Covers)
+	}
+	p.revoke(serial)
+	if err := c.synced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p.fc.Advance(crlLeaderGrace)
+	if _, listed := servedCRLState(t, c, n); !listed {
+		t.Fatal("the revoked serial is not on the CRLs: the replica took the stored set's claim for what its CRLs list")
+	}
+}
